@@ -1,0 +1,58 @@
+//! The change model: what one mutation says happened to which rows.
+//!
+//! A mutation is one local transaction. It lists row changes; a row change
+//! names a table and a primary key and says either "these columns now hold
+//! these values" or "the row is gone". Column changes are an enum so that
+//! counter deltas, set add/remove and text CRDT updates fit as new variants
+//! (appended at the end, which keeps old frames decodable).
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Hlc;
+use crate::value::Value;
+
+/// What happened to one column.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ColumnOp {
+    /// The column now holds this value (last-writer-wins columns).
+    Set(Value),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RowOp {
+    /// Columns written. `insert` is true when the row was created by this
+    /// change, in which case every column is present.
+    Upsert { insert: bool, columns: Vec<(String, ColumnOp)> },
+    /// The row was deleted.
+    Delete,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RowChange {
+    pub table: String,
+    pub pk: Value,
+    pub op: RowOp,
+}
+
+/// One local transaction, as a device sends it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mutation {
+    /// The device's own sequence number for it: 1, 2, 3, ... per client id.
+    pub seq: u64,
+    /// When it was made, by the device's hybrid logical clock.
+    pub hlc: Hlc,
+    pub changes: Vec<RowChange>,
+}
+
+/// One entry of the server's change log: the effect a mutation really had
+/// after merging, which is what every other device applies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// The server's global sequence number, 1, 2, 3, ...
+    pub server_seq: u64,
+    /// The device and its sequence number that made the mutation.
+    pub client_id: u64,
+    pub client_seq: u64,
+    pub hlc: Hlc,
+    pub changes: Vec<RowChange>,
+}

@@ -1,0 +1,911 @@
+//! The device side: a SQLite database with change capture, a durable outbox
+//! of pending mutations, and the sync state machine.
+//!
+//! The local database always shows the optimistic state: the server's state
+//! as of the device's cursor, with every pending mutation applied on top.
+//! Each pending mutation keeps the pre-image of the rows it touched, so when
+//! server changes arrive (or the server refuses a mutation) the device can
+//! undo its pending mutations, apply the server's changes, and redo what is
+//! still pending: a rebase, in one SQLite transaction.
+//!
+//! Capture uses TEMP triggers (re-created on every open, so they never live
+//! in the file and always match the schema in use): each touched row is noted
+//! once per transaction in `temp._hearth_capture` with a bit mask of changed
+//! columns, and its first pre-image is kept in a per-table temp shadow table.
+//! When the transaction ends, `exec` turns the notes into one mutation and
+//! writes it to the outbox in the same transaction.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use fallible_iterator::FallibleIterator;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
+use crate::hlc::{Clock, Hlc};
+use crate::protocol::{ClientMsg, ServerMsg};
+use crate::rows;
+use crate::schema::{ident, Schema, SchemaError, Table};
+use crate::value::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("SQL error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("this database has no schema yet: sync with the server first")]
+    NoSchema,
+    #[error("bad schema from server: {0}")]
+    Schema(#[from] SchemaError),
+    #[error("schema mismatch: {0}")]
+    SchemaMismatch(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("the outbox is full ({max} pending mutations): sync before writing more")]
+    OutboxFull { max: usize },
+    #[error("the transaction's changes take {size} bytes, over the limit of {max} bytes: split it")]
+    MutationTooLarge { size: usize, max: usize },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("server error {code}: {message}")]
+    Server { code: String, message: String },
+}
+
+impl ClientError {
+    /// A stable code for the JS boundary and the CLI.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::Sql(_) | ClientError::Refused(_) => "SQL_ERROR",
+            ClientError::NoSchema => "NO_SCHEMA",
+            ClientError::Schema(_) | ClientError::SchemaMismatch(_) => "SCHEMA",
+            ClientError::OutboxFull { .. } => "OUTBOX_FULL",
+            ClientError::MutationTooLarge { .. } => "TOO_LARGE",
+            ClientError::Protocol(_) => "PROTOCOL",
+            ClientError::Server { .. } => "SERVER",
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Most pending mutations the outbox holds before `exec` refuses.
+    pub outbox_max: usize,
+    /// Largest encoded mutation `exec` accepts (must fit in one frame).
+    pub mutation_bytes_max: usize,
+    /// Most mutations sent and not yet answered.
+    pub in_flight_max: usize,
+    /// Largest push frame built.
+    pub push_bytes_max: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            outbox_max: 100_000,
+            mutation_bytes_max: 16 * 1024 * 1024,
+            in_flight_max: 2_000,
+            push_bytes_max: 1024 * 1024,
+        }
+    }
+}
+
+/// Something the app may want to react to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Rows of these tables changed (a local write, server changes, or a rollback).
+    TablesChanged(Vec<String>),
+    /// The server applied this pending mutation as `server_seq`.
+    Applied { seq: u64, server_seq: u64 },
+    /// The server refused this mutation; its effects were undone.
+    Rejected { seq: u64, code: String, reason: String },
+    /// The schema arrived from the server and its tables exist now.
+    SchemaInstalled { version: u64 },
+    /// Everything the server had when it answered has been applied.
+    CaughtUp { server_seq: u64 },
+}
+
+/// What the driver should send and tell the app after a call.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub send: Vec<ClientMsg>,
+    pub events: Vec<Event>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExecOutcome {
+    /// The mutation's sequence number, or None when nothing synced changed.
+    pub mutation: Option<u64>,
+    pub rows_affected: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl QueryResult {
+    /// Rows as JSON objects keyed by column name.
+    pub fn to_json_objects(&self) -> Vec<serde_json::Value> {
+        self.rows
+            .iter()
+            .map(|row| {
+                let map = self.columns.iter().cloned().zip(row.iter().map(Value::to_json)).collect();
+                serde_json::Value::Object(map)
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Status {
+    pub client_id: u64,
+    pub connected: bool,
+    pub caught_up: bool,
+    pub pending: u64,
+    pub server_seq: u64,
+    pub schema_version: Option<u64>,
+}
+
+/// The pre-image of one row a pending mutation touched: the whole row, or
+/// None when the row did not exist.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Preimage {
+    table: String,
+    pk: Value,
+    row: Option<Vec<Value>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Session {
+    Offline,
+    AwaitingWelcome,
+    Ready { sent_upto: u64, caught_up: bool },
+}
+
+pub struct Client {
+    conn: Connection,
+    config: ClientConfig,
+    client_id: u64,
+    clock: Clock,
+    schema: Option<Schema>,
+    cursor: u64,
+    next_seq: u64,
+    pending: u64,
+    session: Session,
+}
+
+const INTERNAL_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS _hearth_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _hearth_outbox (
+  seq      INTEGER PRIMARY KEY,
+  hlc      INTEGER NOT NULL,
+  mutation BLOB NOT NULL,
+  undo     BLOB NOT NULL
+);";
+
+fn meta_get<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> rusqlite::Result<Option<T>> {
+    conn.query_row("SELECT value FROM _hearth_meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO _hearth_meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+        .execute(params![key, value])?;
+    Ok(())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).expect("counter beyond i64")
+}
+
+fn shadow_table(n: usize) -> String {
+    format!("temp._hearth_old_{n}")
+}
+
+/// Temp capture tables and triggers for one synced table.
+fn capture_sql(n: usize, table: &Table) -> String {
+    let t = ident(&table.name);
+    let pk = ident(table.pk_name());
+    let cols: Vec<String> = table.columns.iter().map(|c| ident(&c.name)).collect();
+    let old_values: Vec<String> = cols.iter().map(|c| format!("OLD.{c}")).collect();
+    let mask: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("((OLD.{c} IS NOT NEW.{c}) << {i})"))
+        .collect();
+    let shadow = shadow_table(n);
+    let null_pk_guard = |row: &str| {
+        format!("SELECT RAISE(ABORT, 'the primary key of synced table {} cannot be NULL') WHERE {row}.{pk} IS NULL;", table.name.replace('\'', "''"))
+    };
+    format!(
+        "DROP TABLE IF EXISTS {shadow};
+CREATE TEMP TABLE _hearth_old_{n} ({cols_list}, PRIMARY KEY ({pk}));
+DROP TRIGGER IF EXISTS temp._hearth_ins_{n};
+DROP TRIGGER IF EXISTS temp._hearth_upd_{n};
+DROP TRIGGER IF EXISTS temp._hearth_del_{n};
+CREATE TEMP TRIGGER _hearth_ins_{n} AFTER INSERT ON main.{t} BEGIN
+  {guard_new}
+  INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed) VALUES ({n}, NEW.{pk}, -1, 1, 0)
+    ON CONFLICT (tbl, pk) DO UPDATE SET mask = -1, inserted = 1;
+END;
+CREATE TEMP TRIGGER _hearth_upd_{n} AFTER UPDATE ON main.{t} BEGIN
+  {guard_new}
+  INSERT OR IGNORE INTO {shadow} VALUES ({old_values});
+  INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed)
+    SELECT {n}, OLD.{pk}, 0, 0, 1 WHERE OLD.{pk} IS NOT NEW.{pk}
+    ON CONFLICT (tbl, pk) DO NOTHING;
+  INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed)
+    SELECT {n}, NEW.{pk},
+      CASE WHEN OLD.{pk} IS NOT NEW.{pk} THEN -1 ELSE ({mask}) END,
+      OLD.{pk} IS NOT NEW.{pk},
+      OLD.{pk} IS NEW.{pk}
+    WHERE true
+    ON CONFLICT (tbl, pk) DO UPDATE SET mask = mask | excluded.mask, inserted = inserted | excluded.inserted;
+END;
+CREATE TEMP TRIGGER _hearth_del_{n} AFTER DELETE ON main.{t} BEGIN
+  INSERT OR IGNORE INTO {shadow} VALUES ({old_values});
+  INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed) VALUES ({n}, OLD.{pk}, 0, 0, 1)
+    ON CONFLICT (tbl, pk) DO NOTHING;
+END;",
+        cols_list = cols.join(", "),
+        guard_new = null_pk_guard("NEW"),
+        old_values = old_values.join(", "),
+        mask = mask.join(" | "),
+    )
+}
+
+const CAPTURE_TABLE: &str = "
+DROP TABLE IF EXISTS temp._hearth_capture;
+CREATE TEMP TABLE _hearth_capture (
+  tbl      INTEGER NOT NULL,
+  pk       NOT NULL,
+  mask     INTEGER NOT NULL,
+  inserted INTEGER NOT NULL,
+  existed  INTEGER NOT NULL,
+  PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;";
+
+/// Why the authorizer refused a statement in `exec`.
+#[derive(Default)]
+struct Refusal(Option<String>);
+
+impl Client {
+    /// Opens (or initialises) a device database. `new_client_id` is used only
+    /// when the database has no client id yet; pass a random nonzero number.
+    pub fn open(conn: Connection, new_client_id: u64, config: ClientConfig) -> Result<Client> {
+        conn.execute_batch("PRAGMA recursive_triggers = ON; PRAGMA temp_store = MEMORY;")?;
+        conn.execute_batch(INTERNAL_TABLES)?;
+        let client_id = match meta_get::<i64>(&conn, "client_id")? {
+            Some(id) => id as u64,
+            None => {
+                let id = new_client_id.max(1);
+                meta_set(&conn, "client_id", id as i64)?;
+                id
+            }
+        };
+        let cursor = meta_get::<i64>(&conn, "cursor")?.unwrap_or(0) as u64;
+        let next_seq = meta_get::<i64>(&conn, "next_seq")?.unwrap_or(1) as u64;
+        let hlc = meta_get::<i64>(&conn, "hlc")?.unwrap_or(0) as u64;
+        let pending: i64 = conn.query_row("SELECT count(*) FROM _hearth_outbox", [], |r| r.get(0))?;
+        let schema = match meta_get::<String>(&conn, "schema")? {
+            Some(src) => Some(Schema::parse(&src)?),
+            None => None,
+        };
+        let mut client = Client {
+            conn,
+            config,
+            client_id,
+            clock: Clock::starting_at(Hlc(hlc)),
+            schema: None,
+            cursor,
+            next_seq,
+            pending: pending as u64,
+            session: Session::Offline,
+        };
+        if let Some(schema) = schema {
+            client.install_capture(&schema)?;
+            client.schema = Some(schema);
+        }
+        Ok(client)
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    pub fn schema(&self) -> Option<&Schema> {
+        self.schema.as_ref()
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            client_id: self.client_id,
+            connected: matches!(self.session, Session::Ready { .. }),
+            caught_up: matches!(self.session, Session::Ready { caught_up: true, .. }),
+            pending: self.pending,
+            server_seq: self.cursor,
+            schema_version: self.schema.as_ref().map(|s| s.version),
+        }
+    }
+
+    /// Sequence numbers of the mutations still waiting for the server.
+    pub fn pending_seqs(&self) -> Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare("SELECT seq FROM _hearth_outbox ORDER BY seq")?;
+        let seqs = stmt.query_map([], |r| r.get::<_, i64>(0))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(seqs.into_iter().map(|s| s as u64).collect())
+    }
+
+    fn install_capture(&self, schema: &Schema) -> Result<()> {
+        let mut sql = String::from(CAPTURE_TABLE);
+        for (n, table) in schema.numbered() {
+            sql.push_str(&capture_sql(n, table));
+        }
+        self.conn.execute_batch(&sql)?;
+        Ok(())
+    }
+
+    fn clear_capture(&self) -> Result<()> {
+        self.conn.execute("DELETE FROM temp._hearth_capture", [])?;
+        if let Some(schema) = &self.schema {
+            for (n, _) in schema.numbered() {
+                self.conn.execute(&format!("DELETE FROM {}", shadow_table(n)), [])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs app SQL as one local transaction. Changes to synced tables become
+    /// one pending mutation, written to the outbox in the same transaction.
+    pub fn exec(&mut self, sql: &str, params: &[Value], now_ms: u64) -> Result<(ExecOutcome, Output)> {
+        let schema = self.schema.clone().ok_or(ClientError::NoSchema)?;
+        if self.pending as usize >= self.config.outbox_max {
+            return Err(ClientError::OutboxFull { max: self.config.outbox_max });
+        }
+        let (outcome, tables) = self.atomically(|c| c.exec_in_transaction(&schema, sql, params, now_ms))?;
+        let mut out = Output::default();
+        if outcome.mutation.is_some() {
+            self.pending += 1;
+            out.events.push(Event::TablesChanged(tables));
+            out.send = self.poll_send()?;
+        }
+        Ok((outcome, out))
+    }
+
+    /// Runs `f` in a transaction (a savepoint, so calls nest): all of it
+    /// lands, or none of it.
+    fn atomically<T>(&mut self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("SAVEPOINT hearth")?;
+        match f(self) {
+            Ok(v) => match self.conn.execute_batch("RELEASE hearth") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK TO hearth; RELEASE hearth");
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the app's statements with an authorizer that keeps transaction
+    /// control and Hearth's own tables out of reach.
+    fn run_app_sql(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
+        let refusal = Arc::new(Mutex::new(Refusal::default()));
+        let seen = refusal.clone();
+        self.conn.authorizer(Some(move |ctx: AuthContext<'_>| -> Authorization {
+            let why = match ctx.action {
+                AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => {
+                    Some("transaction control is Hearth's: one exec is one transaction".to_string())
+                }
+                AuthAction::Insert { table_name }
+                | AuthAction::Update { table_name, .. }
+                | AuthAction::Delete { table_name }
+                    if table_name.starts_with("_hearth") && ctx.database_name != Some("temp") =>
+                {
+                    Some(format!("table {table_name} is Hearth's own and cannot be written"))
+                }
+                _ => None,
+            };
+            match why {
+                Some(why) => {
+                    seen.lock().unwrap().0 = Some(why);
+                    Authorization::Deny
+                }
+                None => Authorization::Allow,
+            }
+        }))?;
+        let result = self.run_statements(sql, params);
+        self.conn.authorizer(None::<fn(AuthContext<'_>) -> Authorization>)?;
+        let refused = refusal.lock().unwrap().0.take();
+        result.map_err(|e| match refused {
+            Some(why) => ClientError::Refused(why),
+            None => e,
+        })
+    }
+
+    fn run_statements(&self, sql: &str, params: &[Value]) -> Result<u64> {
+        let mut rows_affected = 0u64;
+        let mut batch = rusqlite::Batch::new(&self.conn, sql);
+        let mut statements = 0;
+        while let Some(mut stmt) = batch.next()? {
+            statements += 1;
+            if !params.is_empty() {
+                if statements > 1 {
+                    return Err(ClientError::Refused(
+                        "parameters can only be given with a single SQL statement".into(),
+                    ));
+                }
+                if stmt.parameter_count() != params.len() {
+                    return Err(ClientError::Refused(format!(
+                        "the statement takes {} parameters but {} were given",
+                        stmt.parameter_count(),
+                        params.len()
+                    )));
+                }
+                for (i, p) in params.iter().enumerate() {
+                    stmt.raw_bind_parameter(i + 1, p)?;
+                }
+            } else if stmt.parameter_count() > 0 {
+                return Err(ClientError::Refused(format!(
+                    "the statement takes {} parameters but none were given",
+                    stmt.parameter_count()
+                )));
+            }
+            let readonly = stmt.readonly();
+            let mut rows = stmt.raw_query();
+            while rows.next()?.is_some() {}
+            drop(rows);
+            if !readonly {
+                rows_affected += self.conn.changes();
+            }
+        }
+        if statements == 0 {
+            return Err(ClientError::Refused("no SQL statement given".into()));
+        }
+        Ok(rows_affected)
+    }
+
+    fn exec_in_transaction(
+        &mut self,
+        schema: &Schema,
+        sql: &str,
+        params: &[Value],
+        now_ms: u64,
+    ) -> Result<(ExecOutcome, Vec<String>)> {
+        let rows_affected = self.run_app_sql(sql, params)?;
+        let (changes, undo, tables) = self.collect_capture(schema)?;
+        if changes.is_empty() {
+            return Ok((ExecOutcome { mutation: None, rows_affected }, Vec::new()));
+        }
+        let seq = self.next_seq;
+        let mut clock = self.clock.clone();
+        let hlc = clock.now(now_ms);
+        let mutation = Mutation { seq, hlc, changes };
+        let blob = postcard::to_allocvec(&mutation).expect("encode mutation");
+        if blob.len() > self.config.mutation_bytes_max {
+            return Err(ClientError::MutationTooLarge { size: blob.len(), max: self.config.mutation_bytes_max });
+        }
+        let undo_blob = postcard::to_allocvec(&undo).expect("encode undo");
+        self.conn
+            .prepare_cached("INSERT INTO _hearth_outbox (seq, hlc, mutation, undo) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![to_i64(seq), to_i64(hlc.0), blob, undo_blob])?;
+        meta_set(&self.conn, "next_seq", to_i64(seq + 1))?;
+        meta_set(&self.conn, "hlc", to_i64(hlc.0))?;
+        // In-memory state moves only with the commit: the caller's savepoint
+        // is released right after this returns Ok.
+        self.next_seq = seq + 1;
+        self.clock = clock;
+        Ok((ExecOutcome { mutation: Some(seq), rows_affected }, tables))
+    }
+
+    /// Turns the capture notes of the current transaction into row changes
+    /// and pre-images, and clears the notes.
+    fn collect_capture(&self, schema: &Schema) -> Result<(Vec<RowChange>, Vec<Preimage>, Vec<String>)> {
+        let mut changes = Vec::new();
+        let mut undo = Vec::new();
+        let mut tables = Vec::new();
+        for (n, table) in schema.numbered() {
+            let width = table.columns.len();
+            let cur: Vec<String> = table.columns.iter().map(|c| format!("t.{}", ident(&c.name))).collect();
+            let old: Vec<String> = table.columns.iter().map(|c| format!("o.{}", ident(&c.name))).collect();
+            let pk = ident(table.pk_name());
+            let sql = format!(
+                "SELECT c.pk, c.mask, c.inserted, c.existed, t.{pk} IS NOT NULL, {}, {}
+                 FROM temp._hearth_capture c
+                 LEFT JOIN main.{} t ON t.{pk} = c.pk
+                 LEFT JOIN {} o ON o.{pk} = c.pk
+                 WHERE c.tbl = ?1",
+                cur.join(", "),
+                old.join(", "),
+                ident(&table.name),
+                shadow_table(n),
+            );
+            let mut stmt = self.conn.prepare_cached(&sql)?;
+            let mut rows = stmt.query([n as i64])?;
+            let before = changes.len();
+            while let Some(row) = rows.next()? {
+                let pk: Value = row.get(0)?;
+                let mask: i64 = row.get(1)?;
+                let inserted: bool = row.get(2)?;
+                let existed: bool = row.get(3)?;
+                let exists: bool = row.get(4)?;
+                let current: Vec<Value> = (0..width).map(|i| row.get(5 + i)).collect::<Result<_, _>>()?;
+                let previous: Vec<Value> = (0..width).map(|i| row.get(5 + width + i)).collect::<Result<_, _>>()?;
+                let pre = existed.then(|| previous.clone());
+                let op = if !exists {
+                    if !existed {
+                        continue; // Created and deleted within the transaction.
+                    }
+                    RowOp::Delete
+                } else if inserted || !existed {
+                    let columns = (0..width)
+                        .filter(|i| *i != table.pk)
+                        .map(|i| (table.columns[i].name.clone(), ColumnOp::Set(current[i].clone())))
+                        .collect();
+                    RowOp::Upsert { insert: true, columns }
+                } else {
+                    let columns: Vec<(String, ColumnOp)> = (0..width)
+                        .filter(|i| *i != table.pk && mask & (1 << i) != 0 && current[*i] != previous[*i])
+                        .map(|i| (table.columns[i].name.clone(), ColumnOp::Set(current[i].clone())))
+                        .collect();
+                    if columns.is_empty() {
+                        continue; // Written back to the values it had.
+                    }
+                    RowOp::Upsert { insert: false, columns }
+                };
+                undo.push(Preimage { table: table.name.clone(), pk: pk.clone(), row: pre });
+                changes.push(RowChange { table: table.name.clone(), pk, op });
+            }
+            if changes.len() > before {
+                tables.push(table.name.clone());
+            }
+        }
+        self.clear_capture()?;
+        Ok((changes, undo, tables))
+    }
+
+    /// Runs a read-only query on the local (optimistic) database.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
+        let mut stmt = self.conn.prepare(sql)?;
+        if !stmt.readonly() {
+            return Err(ClientError::Refused("query only reads: use exec to write".into()));
+        }
+        if stmt.parameter_count() != params.len() {
+            return Err(ClientError::Refused(format!(
+                "the statement takes {} parameters but {} were given",
+                stmt.parameter_count(),
+                params.len()
+            )));
+        }
+        let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+        let width = columns.len();
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push((0..width).map(|i| row.get::<_, Value>(i)).collect::<Result<Vec<_>, _>>()?);
+        }
+        Ok(QueryResult { columns, rows: out })
+    }
+
+    /// The tables a query reads, for re-running live queries when they change.
+    pub fn tables_read(&mut self, sql: &str) -> Result<Vec<String>> {
+        let read = Arc::new(Mutex::new(BTreeSet::new()));
+        let seen = read.clone();
+        self.conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+            if let AuthAction::Read { table_name, .. } = ctx.action {
+                seen.lock().unwrap().insert(table_name.to_string());
+            }
+            Authorization::Allow
+        }))?;
+        let prepared = self.conn.prepare(sql).map(|_| ());
+        self.conn.authorizer(None::<fn(AuthContext<'_>) -> Authorization>)?;
+        prepared?;
+        let tables = read.lock().unwrap().iter().cloned().collect();
+        Ok(tables)
+    }
+
+    /// The connection to the server is up: what to say first.
+    pub fn on_connected(&mut self) -> Vec<ClientMsg> {
+        self.session = Session::AwaitingWelcome;
+        vec![ClientMsg::Hello {
+            client_id: self.client_id,
+            cursor: self.cursor,
+            schema_version: self.schema.as_ref().map(|s| s.version),
+        }]
+    }
+
+    /// The connection is gone. Everything unanswered will be sent again.
+    pub fn on_disconnected(&mut self) {
+        self.session = Session::Offline;
+    }
+
+    /// Pending mutations not yet sent on this connection, in order, within
+    /// the in-flight window.
+    pub fn poll_send(&mut self) -> Result<Vec<ClientMsg>> {
+        let Session::Ready { sent_upto, caught_up } = self.session else {
+            return Ok(Vec::new());
+        };
+        let in_flight: i64 = self.conn.query_row(
+            "SELECT count(*) FROM _hearth_outbox WHERE seq <= ?1",
+            [to_i64(sent_upto)],
+            |r| r.get(0),
+        )?;
+        let room = self.config.in_flight_max.saturating_sub(in_flight as usize);
+        if room == 0 {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, mutation FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut rows = stmt.query(params![to_i64(sent_upto), room as i64])?;
+        let mut frames = Vec::new();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let mut last = sent_upto;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            let blob: Vec<u8> = row.get(1)?;
+            let mutation: Mutation = postcard::from_bytes(&blob)
+                .map_err(|e| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}")))?;
+            if !batch.is_empty() && batch_bytes + blob.len() > self.config.push_bytes_max {
+                frames.push(ClientMsg::Push { mutations: std::mem::take(&mut batch) });
+                batch_bytes = 0;
+            }
+            batch_bytes += blob.len();
+            batch.push(mutation);
+            last = seq as u64;
+        }
+        if !batch.is_empty() {
+            frames.push(ClientMsg::Push { mutations: batch });
+        }
+        self.session = Session::Ready { sent_upto: last, caught_up };
+        Ok(frames)
+    }
+
+    /// Handles one message from the server.
+    pub fn handle(&mut self, msg: ServerMsg, _now_ms: u64) -> Result<Output> {
+        let mut out = Output::default();
+        match msg {
+            ServerMsg::Welcome { server_seq, schema_version, schema } => {
+                if self.session != Session::AwaitingWelcome {
+                    return Err(ClientError::Protocol("Welcome outside the handshake".into()));
+                }
+                if self.cursor > server_seq {
+                    return Err(ClientError::SchemaMismatch(format!(
+                        "this device has seen server sequence {} but the server's head is {server_seq}: \
+                         it is a different server, or the server lost data",
+                        self.cursor
+                    )));
+                }
+                match schema {
+                    Some(source) => {
+                        let schema = Schema::parse(&source)?;
+                        if schema.version != schema_version {
+                            return Err(ClientError::Protocol("Welcome's schema version disagrees with its schema".into()));
+                        }
+                        if self.schema.as_ref() != Some(&schema) {
+                            self.install_schema(schema)?;
+                            out.events.push(Event::SchemaInstalled { version: schema_version });
+                        }
+                    }
+                    None if self.schema.is_none() => {
+                        return Err(ClientError::Protocol("server sent no schema to a device without one".into()));
+                    }
+                    None => {}
+                }
+                self.session = Session::Ready { sent_upto: 0, caught_up: false };
+            }
+            ServerMsg::Changes { entries, caught_up } => {
+                let Session::Ready { sent_upto, .. } = self.session else {
+                    return Err(ClientError::Protocol("Changes before Welcome".into()));
+                };
+                self.apply_entries(&entries, &mut out)?;
+                let caught_up_now = caught_up;
+                self.session = Session::Ready { sent_upto, caught_up: caught_up_now };
+                if caught_up {
+                    out.events.push(Event::CaughtUp { server_seq: self.cursor });
+                }
+            }
+            ServerMsg::Rejected { client_seq, code, reason } => {
+                self.apply_rejection(client_seq, &code, &reason, &mut out)?;
+            }
+            ServerMsg::Error { code, message } => return Err(ClientError::Server { code, message }),
+        }
+        out.send = self.poll_send()?;
+        Ok(out)
+    }
+
+    fn install_schema(&mut self, schema: Schema) -> Result<()> {
+        self.atomically(|c| {
+            rows::ensure_tables(&c.conn, &schema).map_err(ClientError::SchemaMismatch)?;
+            meta_set(&c.conn, "schema", schema.source.as_str())?;
+            meta_set(&c.conn, "schema_version", to_i64(schema.version))?;
+            Ok(())
+        })?;
+        self.install_capture(&schema)?;
+        self.schema = Some(schema);
+        Ok(())
+    }
+
+    fn schema_ref(&self) -> Result<&Schema> {
+        self.schema.as_ref().ok_or(ClientError::NoSchema)
+    }
+
+    fn table(&self, name: &str) -> Result<&Table> {
+        self.schema_ref()?
+            .table(name)
+            .ok_or_else(|| ClientError::SchemaMismatch(format!("server sent a change to unknown table '{name}'")))
+    }
+
+    fn apply_change(&self, change: &RowChange) -> Result<()> {
+        let table = self.table(&change.table)?;
+        match &change.op {
+            RowOp::Delete => rows::delete_row(&self.conn, table, &change.pk)?,
+            RowOp::Upsert { insert, columns } => {
+                let mut cols = Vec::with_capacity(columns.len());
+                for (name, op) in columns {
+                    let idx = table.column_index(name).ok_or_else(|| {
+                        ClientError::SchemaMismatch(format!("unknown column '{name}' in table '{}'", table.name))
+                    })?;
+                    let ColumnOp::Set(v) = op;
+                    cols.push((idx, v));
+                }
+                if *insert {
+                    rows::upsert_columns(&self.conn, table, &change.pk, &cols)?;
+                } else {
+                    rows::update_columns(&self.conn, table, &change.pk, &cols)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_undo(&self, undo: &[Preimage]) -> Result<()> {
+        for pre in undo.iter().rev() {
+            let table = self.table(&pre.table)?;
+            match &pre.row {
+                None => rows::delete_row(&self.conn, table, &pre.pk)?,
+                Some(values) => rows::restore_row(&self.conn, table, values)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn load_pending(&self) -> Result<Vec<(u64, Mutation, Vec<Preimage>)>> {
+        let mut stmt = self.conn.prepare_cached("SELECT seq, mutation, undo FROM _hearth_outbox ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            let m: Vec<u8> = row.get(1)?;
+            let u: Vec<u8> = row.get(2)?;
+            let bad = |e: postcard::Error| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"));
+            out.push((seq as u64, postcard::from_bytes(&m).map_err(bad)?, postcard::from_bytes(&u).map_err(bad)?));
+        }
+        Ok(out)
+    }
+
+    /// Undoes every pending mutation, runs `between` on the confirmed state,
+    /// then redoes the mutations still pending, recording fresh pre-images.
+    fn rebase(&mut self, between: impl FnOnce(&mut Client) -> Result<()>) -> Result<()> {
+        let remaining = self.atomically(|c| c.rebase_in_transaction(between))?;
+        self.pending = remaining;
+        Ok(())
+    }
+
+    fn rebase_in_transaction(&mut self, between: impl FnOnce(&mut Client) -> Result<()>) -> Result<u64> {
+        let pending = self.load_pending()?;
+        for (_, _, undo) in pending.iter().rev() {
+            self.apply_undo(undo)?;
+        }
+        between(self)?;
+        let still: HashSet<u64> = self.pending_seqs()?.into_iter().collect();
+        for (seq, mutation, _) in pending.iter().filter(|(s, _, _)| still.contains(s)) {
+            let mut undo = Vec::with_capacity(mutation.changes.len());
+            for change in &mutation.changes {
+                let table = self.table(&change.table)?;
+                undo.push(Preimage {
+                    table: change.table.clone(),
+                    pk: change.pk.clone(),
+                    row: rows::read_row(&self.conn, table, &change.pk)?,
+                });
+            }
+            // A pending write that no longer fits the confirmed state (say a
+            // UNIQUE clash with a row another device made) is left out of the
+            // local view; the server will refuse or apply it and say so.
+            self.conn.execute_batch("SAVEPOINT hearth_redo")?;
+            match mutation.changes.iter().try_for_each(|c| self.apply_change(c)) {
+                Ok(()) => self.conn.execute_batch("RELEASE hearth_redo")?,
+                Err(_) => {
+                    self.conn.execute_batch("ROLLBACK TO hearth_redo; RELEASE hearth_redo")?;
+                    undo.clear();
+                }
+            }
+            let blob = postcard::to_allocvec(&undo).expect("encode undo");
+            self.conn
+                .prepare_cached("UPDATE _hearth_outbox SET undo = ?1 WHERE seq = ?2")?
+                .execute(params![blob, to_i64(*seq)])?;
+        }
+        self.clear_capture()?;
+        meta_set(&self.conn, "cursor", to_i64(self.cursor))?;
+        meta_set(&self.conn, "hlc", to_i64(self.clock.last().0))?;
+        Ok(still.len() as u64)
+    }
+
+    fn apply_entries(&mut self, entries: &[LogEntry], out: &mut Output) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let saved_cursor = self.cursor;
+        let saved_clock = self.clock.clone();
+        let client_id = self.client_id;
+        let mut tables = BTreeSet::new();
+        let mut applied = Vec::new();
+        let result = self.rebase(|c| {
+            for entry in entries {
+                if entry.server_seq <= c.cursor {
+                    continue; // Already applied: a duplicate after reconnecting.
+                }
+                for change in &entry.changes {
+                    c.apply_change(change)?;
+                    tables.insert(change.table.clone());
+                }
+                if entry.client_id == client_id {
+                    let removed = c
+                        .conn
+                        .prepare_cached("DELETE FROM _hearth_outbox WHERE seq = ?1")?
+                        .execute([to_i64(entry.client_seq)])?;
+                    if removed > 0 {
+                        applied.push((entry.client_seq, entry.server_seq));
+                    }
+                }
+                c.clock.observe(entry.hlc);
+                c.cursor = entry.server_seq;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            self.cursor = saved_cursor;
+            self.clock = saved_clock;
+            return Err(e);
+        }
+        for (seq, server_seq) in applied {
+            out.events.push(Event::Applied { seq, server_seq });
+        }
+        if !tables.is_empty() {
+            out.events.push(Event::TablesChanged(tables.into_iter().collect()));
+        }
+        Ok(())
+    }
+
+    fn apply_rejection(&mut self, seq: u64, code: &str, reason: &str, out: &mut Output) -> Result<()> {
+        let Some(blob): Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT mutation FROM _hearth_outbox WHERE seq = ?1", [to_i64(seq)], |r| r.get(0))
+            .optional()?
+        else {
+            return Ok(()); // Already handled before a reconnect.
+        };
+        let mutation: Mutation = postcard::from_bytes(&blob)
+            .map_err(|e| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}")))?;
+        self.rebase(|c| {
+            c.conn.execute("DELETE FROM _hearth_outbox WHERE seq = ?1", [to_i64(seq)])?;
+            Ok(())
+        })?;
+        let tables: BTreeSet<String> = mutation.changes.iter().map(|c| c.table.clone()).collect();
+        out.events.push(Event::Rejected { seq, code: code.to_string(), reason: reason.to_string() });
+        out.events.push(Event::TablesChanged(tables.into_iter().collect()));
+        Ok(())
+    }
+}

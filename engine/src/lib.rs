@@ -1,0 +1,32 @@
+//! # hearth-engine
+//!
+//! The sans-io heart of Hearth, a local-first sync engine. It does no I/O but
+//! SQLite: time, randomness and the network come in from the caller, so the
+//! same code runs in the native CLI, in the browser's SharedWorker and in a
+//! deterministic simulation of many devices.
+//!
+//! Layout:
+//! - [`value`], [`hlc`]: SQL values and hybrid logical clock stamps.
+//! - [`schema`]: the app's schema file, checked by SQLite itself.
+//! - [`change`]: the change model (mutations, row and column changes, log entries).
+//! - [`protocol`]: client/server messages and their versioned binary codec.
+//! - [`client`]: the device: change capture, outbox, rebase and rollback.
+//! - [`server`]: the server's merge, dedup and change log over its store.
+//! - `rows`: row-level SQL shared by both halves.
+
+pub mod change;
+pub mod client;
+pub mod hlc;
+pub mod protocol;
+mod rows;
+pub mod schema;
+pub mod server;
+pub mod value;
+
+pub use change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
+pub use client::{Client, ClientConfig, ClientError, Event, ExecOutcome, Output, QueryResult, Status};
+pub use hlc::{Clock, Hlc, Stamp};
+pub use protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
+pub use schema::{Schema, SchemaError, DEMO_SCHEMA};
+pub use server::{Outcome, ServerCore, ServerError};
+pub use value::Value;

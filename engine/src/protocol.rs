@@ -1,0 +1,244 @@
+//! The wire protocol between a device and the server.
+//!
+//! Each WebSocket binary message is one frame: the protocol version as a
+//! varint, then the postcard encoding of a [`ClientMsg`] or [`ServerMsg`].
+//! The version comes first and outside the message so that a peer of another
+//! version can always be told, in words, which two versions met.
+//!
+//! The conversation: the device says `Hello` (its id, its cursor, its schema
+//! version); the server answers `Welcome` (with the schema if the device
+//! needs it), then streams `Changes` from the device's cursor, marking the
+//! batch that reaches the head `caught_up`, then every new entry as it is
+//! made. The device sends `Push` with its pending mutations, in order, at any
+//! time after `Welcome`. An applied mutation comes back as a log entry naming
+//! its origin; a refused one as `Rejected`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::change::{LogEntry, Mutation};
+
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Default largest frame either side accepts.
+pub const FRAME_BYTES_MAX: usize = 32 * 1024 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    Hello {
+        client_id: u64,
+        /// The last server sequence number this device has applied.
+        cursor: u64,
+        /// The schema version this device has, if any.
+        schema_version: Option<u64>,
+    },
+    Push {
+        mutations: Vec<Mutation>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    Welcome {
+        server_seq: u64,
+        schema_version: u64,
+        /// The schema's TOML text, sent when the device's version differs.
+        schema: Option<String>,
+    },
+    Changes {
+        entries: Vec<LogEntry>,
+        /// True when these entries reach the server's head as of sending.
+        caught_up: bool,
+    },
+    Rejected {
+        client_seq: u64,
+        code: String,
+        reason: String,
+    },
+    /// A fatal error; the server closes the connection after it.
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CodecError {
+    #[error("frame of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    #[error("protocol version mismatch: peer speaks version {theirs}, this side speaks version {ours}")]
+    Version { ours: u16, theirs: u16 },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    write_varint(&mut out, u64::from(PROTOCOL_VERSION));
+    // Serializing our own in-memory types into a Vec cannot fail.
+    postcard::to_extend(msg, out).expect("postcard encoding into a Vec")
+}
+
+fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8], max: usize) -> Result<T, CodecError> {
+    if frame.len() > max {
+        return Err(CodecError::TooLarge { size: frame.len(), max });
+    }
+    let (version, rest) = read_varint(frame).ok_or_else(|| CodecError::Malformed("empty or truncated header".into()))?;
+    if version != u64::from(PROTOCOL_VERSION) {
+        let theirs = u16::try_from(version).unwrap_or(u16::MAX);
+        return Err(CodecError::Version { ours: PROTOCOL_VERSION, theirs });
+    }
+    let (msg, tail) = postcard::take_from_bytes(rest).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if !tail.is_empty() {
+        return Err(CodecError::Malformed(format!("{} trailing bytes", tail.len())));
+    }
+    Ok(msg)
+}
+
+pub fn encode_client(msg: &ClientMsg) -> Vec<u8> {
+    encode(msg)
+}
+
+pub fn encode_server(msg: &ServerMsg) -> Vec<u8> {
+    encode(msg)
+}
+
+pub fn decode_client(frame: &[u8], max: usize) -> Result<ClientMsg, CodecError> {
+    decode(frame, max)
+}
+
+pub fn decode_server(frame: &[u8], max: usize) -> Result<ServerMsg, CodecError> {
+    decode(frame, max)
+}
+
+fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn read_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{ColumnOp, RowChange, RowOp};
+    use crate::hlc::Hlc;
+    use crate::value::Value;
+    use proptest::prelude::*;
+
+    fn one_column_update() -> ClientMsg {
+        ClientMsg::Push {
+            mutations: vec![Mutation {
+                seq: 12_345,
+                hlc: Hlc::new(1_764_000_000_000, 3),
+                changes: vec![RowChange {
+                    table: "todos".into(),
+                    pk: Value::Text("0b6f1a52-8e2c-4c5e-9f1e-2f3a4b5c6d7e".into()),
+                    op: RowOp::Upsert { insert: false, columns: vec![("done".into(), ColumnOp::Set(Value::Integer(1)))] },
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn one_column_update_is_small() {
+        let frame = encode_client(&one_column_update());
+        assert!(frame.len() < 100, "one-column update takes {} bytes", frame.len());
+        assert_eq!(decode_client(&frame, FRAME_BYTES_MAX).unwrap(), one_column_update());
+    }
+
+    #[test]
+    fn version_mismatch_names_both_versions() {
+        let mut frame = encode_client(&one_column_update());
+        frame[0] = 7;
+        let err = decode_client(&frame, FRAME_BYTES_MAX).unwrap_err();
+        assert_eq!(err, CodecError::Version { ours: PROTOCOL_VERSION, theirs: 7 });
+        assert!(err.to_string().contains("version 7") && err.to_string().contains("version 1"));
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_errors() {
+        let frame = encode_client(&one_column_update());
+        assert!(matches!(decode_client(&frame, 10), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(decode_client(&[], 100), Err(CodecError::Malformed(_))));
+        assert!(matches!(decode_client(&[1, 0xff, 0xff, 0xff], 100), Err(CodecError::Malformed(_))));
+        let mut trailing = frame.clone();
+        trailing.push(0);
+        assert!(matches!(decode_client(&trailing, FRAME_BYTES_MAX), Err(CodecError::Malformed(_))));
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::Integer),
+            any::<f64>().prop_filter("NaN never equals itself", |f| !f.is_nan()).prop_map(Value::Real),
+            ".{0,20}".prop_map(Value::Text),
+            proptest::collection::vec(any::<u8>(), 0..20).prop_map(Value::Blob),
+        ]
+    }
+
+    fn row_change() -> impl Strategy<Value = RowChange> {
+        (
+            "[a-z]{1,8}",
+            value(),
+            proptest::option::of(proptest::collection::vec(("[a-z]{1,6}", value()), 0..4)),
+            any::<bool>(),
+        )
+            .prop_map(|(table, pk, cols, insert)| RowChange {
+                table,
+                pk,
+                op: match cols {
+                    None => RowOp::Delete,
+                    Some(cols) => RowOp::Upsert {
+                        insert,
+                        columns: cols.into_iter().map(|(c, v)| (c, ColumnOp::Set(v))).collect(),
+                    },
+                },
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn server_messages_round_trip(
+            entries in proptest::collection::vec(
+                (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), proptest::collection::vec(row_change(), 0..4)),
+                0..4),
+            caught_up in any::<bool>(),
+        ) {
+            let msg = ServerMsg::Changes {
+                entries: entries.into_iter().map(|(s, c, cs, h, changes)| LogEntry {
+                    server_seq: s, client_id: c, client_seq: cs, hlc: Hlc(h), changes,
+                }).collect(),
+                caught_up,
+            };
+            prop_assert_eq!(decode_server(&encode_server(&msg), FRAME_BYTES_MAX).unwrap(), msg);
+        }
+
+        #[test]
+        fn client_messages_round_trip(seq in any::<u64>(), h in any::<u64>(), changes in proptest::collection::vec(row_change(), 0..6)) {
+            let msg = ClientMsg::Push { mutations: vec![Mutation { seq, hlc: Hlc(h), changes }] };
+            prop_assert_eq!(decode_client(&encode_client(&msg), FRAME_BYTES_MAX).unwrap(), msg);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_client(&bytes, FRAME_BYTES_MAX);
+            let _ = decode_server(&bytes, FRAME_BYTES_MAX);
+        }
+    }
+}

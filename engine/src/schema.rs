@@ -1,0 +1,341 @@
+//! The app's schema: which tables sync and how they merge.
+//!
+//! A schema is one TOML file (see the README for the format). It is checked
+//! by really running each table's `CREATE` statement in a scratch in-memory
+//! SQLite database and reading back what SQLite made of it, so the column
+//! list and the primary key are SQLite's own view, not a parse of ours.
+
+use std::collections::BTreeMap;
+
+use rusqlite::Connection;
+use serde::Deserialize;
+
+/// How concurrent writes to one column are merged.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MergePolicy {
+    /// Last writer wins, by hybrid logical clock, ties broken by client id.
+    Lww,
+    /// Concurrent increments add up.
+    Counter,
+    /// A JSON array merged as an add-wins set.
+    Set,
+    /// Collaborative text merged character by character.
+    Text,
+    /// Concurrent edits become a conflict the app resolves.
+    Manual,
+}
+
+impl MergePolicy {
+    const NAMES: &'static str = "lww, counter, set, text, manual";
+
+    fn parse(name: &str) -> Option<MergePolicy> {
+        Some(match name {
+            "lww" => MergePolicy::Lww,
+            "counter" => MergePolicy::Counter,
+            "set" => MergePolicy::Set,
+            "text" => MergePolicy::Text,
+            "manual" => MergePolicy::Manual,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MergePolicy::Lww => "lww",
+            MergePolicy::Counter => "counter",
+            MergePolicy::Set => "set",
+            MergePolicy::Text => "text",
+            MergePolicy::Manual => "manual",
+        }
+    }
+
+    /// Policies whose merge this version of Hearth implements.
+    fn implemented(self) -> bool {
+        matches!(self, MergePolicy::Lww)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SchemaError {
+    #[error("schema file is not valid TOML or has an unknown key: {0}")]
+    Toml(String),
+    #[error("schema has no tables: add at least one [tables.NAME] section")]
+    NoTables,
+    #[error("table '{table}': {problem}")]
+    Table { table: String, problem: String },
+}
+
+fn table_error(table: &str, problem: impl Into<String>) -> SchemaError {
+    SchemaError::Table { table: table.to_string(), problem: problem.into() }
+}
+
+/// The most columns a synced table may have: change capture keeps a bit mask
+/// of changed columns in one SQLite integer.
+pub const COLUMNS_MAX: usize = 63;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Column {
+    pub name: String,
+    /// SQLite's declared type, as written in the `CREATE` statement.
+    pub declared_type: String,
+    pub policy: MergePolicy,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Table {
+    pub name: String,
+    /// The table's statements exactly as the schema file gives them.
+    pub create_sql: String,
+    pub policy: MergePolicy,
+    /// Columns in SQLite's order (`PRAGMA table_info`).
+    pub columns: Vec<Column>,
+    /// Index of the primary key column in `columns`.
+    pub pk: usize,
+}
+
+impl Table {
+    pub fn pk_name(&self) -> &str {
+        &self.columns[self.pk].name
+    }
+
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schema {
+    pub version: u64,
+    /// Tables by name; the map's order is the order capture numbers them in.
+    pub tables: BTreeMap<String, Table>,
+    /// The TOML text this schema was parsed from; it is what the server sends
+    /// to a device that needs the schema.
+    pub source: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchema {
+    version: u64,
+    #[serde(default)]
+    tables: BTreeMap<String, RawTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    create: String,
+    #[serde(default = "default_merge")]
+    merge: String,
+    #[serde(default)]
+    columns: BTreeMap<String, String>,
+}
+
+fn default_merge() -> String {
+    "lww".to_string()
+}
+
+/// Quotes an SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl Schema {
+    pub fn parse(source: &str) -> Result<Schema, SchemaError> {
+        let raw: RawSchema = toml::from_str(source).map_err(|e| SchemaError::Toml(e.to_string()))?;
+        if raw.tables.is_empty() {
+            return Err(SchemaError::NoTables);
+        }
+        let mut tables = BTreeMap::new();
+        for (name, raw_table) in raw.tables {
+            let table = check_table(&name, raw_table)?;
+            tables.insert(name, table);
+        }
+        Ok(Schema { version: raw.version, tables, source: source.to_string() })
+    }
+
+    pub fn table(&self, name: &str) -> Option<&Table> {
+        self.tables.get(name)
+    }
+
+    /// Tables in capture order, with their capture number.
+    pub fn numbered(&self) -> impl Iterator<Item = (usize, &Table)> {
+        self.tables.values().enumerate()
+    }
+}
+
+fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
+    if name.starts_with("_hearth") || name.starts_with("sqlite_") {
+        return Err(table_error(name, "names starting with '_hearth' or 'sqlite_' are reserved"));
+    }
+    let policy = MergePolicy::parse(&raw.merge).ok_or_else(|| {
+        table_error(name, format!("unknown merge policy '{}' (expected one of {})", raw.merge, MergePolicy::NAMES))
+    })?;
+    if !policy.implemented() {
+        return Err(table_error(
+            name,
+            format!("merge policy '{}' is not implemented yet in this version of Hearth (use lww)", policy.name()),
+        ));
+    }
+
+    let scratch = Connection::open_in_memory().map_err(|e| table_error(name, e.to_string()))?;
+    scratch
+        .execute_batch(&raw.create)
+        .map_err(|e| table_error(name, format!("create statement failed: {e}")))?;
+    let created: Vec<String> = {
+        let mut stmt = scratch
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+            .map_err(|e| table_error(name, e.to_string()))?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(|e| table_error(name, e.to_string()))?;
+        rows.collect::<Result<_, _>>().map_err(|e| table_error(name, e.to_string()))?
+    };
+    if created != [name.to_string()] {
+        return Err(table_error(
+            name,
+            format!("create must make exactly one table named '{name}' (indexes are fine); it made {created:?}"),
+        ));
+    }
+
+    let mut columns = Vec::new();
+    let mut pks = Vec::new();
+    {
+        let mut stmt = scratch
+            .prepare(&format!("PRAGMA table_info({})", ident(name)))
+            .map_err(|e| table_error(name, e.to_string()))?;
+        let mut rows = stmt.query([]).map_err(|e| table_error(name, e.to_string()))?;
+        while let Some(row) = rows.next().map_err(|e| table_error(name, e.to_string()))? {
+            let col_name: String = row.get(1).map_err(|e| table_error(name, e.to_string()))?;
+            let declared_type: String = row.get(2).map_err(|e| table_error(name, e.to_string()))?;
+            let pk_pos: i64 = row.get(5).map_err(|e| table_error(name, e.to_string()))?;
+            if pk_pos > 0 {
+                pks.push(columns.len());
+            }
+            columns.push(Column { name: col_name, declared_type, policy });
+        }
+    }
+    let pk = match pks.as_slice() {
+        [one] => *one,
+        [] => return Err(table_error(name, "a synced table needs a one-column PRIMARY KEY")),
+        _ => {
+            return Err(table_error(
+                name,
+                "composite primary keys are not supported: use a one-column PRIMARY KEY (INTEGER or TEXT)",
+            ))
+        }
+    };
+    let pk_type = columns[pk].declared_type.to_ascii_uppercase();
+    if !(pk_type.contains("INT") || pk_type.contains("TEXT") || pk_type.contains("CHAR")) {
+        return Err(table_error(
+            name,
+            format!(
+                "primary key '{}' has type '{}': supported primary key types are INTEGER and TEXT",
+                columns[pk].name, columns[pk].declared_type
+            ),
+        ));
+    }
+    if columns.len() > COLUMNS_MAX {
+        return Err(table_error(name, format!("has {} columns; a synced table may have at most {COLUMNS_MAX}", columns.len())));
+    }
+
+    for (col_name, policy_name) in &raw.columns {
+        let col_policy = MergePolicy::parse(policy_name).ok_or_else(|| {
+            table_error(
+                name,
+                format!("column '{col_name}': unknown merge policy '{policy_name}' (expected one of {})", MergePolicy::NAMES),
+            )
+        })?;
+        let Some(idx) = columns.iter().position(|c| &c.name == col_name) else {
+            return Err(table_error(name, format!("columns names '{col_name}', which the table does not have")));
+        };
+        if idx == pk {
+            return Err(table_error(name, format!("column '{col_name}' is the primary key and cannot have a merge policy")));
+        }
+        if !col_policy.implemented() {
+            return Err(table_error(
+                name,
+                format!(
+                    "column '{col_name}': merge policy '{}' is not implemented yet in this version of Hearth (use lww)",
+                    col_policy.name()
+                ),
+            ));
+        }
+        columns[idx].policy = col_policy;
+    }
+
+    Ok(Table { name: name.to_string(), create_sql: raw.create, policy, columns, pk })
+}
+
+/// The demo app's schema, built into the `hearth` binary.
+pub const DEMO_SCHEMA: &str = r#"# Hearth demo schema: shared todo lists.
+version = 1
+
+[tables.lists]
+create = """
+CREATE TABLE lists (
+  id         TEXT PRIMARY KEY,
+  name       TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
+  created_at INTEGER NOT NULL DEFAULT 0
+)"""
+merge = "lww"
+
+[tables.todos]
+create = """
+CREATE TABLE todos (
+  id      TEXT PRIMARY KEY,
+  list_id TEXT NOT NULL,
+  title   TEXT NOT NULL CHECK (length(title) BETWEEN 1 AND 200),
+  done    INTEGER NOT NULL DEFAULT 0,
+  position REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX todos_by_list ON todos (list_id, position)"""
+merge = "lww"
+columns = {}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(src: &str) -> String {
+        Schema::parse(src).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn demo_schema_parses() {
+        let s = Schema::parse(DEMO_SCHEMA).unwrap();
+        assert_eq!(s.version, 1);
+        let todos = s.table("todos").unwrap();
+        assert_eq!(todos.pk_name(), "id");
+        assert_eq!(todos.columns.len(), 5);
+        assert_eq!(todos.columns[3].name, "done");
+    }
+
+    #[test]
+    fn bad_schemas_name_the_table_and_problem() {
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY, x)\"\nmerge = \"fancy\"\n");
+        assert!(e.contains("table 't'") && e.contains("unknown merge policy 'fancy'"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT, x)\"\n");
+        assert!(e.contains("table 't'") && e.contains("PRIMARY KEY"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY,\"\n");
+        assert!(e.contains("table 't'") && e.contains("create statement failed"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY)\"\ncolour = 1\n");
+        assert!(e.contains("unknown field") && e.contains("colour"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE u (id TEXT PRIMARY KEY)\"\n");
+        assert!(e.contains("exactly one table named 't'"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (a TEXT, b TEXT, PRIMARY KEY (a, b))\"\n");
+        assert!(e.contains("composite"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"\ncolumns = { m = \"lww\" }\n");
+        assert!(e.contains("'m'"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"\ncolumns = { n = \"counter\" }\n");
+        assert!(e.contains("not implemented yet"), "{e}");
+
+        assert_eq!(Schema::parse("version = 1\n"), Err(SchemaError::NoTables));
+    }
+}

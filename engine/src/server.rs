@@ -1,0 +1,453 @@
+//! The server's half of the engine: validate a device's mutations, merge
+//! them into the store, and keep the ordered change log.
+//!
+//! The store is the app's real tables plus Hearth's bookkeeping in the same
+//! SQLite database:
+//! - `_hearth_log`: every applied mutation's effect, by global sequence.
+//! - `_hearth_rows`: per row, whether it lives, the stamp that created or
+//!   deleted it, and each column's last-writer stamp.
+//! - `_hearth_clients`: per device, the last mutation sequence it processed,
+//!   so a mutation sent twice is applied once.
+//! - `_hearth_rejections`: why a mutation was refused, to answer a re-send.
+//!
+//! Merge rules (last-writer-wins by [`Stamp`]):
+//! - an update writes each column whose stored stamp is older;
+//! - an update of a row that does not exist (deleted, or never made) does
+//!   nothing: a delete wins over concurrent updates;
+//! - a delete removes the row unless the row was (re)created by a later
+//!   stamp; an insert creates the row unless a later delete is recorded, and
+//!   merges into the row column by column when it exists.
+
+use std::collections::HashMap;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
+use crate::hlc::Stamp;
+use crate::rows;
+use crate::schema::{Schema, Table};
+use crate::value::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("store error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Schema(String),
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = ServerError> = std::result::Result<T, E>;
+
+/// What became of one pushed mutation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Applied(LogEntry),
+    Rejected { client_id: u64, client_seq: u64, code: String, reason: String },
+    /// Sent before and already processed; `rejection` tells how if refused.
+    Duplicate { client_id: u64, client_seq: u64, rejection: Option<(String, String)> },
+}
+
+const INTERNAL_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS _hearth_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _hearth_log (
+  seq        INTEGER PRIMARY KEY,
+  client_id  INTEGER NOT NULL,
+  client_seq INTEGER NOT NULL,
+  hlc        INTEGER NOT NULL,
+  changes    BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _hearth_rows (
+  tbl  TEXT NOT NULL,
+  pk   NOT NULL,
+  meta BLOB NOT NULL,
+  PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _hearth_clients (client_id INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS _hearth_rejections (
+  client_id  INTEGER NOT NULL,
+  client_seq INTEGER NOT NULL,
+  code       TEXT NOT NULL,
+  reason     TEXT NOT NULL,
+  PRIMARY KEY (client_id, client_seq)
+) WITHOUT ROWID;";
+
+/// Per-row merge bookkeeping.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct RowMeta {
+    alive: bool,
+    /// The stamp that created the row (alive) or deleted it (not alive).
+    stamp: Stamp,
+    /// Last-writer stamp per column index; missing entries are zero.
+    columns: Vec<Stamp>,
+}
+
+impl RowMeta {
+    fn column(&self, i: usize) -> Stamp {
+        self.columns.get(i).copied().unwrap_or_default()
+    }
+
+    fn set_column(&mut self, i: usize, stamp: Stamp) {
+        if self.columns.len() <= i {
+            self.columns.resize(i + 1, Stamp::default());
+        }
+        self.columns[i] = stamp;
+    }
+}
+
+struct Refusal {
+    code: &'static str,
+    reason: String,
+}
+
+fn refuse(code: &'static str, reason: impl Into<String>) -> Refusal {
+    Refusal { code, reason: reason.into() }
+}
+
+impl From<rusqlite::Error> for Refusal {
+    fn from(e: rusqlite::Error) -> Self {
+        let code = match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => "CONSTRAINT",
+            _ => "INVALID",
+        };
+        Refusal { code, reason: e.to_string() }
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).expect("sequence beyond i64")
+}
+
+pub struct ServerCore {
+    conn: Connection,
+    schema: Schema,
+    head: u64,
+    last_seqs: HashMap<u64, u64>,
+}
+
+impl ServerCore {
+    /// Opens the store: creates missing app tables and Hearth's bookkeeping,
+    /// and checks existing tables against the schema.
+    pub fn open(conn: Connection, schema: Schema) -> Result<ServerCore> {
+        conn.execute_batch(INTERNAL_TABLES)?;
+        conn.execute_batch("BEGIN")?;
+        let prepared = (|| -> Result<()> {
+            rows::ensure_tables(&conn, &schema).map_err(ServerError::Schema)?;
+            conn.execute(
+                "INSERT INTO _hearth_meta (key, value) VALUES ('schema', ?1), ('schema_version', ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![schema.source, to_i64(schema.version)],
+            )?;
+            Ok(())
+        })();
+        match prepared {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                conn.execute_batch("ROLLBACK")?;
+                return Err(e);
+            }
+        }
+        let head: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| r.get(0))?;
+        Ok(ServerCore { conn, schema, head: head as u64, last_seqs: HashMap::new() })
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The global sequence number of the newest log entry.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    fn last_seq(&mut self, client_id: u64) -> Result<u64> {
+        if let Some(s) = self.last_seqs.get(&client_id) {
+            return Ok(*s);
+        }
+        let s: Option<i64> = self
+            .conn
+            .query_row("SELECT last_seq FROM _hearth_clients WHERE client_id = ?1", [to_i64(client_id)], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let s = s.unwrap_or(0) as u64;
+        self.last_seqs.insert(client_id, s);
+        Ok(s)
+    }
+
+    /// Applies a batch of mutations (from any devices, in arrival order) in
+    /// one store transaction, each all or nothing.
+    pub fn apply_batch(&mut self, batch: &[(u64, Mutation)]) -> Result<Vec<Outcome>> {
+        let saved_head = self.head;
+        let saved_seqs = self.last_seqs.clone();
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = self.apply_batch_in_transaction(batch);
+        let committed = match result {
+            Ok(outcomes) => self.conn.execute_batch("COMMIT").map(|()| outcomes).map_err(ServerError::from),
+            Err(e) => Err(e),
+        };
+        if committed.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.head = saved_head;
+            self.last_seqs = saved_seqs;
+        }
+        committed
+    }
+
+    fn apply_batch_in_transaction(&mut self, batch: &[(u64, Mutation)]) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (client_id, mutation) in batch {
+            let client_id = *client_id;
+            if mutation.seq <= self.last_seq(client_id)? {
+                let rejection = self
+                    .conn
+                    .query_row(
+                        "SELECT code, reason FROM _hearth_rejections WHERE client_id = ?1 AND client_seq = ?2",
+                        params![to_i64(client_id), to_i64(mutation.seq)],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                outcomes.push(Outcome::Duplicate { client_id, client_seq: mutation.seq, rejection });
+                continue;
+            }
+            self.conn.execute_batch("SAVEPOINT hearth_mutation")?;
+            match self.merge(client_id, mutation) {
+                Ok(changes) => {
+                    self.conn.execute_batch("RELEASE hearth_mutation")?;
+                    let entry = LogEntry {
+                        server_seq: self.head + 1,
+                        client_id,
+                        client_seq: mutation.seq,
+                        hlc: mutation.hlc,
+                        changes,
+                    };
+                    let blob = postcard::to_allocvec(&entry.changes).expect("encode changes");
+                    self.conn
+                        .prepare_cached(
+                            "INSERT INTO _hearth_log (seq, client_id, client_seq, hlc, changes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )?
+                        .execute(params![
+                            to_i64(entry.server_seq),
+                            to_i64(client_id),
+                            to_i64(mutation.seq),
+                            to_i64(mutation.hlc.0),
+                            blob
+                        ])?;
+                    self.head = entry.server_seq;
+                    outcomes.push(Outcome::Applied(entry));
+                }
+                Err(MergeError::Refused(refusal)) => {
+                    self.conn.execute_batch("ROLLBACK TO hearth_mutation; RELEASE hearth_mutation")?;
+                    self.conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO _hearth_rejections (client_id, client_seq, code, reason) VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![to_i64(client_id), to_i64(mutation.seq), refusal.code, refusal.reason])?;
+                    outcomes.push(Outcome::Rejected {
+                        client_id,
+                        client_seq: mutation.seq,
+                        code: refusal.code.to_string(),
+                        reason: refusal.reason,
+                    });
+                }
+                Err(MergeError::Store(e)) => return Err(e),
+            }
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO _hearth_clients (client_id, last_seq) VALUES (?1, ?2)
+                     ON CONFLICT(client_id) DO UPDATE SET last_seq = excluded.last_seq",
+                )?
+                .execute(params![to_i64(client_id), to_i64(mutation.seq)])?;
+            self.last_seqs.insert(client_id, mutation.seq);
+        }
+        Ok(outcomes)
+    }
+
+    fn load_meta(&self, table: &Table, pk: &Value) -> Result<Option<RowMeta>, MergeError> {
+        let blob: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT meta FROM _hearth_rows WHERE tbl = ?1 AND pk = ?2")?
+            .query_row(params![table.name, pk], |r| r.get(0))
+            .optional()?;
+        match blob {
+            Some(b) => postcard::from_bytes(&b)
+                .map(Some)
+                .map_err(|e| MergeError::Store(ServerError::Corrupt(format!("row metadata: {e}")))),
+            // A row written to the table outside Hearth (say with sqlite3)
+            // has no bookkeeping yet: it lives, and any stamp beats it.
+            None if rows::row_exists(&self.conn, table, pk)? => Ok(Some(RowMeta { alive: true, ..Default::default() })),
+            None => Ok(None),
+        }
+    }
+
+    fn store_meta(&self, table: &Table, pk: &Value, meta: &RowMeta) -> Result<(), MergeError> {
+        let blob = postcard::to_allocvec(meta).expect("encode row meta");
+        self.conn
+            .prepare_cached(
+                "INSERT INTO _hearth_rows (tbl, pk, meta) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(tbl, pk) DO UPDATE SET meta = excluded.meta",
+            )?
+            .execute(params![table.name, pk, blob])?;
+        Ok(())
+    }
+
+    /// Merges one mutation; returns its effective changes.
+    fn merge(&self, client_id: u64, mutation: &Mutation) -> Result<Vec<RowChange>, MergeError> {
+        let stamp = Stamp { hlc: mutation.hlc, client_id };
+        let mut effects = Vec::new();
+        for change in &mutation.changes {
+            let table = self
+                .schema
+                .table(&change.table)
+                .ok_or_else(|| refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table)))?;
+            check_pk(table, &change.pk)?;
+            let meta = self.load_meta(table, &change.pk)?;
+            let alive = meta.as_ref().is_some_and(|m| m.alive);
+            match &change.op {
+                RowOp::Upsert { insert, columns } => {
+                    let mut cols = Vec::with_capacity(columns.len());
+                    for (name, op) in columns {
+                        let idx = table.column_index(name).ok_or_else(|| {
+                            refuse("UNKNOWN_COLUMN", format!("unknown column '{name}' in table '{}'", table.name))
+                        })?;
+                        if idx == table.pk {
+                            return Err(refuse("INVALID", format!("column '{name}' is the primary key: it cannot be set")).into());
+                        }
+                        if cols.iter().any(|(i, _, _)| *i == idx) {
+                            return Err(refuse("INVALID", format!("column '{name}' is written twice in one change")).into());
+                        }
+                        let ColumnOp::Set(v) = op;
+                        cols.push((idx, name, v));
+                    }
+                    if !alive {
+                        let deleted_later = meta.as_ref().is_some_and(|m| m.stamp > stamp);
+                        if !*insert || deleted_later {
+                            continue; // A delete wins over this write.
+                        }
+                        let values: Vec<(usize, &Value)> = cols.iter().map(|(i, _, v)| (*i, *v)).collect();
+                        rows::upsert_columns(&self.conn, table, &change.pk, &values)?;
+                        let mut fresh = RowMeta { alive: true, stamp, columns: Vec::new() };
+                        for i in 0..table.columns.len() {
+                            fresh.set_column(i, stamp);
+                        }
+                        self.store_meta(table, &change.pk, &fresh)?;
+                        effects.push(change.clone());
+                    } else {
+                        let mut meta = meta.unwrap_or_default();
+                        let winners: Vec<(usize, &String, &Value)> =
+                            cols.into_iter().filter(|(i, _, _)| stamp > meta.column(*i)).collect();
+                        if *insert && stamp > meta.stamp {
+                            meta.stamp = stamp;
+                        }
+                        if winners.is_empty() {
+                            self.store_meta(table, &change.pk, &meta)?;
+                            continue;
+                        }
+                        let values: Vec<(usize, &Value)> = winners.iter().map(|(i, _, v)| (*i, *v)).collect();
+                        rows::update_columns(&self.conn, table, &change.pk, &values)?;
+                        for (i, _, _) in &winners {
+                            meta.set_column(*i, stamp);
+                        }
+                        self.store_meta(table, &change.pk, &meta)?;
+                        effects.push(RowChange {
+                            table: change.table.clone(),
+                            pk: change.pk.clone(),
+                            op: RowOp::Upsert {
+                                insert: false,
+                                columns: winners
+                                    .into_iter()
+                                    .map(|(_, n, v)| (n.clone(), ColumnOp::Set(v.clone())))
+                                    .collect(),
+                            },
+                        });
+                    }
+                }
+                RowOp::Delete => {
+                    let mut meta = meta.unwrap_or_default();
+                    if alive {
+                        if meta.stamp > stamp {
+                            continue; // The row was re-created later.
+                        }
+                        rows::delete_row(&self.conn, table, &change.pk)?;
+                        meta = RowMeta { alive: false, stamp, columns: Vec::new() };
+                        self.store_meta(table, &change.pk, &meta)?;
+                        effects.push(change.clone());
+                    } else if stamp > meta.stamp {
+                        meta.stamp = stamp;
+                        self.store_meta(table, &change.pk, &meta)?;
+                    }
+                }
+            }
+        }
+        Ok(effects)
+    }
+
+    /// Reads log entries after `after`, at most `limit` of them.
+    pub fn read_log(conn: &Connection, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, client_id, client_seq, hlc, changes FROM _hearth_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(params![to_i64(after), limit as i64])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let blob: Vec<u8> = row.get(4)?;
+            let changes = postcard::from_bytes(&blob)
+                .map_err(|e| ServerError::Corrupt(format!("log entry: {e}")))?;
+            out.push(LogEntry {
+                server_seq: row.get::<_, i64>(0)? as u64,
+                client_id: row.get::<_, i64>(1)? as u64,
+                client_seq: row.get::<_, i64>(2)? as u64,
+                hlc: crate::hlc::Hlc(row.get::<_, i64>(3)? as u64),
+                changes,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn check_pk(table: &Table, pk: &Value) -> Result<(), Refusal> {
+    let declared = table.columns[table.pk].declared_type.to_ascii_uppercase();
+    let ok = match pk {
+        Value::Integer(_) => declared.contains("INT"),
+        Value::Text(_) => !declared.contains("INT"),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(
+            "INVALID",
+            format!("primary key of table '{}' must be {}, got {pk:?}", table.name, table.columns[table.pk].declared_type),
+        ))
+    }
+}
+
+enum MergeError {
+    Refused(Refusal),
+    Store(ServerError),
+}
+
+impl From<Refusal> for MergeError {
+    fn from(r: Refusal) -> Self {
+        MergeError::Refused(r)
+    }
+}
+
+impl From<rusqlite::Error> for MergeError {
+    fn from(e: rusqlite::Error) -> Self {
+        // Constraint failures are the app's data being refused; anything
+        // else (I/O, corruption) is the store failing.
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) | Some(rusqlite::ErrorCode::TypeMismatch) => {
+                MergeError::Refused(Refusal::from(e))
+            }
+            _ => MergeError::Store(ServerError::Sql(e)),
+        }
+    }
+}
