@@ -451,3 +451,15 @@ impl From<rusqlite::Error> for MergeError {
         }
     }
 }
+
+impl ServerCore {
+    /// The answer to a device's `Hello`: the head, and the schema when the
+    /// device does not have this version.
+    pub fn welcome(&self, device_schema_version: Option<u64>) -> crate::protocol::ServerMsg {
+        crate::protocol::ServerMsg::Welcome {
+            server_seq: self.head,
+            schema_version: self.schema.version,
+            schema: (device_schema_version != Some(self.schema.version)).then(|| self.schema.source.clone()),
+        }
+    }
+}
