@@ -15,7 +15,7 @@
 //! When the transaction ends, `exec` turns the notes into one mutation and
 //! writes it to the outbox in the same transaction.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
@@ -175,6 +175,8 @@ pub struct Client {
     cursor: u64,
     next_seq: u64,
     pending: u64,
+    /// How many pending mutations touch each row.
+    pending_rows: HashMap<RowKey, u32>,
     session: Session,
 }
 
@@ -304,11 +306,15 @@ impl Client {
             cursor,
             next_seq,
             pending: pending as u64,
+            pending_rows: HashMap::new(),
             session: Session::Offline,
         };
         if let Some(schema) = schema {
             client.install_capture(&schema)?;
             client.schema = Some(schema);
+        }
+        for (_, mutation, _) in client.load_pending()? {
+            count_rows(&mut client.pending_rows, &mutation);
         }
         Ok(client)
     }
@@ -506,6 +512,7 @@ impl Client {
         // is released right after this returns Ok.
         self.next_seq = seq + 1;
         self.clock = clock;
+        count_rows(&mut self.pending_rows, &mutation);
         Ok((ExecOutcome { mutation: Some(seq), rows_affected }, tables))
     }
 
@@ -844,31 +851,20 @@ impl Client {
     }
 
     fn apply_entries(&mut self, entries: &[LogEntry], out: &mut Output) -> Result<()> {
-        if entries.is_empty() {
+        let fresh: Vec<&LogEntry> = entries.iter().filter(|e| e.server_seq > self.cursor).collect();
+        if fresh.is_empty() {
             return Ok(());
         }
+        let mine: Vec<u64> = fresh.iter().filter(|e| e.client_id == self.client_id).map(|e| e.client_seq).collect();
+        let acked = self.load_pending_subset(&mine)?;
         let saved_cursor = self.cursor;
         let saved_clock = self.clock.clone();
-        let client_id = self.client_id;
         let mut tables = BTreeSet::new();
-        let mut applied = Vec::new();
-        let result = self.rebase(|c| {
-            for entry in entries {
-                if entry.server_seq <= c.cursor {
-                    continue; // Already applied: a duplicate after reconnecting.
-                }
+        let result = self.settle(&acked, fresh.iter().flat_map(|e| e.changes.iter()), |c| {
+            for entry in &fresh {
                 for change in &entry.changes {
                     c.apply_change(change)?;
                     tables.insert(change.table.clone());
-                }
-                if entry.client_id == client_id {
-                    let removed = c
-                        .conn
-                        .prepare_cached("DELETE FROM _hearth_outbox WHERE seq = ?1")?
-                        .execute([to_i64(entry.client_seq)])?;
-                    if removed > 0 {
-                        applied.push((entry.client_seq, entry.server_seq));
-                    }
                 }
                 c.clock.observe(entry.hlc);
                 c.cursor = entry.server_seq;
@@ -880,8 +876,9 @@ impl Client {
             self.clock = saved_clock;
             return Err(e);
         }
-        for (seq, server_seq) in applied {
-            out.events.push(Event::Applied { seq, server_seq });
+        let acked_seqs: HashSet<u64> = acked.iter().map(|(s, _, _)| *s).collect();
+        for entry in fresh.iter().filter(|e| e.client_id == self.client_id && acked_seqs.contains(&e.client_seq)) {
+            out.events.push(Event::Applied { seq: entry.client_seq, server_seq: entry.server_seq });
         }
         if !tables.is_empty() {
             out.events.push(Event::TablesChanged(tables.into_iter().collect()));
@@ -890,22 +887,104 @@ impl Client {
     }
 
     fn apply_rejection(&mut self, seq: u64, code: &str, reason: &str, out: &mut Output) -> Result<()> {
-        let Some(blob): Option<Vec<u8>> = self
-            .conn
-            .query_row("SELECT mutation FROM _hearth_outbox WHERE seq = ?1", [to_i64(seq)], |r| r.get(0))
-            .optional()?
-        else {
+        let rejected = self.load_pending_subset(&[seq])?;
+        let Some((_, mutation, _)) = rejected.first() else {
             return Ok(()); // Already handled before a reconnect.
         };
-        let mutation: Mutation = postcard::from_bytes(&blob)
-            .map_err(|e| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}")))?;
-        self.rebase(|c| {
-            c.conn.execute("DELETE FROM _hearth_outbox WHERE seq = ?1", [to_i64(seq)])?;
-            Ok(())
-        })?;
         let tables: BTreeSet<String> = mutation.changes.iter().map(|c| c.table.clone()).collect();
+        self.settle(&rejected, std::iter::empty(), |_| Ok(()))?;
         out.events.push(Event::Rejected { seq, code: code.to_string(), reason: reason.to_string() });
         out.events.push(Event::TablesChanged(tables.into_iter().collect()));
         Ok(())
     }
+
+    /// The pending mutations with these sequence numbers, in order.
+    fn load_pending_subset(&self, seqs: &[u64]) -> Result<Vec<(u64, Mutation, Vec<Preimage>)>> {
+        let mut out = Vec::new();
+        let mut stmt = self.conn.prepare_cached("SELECT mutation, undo FROM _hearth_outbox WHERE seq = ?1")?;
+        let mut sorted = seqs.to_vec();
+        sorted.sort_unstable();
+        for seq in sorted {
+            let found: Option<(Vec<u8>, Vec<u8>)> =
+                stmt.query_row([to_i64(seq)], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            if let Some((m, u)) = found {
+                let bad = |e: postcard::Error| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"));
+                out.push((seq, postcard::from_bytes(&m).map_err(bad)?, postcard::from_bytes(&u).map_err(bad)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes `done` (acked or refused) from the pending mutations and runs
+    /// `apply` (server changes touching `incoming`) on the confirmed state.
+    ///
+    /// When no mutation that stays pending touches a row that `done` or the
+    /// incoming changes touch, undoing just `done` is enough: the rows the
+    /// remaining mutations touch are not involved. That is the common case
+    /// (acks of a device's own writes) and costs O(changes). Otherwise every
+    /// pending mutation is undone and redone (a full rebase).
+    fn settle<'a>(
+        &mut self,
+        done: &[(u64, Mutation, Vec<Preimage>)],
+        incoming: impl Iterator<Item = &'a RowChange>,
+        apply: impl FnOnce(&mut Client) -> Result<()>,
+    ) -> Result<()> {
+        let mut remaining = self.pending_rows.clone();
+        for (_, m, _) in done {
+            for c in &m.changes {
+                let key = row_key(&c.table, &c.pk);
+                if let Some(n) = remaining.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        remaining.remove(&key);
+                    }
+                }
+            }
+        }
+        let touches = |c: &RowChange| remaining.contains_key(&row_key(&c.table, &c.pk));
+        let overlaps =
+            done.iter().flat_map(|(_, m, _)| m.changes.iter()).any(touches) || incoming.into_iter().any(touches);
+        let remove = |c: &mut Client| -> Result<()> {
+            let mut stmt = c.conn.prepare_cached("DELETE FROM _hearth_outbox WHERE seq = ?1")?;
+            for (seq, _, _) in done {
+                stmt.execute([to_i64(*seq)])?;
+            }
+            Ok(())
+        };
+        if overlaps {
+            self.rebase(|c| {
+                remove(c)?;
+                apply(c)
+            })?;
+        } else {
+            self.atomically(|c| {
+                for (_, _, undo) in done.iter().rev() {
+                    c.apply_undo(undo)?;
+                }
+                remove(c)?;
+                apply(c)?;
+                c.clear_capture()?;
+                meta_set(&c.conn, "cursor", to_i64(c.cursor))?;
+                meta_set(&c.conn, "hlc", to_i64(c.clock.last().0))?;
+                Ok(())
+            })?;
+            self.pending -= done.len() as u64;
+        }
+        self.pending_rows = remaining;
+        Ok(())
+    }
 }
+
+/// A row's identity for overlap checks: table and encoded primary key.
+type RowKey = (String, Vec<u8>);
+
+fn row_key(table: &str, pk: &Value) -> RowKey {
+    (table.to_string(), postcard::to_allocvec(pk).expect("encode key"))
+}
+
+fn count_rows(rows: &mut HashMap<RowKey, u32>, mutation: &Mutation) {
+    for c in &mutation.changes {
+        *rows.entry(row_key(&c.table, &c.pk)).or_insert(0) += 1;
+    }
+}
+

@@ -456,10 +456,38 @@ impl ServerCore {
     /// The answer to a device's `Hello`: the head, and the schema when the
     /// device does not have this version.
     pub fn welcome(&self, device_schema_version: Option<u64>) -> crate::protocol::ServerMsg {
-        crate::protocol::ServerMsg::Welcome {
-            server_seq: self.head,
-            schema_version: self.schema.version,
-            schema: (device_schema_version != Some(self.schema.version)).then(|| self.schema.source.clone()),
+        welcome(&self.schema, self.head, device_schema_version)
+    }
+}
+
+impl ServerCore {
+    /// Like [`ServerCore::read_log`], but also stops once the entries read
+    /// hold about `bytes_max` bytes of changes, so a catch-up batch fits in
+    /// one frame. Always returns at least one entry when there is one.
+    pub fn read_log_bounded(conn: &Connection, after: u64, limit: usize, bytes_max: usize) -> Result<Vec<LogEntry>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, length(changes) FROM _hearth_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(params![to_i64(after), limit as i64])?;
+        let mut count = 0;
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next()? {
+            let len: i64 = row.get(1)?;
+            if count > 0 && bytes + len as usize > bytes_max {
+                break;
+            }
+            bytes += len as usize;
+            count += 1;
         }
+        Self::read_log(conn, after, count)
+    }
+}
+
+/// The answer to a device's `Hello` for a server at `head` with `schema`.
+pub fn welcome(schema: &Schema, head: u64, device_schema_version: Option<u64>) -> crate::protocol::ServerMsg {
+    crate::protocol::ServerMsg::Welcome {
+        server_seq: head,
+        schema_version: schema.version,
+        schema: (device_schema_version != Some(schema.version)).then(|| schema.source.clone()),
     }
 }
