@@ -1,0 +1,47 @@
+// Hearth's drop-in loader: `<script src="https://HOST/hearth.js"></script>` defines
+// `window.Hearth`. It is a classic script (not a module) so that one plain tag is all a
+// page needs; the heavy parts (the page wasm and its glue) load on the first `open`.
+//
+// Everything else is resolved relative to this script's own URL, so the files can be
+// served under any path prefix. The SharedWorker script must be same-origin with the
+// page (a browser rule), so the page and hearth.js come from the same server.
+(function () {
+  "use strict";
+
+  const script = document.currentScript;
+  const base = new URL(".", script && script.src ? script.src : location.href);
+
+  let pageModule = null;
+
+  // Loads and initialises the page wasm once per page, however many databases it opens.
+  function loadPage() {
+    if (!pageModule) {
+      pageModule = import(new URL("pkg/hearth_page.js", base).href).then(async (module) => {
+        await module.default({ module_or_path: new URL("pkg/hearth_page_bg.wasm", base) });
+        return module;
+      });
+      // A failed load may be a passing network error: let the next open() try again.
+      pageModule.catch(() => {
+        pageModule = null;
+      });
+    }
+    return pageModule;
+  }
+
+  // The sync endpoint: the page's own origin at /sync, over wss when the page is https.
+  function defaultServer() {
+    const url = new URL("/sync", location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    return url.href;
+  }
+
+  // Opens (or joins, if another tab already did) the database `name` on this device.
+  // Resolves to a handle with exec(sql, params) and query(sql, params).
+  async function open(options) {
+    const { server = defaultServer(), name = "default" } = options || {};
+    const page = await loadPage();
+    return page.open(new URL("hearth-worker.js", base).href, String(name), String(server));
+  }
+
+  window.Hearth = Object.freeze({ open });
+})();
