@@ -209,6 +209,13 @@ fn shadow_table(n: usize) -> String {
 }
 
 /// Temp capture tables and triggers for one synced table.
+///
+/// The first pre-image of a row is kept with `INSERT ... WHERE NOT EXISTS`,
+/// not `INSERT OR IGNORE`: SQLite lets the conflict policy of the statement
+/// that fired a trigger override the trigger's own, so under an app's
+/// `INSERT OR REPLACE` the shadow row would be replaced by a later image, and
+/// under an upsert (`ON CONFLICT DO UPDATE`, also used by rebase) the shadow
+/// insert would fail with a UNIQUE error.
 fn capture_sql(n: usize, table: &Table) -> String {
     let t = ident(&table.name);
     let pk = ident(table.pk_name());
@@ -236,7 +243,7 @@ CREATE TEMP TRIGGER _hearth_ins_{n} AFTER INSERT ON main.{t} BEGIN
 END;
 CREATE TEMP TRIGGER _hearth_upd_{n} AFTER UPDATE ON main.{t} BEGIN
   {guard_new}
-  INSERT OR IGNORE INTO {shadow} VALUES ({old_values});
+  INSERT INTO {shadow} SELECT {old_values} WHERE NOT EXISTS (SELECT 1 FROM {shadow} WHERE {pk} IS OLD.{pk});
   INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed)
     SELECT {n}, OLD.{pk}, 0, 0, 1 WHERE OLD.{pk} IS NOT NEW.{pk}
     ON CONFLICT (tbl, pk) DO NOTHING;
@@ -249,7 +256,7 @@ CREATE TEMP TRIGGER _hearth_upd_{n} AFTER UPDATE ON main.{t} BEGIN
     ON CONFLICT (tbl, pk) DO UPDATE SET mask = mask | excluded.mask, inserted = inserted | excluded.inserted;
 END;
 CREATE TEMP TRIGGER _hearth_del_{n} AFTER DELETE ON main.{t} BEGIN
-  INSERT OR IGNORE INTO {shadow} VALUES ({old_values});
+  INSERT INTO {shadow} SELECT {old_values} WHERE NOT EXISTS (SELECT 1 FROM {shadow} WHERE {pk} IS OLD.{pk});
   INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed) VALUES ({n}, OLD.{pk}, 0, 0, 1)
     ON CONFLICT (tbl, pk) DO NOTHING;
 END;",
@@ -779,11 +786,18 @@ impl Client {
     }
 
     fn apply_undo(&self, undo: &[Preimage]) -> Result<()> {
-        for pre in undo.iter().rev() {
-            let table = self.table(&pre.table)?;
-            match &pre.row {
-                None => rows::delete_row(&self.conn, table, &pre.pk)?,
-                Some(values) => rows::restore_row(&self.conn, table, values)?,
+        // Remove every row the mutation touched, then put the pre-images
+        // back. Restoring row by row in place can clash on a UNIQUE value
+        // that another touched row still holds (say an INSERT OR REPLACE
+        // that displaced a row); the pre-images plus the untouched rows are
+        // the state before the mutation, which SQLite accepted, so no subset
+        // of it can clash.
+        for pre in undo {
+            rows::delete_row(&self.conn, self.table(&pre.table)?, &pre.pk)?;
+        }
+        for pre in undo {
+            if let Some(values) = &pre.row {
+                rows::restore_row(&self.conn, self.table(&pre.table)?, values)?;
             }
         }
         Ok(())

@@ -18,7 +18,7 @@
 //!   stamp; an insert creates the row unless a later delete is recorded, and
 //!   merges into the row column by column when it exists.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
@@ -301,12 +301,28 @@ impl ServerCore {
     fn merge(&self, client_id: u64, mutation: &Mutation) -> Result<Vec<RowChange>, MergeError> {
         let stamp = Stamp { hlc: mutation.hlc, client_id };
         let mut effects = Vec::new();
+        // A device's capture yields one change per row; a mutation naming a
+        // row twice is malformed, and merging it would silently drop the
+        // second write (it carries the same stamp, which does not win).
+        let mut rows_seen: HashSet<(&str, Result<i64, &str>)> = HashSet::new();
         for change in &mutation.changes {
             let table = self
                 .schema
                 .table(&change.table)
                 .ok_or_else(|| refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table)))?;
             check_pk(table, &change.pk)?;
+            let row_key = match &change.pk {
+                Value::Integer(i) => Ok(*i),
+                Value::Text(s) => Err(s.as_str()),
+                other => unreachable!("check_pk admits only integer and text keys, not {other:?}"),
+            };
+            if !rows_seen.insert((table.name.as_str(), row_key)) {
+                return Err(refuse(
+                    "INVALID",
+                    format!("row {:?} of table '{}' is written twice in one mutation", change.pk, table.name),
+                )
+                .into());
+            }
             let meta = self.load_meta(table, &change.pk)?;
             let alive = meta.as_ref().is_some_and(|m| m.alive);
             match &change.op {
