@@ -22,7 +22,10 @@ pub enum ColumnOp {
 pub enum RowOp {
     /// Columns written. `insert` is true when the row was created by this
     /// change, in which case every column is present.
-    Upsert { insert: bool, columns: Vec<(String, ColumnOp)> },
+    Upsert {
+        insert: bool,
+        columns: Vec<(String, ColumnOp)>,
+    },
     /// The row was deleted.
     Delete,
 }

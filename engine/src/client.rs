@@ -18,8 +18,8 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use fallible_iterator::FallibleIterator;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +44,9 @@ pub enum ClientError {
     Refused(String),
     #[error("the outbox is full ({max} pending mutations): sync before writing more")]
     OutboxFull { max: usize },
-    #[error("the transaction's changes take {size} bytes, over the limit of {max} bytes: split it")]
+    #[error(
+        "the transaction's changes take {size} bytes, over the limit of {max} bytes: split it"
+    )]
     MutationTooLarge { size: usize, max: usize },
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -100,7 +102,11 @@ pub enum Event {
     /// The server applied this pending mutation as `server_seq`.
     Applied { seq: u64, server_seq: u64 },
     /// The server refused this mutation; its effects were undone.
-    Rejected { seq: u64, code: String, reason: String },
+    Rejected {
+        seq: u64,
+        code: String,
+        reason: String,
+    },
     /// The schema arrived from the server and its tables exist now.
     SchemaInstalled { version: u64 },
     /// Everything the server had when it answered has been applied.
@@ -133,7 +139,12 @@ impl QueryResult {
         self.rows
             .iter()
             .map(|row| {
-                let map = self.columns.iter().cloned().zip(row.iter().map(Value::to_json)).collect();
+                let map = self
+                    .columns
+                    .iter()
+                    .cloned()
+                    .zip(row.iter().map(Value::to_json))
+                    .collect();
                 serde_json::Value::Object(map)
             })
             .collect()
@@ -177,6 +188,10 @@ pub struct Client {
     pending: u64,
     /// How many pending mutations touch each row.
     pending_rows: HashMap<RowKey, u32>,
+    /// Synced tables where one row's values can clash with another's (a
+    /// UNIQUE index besides the primary key, or app triggers): acks touching
+    /// them always take the full rebase, see [`Client::settle`].
+    cross_row_tables: HashSet<String>,
     session: Session,
 }
 
@@ -189,9 +204,16 @@ CREATE TABLE IF NOT EXISTS _hearth_outbox (
   undo     BLOB NOT NULL
 );";
 
-fn meta_get<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> rusqlite::Result<Option<T>> {
-    conn.query_row("SELECT value FROM _hearth_meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()
+fn meta_get<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    key: &str,
+) -> rusqlite::Result<Option<T>> {
+    conn.query_row(
+        "SELECT value FROM _hearth_meta WHERE key = ?1",
+        [key],
+        |r| r.get(0),
+    )
+    .optional()
 }
 
 fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
@@ -299,7 +321,8 @@ impl Client {
         let cursor = meta_get::<i64>(&conn, "cursor")?.unwrap_or(0) as u64;
         let next_seq = meta_get::<i64>(&conn, "next_seq")?.unwrap_or(1) as u64;
         let hlc = meta_get::<i64>(&conn, "hlc")?.unwrap_or(0) as u64;
-        let pending: i64 = conn.query_row("SELECT count(*) FROM _hearth_outbox", [], |r| r.get(0))?;
+        let pending: i64 =
+            conn.query_row("SELECT count(*) FROM _hearth_outbox", [], |r| r.get(0))?;
         let schema = match meta_get::<String>(&conn, "schema")? {
             Some(src) => Some(Schema::parse(&src)?),
             None => None,
@@ -314,6 +337,7 @@ impl Client {
             next_seq,
             pending: pending as u64,
             pending_rows: HashMap::new(),
+            cross_row_tables: HashSet::new(),
             session: Session::Offline,
         };
         if let Some(schema) = schema {
@@ -342,7 +366,13 @@ impl Client {
         Status {
             client_id: self.client_id,
             connected: matches!(self.session, Session::Ready { .. }),
-            caught_up: matches!(self.session, Session::Ready { caught_up: true, .. }),
+            caught_up: matches!(
+                self.session,
+                Session::Ready {
+                    caught_up: true,
+                    ..
+                }
+            ),
             pending: self.pending,
             server_seq: self.cursor,
             schema_version: self.schema.as_ref().map(|s| s.version),
@@ -351,17 +381,37 @@ impl Client {
 
     /// Sequence numbers of the mutations still waiting for the server.
     pub fn pending_seqs(&self) -> Result<Vec<u64>> {
-        let mut stmt = self.conn.prepare("SELECT seq FROM _hearth_outbox ORDER BY seq")?;
-        let seqs = stmt.query_map([], |r| r.get::<_, i64>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq FROM _hearth_outbox ORDER BY seq")?;
+        let seqs = stmt
+            .query_map([], |r| r.get::<_, i64>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(seqs.into_iter().map(|s| s as u64).collect())
     }
 
-    fn install_capture(&self, schema: &Schema) -> Result<()> {
+    fn install_capture(&mut self, schema: &Schema) -> Result<()> {
         let mut sql = String::from(CAPTURE_TABLE);
         for (n, table) in schema.numbered() {
             sql.push_str(&capture_sql(n, table));
         }
         self.conn.execute_batch(&sql)?;
+        self.cross_row_tables.clear();
+        for table in schema.tables.values() {
+            let unique_index: bool = self.conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_index_list(?1) WHERE \"unique\" AND origin <> 'pk')",
+                [&table.name],
+                |r| r.get(0),
+            )?;
+            let app_trigger: bool = self.conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM main.sqlite_schema WHERE type = 'trigger' AND tbl_name = ?1)",
+                [&table.name],
+                |r| r.get(0),
+            )?;
+            if unique_index || app_trigger {
+                self.cross_row_tables.insert(table.name.clone());
+            }
+        }
         Ok(())
     }
 
@@ -369,7 +419,8 @@ impl Client {
         self.conn.execute("DELETE FROM temp._hearth_capture", [])?;
         if let Some(schema) = &self.schema {
             for (n, _) in schema.numbered() {
-                self.conn.execute(&format!("DELETE FROM {}", shadow_table(n)), [])?;
+                self.conn
+                    .execute(&format!("DELETE FROM {}", shadow_table(n)), [])?;
             }
         }
         Ok(())
@@ -377,12 +428,20 @@ impl Client {
 
     /// Runs app SQL as one local transaction. Changes to synced tables become
     /// one pending mutation, written to the outbox in the same transaction.
-    pub fn exec(&mut self, sql: &str, params: &[Value], now_ms: u64) -> Result<(ExecOutcome, Output)> {
+    pub fn exec(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+        now_ms: u64,
+    ) -> Result<(ExecOutcome, Output)> {
         let schema = self.schema.clone().ok_or(ClientError::NoSchema)?;
         if self.pending as usize >= self.config.outbox_max {
-            return Err(ClientError::OutboxFull { max: self.config.outbox_max });
+            return Err(ClientError::OutboxFull {
+                max: self.config.outbox_max,
+            });
         }
-        let (outcome, tables) = self.atomically(|c| c.exec_in_transaction(&schema, sql, params, now_ms))?;
+        let (outcome, tables) =
+            self.atomically(|c| c.exec_in_transaction(&schema, sql, params, now_ms))?;
         let mut out = Output::default();
         if outcome.mutation.is_some() {
             self.pending += 1;
@@ -405,7 +464,9 @@ impl Client {
                 }
             },
             Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK TO hearth; RELEASE hearth");
+                let _ = self
+                    .conn
+                    .execute_batch("ROLLBACK TO hearth; RELEASE hearth");
                 Err(e)
             }
         }
@@ -416,30 +477,35 @@ impl Client {
     fn run_app_sql(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
         let refusal = Arc::new(Mutex::new(Refusal::default()));
         let seen = refusal.clone();
-        self.conn.authorizer(Some(move |ctx: AuthContext<'_>| -> Authorization {
-            let why = match ctx.action {
-                AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => {
-                    Some("transaction control is Hearth's: one exec is one transaction".to_string())
+        self.conn
+            .authorizer(Some(move |ctx: AuthContext<'_>| -> Authorization {
+                let why = match ctx.action {
+                    AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => Some(
+                        "transaction control is Hearth's: one exec is one transaction".to_string(),
+                    ),
+                    AuthAction::Insert { table_name }
+                    | AuthAction::Update { table_name, .. }
+                    | AuthAction::Delete { table_name }
+                        if table_name.starts_with("_hearth")
+                            && ctx.database_name != Some("temp") =>
+                    {
+                        Some(format!(
+                            "table {table_name} is Hearth's own and cannot be written"
+                        ))
+                    }
+                    _ => None,
+                };
+                match why {
+                    Some(why) => {
+                        seen.lock().unwrap().0 = Some(why);
+                        Authorization::Deny
+                    }
+                    None => Authorization::Allow,
                 }
-                AuthAction::Insert { table_name }
-                | AuthAction::Update { table_name, .. }
-                | AuthAction::Delete { table_name }
-                    if table_name.starts_with("_hearth") && ctx.database_name != Some("temp") =>
-                {
-                    Some(format!("table {table_name} is Hearth's own and cannot be written"))
-                }
-                _ => None,
-            };
-            match why {
-                Some(why) => {
-                    seen.lock().unwrap().0 = Some(why);
-                    Authorization::Deny
-                }
-                None => Authorization::Allow,
-            }
-        }))?;
+            }))?;
         let result = self.run_statements(sql, params);
-        self.conn.authorizer(None::<fn(AuthContext<'_>) -> Authorization>)?;
+        self.conn
+            .authorizer(None::<fn(AuthContext<'_>) -> Authorization>)?;
         let refused = refusal.lock().unwrap().0.take();
         result.map_err(|e| match refused {
             Some(why) => ClientError::Refused(why),
@@ -499,7 +565,13 @@ impl Client {
         let rows_affected = self.run_app_sql(sql, params)?;
         let (changes, undo, tables) = self.collect_capture(schema)?;
         if changes.is_empty() {
-            return Ok((ExecOutcome { mutation: None, rows_affected }, Vec::new()));
+            return Ok((
+                ExecOutcome {
+                    mutation: None,
+                    rows_affected,
+                },
+                Vec::new(),
+            ));
         }
         let seq = self.next_seq;
         let mut clock = self.clock.clone();
@@ -507,11 +579,16 @@ impl Client {
         let mutation = Mutation { seq, hlc, changes };
         let blob = postcard::to_allocvec(&mutation).expect("encode mutation");
         if blob.len() > self.config.mutation_bytes_max {
-            return Err(ClientError::MutationTooLarge { size: blob.len(), max: self.config.mutation_bytes_max });
+            return Err(ClientError::MutationTooLarge {
+                size: blob.len(),
+                max: self.config.mutation_bytes_max,
+            });
         }
         let undo_blob = postcard::to_allocvec(&undo).expect("encode undo");
         self.conn
-            .prepare_cached("INSERT INTO _hearth_outbox (seq, hlc, mutation, undo) VALUES (?1, ?2, ?3, ?4)")?
+            .prepare_cached(
+                "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo) VALUES (?1, ?2, ?3, ?4)",
+            )?
             .execute(params![to_i64(seq), to_i64(hlc.0), blob, undo_blob])?;
         meta_set(&self.conn, "next_seq", to_i64(seq + 1))?;
         meta_set(&self.conn, "hlc", to_i64(hlc.0))?;
@@ -520,19 +597,36 @@ impl Client {
         self.next_seq = seq + 1;
         self.clock = clock;
         count_rows(&mut self.pending_rows, &mutation);
-        Ok((ExecOutcome { mutation: Some(seq), rows_affected }, tables))
+        Ok((
+            ExecOutcome {
+                mutation: Some(seq),
+                rows_affected,
+            },
+            tables,
+        ))
     }
 
     /// Turns the capture notes of the current transaction into row changes
     /// and pre-images, and clears the notes.
-    fn collect_capture(&self, schema: &Schema) -> Result<(Vec<RowChange>, Vec<Preimage>, Vec<String>)> {
+    fn collect_capture(
+        &self,
+        schema: &Schema,
+    ) -> Result<(Vec<RowChange>, Vec<Preimage>, Vec<String>)> {
         let mut changes = Vec::new();
         let mut undo = Vec::new();
         let mut tables = Vec::new();
         for (n, table) in schema.numbered() {
             let width = table.columns.len();
-            let cur: Vec<String> = table.columns.iter().map(|c| format!("t.{}", ident(&c.name))).collect();
-            let old: Vec<String> = table.columns.iter().map(|c| format!("o.{}", ident(&c.name))).collect();
+            let cur: Vec<String> = table
+                .columns
+                .iter()
+                .map(|c| format!("t.{}", ident(&c.name)))
+                .collect();
+            let old: Vec<String> = table
+                .columns
+                .iter()
+                .map(|c| format!("o.{}", ident(&c.name)))
+                .collect();
             let pk = ident(table.pk_name());
             let sql = format!(
                 "SELECT c.pk, c.mask, c.inserted, c.existed, t.{pk} IS NOT NULL, {}, {}
@@ -554,8 +648,12 @@ impl Client {
                 let inserted: bool = row.get(2)?;
                 let existed: bool = row.get(3)?;
                 let exists: bool = row.get(4)?;
-                let current: Vec<Value> = (0..width).map(|i| row.get(5 + i)).collect::<Result<_, _>>()?;
-                let previous: Vec<Value> = (0..width).map(|i| row.get(5 + width + i)).collect::<Result<_, _>>()?;
+                let current: Vec<Value> = (0..width)
+                    .map(|i| row.get(5 + i))
+                    .collect::<Result<_, _>>()?;
+                let previous: Vec<Value> = (0..width)
+                    .map(|i| row.get(5 + width + i))
+                    .collect::<Result<_, _>>()?;
                 let pre = existed.then(|| previous.clone());
                 let op = if !exists {
                     if !existed {
@@ -565,21 +663,47 @@ impl Client {
                 } else if inserted || !existed {
                     let columns = (0..width)
                         .filter(|i| *i != table.pk)
-                        .map(|i| (table.columns[i].name.clone(), ColumnOp::Set(current[i].clone())))
+                        .map(|i| {
+                            (
+                                table.columns[i].name.clone(),
+                                ColumnOp::Set(current[i].clone()),
+                            )
+                        })
                         .collect();
-                    RowOp::Upsert { insert: true, columns }
+                    RowOp::Upsert {
+                        insert: true,
+                        columns,
+                    }
                 } else {
                     let columns: Vec<(String, ColumnOp)> = (0..width)
-                        .filter(|i| *i != table.pk && mask & (1 << i) != 0 && current[*i] != previous[*i])
-                        .map(|i| (table.columns[i].name.clone(), ColumnOp::Set(current[i].clone())))
+                        .filter(|i| {
+                            *i != table.pk && mask & (1 << i) != 0 && current[*i] != previous[*i]
+                        })
+                        .map(|i| {
+                            (
+                                table.columns[i].name.clone(),
+                                ColumnOp::Set(current[i].clone()),
+                            )
+                        })
                         .collect();
                     if columns.is_empty() {
                         continue; // Written back to the values it had.
                     }
-                    RowOp::Upsert { insert: false, columns }
+                    RowOp::Upsert {
+                        insert: false,
+                        columns,
+                    }
                 };
-                undo.push(Preimage { table: table.name.clone(), pk: pk.clone(), row: pre });
-                changes.push(RowChange { table: table.name.clone(), pk, op });
+                undo.push(Preimage {
+                    table: table.name.clone(),
+                    pk: pk.clone(),
+                    row: pre,
+                });
+                changes.push(RowChange {
+                    table: table.name.clone(),
+                    pk,
+                    op,
+                });
             }
             if changes.len() > before {
                 tables.push(table.name.clone());
@@ -593,7 +717,9 @@ impl Client {
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
         let mut stmt = self.conn.prepare(sql)?;
         if !stmt.readonly() {
-            return Err(ClientError::Refused("query only reads: use exec to write".into()));
+            return Err(ClientError::Refused(
+                "query only reads: use exec to write".into(),
+            ));
         }
         if stmt.parameter_count() != params.len() {
             return Err(ClientError::Refused(format!(
@@ -602,12 +728,16 @@ impl Client {
                 params.len()
             )));
         }
-        let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+        let columns: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
         let width = columns.len();
         let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
-            out.push((0..width).map(|i| row.get::<_, Value>(i)).collect::<Result<Vec<_>, _>>()?);
+            out.push(
+                (0..width)
+                    .map(|i| row.get::<_, Value>(i))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
         }
         Ok(QueryResult { columns, rows: out })
     }
@@ -623,7 +753,8 @@ impl Client {
             Authorization::Allow
         }))?;
         let prepared = self.conn.prepare(sql).map(|_| ());
-        self.conn.authorizer(None::<fn(AuthContext<'_>) -> Authorization>)?;
+        self.conn
+            .authorizer(None::<fn(AuthContext<'_>) -> Authorization>)?;
         prepared?;
         let tables = read.lock().unwrap().iter().cloned().collect();
         Ok(tables)
@@ -647,7 +778,11 @@ impl Client {
     /// Pending mutations not yet sent on this connection, in order, within
     /// the in-flight window.
     pub fn poll_send(&mut self) -> Result<Vec<ClientMsg>> {
-        let Session::Ready { sent_upto, caught_up } = self.session else {
+        let Session::Ready {
+            sent_upto,
+            caught_up,
+        } = self.session
+        else {
             return Ok(Vec::new());
         };
         let in_flight: i64 = self.conn.query_row(
@@ -659,9 +794,9 @@ impl Client {
         if room == 0 {
             return Ok(Vec::new());
         }
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, mutation FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, mutation FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
         let mut rows = stmt.query(params![to_i64(sent_upto), room as i64])?;
         let mut frames = Vec::new();
         let mut batch = Vec::new();
@@ -670,10 +805,13 @@ impl Client {
         while let Some(row) = rows.next()? {
             let seq: i64 = row.get(0)?;
             let blob: Vec<u8> = row.get(1)?;
-            let mutation: Mutation = postcard::from_bytes(&blob)
-                .map_err(|e| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}")))?;
+            let mutation: Mutation = postcard::from_bytes(&blob).map_err(|e| {
+                ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
+            })?;
             if !batch.is_empty() && batch_bytes + blob.len() > self.config.push_bytes_max {
-                frames.push(ClientMsg::Push { mutations: std::mem::take(&mut batch) });
+                frames.push(ClientMsg::Push {
+                    mutations: std::mem::take(&mut batch),
+                });
                 batch_bytes = 0;
             }
             batch_bytes += blob.len();
@@ -683,7 +821,10 @@ impl Client {
         if !batch.is_empty() {
             frames.push(ClientMsg::Push { mutations: batch });
         }
-        self.session = Session::Ready { sent_upto: last, caught_up };
+        self.session = Session::Ready {
+            sent_upto: last,
+            caught_up,
+        };
         Ok(frames)
     }
 
@@ -691,9 +832,15 @@ impl Client {
     pub fn handle(&mut self, msg: ServerMsg, _now_ms: u64) -> Result<Output> {
         let mut out = Output::default();
         match msg {
-            ServerMsg::Welcome { server_seq, schema_version, schema } => {
+            ServerMsg::Welcome {
+                server_seq,
+                schema_version,
+                schema,
+            } => {
                 if self.session != Session::AwaitingWelcome {
-                    return Err(ClientError::Protocol("Welcome outside the handshake".into()));
+                    return Err(ClientError::Protocol(
+                        "Welcome outside the handshake".into(),
+                    ));
                 }
                 if self.cursor > server_seq {
                     return Err(ClientError::SchemaMismatch(format!(
@@ -706,19 +853,28 @@ impl Client {
                     Some(source) => {
                         let schema = Schema::parse(&source)?;
                         if schema.version != schema_version {
-                            return Err(ClientError::Protocol("Welcome's schema version disagrees with its schema".into()));
+                            return Err(ClientError::Protocol(
+                                "Welcome's schema version disagrees with its schema".into(),
+                            ));
                         }
                         if self.schema.as_ref() != Some(&schema) {
                             self.install_schema(schema)?;
-                            out.events.push(Event::SchemaInstalled { version: schema_version });
+                            out.events.push(Event::SchemaInstalled {
+                                version: schema_version,
+                            });
                         }
                     }
                     None if self.schema.is_none() => {
-                        return Err(ClientError::Protocol("server sent no schema to a device without one".into()));
+                        return Err(ClientError::Protocol(
+                            "server sent no schema to a device without one".into(),
+                        ));
                     }
                     None => {}
                 }
-                self.session = Session::Ready { sent_upto: 0, caught_up: false };
+                self.session = Session::Ready {
+                    sent_upto: 0,
+                    caught_up: false,
+                };
             }
             ServerMsg::Changes { entries, caught_up } => {
                 let Session::Ready { sent_upto, .. } = self.session else {
@@ -726,15 +882,26 @@ impl Client {
                 };
                 self.apply_entries(&entries, &mut out)?;
                 let caught_up_now = caught_up;
-                self.session = Session::Ready { sent_upto, caught_up: caught_up_now };
+                self.session = Session::Ready {
+                    sent_upto,
+                    caught_up: caught_up_now,
+                };
                 if caught_up {
-                    out.events.push(Event::CaughtUp { server_seq: self.cursor });
+                    out.events.push(Event::CaughtUp {
+                        server_seq: self.cursor,
+                    });
                 }
             }
-            ServerMsg::Rejected { client_seq, code, reason } => {
+            ServerMsg::Rejected {
+                client_seq,
+                code,
+                reason,
+            } => {
                 self.apply_rejection(client_seq, &code, &reason, &mut out)?;
             }
-            ServerMsg::Error { code, message } => return Err(ClientError::Server { code, message }),
+            ServerMsg::Error { code, message } => {
+                return Err(ClientError::Server { code, message })
+            }
         }
         out.send = self.poll_send()?;
         Ok(out)
@@ -757,9 +924,9 @@ impl Client {
     }
 
     fn table(&self, name: &str) -> Result<&Table> {
-        self.schema_ref()?
-            .table(name)
-            .ok_or_else(|| ClientError::SchemaMismatch(format!("server sent a change to unknown table '{name}'")))
+        self.schema_ref()?.table(name).ok_or_else(|| {
+            ClientError::SchemaMismatch(format!("server sent a change to unknown table '{name}'"))
+        })
     }
 
     fn apply_change(&self, change: &RowChange) -> Result<()> {
@@ -770,7 +937,10 @@ impl Client {
                 let mut cols = Vec::with_capacity(columns.len());
                 for (name, op) in columns {
                     let idx = table.column_index(name).ok_or_else(|| {
-                        ClientError::SchemaMismatch(format!("unknown column '{name}' in table '{}'", table.name))
+                        ClientError::SchemaMismatch(format!(
+                            "unknown column '{name}' in table '{}'",
+                            table.name
+                        ))
                     })?;
                     let ColumnOp::Set(v) = op;
                     cols.push((idx, v));
@@ -804,15 +974,23 @@ impl Client {
     }
 
     fn load_pending(&self) -> Result<Vec<(u64, Mutation, Vec<Preimage>)>> {
-        let mut stmt = self.conn.prepare_cached("SELECT seq, mutation, undo FROM _hearth_outbox ORDER BY seq")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, mutation, undo FROM _hearth_outbox ORDER BY seq")?;
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             let seq: i64 = row.get(0)?;
             let m: Vec<u8> = row.get(1)?;
             let u: Vec<u8> = row.get(2)?;
-            let bad = |e: postcard::Error| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"));
-            out.push((seq as u64, postcard::from_bytes(&m).map_err(bad)?, postcard::from_bytes(&u).map_err(bad)?));
+            let bad = |e: postcard::Error| {
+                ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
+            };
+            out.push((
+                seq as u64,
+                postcard::from_bytes(&m).map_err(bad)?,
+                postcard::from_bytes(&u).map_err(bad)?,
+            ));
         }
         Ok(out)
     }
@@ -825,7 +1003,10 @@ impl Client {
         Ok(())
     }
 
-    fn rebase_in_transaction(&mut self, between: impl FnOnce(&mut Client) -> Result<()>) -> Result<u64> {
+    fn rebase_in_transaction(
+        &mut self,
+        between: impl FnOnce(&mut Client) -> Result<()>,
+    ) -> Result<u64> {
         let pending = self.load_pending()?;
         for (_, _, undo) in pending.iter().rev() {
             self.apply_undo(undo)?;
@@ -846,10 +1027,15 @@ impl Client {
             // UNIQUE clash with a row another device made) is left out of the
             // local view; the server will refuse or apply it and say so.
             self.conn.execute_batch("SAVEPOINT hearth_redo")?;
-            match mutation.changes.iter().try_for_each(|c| self.apply_change(c)) {
+            match mutation
+                .changes
+                .iter()
+                .try_for_each(|c| self.apply_change(c))
+            {
                 Ok(()) => self.conn.execute_batch("RELEASE hearth_redo")?,
                 Err(_) => {
-                    self.conn.execute_batch("ROLLBACK TO hearth_redo; RELEASE hearth_redo")?;
+                    self.conn
+                        .execute_batch("ROLLBACK TO hearth_redo; RELEASE hearth_redo")?;
                     undo.clear();
                 }
             }
@@ -865,11 +1051,18 @@ impl Client {
     }
 
     fn apply_entries(&mut self, entries: &[LogEntry], out: &mut Output) -> Result<()> {
-        let fresh: Vec<&LogEntry> = entries.iter().filter(|e| e.server_seq > self.cursor).collect();
+        let fresh: Vec<&LogEntry> = entries
+            .iter()
+            .filter(|e| e.server_seq > self.cursor)
+            .collect();
         if fresh.is_empty() {
             return Ok(());
         }
-        let mine: Vec<u64> = fresh.iter().filter(|e| e.client_id == self.client_id).map(|e| e.client_seq).collect();
+        let mine: Vec<u64> = fresh
+            .iter()
+            .filter(|e| e.client_id == self.client_id)
+            .map(|e| e.client_seq)
+            .collect();
         let acked = self.load_pending_subset(&mine)?;
         let saved_cursor = self.cursor;
         let saved_clock = self.clock.clone();
@@ -891,39 +1084,66 @@ impl Client {
             return Err(e);
         }
         let acked_seqs: HashSet<u64> = acked.iter().map(|(s, _, _)| *s).collect();
-        for entry in fresh.iter().filter(|e| e.client_id == self.client_id && acked_seqs.contains(&e.client_seq)) {
-            out.events.push(Event::Applied { seq: entry.client_seq, server_seq: entry.server_seq });
+        for entry in fresh
+            .iter()
+            .filter(|e| e.client_id == self.client_id && acked_seqs.contains(&e.client_seq))
+        {
+            out.events.push(Event::Applied {
+                seq: entry.client_seq,
+                server_seq: entry.server_seq,
+            });
         }
         if !tables.is_empty() {
-            out.events.push(Event::TablesChanged(tables.into_iter().collect()));
+            out.events
+                .push(Event::TablesChanged(tables.into_iter().collect()));
         }
         Ok(())
     }
 
-    fn apply_rejection(&mut self, seq: u64, code: &str, reason: &str, out: &mut Output) -> Result<()> {
+    fn apply_rejection(
+        &mut self,
+        seq: u64,
+        code: &str,
+        reason: &str,
+        out: &mut Output,
+    ) -> Result<()> {
         let rejected = self.load_pending_subset(&[seq])?;
         let Some((_, mutation, _)) = rejected.first() else {
             return Ok(()); // Already handled before a reconnect.
         };
         let tables: BTreeSet<String> = mutation.changes.iter().map(|c| c.table.clone()).collect();
         self.settle(&rejected, std::iter::empty(), |_| Ok(()))?;
-        out.events.push(Event::Rejected { seq, code: code.to_string(), reason: reason.to_string() });
-        out.events.push(Event::TablesChanged(tables.into_iter().collect()));
+        out.events.push(Event::Rejected {
+            seq,
+            code: code.to_string(),
+            reason: reason.to_string(),
+        });
+        out.events
+            .push(Event::TablesChanged(tables.into_iter().collect()));
         Ok(())
     }
 
     /// The pending mutations with these sequence numbers, in order.
     fn load_pending_subset(&self, seqs: &[u64]) -> Result<Vec<(u64, Mutation, Vec<Preimage>)>> {
         let mut out = Vec::new();
-        let mut stmt = self.conn.prepare_cached("SELECT mutation, undo FROM _hearth_outbox WHERE seq = ?1")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT mutation, undo FROM _hearth_outbox WHERE seq = ?1")?;
         let mut sorted = seqs.to_vec();
         sorted.sort_unstable();
         for seq in sorted {
-            let found: Option<(Vec<u8>, Vec<u8>)> =
-                stmt.query_row([to_i64(seq)], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            let found: Option<(Vec<u8>, Vec<u8>)> = stmt
+                .query_row([to_i64(seq)], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
             if let Some((m, u)) = found {
-                let bad = |e: postcard::Error| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"));
-                out.push((seq, postcard::from_bytes(&m).map_err(bad)?, postcard::from_bytes(&u).map_err(bad)?));
+                let bad = |e: postcard::Error| {
+                    ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
+                };
+                out.push((
+                    seq,
+                    postcard::from_bytes(&m).map_err(bad)?,
+                    postcard::from_bytes(&u).map_err(bad)?,
+                ));
             }
         }
         Ok(out)
@@ -941,7 +1161,7 @@ impl Client {
         &mut self,
         done: &[(u64, Mutation, Vec<Preimage>)],
         incoming: impl Iterator<Item = &'a RowChange>,
-        apply: impl FnOnce(&mut Client) -> Result<()>,
+        mut apply: impl FnMut(&mut Client) -> Result<()>,
     ) -> Result<()> {
         let mut remaining = self.pending_rows.clone();
         for (_, m, _) in done {
@@ -955,34 +1175,55 @@ impl Client {
                 }
             }
         }
-        let touches = |c: &RowChange| remaining.contains_key(&row_key(&c.table, &c.pk));
-        let overlaps =
-            done.iter().flat_map(|(_, m, _)| m.changes.iter()).any(touches) || incoming.into_iter().any(touches);
+        // Pre-images of the remaining mutations stay valid when the rows they
+        // cover are untouched, as long as no other row can constrain them.
+        // Through a UNIQUE index it can: a row the server changed may now
+        // hold a value that a remaining mutation's pre-image also holds
+        // (found by the simulator, `regression_settle_fast_path_stale_preimage`).
+        let cross_row = |table: &str| self.cross_row_tables.contains(table);
+        let touches = |c: &RowChange| {
+            remaining.contains_key(&row_key(&c.table, &c.pk)) || cross_row(&c.table)
+        };
+        let overlaps = done
+            .iter()
+            .flat_map(|(_, m, _)| m.changes.iter())
+            .any(touches)
+            || incoming.into_iter().any(touches)
+            || (!self.cross_row_tables.is_empty() && remaining.keys().any(|(t, _)| cross_row(t)));
         let remove = |c: &mut Client| -> Result<()> {
-            let mut stmt = c.conn.prepare_cached("DELETE FROM _hearth_outbox WHERE seq = ?1")?;
+            let mut stmt = c
+                .conn
+                .prepare_cached("DELETE FROM _hearth_outbox WHERE seq = ?1")?;
             for (seq, _, _) in done {
                 stmt.execute([to_i64(*seq)])?;
             }
             Ok(())
         };
-        if overlaps {
+        // A remote row can also clash with a pending row it does not share a
+        // key with (a UNIQUE column): then the fast path fails, rolls back,
+        // and the full rebase, which leaves such a pending write out of the
+        // local view until the server decides, takes over.
+        let fast = !overlaps
+            && self
+                .atomically(|c| {
+                    for (_, _, undo) in done.iter().rev() {
+                        c.apply_undo(undo)?;
+                    }
+                    remove(c)?;
+                    apply(c)?;
+                    c.clear_capture()?;
+                    meta_set(&c.conn, "cursor", to_i64(c.cursor))?;
+                    meta_set(&c.conn, "hlc", to_i64(c.clock.last().0))?;
+                    Ok(())
+                })
+                .is_ok();
+        if fast {
+            self.pending -= done.len() as u64;
+        } else {
             self.rebase(|c| {
                 remove(c)?;
                 apply(c)
             })?;
-        } else {
-            self.atomically(|c| {
-                for (_, _, undo) in done.iter().rev() {
-                    c.apply_undo(undo)?;
-                }
-                remove(c)?;
-                apply(c)?;
-                c.clear_capture()?;
-                meta_set(&c.conn, "cursor", to_i64(c.cursor))?;
-                meta_set(&c.conn, "hlc", to_i64(c.clock.last().0))?;
-                Ok(())
-            })?;
-            self.pending -= done.len() as u64;
         }
         self.pending_rows = remaining;
         Ok(())
@@ -993,7 +1234,10 @@ impl Client {
 type RowKey = (String, Vec<u8>);
 
 fn row_key(table: &str, pk: &Value) -> RowKey {
-    (table.to_string(), postcard::to_allocvec(pk).expect("encode key"))
+    (
+        table.to_string(),
+        postcard::to_allocvec(pk).expect("encode key"),
+    )
 }
 
 fn count_rows(rows: &mut HashMap<RowKey, u32>, mutation: &Mutation) {
@@ -1001,4 +1245,3 @@ fn count_rows(rows: &mut HashMap<RowKey, u32>, mutation: &Mutation) {
         *rows.entry(row_key(&c.table, &c.pk)).or_insert(0) += 1;
     }
 }
-

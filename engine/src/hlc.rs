@@ -9,7 +9,9 @@
 use serde::{Deserialize, Serialize};
 
 /// A hybrid logical clock reading.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Hlc(pub u64);
 
 const COUNTER_BITS: u32 = 16;
@@ -31,7 +33,9 @@ impl Hlc {
 
 /// The write order of two stamped writes: clock first, then the writer's
 /// client id, so that equal clocks on two devices still have one winner.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Stamp {
     pub hlc: Hlc,
     pub client_id: u64,
@@ -107,9 +111,18 @@ mod tests {
 
     #[test]
     fn stamps_order_by_clock_then_client() {
-        let a = Stamp { hlc: Hlc(5), client_id: 9 };
-        let b = Stamp { hlc: Hlc(6), client_id: 1 };
-        let c = Stamp { hlc: Hlc(6), client_id: 2 };
+        let a = Stamp {
+            hlc: Hlc(5),
+            client_id: 9,
+        };
+        let b = Stamp {
+            hlc: Hlc(6),
+            client_id: 1,
+        };
+        let c = Stamp {
+            hlc: Hlc(6),
+            client_id: 2,
+        };
         assert!(a < b && b < c);
     }
 }

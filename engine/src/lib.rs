@@ -24,7 +24,9 @@ pub mod server;
 pub mod value;
 
 pub use change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
-pub use client::{Client, ClientConfig, ClientError, Event, ExecOutcome, Output, QueryResult, Status};
+pub use client::{
+    Client, ClientConfig, ClientError, Event, ExecOutcome, Output, QueryResult, Status,
+};
 pub use hlc::{Clock, Hlc, Stamp};
 pub use protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 pub use schema::{Schema, SchemaError, DEMO_SCHEMA};

@@ -55,17 +55,16 @@ pub enum ServerMsg {
         reason: String,
     },
     /// A fatal error; the server closes the connection after it.
-    Error {
-        code: String,
-        message: String,
-    },
+    Error { code: String, message: String },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CodecError {
     #[error("frame of {size} bytes exceeds the limit of {max} bytes")]
     TooLarge { size: usize, max: usize },
-    #[error("protocol version mismatch: peer speaks version {theirs}, this side speaks version {ours}")]
+    #[error(
+        "protocol version mismatch: peer speaks version {theirs}, this side speaks version {ours}"
+    )]
     Version { ours: u16, theirs: u16 },
     #[error("malformed frame: {0}")]
     Malformed(String),
@@ -80,16 +79,27 @@ fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 
 fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8], max: usize) -> Result<T, CodecError> {
     if frame.len() > max {
-        return Err(CodecError::TooLarge { size: frame.len(), max });
+        return Err(CodecError::TooLarge {
+            size: frame.len(),
+            max,
+        });
     }
-    let (version, rest) = read_varint(frame).ok_or_else(|| CodecError::Malformed("empty or truncated header".into()))?;
+    let (version, rest) = read_varint(frame)
+        .ok_or_else(|| CodecError::Malformed("empty or truncated header".into()))?;
     if version != u64::from(PROTOCOL_VERSION) {
         let theirs = u16::try_from(version).unwrap_or(u16::MAX);
-        return Err(CodecError::Version { ours: PROTOCOL_VERSION, theirs });
+        return Err(CodecError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        });
     }
-    let (msg, tail) = postcard::take_from_bytes(rest).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let (msg, tail) =
+        postcard::take_from_bytes(rest).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if !tail.is_empty() {
-        return Err(CodecError::Malformed(format!("{} trailing bytes", tail.len())));
+        return Err(CodecError::Malformed(format!(
+            "{} trailing bytes",
+            tail.len()
+        )));
     }
     Ok(msg)
 }
@@ -149,7 +159,10 @@ mod tests {
                 changes: vec![RowChange {
                     table: "todos".into(),
                     pk: Value::Text("0b6f1a52-8e2c-4c5e-9f1e-2f3a4b5c6d7e".into()),
-                    op: RowOp::Upsert { insert: false, columns: vec![("done".into(), ColumnOp::Set(Value::Integer(1)))] },
+                    op: RowOp::Upsert {
+                        insert: false,
+                        columns: vec![("done".into(), ColumnOp::Set(Value::Integer(1)))],
+                    },
                 }],
             }],
         }
@@ -158,8 +171,15 @@ mod tests {
     #[test]
     fn one_column_update_is_small() {
         let frame = encode_client(&one_column_update());
-        assert!(frame.len() < 100, "one-column update takes {} bytes", frame.len());
-        assert_eq!(decode_client(&frame, FRAME_BYTES_MAX).unwrap(), one_column_update());
+        assert!(
+            frame.len() < 100,
+            "one-column update takes {} bytes",
+            frame.len()
+        );
+        assert_eq!(
+            decode_client(&frame, FRAME_BYTES_MAX).unwrap(),
+            one_column_update()
+        );
     }
 
     #[test]
@@ -167,26 +187,46 @@ mod tests {
         let mut frame = encode_client(&one_column_update());
         frame[0] = 7;
         let err = decode_client(&frame, FRAME_BYTES_MAX).unwrap_err();
-        assert_eq!(err, CodecError::Version { ours: PROTOCOL_VERSION, theirs: 7 });
+        assert_eq!(
+            err,
+            CodecError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: 7
+            }
+        );
         assert!(err.to_string().contains("version 7") && err.to_string().contains("version 1"));
     }
 
     #[test]
     fn oversized_and_garbage_frames_are_errors() {
         let frame = encode_client(&one_column_update());
-        assert!(matches!(decode_client(&frame, 10), Err(CodecError::TooLarge { .. })));
-        assert!(matches!(decode_client(&[], 100), Err(CodecError::Malformed(_))));
-        assert!(matches!(decode_client(&[1, 0xff, 0xff, 0xff], 100), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            decode_client(&frame, 10),
+            Err(CodecError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode_client(&[], 100),
+            Err(CodecError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_client(&[1, 0xff, 0xff, 0xff], 100),
+            Err(CodecError::Malformed(_))
+        ));
         let mut trailing = frame.clone();
         trailing.push(0);
-        assert!(matches!(decode_client(&trailing, FRAME_BYTES_MAX), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            decode_client(&trailing, FRAME_BYTES_MAX),
+            Err(CodecError::Malformed(_))
+        ));
     }
 
     fn value() -> impl Strategy<Value = Value> {
         prop_oneof![
             Just(Value::Null),
             any::<i64>().prop_map(Value::Integer),
-            any::<f64>().prop_filter("NaN never equals itself", |f| !f.is_nan()).prop_map(Value::Real),
+            any::<f64>()
+                .prop_filter("NaN never equals itself", |f| !f.is_nan())
+                .prop_map(Value::Real),
             ".{0,20}".prop_map(Value::Text),
             proptest::collection::vec(any::<u8>(), 0..20).prop_map(Value::Blob),
         ]
@@ -206,7 +246,10 @@ mod tests {
                     None => RowOp::Delete,
                     Some(cols) => RowOp::Upsert {
                         insert,
-                        columns: cols.into_iter().map(|(c, v)| (c, ColumnOp::Set(v))).collect(),
+                        columns: cols
+                            .into_iter()
+                            .map(|(c, v)| (c, ColumnOp::Set(v)))
+                            .collect(),
                     },
                 },
             })

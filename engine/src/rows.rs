@@ -8,7 +8,11 @@ use crate::schema::{ident, Table};
 use crate::value::Value;
 
 /// The whole row with this primary key, in column order, if it exists.
-pub fn read_row(conn: &Connection, table: &Table, pk: &Value) -> rusqlite::Result<Option<Vec<Value>>> {
+pub fn read_row(
+    conn: &Connection,
+    table: &Table,
+    pk: &Value,
+) -> rusqlite::Result<Option<Vec<Value>>> {
     let cols: Vec<String> = table.columns.iter().map(|c| ident(&c.name)).collect();
     let sql = format!(
         "SELECT {} FROM main.{} WHERE {} = ?1",
@@ -17,12 +21,18 @@ pub fn read_row(conn: &Connection, table: &Table, pk: &Value) -> rusqlite::Resul
         ident(table.pk_name())
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    stmt.query_row([pk], |row| (0..cols.len()).map(|i| row.get::<_, Value>(i)).collect())
-        .optional()
+    stmt.query_row([pk], |row| {
+        (0..cols.len()).map(|i| row.get::<_, Value>(i)).collect()
+    })
+    .optional()
 }
 
 pub fn row_exists(conn: &Connection, table: &Table, pk: &Value) -> rusqlite::Result<bool> {
-    let sql = format!("SELECT 1 FROM main.{} WHERE {} = ?1", ident(&table.name), ident(table.pk_name()));
+    let sql = format!(
+        "SELECT 1 FROM main.{} WHERE {} = ?1",
+        ident(&table.name),
+        ident(table.pk_name())
+    );
     let mut stmt = conn.prepare_cached(&sql)?;
     Ok(stmt.query_row([pk], |_| Ok(())).optional()?.is_some())
 }
@@ -42,7 +52,10 @@ pub fn upsert_columns(
     let on_conflict = if columns.is_empty() {
         "DO NOTHING".to_string()
     } else {
-        let sets: Vec<String> = names[1..].iter().map(|n| format!("{n} = excluded.{n}")).collect();
+        let sets: Vec<String> = names[1..]
+            .iter()
+            .map(|n| format!("{n} = excluded.{n}"))
+            .collect();
         format!("DO UPDATE SET {}", sets.join(", "))
     };
     let sql = format!(
@@ -54,7 +67,9 @@ pub fn upsert_columns(
         on_conflict
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    stmt.execute(params_from_iter(std::iter::once(pk).chain(columns.iter().map(|(_, v)| *v))))?;
+    stmt.execute(params_from_iter(
+        std::iter::once(pk).chain(columns.iter().map(|(_, v)| *v)),
+    ))?;
     Ok(())
 }
 
@@ -80,20 +95,29 @@ pub fn update_columns(
         ident(table.pk_name())
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    stmt.execute(params_from_iter(std::iter::once(pk).chain(columns.iter().map(|(_, v)| *v))))?;
+    stmt.execute(params_from_iter(
+        std::iter::once(pk).chain(columns.iter().map(|(_, v)| *v)),
+    ))?;
     Ok(())
 }
 
 /// Puts back a whole row as it was (`values` in column order).
 pub fn restore_row(conn: &Connection, table: &Table, values: &[Value]) -> rusqlite::Result<()> {
     let pk = &values[table.pk];
-    let cols: Vec<(usize, &Value)> =
-        values.iter().enumerate().filter(|(i, _)| *i != table.pk).collect();
+    let cols: Vec<(usize, &Value)> = values
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != table.pk)
+        .collect();
     upsert_columns(conn, table, pk, &cols)
 }
 
 pub fn delete_row(conn: &Connection, table: &Table, pk: &Value) -> rusqlite::Result<()> {
-    let sql = format!("DELETE FROM main.{} WHERE {} = ?1", ident(&table.name), ident(table.pk_name()));
+    let sql = format!(
+        "DELETE FROM main.{} WHERE {} = ?1",
+        ident(&table.name),
+        ident(table.pk_name())
+    );
     let mut stmt = conn.prepare_cached(&sql)?;
     stmt.execute([pk])?;
     Ok(())
@@ -102,7 +126,9 @@ pub fn delete_row(conn: &Connection, table: &Table, pk: &Value) -> rusqlite::Res
 /// Column names of an existing table in the database, in SQLite's order.
 pub fn existing_columns(conn: &Connection, table: &str) -> rusqlite::Result<Option<Vec<String>>> {
     let mut stmt = conn.prepare(&format!("PRAGMA main.table_info({})", ident(table)))?;
-    let names: Vec<String> = stmt.query_map([], |r| r.get(1))?.collect::<Result<_, _>>()?;
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(1))?
+        .collect::<Result<_, _>>()?;
     Ok(if names.is_empty() { None } else { Some(names) })
 }
 

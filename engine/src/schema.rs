@@ -66,7 +66,10 @@ pub enum SchemaError {
 }
 
 fn table_error(table: &str, problem: impl Into<String>) -> SchemaError {
-    SchemaError::Table { table: table.to_string(), problem: problem.into() }
+    SchemaError::Table {
+        table: table.to_string(),
+        problem: problem.into(),
+    }
 }
 
 /// The most columns a synced table may have: change capture keeps a bit mask
@@ -142,7 +145,8 @@ pub fn ident(name: &str) -> String {
 
 impl Schema {
     pub fn parse(source: &str) -> Result<Schema, SchemaError> {
-        let raw: RawSchema = toml::from_str(source).map_err(|e| SchemaError::Toml(e.to_string()))?;
+        let raw: RawSchema =
+            toml::from_str(source).map_err(|e| SchemaError::Toml(e.to_string()))?;
         if raw.tables.is_empty() {
             return Err(SchemaError::NoTables);
         }
@@ -151,7 +155,11 @@ impl Schema {
             let table = check_table(&name, raw_table)?;
             tables.insert(name, table);
         }
-        Ok(Schema { version: raw.version, tables, source: source.to_string() })
+        Ok(Schema {
+            version: raw.version,
+            tables,
+            source: source.to_string(),
+        })
     }
 
     pub fn table(&self, name: &str) -> Option<&Table> {
@@ -166,15 +174,28 @@ impl Schema {
 
 fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
     if name.starts_with("_hearth") || name.starts_with("sqlite_") {
-        return Err(table_error(name, "names starting with '_hearth' or 'sqlite_' are reserved"));
+        return Err(table_error(
+            name,
+            "names starting with '_hearth' or 'sqlite_' are reserved",
+        ));
     }
     let policy = MergePolicy::parse(&raw.merge).ok_or_else(|| {
-        table_error(name, format!("unknown merge policy '{}' (expected one of {})", raw.merge, MergePolicy::NAMES))
+        table_error(
+            name,
+            format!(
+                "unknown merge policy '{}' (expected one of {})",
+                raw.merge,
+                MergePolicy::NAMES
+            ),
+        )
     })?;
     if !policy.implemented() {
         return Err(table_error(
             name,
-            format!("merge policy '{}' is not implemented yet in this version of Hearth (use lww)", policy.name()),
+            format!(
+                "merge policy '{}' is not implemented yet in this version of Hearth (use lww)",
+                policy.name()
+            ),
         ));
     }
 
@@ -186,8 +207,11 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
         let mut stmt = scratch
             .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
             .map_err(|e| table_error(name, e.to_string()))?;
-        let rows = stmt.query_map([], |r| r.get(0)).map_err(|e| table_error(name, e.to_string()))?;
-        rows.collect::<Result<_, _>>().map_err(|e| table_error(name, e.to_string()))?
+        let rows = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(|e| table_error(name, e.to_string()))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| table_error(name, e.to_string()))?
     };
     if created != [name.to_string()] {
         return Err(table_error(
@@ -202,7 +226,9 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
         let mut stmt = scratch
             .prepare(&format!("PRAGMA table_info({})", ident(name)))
             .map_err(|e| table_error(name, e.to_string()))?;
-        let mut rows = stmt.query([]).map_err(|e| table_error(name, e.to_string()))?;
+        let mut rows = stmt
+            .query([])
+            .map_err(|e| table_error(name, e.to_string()))?;
         while let Some(row) = rows.next().map_err(|e| table_error(name, e.to_string()))? {
             let col_name: String = row.get(1).map_err(|e| table_error(name, e.to_string()))?;
             let declared_type: String = row.get(2).map_err(|e| table_error(name, e.to_string()))?;
@@ -210,7 +236,11 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
             if pk_pos > 0 {
                 pks.push(columns.len());
             }
-            columns.push(Column { name: col_name, declared_type, policy });
+            columns.push(Column {
+                name: col_name,
+                declared_type,
+                policy,
+            });
         }
     }
     let pk = match pks.as_slice() {
@@ -234,7 +264,13 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
         ));
     }
     if columns.len() > COLUMNS_MAX {
-        return Err(table_error(name, format!("has {} columns; a synced table may have at most {COLUMNS_MAX}", columns.len())));
+        return Err(table_error(
+            name,
+            format!(
+                "has {} columns; a synced table may have at most {COLUMNS_MAX}",
+                columns.len()
+            ),
+        ));
     }
 
     for (col_name, policy_name) in &raw.columns {
@@ -245,10 +281,16 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
             )
         })?;
         let Some(idx) = columns.iter().position(|c| &c.name == col_name) else {
-            return Err(table_error(name, format!("columns names '{col_name}', which the table does not have")));
+            return Err(table_error(
+                name,
+                format!("columns names '{col_name}', which the table does not have"),
+            ));
         };
         if idx == pk {
-            return Err(table_error(name, format!("column '{col_name}' is the primary key and cannot have a merge policy")));
+            return Err(table_error(
+                name,
+                format!("column '{col_name}' is the primary key and cannot have a merge policy"),
+            ));
         }
         if !col_policy.implemented() {
             return Err(table_error(
@@ -262,7 +304,13 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
         columns[idx].policy = col_policy;
     }
 
-    Ok(Table { name: name.to_string(), create_sql: raw.create, policy, columns, pk })
+    Ok(Table {
+        name: name.to_string(),
+        create_sql: raw.create,
+        policy,
+        columns,
+        pk,
+    })
 }
 
 /// The demo app's schema, built into the `hearth` binary.
@@ -313,13 +361,19 @@ mod tests {
     #[test]
     fn bad_schemas_name_the_table_and_problem() {
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY, x)\"\nmerge = \"fancy\"\n");
-        assert!(e.contains("table 't'") && e.contains("unknown merge policy 'fancy'"), "{e}");
+        assert!(
+            e.contains("table 't'") && e.contains("unknown merge policy 'fancy'"),
+            "{e}"
+        );
 
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT, x)\"\n");
         assert!(e.contains("table 't'") && e.contains("PRIMARY KEY"), "{e}");
 
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY,\"\n");
-        assert!(e.contains("table 't'") && e.contains("create statement failed"), "{e}");
+        assert!(
+            e.contains("table 't'") && e.contains("create statement failed"),
+            "{e}"
+        );
 
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY)\"\ncolour = 1\n");
         assert!(e.contains("unknown field") && e.contains("colour"), "{e}");

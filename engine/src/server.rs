@@ -45,9 +45,18 @@ pub type Result<T, E = ServerError> = std::result::Result<T, E>;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Applied(LogEntry),
-    Rejected { client_id: u64, client_seq: u64, code: String, reason: String },
+    Rejected {
+        client_id: u64,
+        client_seq: u64,
+        code: String,
+        reason: String,
+    },
     /// Sent before and already processed; `rejection` tells how if refused.
-    Duplicate { client_id: u64, client_seq: u64, rejection: Option<(String, String)> },
+    Duplicate {
+        client_id: u64,
+        client_seq: u64,
+        rejection: Option<(String, String)>,
+    },
 }
 
 const INTERNAL_TABLES: &str = "
@@ -103,7 +112,10 @@ struct Refusal {
 }
 
 fn refuse(code: &'static str, reason: impl Into<String>) -> Refusal {
-    Refusal { code, reason: reason.into() }
+    Refusal {
+        code,
+        reason: reason.into(),
+    }
 }
 
 impl From<rusqlite::Error> for Refusal {
@@ -112,12 +124,17 @@ impl From<rusqlite::Error> for Refusal {
             Some(rusqlite::ErrorCode::ConstraintViolation) => "CONSTRAINT",
             _ => "INVALID",
         };
-        Refusal { code, reason: e.to_string() }
+        Refusal {
+            code,
+            reason: e.to_string(),
+        }
     }
 }
 
+/// Stores a u64 from the wire (client ids are random 64-bit numbers) in an
+/// SQLite integer, bit for bit; `as u64` on the way back restores it.
 fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).expect("sequence beyond i64")
+    v as i64
 }
 
 pub struct ServerCore {
@@ -149,8 +166,16 @@ impl ServerCore {
                 return Err(e);
             }
         }
-        let head: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| r.get(0))?;
-        Ok(ServerCore { conn, schema, head: head as u64, last_seqs: HashMap::new() })
+        let head: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
+                r.get(0)
+            })?;
+        Ok(ServerCore {
+            conn,
+            schema,
+            head: head as u64,
+            last_seqs: HashMap::new(),
+        })
     }
 
     pub fn schema(&self) -> &Schema {
@@ -172,9 +197,11 @@ impl ServerCore {
         }
         let s: Option<i64> = self
             .conn
-            .query_row("SELECT last_seq FROM _hearth_clients WHERE client_id = ?1", [to_i64(client_id)], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT last_seq FROM _hearth_clients WHERE client_id = ?1",
+                [to_i64(client_id)],
+                |r| r.get(0),
+            )
             .optional()?;
         let s = s.unwrap_or(0) as u64;
         self.last_seqs.insert(client_id, s);
@@ -189,7 +216,11 @@ impl ServerCore {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = self.apply_batch_in_transaction(batch);
         let committed = match result {
-            Ok(outcomes) => self.conn.execute_batch("COMMIT").map(|()| outcomes).map_err(ServerError::from),
+            Ok(outcomes) => self
+                .conn
+                .execute_batch("COMMIT")
+                .map(|()| outcomes)
+                .map_err(ServerError::from),
             Err(e) => Err(e),
         };
         if committed.is_err() {
@@ -204,6 +235,15 @@ impl ServerCore {
         let mut outcomes = Vec::with_capacity(batch.len());
         for (client_id, mutation) in batch {
             let client_id = *client_id;
+            if mutation.seq == 0 || mutation.seq > i64::MAX as u64 {
+                outcomes.push(Outcome::Rejected {
+                    client_id,
+                    client_seq: mutation.seq,
+                    code: "INVALID".into(),
+                    reason: format!("mutation sequence number {} is out of range", mutation.seq),
+                });
+                continue;
+            }
             if mutation.seq <= self.last_seq(client_id)? {
                 let rejection = self
                     .conn
@@ -213,7 +253,11 @@ impl ServerCore {
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
-                outcomes.push(Outcome::Duplicate { client_id, client_seq: mutation.seq, rejection });
+                outcomes.push(Outcome::Duplicate {
+                    client_id,
+                    client_seq: mutation.seq,
+                    rejection,
+                });
                 continue;
             }
             self.conn.execute_batch("SAVEPOINT hearth_mutation")?;
@@ -243,7 +287,8 @@ impl ServerCore {
                     outcomes.push(Outcome::Applied(entry));
                 }
                 Err(MergeError::Refused(refusal)) => {
-                    self.conn.execute_batch("ROLLBACK TO hearth_mutation; RELEASE hearth_mutation")?;
+                    self.conn
+                        .execute_batch("ROLLBACK TO hearth_mutation; RELEASE hearth_mutation")?;
                     self.conn
                         .prepare_cached(
                             "INSERT OR REPLACE INTO _hearth_rejections (client_id, client_seq, code, reason) VALUES (?1, ?2, ?3, ?4)",
@@ -281,7 +326,10 @@ impl ServerCore {
                 .map_err(|e| MergeError::Store(ServerError::Corrupt(format!("row metadata: {e}")))),
             // A row written to the table outside Hearth (say with sqlite3)
             // has no bookkeeping yet: it lives, and any stamp beats it.
-            None if rows::row_exists(&self.conn, table, pk)? => Ok(Some(RowMeta { alive: true, ..Default::default() })),
+            None if rows::row_exists(&self.conn, table, pk)? => Ok(Some(RowMeta {
+                alive: true,
+                ..Default::default()
+            })),
             None => Ok(None),
         }
     }
@@ -299,17 +347,19 @@ impl ServerCore {
 
     /// Merges one mutation; returns its effective changes.
     fn merge(&self, client_id: u64, mutation: &Mutation) -> Result<Vec<RowChange>, MergeError> {
-        let stamp = Stamp { hlc: mutation.hlc, client_id };
+        let stamp = Stamp {
+            hlc: mutation.hlc,
+            client_id,
+        };
         let mut effects = Vec::new();
         // A device's capture yields one change per row; a mutation naming a
         // row twice is malformed, and merging it would silently drop the
         // second write (it carries the same stamp, which does not win).
         let mut rows_seen: HashSet<(&str, Result<i64, &str>)> = HashSet::new();
         for change in &mutation.changes {
-            let table = self
-                .schema
-                .table(&change.table)
-                .ok_or_else(|| refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table)))?;
+            let table = self.schema.table(&change.table).ok_or_else(|| {
+                refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table))
+            })?;
             check_pk(table, &change.pk)?;
             let row_key = match &change.pk {
                 Value::Integer(i) => Ok(*i),
@@ -319,7 +369,10 @@ impl ServerCore {
             if !rows_seen.insert((table.name.as_str(), row_key)) {
                 return Err(refuse(
                     "INVALID",
-                    format!("row {:?} of table '{}' is written twice in one mutation", change.pk, table.name),
+                    format!(
+                        "row {:?} of table '{}' is written twice in one mutation",
+                        change.pk, table.name
+                    ),
                 )
                 .into());
             }
@@ -330,13 +383,24 @@ impl ServerCore {
                     let mut cols = Vec::with_capacity(columns.len());
                     for (name, op) in columns {
                         let idx = table.column_index(name).ok_or_else(|| {
-                            refuse("UNKNOWN_COLUMN", format!("unknown column '{name}' in table '{}'", table.name))
+                            refuse(
+                                "UNKNOWN_COLUMN",
+                                format!("unknown column '{name}' in table '{}'", table.name),
+                            )
                         })?;
                         if idx == table.pk {
-                            return Err(refuse("INVALID", format!("column '{name}' is the primary key: it cannot be set")).into());
+                            return Err(refuse(
+                                "INVALID",
+                                format!("column '{name}' is the primary key: it cannot be set"),
+                            )
+                            .into());
                         }
                         if cols.iter().any(|(i, _, _)| *i == idx) {
-                            return Err(refuse("INVALID", format!("column '{name}' is written twice in one change")).into());
+                            return Err(refuse(
+                                "INVALID",
+                                format!("column '{name}' is written twice in one change"),
+                            )
+                            .into());
                         }
                         let ColumnOp::Set(v) = op;
                         cols.push((idx, name, v));
@@ -346,9 +410,14 @@ impl ServerCore {
                         if !*insert || deleted_later {
                             continue; // A delete wins over this write.
                         }
-                        let values: Vec<(usize, &Value)> = cols.iter().map(|(i, _, v)| (*i, *v)).collect();
+                        let values: Vec<(usize, &Value)> =
+                            cols.iter().map(|(i, _, v)| (*i, *v)).collect();
                         rows::upsert_columns(&self.conn, table, &change.pk, &values)?;
-                        let mut fresh = RowMeta { alive: true, stamp, columns: Vec::new() };
+                        let mut fresh = RowMeta {
+                            alive: true,
+                            stamp,
+                            columns: Vec::new(),
+                        };
                         for i in 0..table.columns.len() {
                             fresh.set_column(i, stamp);
                         }
@@ -356,8 +425,10 @@ impl ServerCore {
                         effects.push(change.clone());
                     } else {
                         let mut meta = meta.unwrap_or_default();
-                        let winners: Vec<(usize, &String, &Value)> =
-                            cols.into_iter().filter(|(i, _, _)| stamp > meta.column(*i)).collect();
+                        let winners: Vec<(usize, &String, &Value)> = cols
+                            .into_iter()
+                            .filter(|(i, _, _)| stamp > meta.column(*i))
+                            .collect();
                         if *insert && stamp > meta.stamp {
                             meta.stamp = stamp;
                         }
@@ -365,7 +436,8 @@ impl ServerCore {
                             self.store_meta(table, &change.pk, &meta)?;
                             continue;
                         }
-                        let values: Vec<(usize, &Value)> = winners.iter().map(|(i, _, v)| (*i, *v)).collect();
+                        let values: Vec<(usize, &Value)> =
+                            winners.iter().map(|(i, _, v)| (*i, *v)).collect();
                         rows::update_columns(&self.conn, table, &change.pk, &values)?;
                         for (i, _, _) in &winners {
                             meta.set_column(*i, stamp);
@@ -391,7 +463,11 @@ impl ServerCore {
                             continue; // The row was re-created later.
                         }
                         rows::delete_row(&self.conn, table, &change.pk)?;
-                        meta = RowMeta { alive: false, stamp, columns: Vec::new() };
+                        meta = RowMeta {
+                            alive: false,
+                            stamp,
+                            columns: Vec::new(),
+                        };
                         self.store_meta(table, &change.pk, &meta)?;
                         effects.push(change.clone());
                     } else if stamp > meta.stamp {
@@ -439,7 +515,10 @@ fn check_pk(table: &Table, pk: &Value) -> Result<(), Refusal> {
     } else {
         Err(refuse(
             "INVALID",
-            format!("primary key of table '{}' must be {}, got {pk:?}", table.name, table.columns[table.pk].declared_type),
+            format!(
+                "primary key of table '{}' must be {}, got {pk:?}",
+                table.name, table.columns[table.pk].declared_type
+            ),
         ))
     }
 }
@@ -460,9 +539,8 @@ impl From<rusqlite::Error> for MergeError {
         // Constraint failures are the app's data being refused; anything
         // else (I/O, corruption) is the store failing.
         match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::ConstraintViolation) | Some(rusqlite::ErrorCode::TypeMismatch) => {
-                MergeError::Refused(Refusal::from(e))
-            }
+            Some(rusqlite::ErrorCode::ConstraintViolation)
+            | Some(rusqlite::ErrorCode::TypeMismatch) => MergeError::Refused(Refusal::from(e)),
             _ => MergeError::Store(ServerError::Sql(e)),
         }
     }
@@ -480,7 +558,12 @@ impl ServerCore {
     /// Like [`ServerCore::read_log`], but also stops once the entries read
     /// hold about `bytes_max` bytes of changes, so a catch-up batch fits in
     /// one frame. Always returns at least one entry when there is one.
-    pub fn read_log_bounded(conn: &Connection, after: u64, limit: usize, bytes_max: usize) -> Result<Vec<LogEntry>> {
+    pub fn read_log_bounded(
+        conn: &Connection,
+        after: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<LogEntry>> {
         let mut stmt = conn.prepare_cached(
             "SELECT seq, length(changes) FROM _hearth_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
@@ -500,7 +583,11 @@ impl ServerCore {
 }
 
 /// The answer to a device's `Hello` for a server at `head` with `schema`.
-pub fn welcome(schema: &Schema, head: u64, device_schema_version: Option<u64>) -> crate::protocol::ServerMsg {
+pub fn welcome(
+    schema: &Schema,
+    head: u64,
+    device_schema_version: Option<u64>,
+) -> crate::protocol::ServerMsg {
     crate::protocol::ServerMsg::Welcome {
         server_seq: head,
         schema_version: schema.version,

@@ -90,7 +90,10 @@ mod tests {
         ] {
             assert_eq!(Value::from_json(&json).to_json(), json);
         }
-        assert_eq!(Value::from_json(&serde_json::json!(true)), Value::Integer(1));
+        assert_eq!(
+            Value::from_json(&serde_json::json!(true)),
+            Value::Integer(1)
+        );
         assert_eq!(
             Value::from_json(&serde_json::json!(["a", 1])),
             Value::Text("[\"a\",1]".into())

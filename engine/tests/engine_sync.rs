@@ -12,7 +12,9 @@ struct Net {
 impl Net {
     fn new() -> Net {
         let schema = Schema::parse(DEMO_SCHEMA).unwrap();
-        Net { server: ServerCore::open(Connection::open_in_memory().unwrap(), schema).unwrap() }
+        Net {
+            server: ServerCore::open(Connection::open_in_memory().unwrap(), schema).unwrap(),
+        }
     }
 
     /// Runs one full sync of `client`: hello, push, catch up. Returns events.
@@ -23,23 +25,49 @@ impl Net {
             let mut to_client = Vec::new();
             for msg in to_server.drain(..) {
                 match msg {
-                    ClientMsg::Hello { schema_version, cursor, .. } => {
+                    ClientMsg::Hello {
+                        schema_version,
+                        cursor,
+                        ..
+                    } => {
                         to_client.push(self.server.welcome(schema_version));
-                        let entries = ServerCore::read_log(self.server.connection(), cursor, 10_000).unwrap();
-                        to_client.push(ServerMsg::Changes { entries, caught_up: true });
+                        let entries =
+                            ServerCore::read_log(self.server.connection(), cursor, 10_000).unwrap();
+                        to_client.push(ServerMsg::Changes {
+                            entries,
+                            caught_up: true,
+                        });
                     }
                     ClientMsg::Push { mutations } => {
-                        let batch: Vec<_> = mutations.into_iter().map(|m| (client.client_id(), m)).collect();
+                        let batch: Vec<_> = mutations
+                            .into_iter()
+                            .map(|m| (client.client_id(), m))
+                            .collect();
                         for outcome in self.server.apply_batch(&batch).unwrap() {
                             match outcome {
-                                Outcome::Applied(entry) => to_client
-                                    .push(ServerMsg::Changes { entries: vec![entry], caught_up: true }),
-                                Outcome::Rejected { client_seq, code, reason, .. } => {
-                                    to_client.push(ServerMsg::Rejected { client_seq, code, reason })
-                                }
-                                Outcome::Duplicate { client_seq, rejection: Some((code, reason)), .. } => {
-                                    to_client.push(ServerMsg::Rejected { client_seq, code, reason })
-                                }
+                                Outcome::Applied(entry) => to_client.push(ServerMsg::Changes {
+                                    entries: vec![entry],
+                                    caught_up: true,
+                                }),
+                                Outcome::Rejected {
+                                    client_seq,
+                                    code,
+                                    reason,
+                                    ..
+                                } => to_client.push(ServerMsg::Rejected {
+                                    client_seq,
+                                    code,
+                                    reason,
+                                }),
+                                Outcome::Duplicate {
+                                    client_seq,
+                                    rejection: Some((code, reason)),
+                                    ..
+                                } => to_client.push(ServerMsg::Rejected {
+                                    client_seq,
+                                    code,
+                                    reason,
+                                }),
                                 Outcome::Duplicate { .. } => {}
                             }
                         }
@@ -61,7 +89,12 @@ impl Net {
 }
 
 fn client(id: u64) -> Client {
-    Client::open(Connection::open_in_memory().unwrap(), id, ClientConfig::default()).unwrap()
+    Client::open(
+        Connection::open_in_memory().unwrap(),
+        id,
+        ClientConfig::default(),
+    )
+    .unwrap()
 }
 
 fn rows(c: &mut Client, sql: &str) -> Vec<Vec<Value>> {
@@ -84,27 +117,50 @@ fn two_clients_converge_and_only_changed_columns_travel() {
     assert_eq!(outcome.rows_affected, 2);
     assert_eq!(outcome.mutation, Some(1));
     let events = net.sync(&mut a);
-    assert!(events.contains(&Event::Applied { seq: 1, server_seq: 1 }), "{events:?}");
+    assert!(
+        events.contains(&Event::Applied {
+            seq: 1,
+            server_seq: 1
+        }),
+        "{events:?}"
+    );
     assert_eq!(a.status().pending, 0);
     net.sync(&mut b);
-    assert_eq!(rows(&mut b, "SELECT id, title FROM todos ORDER BY id"), vec![
-        vec![text("t1"), text("milk")],
-        vec![text("t2"), text("eggs")]
-    ]);
+    assert_eq!(
+        rows(&mut b, "SELECT id, title FROM todos ORDER BY id"),
+        vec![
+            vec![text("t1"), text("milk")],
+            vec![text("t2"), text("eggs")]
+        ]
+    );
 
     // Offline: A edits the title, B ticks done; both keep their edit.
-    a.exec("UPDATE todos SET title = 'oat milk' WHERE id = 't1'", &[], 2_000).unwrap();
-    b.exec("UPDATE todos SET done = 1 WHERE id = 't1'", &[], 2_000).unwrap();
+    a.exec(
+        "UPDATE todos SET title = 'oat milk' WHERE id = 't1'",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    b.exec("UPDATE todos SET done = 1 WHERE id = 't1'", &[], 2_000)
+        .unwrap();
     net.sync(&mut a);
     net.sync(&mut b);
     net.sync(&mut a);
     let expect = vec![vec![text("oat milk"), Value::Integer(1)]];
-    assert_eq!(rows(&mut a, "SELECT title, done FROM todos WHERE id = 't1'"), expect);
-    assert_eq!(rows(&mut b, "SELECT title, done FROM todos WHERE id = 't1'"), expect);
+    assert_eq!(
+        rows(&mut a, "SELECT title, done FROM todos WHERE id = 't1'"),
+        expect
+    );
+    assert_eq!(
+        rows(&mut b, "SELECT title, done FROM todos WHERE id = 't1'"),
+        expect
+    );
     let log = ServerCore::read_log(net.server.connection(), 0, 100).unwrap();
     let last = log.last().unwrap();
     match &last.changes[0].op {
-        hearth_engine::RowOp::Upsert { columns, .. } => assert_eq!(columns.len(), 1, "only 'done' travels"),
+        hearth_engine::RowOp::Upsert { columns, .. } => {
+            assert_eq!(columns.len(), 1, "only 'done' travels")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -115,17 +171,35 @@ fn same_column_later_clock_wins_on_every_device() {
     let (mut a, mut b) = (client(1), client(2));
     net.sync(&mut a);
     net.sync(&mut b);
-    a.exec("INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'x')", &[], 1_000).unwrap();
+    a.exec(
+        "INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'x')",
+        &[],
+        1_000,
+    )
+    .unwrap();
     net.sync(&mut a);
     net.sync(&mut b);
     // B writes later by clock but syncs first; A's earlier write must lose.
-    b.exec("UPDATE todos SET title = 'from b' WHERE id = 't1'", &[], 5_000).unwrap();
-    a.exec("UPDATE todos SET title = 'from a' WHERE id = 't1'", &[], 3_000).unwrap();
+    b.exec(
+        "UPDATE todos SET title = 'from b' WHERE id = 't1'",
+        &[],
+        5_000,
+    )
+    .unwrap();
+    a.exec(
+        "UPDATE todos SET title = 'from a' WHERE id = 't1'",
+        &[],
+        3_000,
+    )
+    .unwrap();
     net.sync(&mut b);
     net.sync(&mut a);
     net.sync(&mut b);
     for c in [&mut a, &mut b] {
-        assert_eq!(rows(c, "SELECT title FROM todos"), vec![vec![text("from b")]]);
+        assert_eq!(
+            rows(c, "SELECT title FROM todos"),
+            vec![vec![text("from b")]]
+        );
     }
 }
 
@@ -134,12 +208,23 @@ fn refused_mutation_is_rolled_back_and_later_pending_survive() {
     let mut net = Net::new();
     let mut a = client(1);
     net.sync(&mut a);
-    a.exec("INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'ok')", &[], 1).unwrap();
+    a.exec(
+        "INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'ok')",
+        &[],
+        1,
+    )
+    .unwrap();
     net.sync(&mut a);
     // The server's schema has a CHECK the device's copy also has; to make the
     // server refuse, write a row whose primary key type the server rejects.
-    a.exec("UPDATE todos SET title = 'renamed' WHERE id = 't1'", &[], 2).unwrap();
-    a.exec("INSERT INTO lists (id, name) VALUES ('l1', 'groceries')", &[], 3).unwrap();
+    a.exec("UPDATE todos SET title = 'renamed' WHERE id = 't1'", &[], 2)
+        .unwrap();
+    a.exec(
+        "INSERT INTO lists (id, name) VALUES ('l1', 'groceries')",
+        &[],
+        3,
+    )
+    .unwrap();
     // Push a hostile mutation for a table the server does not know, as a
     // broken client would, then check the device's state after rejection.
     let outcomes = net
@@ -159,10 +244,21 @@ fn refused_mutation_is_rolled_back_and_later_pending_survive() {
         .unwrap();
     assert!(matches!(&outcomes[0], Outcome::Rejected { code, .. } if code == "UNKNOWN_TABLE"));
     let events = net.sync(&mut a);
-    assert!(events.iter().any(|e| matches!(e, Event::Rejected { seq: 2, code, .. } if code == "UNKNOWN_TABLE")), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Rejected { seq: 2, code, .. } if code == "UNKNOWN_TABLE")),
+        "{events:?}"
+    );
     // Mutation 2 (the rename) was refused: its effect is gone; 3 survived.
-    assert_eq!(rows(&mut a, "SELECT title FROM todos"), vec![vec![text("ok")]]);
-    assert_eq!(rows(&mut a, "SELECT name FROM lists"), vec![vec![text("groceries")]]);
+    assert_eq!(
+        rows(&mut a, "SELECT title FROM todos"),
+        vec![vec![text("ok")]]
+    );
+    assert_eq!(
+        rows(&mut a, "SELECT name FROM lists"),
+        vec![vec![text("groceries")]]
+    );
     assert_eq!(a.status().pending, 0);
 }
 
@@ -172,11 +268,18 @@ fn delete_wins_over_concurrent_update_and_reinsert_needs_a_later_clock() {
     let (mut a, mut b) = (client(1), client(2));
     net.sync(&mut a);
     net.sync(&mut b);
-    a.exec("INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'x')", &[], 1_000).unwrap();
+    a.exec(
+        "INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'x')",
+        &[],
+        1_000,
+    )
+    .unwrap();
     net.sync(&mut a);
     net.sync(&mut b);
-    a.exec("DELETE FROM todos WHERE id = 't1'", &[], 2_000).unwrap();
-    b.exec("UPDATE todos SET title = 'y' WHERE id = 't1'", &[], 9_000).unwrap();
+    a.exec("DELETE FROM todos WHERE id = 't1'", &[], 2_000)
+        .unwrap();
+    b.exec("UPDATE todos SET title = 'y' WHERE id = 't1'", &[], 9_000)
+        .unwrap();
     net.sync(&mut a);
     net.sync(&mut b);
     assert!(rows(&mut b, "SELECT * FROM todos").is_empty());
@@ -188,9 +291,17 @@ fn capture_handles_upserts_pk_changes_and_noops() {
     let mut net = Net::new();
     let mut a = client(1);
     net.sync(&mut a);
-    let (o, _) = a.exec("INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'x')", &[], 1).unwrap();
+    let (o, _) = a
+        .exec(
+            "INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'x')",
+            &[],
+            1,
+        )
+        .unwrap();
     assert_eq!(o.mutation, Some(1));
-    let (o, _) = a.exec("UPDATE todos SET title = 'x' WHERE id = 't1'", &[], 2).unwrap();
+    let (o, _) = a
+        .exec("UPDATE todos SET title = 'x' WHERE id = 't1'", &[], 2)
+        .unwrap();
     assert_eq!(o.mutation, None, "writing the same value changes nothing");
     let (o, _) = a
         .exec(
@@ -200,11 +311,15 @@ fn capture_handles_upserts_pk_changes_and_noops() {
         )
         .unwrap();
     assert_eq!(o.mutation, Some(2));
-    a.exec("UPDATE todos SET id = 't9' WHERE id = 't1'", &[], 4).unwrap();
+    a.exec("UPDATE todos SET id = 't9' WHERE id = 't1'", &[], 4)
+        .unwrap();
     let mut b = client(2);
     net.sync(&mut a);
     net.sync(&mut b);
-    assert_eq!(rows(&mut b, "SELECT id, title FROM todos"), vec![vec![text("t9"), text("y")]]);
+    assert_eq!(
+        rows(&mut b, "SELECT id, title FROM todos"),
+        vec![vec![text("t9"), text("y")]]
+    );
 }
 
 #[test]
@@ -218,9 +333,21 @@ fn bad_sql_and_transaction_control_are_clear_errors() {
     assert!(e.to_string().contains("one exec is one transaction"), "{e}");
     let e = a.exec("DELETE FROM _hearth_outbox", &[], 1).unwrap_err();
     assert!(e.to_string().contains("Hearth's own"), "{e}");
-    let e = a.exec("INSERT INTO todos (id, list_id, title) VALUES (?1, ?2, ?3)", &[text("a")], 1).unwrap_err();
+    let e = a
+        .exec(
+            "INSERT INTO todos (id, list_id, title) VALUES (?1, ?2, ?3)",
+            &[text("a")],
+            1,
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("takes 3 parameters but 1"), "{e}");
-    let e = a.exec("INSERT INTO todos (id, list_id, title) VALUES (NULL, 'l', 't')", &[], 1).unwrap_err();
+    let e = a
+        .exec(
+            "INSERT INTO todos (id, list_id, title) VALUES (NULL, 'l', 't')",
+            &[],
+            1,
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("cannot be NULL"), "{e}");
     assert_eq!(a.status().pending, 0);
     assert!(rows(&mut a, "SELECT * FROM todos").is_empty());

@@ -22,7 +22,10 @@ struct Fatal {
 }
 
 fn fatal(code: &'static str, message: impl Into<String>) -> Fatal {
-    Fatal { code, message: message.into() }
+    Fatal {
+        code,
+        message: message.into(),
+    }
 }
 
 impl From<CodecError> for Fatal {
@@ -38,21 +41,39 @@ impl From<CodecError> for Fatal {
 
 pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
     Metrics::add(&state.metrics.connections_total, 1);
-    state.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let mut conn = Conn { socket, state: state.clone(), last_sent: 0 };
+    state
+        .metrics
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
+    let mut conn = Conn {
+        socket,
+        state: state.clone(),
+        last_sent: 0,
+    };
     if let Err(f) = conn.serve().await {
         if matches!(f.code, "BAD_FRAME" | "FRAME_TOO_LARGE" | "PROTOCOL_VERSION") {
             Metrics::add(&state.metrics.frames_malformed, 1);
         }
-        let _ = conn.send(&ServerMsg::Error { code: f.code.to_string(), message: f.message.clone() }).await;
+        let _ = conn
+            .send(&ServerMsg::Error {
+                code: f.code.to_string(),
+                message: f.message.clone(),
+            })
+            .await;
         let reason = format!("{}: {}", f.code, f.message);
         let reason: String = reason.chars().take(120).collect();
         let _ = conn
             .socket
-            .send(Message::Close(Some(CloseFrame { code: 1008, reason: reason.into() })))
+            .send(Message::Close(Some(CloseFrame {
+                code: 1008,
+                reason: reason.into(),
+            })))
             .await;
     }
-    state.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    state
+        .metrics
+        .connections_open
+        .fetch_sub(1, Ordering::Relaxed);
 }
 
 struct Conn {
@@ -79,11 +100,16 @@ impl Conn {
 
     async fn recv(&mut self) -> Result<Incoming, Fatal> {
         loop {
-            let Some(msg) = self.socket.recv().await else { return Ok(Incoming::Closed) };
+            let Some(msg) = self.socket.recv().await else {
+                return Ok(Incoming::Closed);
+            };
             let msg = msg.map_err(|e| {
                 let text = e.to_string();
                 if text.contains("too long") || text.contains("too big") || text.contains("size") {
-                    fatal("FRAME_TOO_LARGE", format!("{text} (limit {} bytes)", self.state.frame_bytes_max))
+                    fatal(
+                        "FRAME_TOO_LARGE",
+                        format!("{text} (limit {} bytes)", self.state.frame_bytes_max),
+                    )
                 } else {
                     fatal("BAD_FRAME", text)
                 }
@@ -91,9 +117,14 @@ impl Conn {
             match msg {
                 Message::Binary(bytes) => {
                     Metrics::add(&self.state.metrics.bytes_in, bytes.len() as u64);
-                    return Ok(Incoming::Msg(decode_client(&bytes, self.state.frame_bytes_max)?));
+                    return Ok(Incoming::Msg(decode_client(
+                        &bytes,
+                        self.state.frame_bytes_max,
+                    )?));
                 }
-                Message::Text(_) => return Err(fatal("BAD_FRAME", "Hearth speaks binary frames only")),
+                Message::Text(_) => {
+                    return Err(fatal("BAD_FRAME", "Hearth speaks binary frames only"))
+                }
                 Message::Close(_) => return Ok(Incoming::Closed),
                 Message::Ping(_) | Message::Pong(_) => continue,
             }
@@ -101,16 +132,21 @@ impl Conn {
     }
 
     async fn serve(&mut self) -> Result<(), Fatal> {
-        let (client_id, cursor, schema_version) = match tokio::time::timeout(HELLO_TIMEOUT, self.recv()).await {
-            Err(_) => return Err(fatal("HANDSHAKE", "no Hello within 10 seconds")),
-            Ok(incoming) => match incoming? {
-                Incoming::Closed => return Ok(()),
-                Incoming::Msg(ClientMsg::Hello { client_id, cursor, schema_version }) => {
-                    (client_id, cursor, schema_version)
-                }
-                Incoming::Msg(_) => return Err(fatal("HANDSHAKE", "the first message must be Hello")),
-            },
-        };
+        let (client_id, cursor, schema_version) =
+            match tokio::time::timeout(HELLO_TIMEOUT, self.recv()).await {
+                Err(_) => return Err(fatal("HANDSHAKE", "no Hello within 10 seconds")),
+                Ok(incoming) => match incoming? {
+                    Incoming::Closed => return Ok(()),
+                    Incoming::Msg(ClientMsg::Hello {
+                        client_id,
+                        cursor,
+                        schema_version,
+                    }) => (client_id, cursor, schema_version),
+                    Incoming::Msg(_) => {
+                        return Err(fatal("HANDSHAKE", "the first message must be Hello"))
+                    }
+                },
+            };
         if client_id == 0 {
             return Err(fatal("HANDSHAKE", "client id 0 is reserved"));
         }
@@ -118,14 +154,19 @@ impl Conn {
         // between is missed; entries seen twice are skipped by `last_sent`.
         let mut live = self.state.store.changes.subscribe();
         let head = self.state.metrics.server_seq.load(Ordering::Relaxed);
-        let welcome = hearth_engine::server::welcome(&self.state.store.schema, head, schema_version);
+        let welcome =
+            hearth_engine::server::welcome(&self.state.store.schema, head, schema_version);
         self.send(&welcome).await?;
         self.last_sent = cursor;
         self.catch_up().await?;
 
         let (reply_tx, mut replies) = mpsc::unbounded_channel();
+        let mut shutdown = self.state.shutdown.clone();
         loop {
             tokio::select! {
+                _ = shutdown.changed() => {
+                    return Err(fatal("SHUTDOWN", "the server is shutting down"));
+                }
                 incoming = self.recv() => match incoming? {
                     Incoming::Closed => return Ok(()),
                     Incoming::Msg(ClientMsg::Hello { .. }) => {
@@ -160,9 +201,19 @@ impl Conn {
     }
 
     async fn send_entries(&mut self, entries: &[LogEntry]) -> Result<(), Fatal> {
-        let fresh: Vec<LogEntry> = entries.iter().filter(|e| e.server_seq > self.last_sent).cloned().collect();
-        let Some(last) = fresh.last().map(|e| e.server_seq) else { return Ok(()) };
-        self.send(&ServerMsg::Changes { entries: fresh, caught_up: true }).await?;
+        let fresh: Vec<LogEntry> = entries
+            .iter()
+            .filter(|e| e.server_seq > self.last_sent)
+            .cloned()
+            .collect();
+        let Some(last) = fresh.last().map(|e| e.server_seq) else {
+            return Ok(());
+        };
+        self.send(&ServerMsg::Changes {
+            entries: fresh,
+            caught_up: true,
+        })
+        .await?;
         self.last_sent = last;
         Ok(())
     }
@@ -187,7 +238,11 @@ impl Conn {
             // Entries committed after this point reach the device through the
             // broadcast, so "caught up" is relative to the head read here.
             let done = entries.is_empty() || self.last_sent >= head;
-            self.send(&ServerMsg::Changes { entries, caught_up: done }).await?;
+            self.send(&ServerMsg::Changes {
+                entries,
+                caught_up: done,
+            })
+            .await?;
             if done {
                 return Ok(());
             }

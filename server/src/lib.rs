@@ -62,17 +62,26 @@ impl ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot use data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the store: {0}")]
     Store(#[from] ServerError),
     #[error("cannot open the store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub(crate) struct AppState {
     pub store: store::StoreHandle,
+    /// Turns true when the server shuts down; open connections close then,
+    /// because a graceful shutdown waits for every connection to end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
     pub frame_bytes_max: usize,
     pub assets: &'static [Asset],
@@ -108,15 +117,30 @@ impl Running {
 
 /// Opens the store and starts serving. Returns once the socket is bound.
 pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Running, StartError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
     let metrics = Arc::new(Metrics::default());
     let (store, store_thread) = store::open(&config, metrics.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    let state = Arc::new(AppState { store, metrics: metrics.clone(), frame_bytes_max: config.frame_bytes_max, assets });
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let state = Arc::new(AppState {
+        store,
+        shutdown: shutdown_rx,
+        metrics: metrics.clone(),
+        frame_bytes_max: config.frame_bytes_max,
+        assets,
+    });
     let app = Router::new()
         .route("/sync", get(sync_handler))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -127,12 +151,19 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = rx.await;
+            let _ = shutdown_tx.send(true);
         });
         if let Err(e) = serve.await {
             eprintln!("hearth: server stopped: {e}");
         }
     });
-    Ok(Running { addr, metrics, shutdown: Some(tx), task, store_thread: Some(store_thread) })
+    Ok(Running {
+        addr,
+        metrics,
+        shutdown: Some(tx),
+        task,
+        store_thread: Some(store_thread),
+    })
 }
 
 async fn sync_handler(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
@@ -143,10 +174,18 @@ async fn sync_handler(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) 
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
-async fn asset_handler(State(state): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) -> Response {
+async fn asset_handler(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let path = match uri.path() {
         "/" => "/index.html",
         p => p,
@@ -157,7 +196,11 @@ async fn asset_handler(State(state): State<Arc<AppState>>, uri: Uri, headers: He
     // Assets are not content-hashed in their names, so browsers revalidate
     // each load; the ETag makes that a cheap 304.
     let etag = format!("\"{:016x}\"", fnv1a(bytes));
-    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+    {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
     (
@@ -172,5 +215,7 @@ async fn asset_handler(State(state): State<Arc<AppState>>, uri: Uri, headers: He
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

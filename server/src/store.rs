@@ -41,7 +41,9 @@ fn open_connection(path: &std::path::Path) -> rusqlite::Result<Connection> {
     // WAL with synchronous=NORMAL keeps every committed transaction across a
     // killed process (the OS has the WAL pages); only a power loss can take
     // the last commits. The busy timeout covers the reader's checkpoints.
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+    )?;
     Ok(conn)
 }
 
@@ -108,14 +110,31 @@ fn run(
                             Metrics::add(&metrics.mutations_applied, 1);
                             entries.push(entry);
                         }
-                        Outcome::Rejected { client_seq, code, reason, .. } => {
+                        Outcome::Rejected {
+                            client_seq,
+                            code,
+                            reason,
+                            ..
+                        } => {
                             Metrics::add(&metrics.mutations_rejected, 1);
-                            let _ = reply.send(ServerMsg::Rejected { client_seq, code, reason });
+                            let _ = reply.send(ServerMsg::Rejected {
+                                client_seq,
+                                code,
+                                reason,
+                            });
                         }
-                        Outcome::Duplicate { client_seq, rejection, .. } => {
+                        Outcome::Duplicate {
+                            client_seq,
+                            rejection,
+                            ..
+                        } => {
                             Metrics::add(&metrics.mutations_duplicate, 1);
                             if let Some((code, reason)) = rejection {
-                                let _ = reply.send(ServerMsg::Rejected { client_seq, code, reason });
+                                let _ = reply.send(ServerMsg::Rejected {
+                                    client_seq,
+                                    code,
+                                    reason,
+                                });
                             }
                         }
                     }
@@ -127,11 +146,16 @@ fn run(
                 }
             }
             Err(e) => {
-                eprintln!("hearth: store error, batch of {} mutations not applied: {e}", batch.len());
+                eprintln!(
+                    "hearth: store error, batch of {} mutations not applied: {e}",
+                    batch.len()
+                );
                 for cmd in &cmds {
                     let _ = cmd.reply.send(ServerMsg::Error {
                         code: "STORE".into(),
-                        message: format!("the server could not store your changes ({e}); they stay pending"),
+                        message: format!(
+                            "the server could not store your changes ({e}); they stay pending"
+                        ),
                     });
                 }
             }

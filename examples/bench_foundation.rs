@@ -1,0 +1,222 @@
+//! Foundation benchmarks: capture overhead, server ingest, bytes on the wire.
+//!
+//! Run: `cargo run --release --example bench_foundation`
+//! Prints each figure beside its target and writes target/bench/foundation.json.
+
+use std::time::{Duration, Instant};
+
+use hearth::native_client::{self, Goal};
+use hearth_engine::protocol::{encode_client, encode_server, ClientMsg, ServerMsg};
+use hearth_engine::{Client, ClientConfig, Schema, Value, DEMO_SCHEMA};
+use rusqlite::Connection;
+
+const CAPTURE_ROWS: usize = 100_000;
+const INGEST_CLIENTS: usize = 10;
+const INGEST_PER_CLIENT: usize = 3_000;
+
+fn fresh_device(path: &std::path::Path) -> Client {
+    let schema = Schema::parse(DEMO_SCHEMA).unwrap();
+    // Install the schema as a device would after its first sync: by letting a
+    // server core hand it over in memory.
+    let server =
+        hearth_engine::ServerCore::open(Connection::open_in_memory().unwrap(), schema).unwrap();
+    let mut c = native_client::open_device(
+        path,
+        ClientConfig {
+            outbox_max: 1_000_000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    c.on_connected();
+    c.handle(server.welcome(None), 0).unwrap();
+    c.on_disconnected();
+    c
+}
+
+fn capture(dir: &std::path::Path) -> serde_json::Value {
+    let mut results = serde_json::Map::new();
+    for (label, mode) in [("single_statements", 0), ("one_insert_select", 1)] {
+        let mut timings = Vec::new();
+        for synced in [false, true] {
+            let mut c = fresh_device(&dir.join(format!("capture-{label}-{synced}.db")));
+            c.exec("CREATE TABLE plain (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, title TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, position REAL NOT NULL DEFAULT 0)", &[], 1).unwrap();
+            let table = if synced { "todos" } else { "plain" };
+            let sql = if mode == 0 {
+                let mut sql = String::with_capacity(CAPTURE_ROWS * 90);
+                for i in 0..CAPTURE_ROWS {
+                    sql.push_str(&format!(
+                        "INSERT INTO {table} (id, list_id, title, position) VALUES ('item-{i:08}', 'list-1', 'title {i}', {i});\n"
+                    ));
+                }
+                sql
+            } else {
+                format!(
+                    "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {CAPTURE_ROWS})
+                     INSERT INTO {table} (id, list_id, title, position) SELECT printf('item-%08d', i), 'list-1', 'title ' || i, i FROM s"
+                )
+            };
+            let start = Instant::now();
+            let (outcome, _) = c.exec(&sql, &[], 2).unwrap();
+            let elapsed = start.elapsed();
+            assert_eq!(outcome.rows_affected as usize, CAPTURE_ROWS);
+            assert_eq!(outcome.mutation.is_some(), synced);
+            timings.push(elapsed);
+        }
+        let ratio = timings[1].as_secs_f64() / timings[0].as_secs_f64();
+        println!(
+            "capture ({label}): {CAPTURE_ROWS} inserts in one transaction: plain {:.0} ms, synced {:.0} ms, ratio {ratio:.2}x (target <= 2x)",
+            timings[0].as_secs_f64() * 1e3,
+            timings[1].as_secs_f64() * 1e3
+        );
+        results.insert(
+            label.to_string(),
+            serde_json::json!({"plain_ms": timings[0].as_secs_f64() * 1e3, "synced_ms": timings[1].as_secs_f64() * 1e3, "ratio": ratio, "target_ratio_max": 2.0}),
+        );
+    }
+    serde_json::Value::Object(results)
+}
+
+async fn ingest(dir: &std::path::Path) -> serde_json::Value {
+    let config = hearth_server::ServerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.join("ingest-server"),
+        Schema::parse(DEMO_SCHEMA).unwrap(),
+    );
+    let server = hearth_server::start(config, &[]).await.unwrap();
+    let url = format!("ws://{}/sync", server.addr);
+    let mut devices = Vec::new();
+    for d in 0..INGEST_CLIENTS {
+        let mut c = fresh_device(&dir.join(format!("ingest-{d}.db")));
+        for i in 0..INGEST_PER_CLIENT {
+            c.exec(
+                "INSERT INTO todos (id, list_id, title) VALUES (?1, 'l', 'x')",
+                &[Value::Text(format!("d{d}-{i}"))],
+                native_client::now_ms(),
+            )
+            .unwrap();
+        }
+        devices.push(c);
+    }
+    let total = INGEST_CLIENTS * INGEST_PER_CLIENT;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for mut c in devices {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            native_client::sync_once(&mut c, &url, Goal::Synced, Duration::from_secs(600))
+                .await
+                .unwrap();
+            c.status().pending
+        }));
+    }
+    // Server-side rate: from the first push to the last mutation applied.
+    let metrics = server.metrics.clone();
+    let mut first_applied: Option<Instant> = None;
+    let server_done = loop {
+        let applied = hearth_server::Metrics::get(&metrics.mutations_applied) as usize;
+        if applied > 0 && first_applied.is_none() {
+            first_applied = Some(Instant::now());
+        }
+        if applied >= total {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 0);
+    }
+    let all_synced = start.elapsed();
+    let server_secs = server_done.duration_since(start).as_secs_f64();
+    let rate = total as f64 / server_secs;
+    let end_to_end = total as f64 / all_synced.as_secs_f64();
+    println!(
+        "ingest: {total} single-row mutations from {INGEST_CLIENTS} concurrent clients: applied in {:.2} s = {rate:.0}/s (target >= 20000/s); \
+         every client caught up (incl. applying all {total} changes each) in {:.2} s = {end_to_end:.0}/s",
+        server_secs,
+        all_synced.as_secs_f64()
+    );
+    server.shutdown().await;
+    serde_json::json!({"mutations": total, "clients": INGEST_CLIENTS, "server_applied_per_s": rate, "target_per_s_min": 20000,
+        "all_clients_caught_up_s": all_synced.as_secs_f64()})
+}
+
+fn wire() -> serde_json::Value {
+    let mut c =
+        fresh_device(&std::env::temp_dir().join(format!("hearth-wire-{}.db", std::process::id())));
+    c.exec("INSERT INTO todos (id, list_id, title) VALUES ('0b6f1a52-8e2c-4c5e-9f1e-2f3a4b5c6d7e', 'l', 'x')", &[], 1).unwrap();
+    let (o, _) = c
+        .exec(
+            "UPDATE todos SET done = 1 WHERE id = '0b6f1a52-8e2c-4c5e-9f1e-2f3a4b5c6d7e'",
+            &[],
+            2,
+        )
+        .unwrap();
+    let mut ten = String::new();
+    for i in 0..10 {
+        ten.push_str(&format!(
+            "('{i:08}-8e2c-4c5e-9f1e-2f3a4b5c6d7e', 'list-0001', 'buy item {i}'),"
+        ));
+    }
+    ten.pop();
+    let (o10, _) = c
+        .exec(
+            &format!("INSERT INTO todos (id, list_id, title) VALUES {ten}"),
+            &[],
+            3,
+        )
+        .unwrap();
+    c.on_connected();
+    let server = hearth_engine::ServerCore::open(
+        Connection::open_in_memory().unwrap(),
+        Schema::parse(DEMO_SCHEMA).unwrap(),
+    )
+    .unwrap();
+    let out = c.handle(server.welcome(Some(1)), 4).unwrap();
+    let ClientMsg::Push { mutations } = &out.send[0] else {
+        panic!()
+    };
+    let frame_of = |seq: u64| {
+        let m = mutations.iter().find(|m| m.seq == seq).unwrap().clone();
+        encode_client(&ClientMsg::Push { mutations: vec![m] }).len()
+    };
+    let update = frame_of(o.mutation.unwrap());
+    let insert10 = frame_of(o10.mutation.unwrap());
+    let entry = hearth_engine::LogEntry {
+        server_seq: 123_456,
+        client_id: c.client_id(),
+        client_seq: 2,
+        hlc: mutations[1].hlc,
+        changes: mutations[1].changes.clone(),
+    };
+    let down = encode_server(&ServerMsg::Changes {
+        entries: vec![entry],
+        caught_up: true,
+    })
+    .len();
+    println!("wire: one-column update (36-char UUID key): push frame {update} bytes up, {down} bytes down (target < 100)");
+    println!("wire: 10-row insert (5 columns each): push frame {insert10} bytes");
+    let _ = std::fs::remove_file(
+        std::env::temp_dir().join(format!("hearth-wire-{}.db", std::process::id())),
+    );
+    serde_json::json!({"one_column_update_up_bytes": update, "one_column_update_down_bytes": down, "ten_row_insert_up_bytes": insert10, "target_update_bytes_max": 100})
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let wire = wire();
+    let capture = capture(dir.path());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ingest = runtime.block_on(ingest(dir.path()));
+    let report = serde_json::json!({"capture": capture, "ingest": ingest, "wire": wire});
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write(
+        "target/bench/foundation.json",
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    println!("wrote target/bench/foundation.json");
+}

@@ -1,0 +1,180 @@
+//! A native device: the engine's [`Client`] driven over a real WebSocket by
+//! tokio. The CLI, the integration tests and the benchmarks use it; the
+//! browser's SharedWorker drives the same engine the same way.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use hearth_engine::protocol::{decode_server, encode_client, ClientMsg, FRAME_BYTES_MAX};
+use hearth_engine::{Client, ClientConfig, ClientError, Event};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("server unreachable at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("connection closed: {0}")]
+    Closed(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl SyncError {
+    /// The server's own error code, when it sent one.
+    pub fn server_code(&self) -> Option<&str> {
+        match self {
+            SyncError::Client(ClientError::Server { code, .. }) => Some(code),
+            _ => None,
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A random nonzero client id for a new device database.
+pub fn new_client_id() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
+/// Opens a device database file (WAL, so readers never block the writer).
+pub fn open_device(path: &std::path::Path, config: ClientConfig) -> Result<Client, ClientError> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+    )?;
+    Client::open(conn, new_client_id(), config)
+}
+
+pub async fn connect(url: &str, timeout: Duration) -> Result<Ws, SyncError> {
+    let unreachable = |reason: String| SyncError::Unreachable {
+        url: url.to_string(),
+        reason,
+    };
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(FRAME_BYTES_MAX))
+        .max_frame_size(Some(FRAME_BYTES_MAX));
+    match tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::connect_async_with_config(url, Some(config), false),
+    )
+    .await
+    {
+        Err(_) => Err(unreachable(format!("no answer within {timeout:?}"))),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Ok(Ok((ws, _))) => Ok(ws),
+    }
+}
+
+/// What a sync session should reach before it returns.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Goal {
+    /// The outbox is empty and every change the server had is applied.
+    Synced,
+    /// This mutation has been applied or refused by the server.
+    Resolved(u64),
+}
+
+pub async fn send(ws: &mut Ws, msgs: Vec<ClientMsg>) -> Result<(), SyncError> {
+    for msg in msgs {
+        ws.send(Message::Binary(encode_client(&msg).into()))
+            .await
+            .map_err(|e| SyncError::Closed(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Receives one server message and hands it to the engine; returns the
+/// engine's events. `Ok(None)` when the server closed the connection.
+pub async fn step(client: &mut Client, ws: &mut Ws) -> Result<Option<Vec<Event>>, SyncError> {
+    loop {
+        let Some(frame) = ws.next().await else {
+            return Ok(None);
+        };
+        let frame = frame.map_err(|e| SyncError::Closed(e.to_string()))?;
+        let bytes = match frame {
+            Message::Binary(b) => b,
+            Message::Close(f) => {
+                return Err(SyncError::Closed(
+                    f.map(|f| f.reason.to_string()).unwrap_or_default(),
+                ));
+            }
+            Message::Text(_) => return Err(SyncError::Closed("server sent a text frame".into())),
+            _ => continue,
+        };
+        let msg = decode_server(&bytes, FRAME_BYTES_MAX)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let out = client.handle(msg, now_ms())?;
+        send(ws, out.send).await?;
+        return Ok(Some(out.events));
+    }
+}
+
+fn reached(client: &Client, goal: Goal, events: &[Event]) -> Result<bool, ClientError> {
+    let status = client.status();
+    if !status.connected {
+        return Ok(false);
+    }
+    Ok(match goal {
+        Goal::Synced => status.caught_up && status.pending == 0,
+        Goal::Resolved(seq) => {
+            events.iter().any(|e| {
+                matches!(e, Event::Applied { seq: s, .. } | Event::Rejected { seq: s, .. } if *s == seq)
+            }) || !client.pending_seqs()?.contains(&seq)
+        }
+    })
+}
+
+/// Connects (already connected: pass the socket), says Hello, and exchanges
+/// messages until `goal` is reached. Every engine event is appended to `events`.
+pub async fn run_session(
+    client: &mut Client,
+    ws: &mut Ws,
+    goal: Goal,
+    timeout: Duration,
+    events: &mut Vec<Event>,
+) -> Result<(), SyncError> {
+    let work = async {
+        let hello = client.on_connected();
+        send(ws, hello).await?;
+        loop {
+            match step(client, ws).await? {
+                None => return Err(SyncError::Closed("server closed the connection".into())),
+                Some(evs) => events.extend(evs),
+            }
+            if reached(client, goal, events)? {
+                return Ok(());
+            }
+        }
+    };
+    let result = match tokio::time::timeout(timeout, work).await {
+        Err(_) => Err(SyncError::Timeout(timeout)),
+        Ok(r) => r,
+    };
+    result
+}
+
+/// Connects, syncs to `goal`, and disconnects.
+pub async fn sync_once(
+    client: &mut Client,
+    url: &str,
+    goal: Goal,
+    timeout: Duration,
+) -> Result<Vec<Event>, SyncError> {
+    let mut ws = connect(url, timeout.min(Duration::from_secs(5))).await?;
+    let mut events = Vec::new();
+    let result = run_session(client, &mut ws, goal, timeout, &mut events).await;
+    client.on_disconnected();
+    let _ = ws.close(None).await;
+    result.map(|()| events)
+}

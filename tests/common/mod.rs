@@ -1,0 +1,104 @@
+//! Shared set-up for the integration tests: a real server on a loopback
+//! port, real device databases in a temp dir, real WebSockets.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use hearth::native_client::{self, Goal};
+use hearth_engine::{Client, ClientConfig, Event, Schema, Value};
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A schema with a UNIQUE column, so two devices can make writes that each
+/// pass locally but cannot both be stored: the server must refuse one.
+pub const ACCOUNTS_SCHEMA: &str = r#"
+version = 1
+[tables.accounts]
+create = """
+CREATE TABLE accounts (
+  id    TEXT PRIMARY KEY,
+  email TEXT NOT NULL UNIQUE,
+  name  TEXT NOT NULL DEFAULT '',
+  score INTEGER NOT NULL DEFAULT 0
+)"""
+merge = "lww"
+"#;
+
+pub async fn start_server(dir: &Path, schema: &str) -> hearth_server::Running {
+    start_server_with(dir, schema, |_| {}).await
+}
+
+pub async fn start_server_with(
+    dir: &Path,
+    schema: &str,
+    tweak: impl FnOnce(&mut hearth_server::ServerConfig),
+) -> hearth_server::Running {
+    let mut config = hearth_server::ServerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.join("server"),
+        Schema::parse(schema).unwrap(),
+    );
+    tweak(&mut config);
+    hearth_server::start(config, &[])
+        .await
+        .expect("server starts")
+}
+
+pub fn url(server: &hearth_server::Running) -> String {
+    format!("ws://{}/sync", server.addr)
+}
+
+pub fn device(dir: &Path, name: &str) -> Client {
+    native_client::open_device(&dir.join(format!("{name}.db")), ClientConfig::default()).unwrap()
+}
+
+pub async fn sync(client: &mut Client, url: &str) -> Vec<Event> {
+    native_client::sync_once(client, url, Goal::Synced, TIMEOUT)
+        .await
+        .expect("sync")
+}
+
+pub fn exec(client: &mut Client, sql: &str, params: &[Value]) -> Option<u64> {
+    client
+        .exec(sql, params, native_client::now_ms())
+        .expect("exec")
+        .0
+        .mutation
+}
+
+pub fn rows(client: &mut Client, sql: &str) -> Vec<serde_json::Value> {
+    client.query(sql, &[]).unwrap().to_json_objects()
+}
+
+pub fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+/// GET a path from the server over plain HTTP/1.0; returns the body.
+pub async fn http_get(server: &hearth_server::Running, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// Reads one counter from `/metrics`.
+pub async fn metric(server: &hearth_server::Running, name: &str) -> u64 {
+    let body = http_get(server, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no metric {name} in {body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
