@@ -1,10 +1,20 @@
 // Hearth's drop-in loader: `<script src="https://HOST/hearth.js"></script>` defines
 // `window.Hearth`. It is a classic script (not a module) so that one plain tag is all a
 // page needs; the heavy parts (the page wasm and its glue) load on the first `open`.
+// `hearth.mjs` offers the same API as an ES module (`import { open } from ".../hearth.mjs"`).
 //
 // Everything else is resolved relative to this script's own URL, so the files can be
 // served under any path prefix. The SharedWorker script must be same-origin with the
 // page (a browser rule), so the page and hearth.js come from the same server.
+//
+//   const db = await Hearth.open({ server, name })   // resolves once the schema is there
+//   await db.exec(sql, params)        -> { mutation, rowsAffected }, once durable on the device
+//   await db.query(sql, params)       -> [{ column: value, ... }, ...]
+//   const stop = db.live(sql, params, rows => ..., error => ...)
+//   db.status()                       -> { online, pending, serverSeq, caughtUp, schemaVersion }
+//   const off = db.on("status" | "change" | "rejected", callback)
+//   await db.sync({ timeoutMs })      -> status; rejects with code OFFLINE after the timeout
+// Errors are `Error`s with a stable `code`: SQL_ERROR, OFFLINE, REJECTED, NO_SCHEMA, ...
 (function () {
   "use strict";
 
@@ -36,7 +46,8 @@
   }
 
   // Opens (or joins, if another tab already did) the database `name` on this device.
-  // Resolves to a handle with exec(sql, params) and query(sql, params).
+  // Resolves once the database has its schema: at once on a device that synced before,
+  // after the first contact with the server on a fresh device.
   async function open(options) {
     const { server = defaultServer(), name = "default" } = options || {};
     const page = await loadPage();

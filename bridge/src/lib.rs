@@ -7,6 +7,8 @@
 //! Layout:
 //! - [`Value`], [`Rows`]: SQL values and result sets as they cross the port.
 //! - [`PageMessage`] / [`Request`]: what a tab asks; [`WorkerMessage`] / [`Reply`]: answers.
+//! - [`Notice`]: what the worker pushes unasked: live query results, status, changes,
+//!   rejected writes.
 //! - [`ErrorReply`] / [`ErrorCode`]: failures, with the stable code the JS API exposes.
 //! - [`encode`] / [`decode`]: the frame format. A frame is postcard bytes of
 //!   `(PROTOCOL_VERSION, message)`. Postcard has no schema, so a peer built from other
@@ -19,7 +21,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bump on any change to the messages below that an older peer would misread.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest frame either side accepts. A bound keeps one runaway query result from
 /// exhausting a tab's memory; hitting it is a clear error, never a silent truncation.
@@ -48,16 +50,40 @@ pub enum PageMessage {
     /// `id` is chosen by the tab and echoed in the [`WorkerMessage::Response`]; it is unique
     /// only per port, so the worker never compares ids across tabs.
     Request { id: u32, request: Request },
+    /// The tab is going away (pagehide): drop its live queries and waiters now. A tab that
+    /// dies without saying so is found through its Web Lock (see [`Request::Open`]).
+    Bye,
+    /// The tab's browser says the network came back (`true`) or went away (`false`). The
+    /// worker reconnects at once on `true`, and on `false` closes its socket until a tab
+    /// (or its own `online` event) says the network is back.
+    Network { online: bool },
 }
 
 /// What a tab can ask of the worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
-    /// Run statements that change the database. The reply comes only once the change is
-    /// durable in the device's storage, not merely committed in memory.
+    /// The first message of every tab. `server` is the sync endpoint (the first tab's
+    /// choice wins for the worker's lifetime). `tab_lock` names a Web Lock the tab holds
+    /// for as long as it lives: when the worker is granted it, the tab is gone. The reply,
+    /// [`Reply::Opened`], comes once the database has a schema (from storage at once, or
+    /// from the server's first Welcome on a fresh device).
+    Open { server: String, tab_lock: String },
+    /// Run statements that change the database, as one transaction. The reply comes only
+    /// once the change is durable in the device's storage, not merely committed in memory.
     Exec { sql: String, params: Vec<Value> },
     /// Run one read-only statement and return its rows.
     Query { sql: String, params: Vec<Value> },
+    /// Start a live query: the reply carries the first rows, and after every change to a
+    /// table the query reads the worker sends [`Notice::LiveRows`] tagged with this
+    /// request's id, until [`Request::Unsubscribe`] or the tab goes away.
+    Subscribe { sql: String, params: Vec<Value> },
+    /// Stop the live query started by request `live_id` of this tab.
+    Unsubscribe { live_id: u32 },
+    /// Resolve once the outbox is empty, the device has caught up with the server and that
+    /// state is durable; fail with [`ErrorCode::Offline`] after `timeout_ms`.
+    Sync { timeout_ms: u32 },
+    /// The current [`SyncStatus`].
+    Status,
 }
 
 /// A message from the worker to a tab.
@@ -67,13 +93,64 @@ pub enum WorkerMessage {
         id: u32,
         result: Result<Reply, ErrorReply>,
     },
+    /// Something the tab did not ask for this time.
+    Notice(Notice),
+}
+
+/// What the worker pushes to tabs unasked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Notice {
+    /// New rows of the live query started by this tab's request `live_id`, or the error
+    /// re-running it gave.
+    LiveRows {
+        live_id: u32,
+        result: Result<Rows, ErrorReply>,
+    },
+    /// The sync status changed. Sent to every tab.
+    Status(SyncStatus),
+    /// Rows of these tables changed (a local write from any tab, server changes, or a
+    /// rollback). Sent to every tab.
+    Changed { tables: Vec<String> },
+    /// The server refused mutation `mutation`; its effects were undone on this device.
+    /// Sent to every tab.
+    Rejected {
+        mutation: u64,
+        code: String,
+        reason: String,
+    },
+}
+
+/// The device's sync state as tabs see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// Connected to the server and past the handshake.
+    pub online: bool,
+    /// Connected and every change the server had when it last answered is applied.
+    pub caught_up: bool,
+    /// Local mutations the server has not yet applied or refused.
+    pub pending: u64,
+    /// The last server sequence number applied on this device.
+    pub server_seq: u64,
+    /// The schema version this device has, if any.
+    pub schema_version: Option<u64>,
 }
 
 /// A successful answer to a [`Request`] of the same kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
-    Exec { rows_affected: u64 },
+    Opened(SyncStatus),
+    /// `mutation` is the sequence number of the mutation the exec made, or `None` when it
+    /// changed no synced row.
+    Exec {
+        mutation: Option<u64>,
+        rows_affected: u64,
+    },
     Query(Rows),
+    /// The first rows of a live query.
+    Subscribed(Rows),
+    Unsubscribed,
+    Synced(SyncStatus),
+    Status(SyncStatus),
 }
 
 /// A failed request: the stable code the page turns into `Error.code`, and a message
@@ -104,6 +181,20 @@ pub enum ErrorCode {
     /// The page passed something the API cannot take, such as an object as an SQL
     /// parameter.
     InvalidArgument,
+    /// The server could not be reached in time (`sync`).
+    Offline,
+    /// The server refused a write; its effects were undone (the `rejected` event).
+    Rejected,
+    /// The database has no schema yet: it arrives with the first sync.
+    NoSchema,
+    /// The outbox holds as many pending writes as it may: sync before writing more.
+    OutboxFull,
+    /// One transaction's changes are too large for one mutation.
+    TooLarge,
+    /// The server's schema does not fit this device's database.
+    Schema,
+    /// The server reported an error.
+    Server,
 }
 
 impl ErrorCode {
@@ -116,6 +207,29 @@ impl ErrorCode {
             ErrorCode::Busy => "BUSY",
             ErrorCode::Closed => "CLOSED",
             ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorCode::Offline => "OFFLINE",
+            ErrorCode::Rejected => "REJECTED",
+            ErrorCode::NoSchema => "NO_SCHEMA",
+            ErrorCode::OutboxFull => "OUTBOX_FULL",
+            ErrorCode::TooLarge => "TOO_LARGE",
+            ErrorCode::Schema => "SCHEMA",
+            ErrorCode::Server => "SERVER",
+        }
+    }
+}
+
+impl ErrorCode {
+    /// The code for one of `hearth_engine::ClientError::code()`'s spellings; anything it
+    /// does not know is a protocol error, so a new engine code is noticed, not hidden.
+    pub fn from_engine(code: &str) -> ErrorCode {
+        match code {
+            "SQL_ERROR" => ErrorCode::SqlError,
+            "NO_SCHEMA" => ErrorCode::NoSchema,
+            "OUTBOX_FULL" => ErrorCode::OutboxFull,
+            "TOO_LARGE" => ErrorCode::TooLarge,
+            "SCHEMA" => ErrorCode::Schema,
+            "SERVER" => ErrorCode::Server,
+            _ => ErrorCode::Protocol,
         }
     }
 }
@@ -253,7 +367,18 @@ mod tests {
             id: 2,
             result: Err(ErrorReply::new(ErrorCode::SqlError, "no such table: x")),
         };
-        for message in [ok, err] {
+        let notice = WorkerMessage::Notice(Notice::Status(SyncStatus {
+            online: true,
+            caught_up: false,
+            pending: 3,
+            server_seq: 42,
+            schema_version: Some(1),
+        }));
+        let live = WorkerMessage::Notice(Notice::LiveRows {
+            live_id: 9,
+            result: Ok(Rows::default()),
+        });
+        for message in [ok, err, notice, live] {
             let frame = encode(&message).unwrap();
             assert_eq!(decode::<WorkerMessage>(&frame).unwrap(), message);
         }
@@ -294,5 +419,9 @@ mod tests {
     fn error_codes_are_stable() {
         assert_eq!(ErrorCode::SqlError.as_str(), "SQL_ERROR");
         assert_eq!(ErrorCode::VersionMismatch.as_str(), "VERSION_MISMATCH");
+        assert_eq!(ErrorCode::Offline.as_str(), "OFFLINE");
+        assert_eq!(ErrorCode::Rejected.as_str(), "REJECTED");
+        assert_eq!(ErrorCode::from_engine("NO_SCHEMA"), ErrorCode::NoSchema);
+        assert_eq!(ErrorCode::from_engine("SQL_ERROR"), ErrorCode::SqlError);
     }
 }

@@ -1,28 +1,49 @@
 //! The typed Rust API: a tab's connection to the device's SharedWorker.
+//!
+//! [`Client::open`] connects (starting the worker if this is the first tab), waits until
+//! the database has a schema and returns a handle with the same operations the JS API
+//! has: [`Client::exec`], [`Client::query`], [`Client::live`], [`Client::status`],
+//! [`Client::on`], [`Client::sync`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
 use hearth_bridge::{
-    decode, encode, DecodeError, ErrorCode, ErrorReply, PageMessage, Reply, Request, Rows, Value,
-    WorkerMessage,
+    decode, encode, DecodeError, ErrorCode, ErrorReply, Notice, PageMessage, Reply, Request, Rows,
+    SyncStatus, Value, WorkerMessage,
 };
-use js_sys::{Array, Uint8Array};
+use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
 use tokio::sync::oneshot;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::JsFuture;
 use web_sys::{MessageEvent, MessagePort, SharedWorker, WorkerOptions, WorkerType};
 
 /// Requests one tab may have in flight. Past this, calls fail with BUSY at once instead
 /// of piling up behind a stalled worker.
 pub const PENDING_REQUESTS_MAX: usize = 10_000;
 
+/// How long [`Client::sync`] waits by default before failing with OFFLINE.
+pub const SYNC_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+
 /// Must match `hearth_worker::host::WORKER_NAME_PREFIX`: the worker derives its database
 /// file from the name this side gives it.
 const WORKER_NAME_PREFIX: &str = "hearth:";
 
 type Waiter = oneshot::Sender<Result<Reply, ErrorReply>>;
+type LiveCallback = Box<dyn FnMut(Result<Rows, ErrorReply>)>;
+type Listener = Rc<dyn Fn(&Notice)>;
+type WindowHandler = (&'static str, Closure<dyn Fn()>);
+
+/// What an `exec` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecResult {
+    /// The sequence number of the mutation it queued for the server, or `None` when it
+    /// changed no synced row.
+    pub mutation: Option<u64>,
+    pub rows_affected: u64,
+}
 
 /// A connection from this tab to the SharedWorker hosting database `name`. Cheap to
 /// clone; all clones share one port. Dropping the last clone closes the port.
@@ -34,21 +55,67 @@ pub struct Client {
 struct Inner {
     port: MessagePort,
     // Kept so that the worker is not collected while the tab uses it.
-    _worker: SharedWorker,
+    worker: SharedWorker,
     pending: RefCell<HashMap<u32, Waiter>>,
+    lives: RefCell<HashMap<u32, LiveCallback>>,
+    listeners: RefCell<Vec<(u32, Listener)>>,
+    next_listener: Cell<u32>,
+    status: Cell<SyncStatus>,
     next_id: Cell<u32>,
     /// Set once the connection can no longer work (version mismatch, worker failed to
     /// start); later calls fail at once with this error.
     broken: RefCell<Option<ErrorReply>>,
     on_message: Closure<dyn Fn(MessageEvent)>,
     on_error: Closure<dyn Fn(JsValue)>,
+    /// (event name, handler) on `window`: pagehide says Bye, online/offline are forwarded.
+    window_handlers: Vec<WindowHandler>,
+}
+
+/// A running live query; [`LiveQuery::stop`] (or dropping every clone of the
+/// [`Client`]) ends it. Dropping a `LiveQuery` does not stop it.
+pub struct LiveQuery {
+    inner: Weak<Inner>,
+    live_id: u32,
+}
+
+impl LiveQuery {
+    /// Stops the callbacks; the worker drops the query.
+    pub fn stop(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            if inner.lives.borrow_mut().remove(&self.live_id).is_some() {
+                // The answer does not matter: nothing waits for it.
+                let _ = inner.request(Request::Unsubscribe {
+                    live_id: self.live_id,
+                });
+            }
+        }
+    }
 }
 
 impl Client {
     /// Connects to (starting if needed) the SharedWorker at `worker_url` that hosts the
-    /// database `name`. Every tab of the origin that names the same database reaches the
-    /// same worker, because the browser shares a SharedWorker per (URL, name).
-    pub fn connect(worker_url: &str, name: &str) -> Result<Client, ErrorReply> {
+    /// database `name`, syncing with `server` (a `ws:`/`wss:` URL; the first tab's choice
+    /// wins). Resolves once the database has a schema: at once on a device that has synced
+    /// before, after the first contact with the server on a fresh one.
+    pub async fn open(worker_url: &str, name: &str, server: &str) -> Result<Client, ErrorReply> {
+        let tab_lock = hold_tab_lock().await;
+        let client = Client::connect(worker_url, name)?;
+        let request = Request::Open {
+            server: server.to_owned(),
+            tab_lock,
+        };
+        match client.inner.request(request)?.await {
+            Ok(Ok(Reply::Opened(status))) => {
+                client.inner.status.set(status);
+                Ok(client)
+            }
+            Ok(Ok(other)) => Err(unexpected(&other)),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(closed()),
+        }
+    }
+
+    fn connect(worker_url: &str, name: &str) -> Result<Client, ErrorReply> {
         let options = WorkerOptions::new();
         options.set_type(WorkerType::Module);
         options.set_name(&format!("{WORKER_NAME_PREFIX}{name}"));
@@ -82,34 +149,69 @@ impl Client {
                     }
                 })
             };
+            let window_message = |message: PageMessage| {
+                let weak = weak.clone();
+                Closure::<dyn Fn()>::new(move || {
+                    if let Some(inner) = weak.upgrade() {
+                        // A closed port has nothing left to tell.
+                        let _ = inner.post(&message);
+                    }
+                })
+            };
+            let window_handlers = vec![
+                ("pagehide", window_message(PageMessage::Bye)),
+                (
+                    "online",
+                    window_message(PageMessage::Network { online: true }),
+                ),
+                (
+                    "offline",
+                    window_message(PageMessage::Network { online: false }),
+                ),
+            ];
             Inner {
                 port: port.clone(),
-                _worker: worker.clone(),
+                worker: worker.clone(),
                 pending: RefCell::new(HashMap::new()),
+                lives: RefCell::new(HashMap::new()),
+                listeners: RefCell::new(Vec::new()),
+                next_listener: Cell::new(1),
+                status: Cell::new(SyncStatus::default()),
                 next_id: Cell::new(1),
                 broken: RefCell::new(None),
                 on_message,
                 on_error,
+                window_handlers,
             }
         });
         worker.set_onerror(Some(inner.on_error.as_ref().unchecked_ref()));
         // Assigning onmessage starts the port.
         port.set_onmessage(Some(inner.on_message.as_ref().unchecked_ref()));
+        if let Some(window) = web_sys::window() {
+            for (name, handler) in &inner.window_handlers {
+                let _ =
+                    window.add_event_listener_with_callback(name, handler.as_ref().unchecked_ref());
+            }
+        }
         Ok(Client { inner })
     }
 
-    /// Runs SQL that changes the database; resolves with the number of rows changed once
-    /// the change is durable on this device.
-    pub async fn exec(&self, sql: &str, params: Vec<Value>) -> Result<u64, ErrorReply> {
+    /// Runs SQL that changes the database, as one transaction; resolves once the change is
+    /// durable on this device. The write reaches the server in the background.
+    pub async fn exec(&self, sql: &str, params: Vec<Value>) -> Result<ExecResult, ErrorReply> {
         let request = Request::Exec {
             sql: sql.to_owned(),
             params,
         };
-        match self.inner.request(request)?.await {
-            Ok(Ok(Reply::Exec { rows_affected })) => Ok(rows_affected),
-            Ok(Ok(other)) => Err(unexpected(&other)),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(closed()),
+        match self.call(request).await? {
+            Reply::Exec {
+                mutation,
+                rows_affected,
+            } => Ok(ExecResult {
+                mutation,
+                rows_affected,
+            }),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -119,19 +221,89 @@ impl Client {
             sql: sql.to_owned(),
             params,
         };
-        match self.inner.request(request)?.await {
-            Ok(Ok(Reply::Query(rows))) => Ok(rows),
-            Ok(Ok(other)) => Err(unexpected(&other)),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(closed()),
+        match self.call(request).await? {
+            Reply::Query(rows) => Ok(rows),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs `sql` now and again after every change (by any tab, or from the server) to a
+    /// table it reads, calling `callback` with the rows each time they differ. An error
+    /// (bad SQL) is passed to `callback` once and ends the query.
+    pub fn live(
+        &self,
+        sql: &str,
+        params: Vec<Value>,
+        mut callback: impl FnMut(Result<Rows, ErrorReply>) + 'static,
+    ) -> LiveQuery {
+        let request = Request::Subscribe {
+            sql: sql.to_owned(),
+            params,
+        };
+        let live_id = self.inner.next_id.get();
+        match self.inner.request(request) {
+            Ok(_reply) => {
+                // The reply is routed to the callback, not to the dropped receiver: see
+                // `Inner::on_frame`.
+                self.inner.pending.borrow_mut().remove(&live_id);
+                self.inner
+                    .lives
+                    .borrow_mut()
+                    .insert(live_id, Box::new(callback));
+            }
+            Err(error) => callback(Err(error)),
+        }
+        LiveQuery {
+            inner: Rc::downgrade(&self.inner),
+            live_id,
+        }
+    }
+
+    /// The sync status as the worker last reported it.
+    pub fn status(&self) -> SyncStatus {
+        self.inner.status.get()
+    }
+
+    /// Calls `listener` with every notice the worker pushes to all tabs: status changes,
+    /// changed tables, rejected writes. Returns an id for [`Client::off`].
+    pub fn on(&self, listener: impl Fn(&Notice) + 'static) -> u32 {
+        let id = self.inner.next_listener.get();
+        self.inner.next_listener.set(id.wrapping_add(1));
+        self.inner
+            .listeners
+            .borrow_mut()
+            .push((id, Rc::new(listener)));
+        id
+    }
+
+    /// Removes a listener added by [`Client::on`].
+    pub fn off(&self, id: u32) {
+        self.inner.listeners.borrow_mut().retain(|(i, _)| *i != id);
+    }
+
+    /// Resolves once every local write has reached the server, the device has caught up
+    /// and that is durable; fails with OFFLINE after `timeout_ms`.
+    pub async fn sync(&self, timeout_ms: u32) -> Result<SyncStatus, ErrorReply> {
+        match self.call(Request::Sync { timeout_ms }).await? {
+            Reply::Synced(status) => Ok(status),
+            other => Err(unexpected(&other)),
         }
     }
 
     /// Closes this tab's port; pending and later calls fail with CLOSED. The worker and
     /// other tabs are not affected.
     pub fn close(&self) {
+        let _ = self.inner.post(&PageMessage::Bye);
         self.inner.break_with(closed());
+        self.inner.lives.borrow_mut().clear();
         self.inner.port.close();
+    }
+
+    async fn call(&self, request: Request) -> Result<Reply, ErrorReply> {
+        match self.inner.request(request)?.await {
+            Ok(result) => result,
+            Err(_) => Err(closed()),
+        }
     }
 }
 
@@ -152,22 +324,27 @@ impl Inner {
         let id = self.next_id.get();
         // Id 0 is reserved for worker errors that concern the whole port.
         self.next_id.set(id.checked_add(1).unwrap_or(1));
-        let frame = encode(&PageMessage::Request { id, request })
-            .map_err(|err| ErrorReply::new(ErrorCode::InvalidArgument, err.to_string()))?;
         let (waiter, reply) = oneshot::channel();
         self.pending.borrow_mut().insert(id, waiter);
-        let array = Uint8Array::from(frame.as_slice());
-        if let Err(err) = self
-            .port
-            .post_message_with_transferable(&array, &Array::of1(&array.buffer()))
-        {
+        if let Err(error) = self.post(&PageMessage::Request { id, request }) {
             self.pending.borrow_mut().remove(&id);
-            return Err(ErrorReply::new(
-                ErrorCode::Closed,
-                format!("cannot send to the Hearth worker: {err:?}"),
-            ));
+            return Err(error);
         }
         Ok(reply)
+    }
+
+    fn post(&self, message: &PageMessage) -> Result<(), ErrorReply> {
+        let frame = encode(message)
+            .map_err(|err| ErrorReply::new(ErrorCode::InvalidArgument, err.to_string()))?;
+        let array = Uint8Array::from(frame.as_slice());
+        self.port
+            .post_message_with_transferable(&array, &Array::of1(&array.buffer()))
+            .map_err(|err| {
+                ErrorReply::new(
+                    ErrorCode::Closed,
+                    format!("cannot send to the Hearth worker: {err:?}"),
+                )
+            })
     }
 
     fn on_frame(&self, data: &JsValue) {
@@ -182,13 +359,57 @@ impl Inner {
                 self.fail_all(&error);
             }
             Ok(WorkerMessage::Response { id, result }) => {
-                if let Some(waiter) = self.pending.borrow_mut().remove(&id) {
+                let waiter = self.pending.borrow_mut().remove(&id);
+                if let Some(waiter) = waiter {
                     // The caller may have stopped waiting; nothing to do then.
                     let _ = waiter.send(result);
+                } else {
+                    // The first answer of a live query.
+                    let rows = match result {
+                        Ok(Reply::Subscribed(rows)) => Ok(rows),
+                        Ok(other) => Err(unexpected(&other)),
+                        Err(error) => Err(error),
+                    };
+                    let ends = rows.is_err();
+                    self.deliver_live(id, rows, ends);
                 }
             }
+            Ok(WorkerMessage::Notice(notice)) => self.on_notice(notice),
             Err(err @ DecodeError::VersionMismatch { .. }) => self.break_with(err.into()),
             Err(err) => self.fail_all(&err.into()),
+        }
+    }
+
+    fn on_notice(&self, notice: Notice) {
+        match notice {
+            Notice::LiveRows { live_id, result } => {
+                let ends = result.is_err();
+                self.deliver_live(live_id, result, ends);
+                return;
+            }
+            Notice::Status(status) => self.status.set(status),
+            Notice::Changed { .. } | Notice::Rejected { .. } => {}
+        }
+        // Listeners may add or remove listeners: call a snapshot.
+        let listeners: Vec<Listener> = self
+            .listeners
+            .borrow()
+            .iter()
+            .map(|(_, l)| Rc::clone(l))
+            .collect();
+        for listener in listeners {
+            listener(&notice);
+        }
+    }
+
+    fn deliver_live(&self, live_id: u32, rows: Result<Rows, ErrorReply>, ends: bool) {
+        // Taken out while it runs, so the callback may start or stop live queries.
+        let Some(mut callback) = self.lives.borrow_mut().remove(&live_id) else {
+            return; // Stopped meanwhile.
+        };
+        callback(rows);
+        if !ends {
+            self.lives.borrow_mut().entry(live_id).or_insert(callback);
         }
     }
 
@@ -209,10 +430,64 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The handlers are about to be freed; detach them first so the browser never
         // calls into a dropped closure.
+        let _ = self.post(&PageMessage::Bye);
         self.port.set_onmessage(None);
-        self._worker.set_onerror(None);
+        self.worker.set_onerror(None);
+        if let Some(window) = web_sys::window() {
+            for (name, handler) in &self.window_handlers {
+                let _ = window
+                    .remove_event_listener_with_callback(name, handler.as_ref().unchecked_ref());
+            }
+        }
         self.port.close();
     }
+}
+
+/// Takes a Web Lock with a fresh random name and holds it for as long as this page lives;
+/// returns its name ("" when the browser has no Web Locks). The worker asks for the same
+/// lock: when it gets it, this tab is gone, however it went (closed, crashed, killed).
+async fn hold_tab_lock() -> String {
+    let locks = web_sys::window()
+        .map(|w| JsValue::from(w.navigator()))
+        .and_then(|navigator| Reflect::get(&navigator, &"locks".into()).ok())
+        .filter(|locks| !locks.is_undefined() && !locks.is_null());
+    let Some(locks) = locks else {
+        return String::new();
+    };
+    let Some(request) = Reflect::get(&locks, &"request".into())
+        .ok()
+        .and_then(|f| f.dyn_into::<Function>().ok())
+    else {
+        return String::new();
+    };
+    let name = format!(
+        "hearth-tab-{:016x}{:016x}",
+        (js_sys::Math::random() * 2f64.powi(53)) as u64,
+        (js_sys::Math::random() * 2f64.powi(53)) as u64
+    );
+    let mut granted_resolve: Option<Function> = None;
+    let granted = Promise::new(&mut |resolve, _reject| granted_resolve = Some(resolve));
+    let Some(granted_resolve) = granted_resolve else {
+        return String::new();
+    };
+    // The callback tells us the lock is ours, then returns a promise that never settles:
+    // the lock is released only when the page goes away.
+    let hold = Closure::once_into_js(move |_lock: JsValue| -> JsValue {
+        let _ = granted_resolve.call0(&JsValue::UNDEFINED);
+        Promise::new(&mut |_, _| {}).into()
+    });
+    if request
+        .call2(&locks, &JsValue::from_str(&name), &hold)
+        .is_err()
+    {
+        return String::new();
+    }
+    // Only once the lock is ours may the worker ask for it; otherwise it could be granted
+    // to the worker first and the tab would look gone at once.
+    if JsFuture::from(granted).await.is_err() {
+        return String::new();
+    }
+    name
 }
 
 fn closed() -> ErrorReply {

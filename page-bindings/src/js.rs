@@ -3,26 +3,32 @@
 //! Values cross as plain JS values: numbers, strings, `null`, `Uint8Array` for blobs and
 //! `BigInt` for integers beyond 2^53. Errors are JS `Error`s with a stable `code`.
 
-use hearth_bridge::{ErrorCode, ErrorReply, Rows, Value};
-use js_sys::{Array, BigInt, Object, Promise, Reflect, Uint8Array};
+use hearth_bridge::{ErrorCode, ErrorReply, Notice, Rows, SyncStatus, Value};
+use js_sys::{Array, BigInt, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::future_to_promise;
 
-use crate::client::Client;
+use crate::client::{Client, SYNC_TIMEOUT_MS_DEFAULT};
 
 /// The largest integer a JS number holds exactly; beyond it integers cross as `BigInt`.
 const JS_SAFE_INTEGER_MAX: i64 = (1 << 53) - 1;
 
 /// Connects this tab to the database `name`, hosted by the SharedWorker script at
-/// `worker_url`. `server` is the sync endpoint the worker will use.
+/// `worker_url`, syncing with `server`. Resolves to a [`Database`] once the database has
+/// a schema (at once on a device that synced before; after the first sync on a new one).
 #[wasm_bindgen]
-pub fn open(worker_url: &str, name: &str, server: &str) -> Result<Database, JsValue> {
-    let client = Client::connect(worker_url, name).map_err(js_error)?;
-    Ok(Database {
-        client,
-        name: name.to_owned(),
-        server: server.to_owned(),
+pub fn open(worker_url: String, name: String, server: String) -> Promise {
+    future_to_promise(async move {
+        let client = Client::open(&worker_url, &name, &server)
+            .await
+            .map_err(js_error)?;
+        Ok(Database {
+            client,
+            name,
+            server,
+        }
+        .into())
     })
 }
 
@@ -36,19 +42,24 @@ pub struct Database {
 
 #[wasm_bindgen]
 impl Database {
-    /// `exec(sql, params?)`: resolves to `{rowsAffected}` once the change is durable on
-    /// this device.
+    /// `exec(sql, params?)`: resolves to `{mutation, rowsAffected}` once the change is
+    /// durable on this device. `mutation` is the sequence number of the write queued for
+    /// the server, or `null` when no synced table changed.
     pub fn exec(&self, sql: String, params: JsValue) -> Promise {
         let client = self.client.clone();
         future_to_promise(async move {
             let params = params_from_js(&params).map_err(js_error)?;
-            let rows_affected = client.exec(&sql, params).await.map_err(js_error)?;
+            let done = client.exec(&sql, params).await.map_err(js_error)?;
             let result = Object::new();
+            let mutation = done
+                .mutation
+                .map_or(JsValue::NULL, |m| JsValue::from(m as f64));
+            Reflect::set(&result, &"mutation".into(), &mutation)?;
             // Row counts never approach 2^53, so a plain number is exact.
             Reflect::set(
                 &result,
                 &"rowsAffected".into(),
-                &(rows_affected as f64).into(),
+                &(done.rows_affected as f64).into(),
             )?;
             Ok(result.into())
         })
@@ -61,6 +72,112 @@ impl Database {
             let params = params_from_js(&params).map_err(js_error)?;
             let rows = client.query(&sql, params).await.map_err(js_error)?;
             rows_to_js(&rows)
+        })
+    }
+
+    /// `live(sql, params, callback, onError?)`: calls `callback(rows)` at once and after
+    /// every change to a table the query reads, from any tab or the server. Returns a
+    /// function that stops it. A failing query calls `onError(error)` (or logs) once.
+    pub fn live(
+        &self,
+        sql: String,
+        params: JsValue,
+        callback: Function,
+        on_error: JsValue,
+    ) -> Result<Function, JsValue> {
+        let params = params_from_js(&params).map_err(js_error)?;
+        let on_error = on_error.dyn_into::<Function>().ok();
+        let live = self.client.live(&sql, params, move |result| match result {
+            Ok(rows) => match rows_to_js(&rows) {
+                Ok(rows) => {
+                    if let Err(err) = callback.call1(&JsValue::UNDEFINED, &rows) {
+                        web_sys::console::error_2(&"Hearth live callback threw".into(), &err);
+                    }
+                }
+                Err(err) => web_sys::console::error_1(&err),
+            },
+            Err(error) => {
+                let error = js_error(error);
+                match &on_error {
+                    Some(on_error) => {
+                        let _ = on_error.call1(&JsValue::UNDEFINED, &error);
+                    }
+                    None => web_sys::console::error_2(&"Hearth live query failed".into(), &error),
+                }
+            }
+        });
+        let stop = Closure::once_into_js(move || live.stop());
+        Ok(stop.unchecked_into())
+    }
+
+    /// `status()`: `{online, pending, serverSeq, caughtUp, schemaVersion}` as the worker
+    /// last pushed it (a plain value, not a promise).
+    pub fn status(&self) -> JsValue {
+        status_to_js(&self.client.status())
+    }
+
+    /// `on(kind, callback)` with kind "status" (`callback(status)`), "change"
+    /// (`callback({tables})`) or "rejected" (`callback(error)`, an Error with code
+    /// REJECTED and `mutation`, `serverCode`, `reason`). Returns a function that removes
+    /// the callback.
+    pub fn on(&self, kind: String, callback: Function) -> Result<Function, JsValue> {
+        if !matches!(kind.as_str(), "status" | "change" | "rejected") {
+            return Err(js_error(ErrorReply::new(
+                ErrorCode::InvalidArgument,
+                format!("unknown event {kind:?}: use \"status\", \"change\" or \"rejected\""),
+            )));
+        }
+        let id = self.client.on(move |notice| {
+            let value = match (kind.as_str(), notice) {
+                ("status", Notice::Status(status)) => status_to_js(status),
+                ("change", Notice::Changed { tables }) => {
+                    let object = Object::new();
+                    let list: Array = tables.iter().map(|t| JsValue::from_str(t)).collect();
+                    let _ = Reflect::set(&object, &"tables".into(), &list);
+                    object.into()
+                }
+                (
+                    "rejected",
+                    Notice::Rejected {
+                        mutation,
+                        code,
+                        reason,
+                    },
+                ) => {
+                    let error = js_error(ErrorReply::new(
+                        ErrorCode::Rejected,
+                        format!("the server refused write {mutation}: {reason}"),
+                    ));
+                    let _ = Reflect::set(&error, &"mutation".into(), &(*mutation as f64).into());
+                    let _ = Reflect::set(&error, &"serverCode".into(), &code.as_str().into());
+                    let _ = Reflect::set(&error, &"reason".into(), &reason.as_str().into());
+                    error
+                }
+                _ => return,
+            };
+            if let Err(err) = callback.call1(&JsValue::UNDEFINED, &value) {
+                web_sys::console::error_2(&"Hearth event callback threw".into(), &err);
+            }
+        });
+        let client = self.client.clone();
+        let off = Closure::once_into_js(move || client.off(id));
+        Ok(off.unchecked_into())
+    }
+
+    /// `sync({timeoutMs}?)`: resolves to the status once every local write reached the
+    /// server and the device caught up; rejects with code OFFLINE after the timeout
+    /// (default 10 s).
+    pub fn sync(&self, options: JsValue) -> Promise {
+        let client = self.client.clone();
+        let timeout_ms = Reflect::get(&options, &"timeoutMs".into())
+            .ok()
+            .and_then(|v| v.as_f64())
+            .map_or(SYNC_TIMEOUT_MS_DEFAULT, |ms| {
+                ms.clamp(0.0, u32::MAX as f64) as u32
+            });
+        future_to_promise(async move {
+            let status = client.sync(timeout_ms).await.map_err(js_error)?;
+            Ok(status_to_js(&status))
         })
     }
 
@@ -78,6 +195,23 @@ impl Database {
     pub fn server(&self) -> String {
         self.server.clone()
     }
+}
+
+fn status_to_js(status: &SyncStatus) -> JsValue {
+    let object = Object::new();
+    let schema_version = status
+        .schema_version
+        .map_or(JsValue::NULL, |v| JsValue::from(v as f64));
+    for (key, value) in [
+        ("online", JsValue::from(status.online)),
+        ("caughtUp", JsValue::from(status.caught_up)),
+        ("pending", JsValue::from(status.pending as f64)),
+        ("serverSeq", JsValue::from(status.server_seq as f64)),
+        ("schemaVersion", schema_version),
+    ] {
+        let _ = Reflect::set(&object, &key.into(), &value);
+    }
+    object.into()
 }
 
 /// Turns an error into a JS `Error` whose `code` is the stable [`ErrorCode`] spelling.

@@ -1,39 +1,57 @@
-//! The SharedWorker glue: accepts tabs' ports, decodes their requests, runs them one at a
-//! time against the [`Store`], and answers each on the port it came from.
+//! The SharedWorker host: one [`hearth_engine::Client`] on the IndexedDB connection, the
+//! one WebSocket to the server, and every tab's port.
 //!
-//! All requests of all tabs go through one bounded queue into one task. SQLite has one
-//! connection, so running requests in arrival order is both the simplest and the fairest
-//! schedule. An `exec` is answered only after its flush barrier resolves; the barrier is
-//! awaited in a separate task so that the next request need not wait for IndexedDB.
+//! Everything runs on the worker's one thread, as callbacks into one [`Host`] behind an
+//! `Rc<RefCell<_>>`: a tab's message, a socket event, a timer, a flush barrier resolving.
+//! Each callback runs to completion and none calls back into the host synchronously
+//! (posting to a port, sending on a socket and starting a timer all deliver later), so
+//! the `RefCell` is never borrowed twice.
+//!
+//! The engine is driven like `src/native_client.rs` drives it: on open, `on_connected`'s
+//! Hello; every server frame through `handle`; its `send` out on the socket; on close,
+//! `on_disconnected` and a reconnect with exponential backoff and jitter (at once when
+//! the browser says the network is back).
+//!
+//! **Nothing leaves the device before it is durable on the device.** A commit in
+//! relaxed-idb reaches IndexedDB later, so after every change the host queues a flush
+//! barrier (a ticket) and parks what depends on it: the reply to an `exec`, the pushes it
+//! made, the answer to `sync`. When the barrier resolves, everything parked up to that
+//! ticket goes out, in order. A push sent before its mutation was durable could, after a
+//! crash, reach the server while the device forgot it and reused its sequence number for
+//! a different write, which the server would then drop as a duplicate.
 
 use std::cell::RefCell;
-use std::rc::Rc;
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
 
 use hearth_bridge::{
-    decode, encode, frame_version, ErrorCode, ErrorReply, PageMessage, Reply, Request,
-    WorkerMessage, PROTOCOL_VERSION,
+    decode, encode, frame_version, ErrorCode, ErrorReply, Notice, PageMessage, Reply, Request,
+    Rows, SyncStatus, Value, WorkerMessage, PROTOCOL_VERSION,
 };
-use js_sys::{Array, Uint8Array};
-use tokio::sync::mpsc;
+use hearth_engine::protocol::{decode_server, encode_client, ClientMsg, FRAME_BYTES_MAX};
+use hearth_engine::{Client, ClientConfig, ClientError, Event};
+use js_sys::{Array, Function, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
-use web_sys::{MessageEvent, MessagePort, SharedWorkerGlobalScope};
+use web_sys::{BinaryType, MessageEvent, MessagePort, SharedWorkerGlobalScope, WebSocket};
 
-use crate::store::Store;
+use crate::store::{open_connection, Durability};
 
-/// Requests waiting for the database, across all tabs. Past this, requests are refused
-/// with BUSY at once rather than queued without limit.
+/// Messages that may wait while the database opens, across all tabs. Past this, requests
+/// are refused with BUSY at once rather than queued without limit.
 pub const REQUEST_QUEUE_MAX: usize = 4096;
+
+/// Live queries one tab may hold; past this, `Subscribe` fails with BUSY.
+pub const LIVE_QUERIES_PER_TAB_MAX: usize = 1024;
 
 /// The prefix a page puts before the database name in the SharedWorker's name, so that a
 /// SharedWorker is shared per (origin, database name) and knows which file to open.
 pub const WORKER_NAME_PREFIX: &str = "hearth:";
 
-struct Job {
-    port: MessagePort,
-    id: u32,
-    request: Request,
-}
+/// Reconnect backoff: the first retry waits about this long, each failure doubles it.
+const RECONNECT_BASE_MS: f64 = 250.0;
+/// ... up to this.
+const RECONNECT_MAX_MS: f64 = 15_000.0;
 
 /// Starts serving. Called once by the worker entry script after the wasm has loaded, with
 /// the `connect` events that arrived while it loaded.
@@ -44,26 +62,15 @@ pub fn run(pending_connects: Array) -> Result<(), JsValue> {
             "hearth-worker must run in a SharedWorker",
         ))
     })?;
-    let worker_name = scope.name();
-    let file = database_file(&worker_name);
-
-    let (queue, jobs) = mpsc::channel::<Job>(REQUEST_QUEUE_MAX);
-    // One message handler serves every port: `event.target` tells which port a message
-    // came from, so no closure has to be created (and leaked) per tab.
-    let on_message = Closure::<dyn Fn(MessageEvent)>::new(move |event: MessageEvent| {
-        if let Some(port) = event
-            .target()
-            .and_then(|t| t.dyn_into::<MessagePort>().ok())
-        {
-            accept_message(&queue, port, &event.data());
-        }
-    });
-    let on_message = Rc::new(on_message);
+    let file = database_file(&scope.name());
+    let host = Rc::new_cyclic(|weak| RefCell::new(Host::new(weak.clone())));
 
     let on_connect = {
-        let on_message = Rc::clone(&on_message);
+        let weak = Rc::downgrade(&host);
         Closure::<dyn Fn(MessageEvent)>::new(move |event: MessageEvent| {
-            attach_ports(&event, &on_message);
+            if let Some(host) = weak.upgrade() {
+                host.borrow_mut().attach_ports(&event);
+            }
         })
     };
     // Set the handler before handling the buffered events, in the same synchronous run, so
@@ -71,14 +78,39 @@ pub fn run(pending_connects: Array) -> Result<(), JsValue> {
     scope.set_onconnect(Some(on_connect.as_ref().unchecked_ref()));
     for event in pending_connects.iter() {
         if let Ok(event) = event.dyn_into::<MessageEvent>() {
-            attach_ports(&event, &on_message);
+            host.borrow_mut().attach_ports(&event);
         }
     }
-    // Both handlers live as long as the worker does.
+    // The worker's own view of the network, besides what tabs report.
+    for (name, online) in [("online", true), ("offline", false)] {
+        let weak = Rc::downgrade(&host);
+        let listener = Closure::<dyn Fn()>::new(move || {
+            if let Some(host) = weak.upgrade() {
+                host.borrow_mut().on_network(online);
+            }
+        });
+        scope.add_event_listener_with_callback(name, listener.as_ref().unchecked_ref())?;
+        listener.forget();
+    }
+    // The handler lives as long as the worker does, and so does the host.
     on_connect.forget();
-    std::mem::forget(on_message);
+    let opening = Rc::clone(&host);
+    std::mem::forget(host);
 
-    wasm_bindgen_futures::spawn_local(serve(file, jobs));
+    wasm_bindgen_futures::spawn_local(async move {
+        let opened = open_connection(&file).await.map_err(|err| {
+            ErrorReply::new(
+                ErrorCode::Closed,
+                format!("cannot open database {file}: {err}"),
+            )
+        });
+        let opened = opened.and_then(|(conn, durability)| {
+            let client = Client::open(conn, random_client_id(), ClientConfig::default())
+                .map_err(|err| engine_error(&err))?;
+            Ok((client, durability))
+        });
+        opening.borrow_mut().on_opened(opened);
+    });
     Ok(())
 }
 
@@ -91,47 +123,844 @@ pub fn database_file(worker_name: &str) -> String {
     format!("{name}.sqlite3")
 }
 
-fn attach_ports(event: &MessageEvent, on_message: &Closure<dyn Fn(MessageEvent)>) {
-    for port in event.ports().iter() {
-        if let Ok(port) = port.dyn_into::<MessagePort>() {
+/// A random nonzero client id from the browser's CSPRNG; used only when the database has
+/// none yet.
+fn random_client_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    let filled = js_sys::global()
+        .dyn_into::<web_sys::WorkerGlobalScope>()
+        .ok()
+        .and_then(|scope| scope.crypto().ok())
+        .and_then(|crypto| crypto.get_random_values_with_u8_array(&mut bytes).ok());
+    if filled.is_none() {
+        // No crypto (never in a browser that has SharedWorker): Math.random still gives
+        // two devices different ids with overwhelming probability.
+        for byte in &mut bytes {
+            *byte = (js_sys::Math::random() * 256.0) as u8;
+        }
+    }
+    u64::from_le_bytes(bytes).max(1)
+}
+
+fn now_ms() -> u64 {
+    js_sys::Date::now() as u64
+}
+
+/// Runs `f` after `ms` milliseconds.
+fn set_timeout(ms: f64, f: impl FnOnce() + 'static) {
+    let Ok(scope) = js_sys::global().dyn_into::<web_sys::WorkerGlobalScope>() else {
+        return;
+    };
+    let callback = Closure::once_into_js(f);
+    let _ = scope.set_timeout_with_callback_and_timeout_and_arguments_0(
+        callback.unchecked_ref(),
+        ms.clamp(0.0, i32::MAX as f64) as i32,
+    );
+}
+
+/// Requests the Web Lock `name` and runs `f` when it is granted. Returns false when the
+/// browser has no Web Locks (an insecure context).
+fn when_lock_granted(name: &str, f: impl FnOnce() + 'static) -> bool {
+    let locks = Reflect::get(&js_sys::global(), &"navigator".into())
+        .and_then(|navigator| Reflect::get(&navigator, &"locks".into()))
+        .ok()
+        .filter(|locks| !locks.is_undefined() && !locks.is_null());
+    let Some(locks) = locks else {
+        return false;
+    };
+    let Some(request) = Reflect::get(&locks, &"request".into())
+        .ok()
+        .and_then(|f| f.dyn_into::<Function>().ok())
+    else {
+        return false;
+    };
+    // Returning from the callback releases the lock at once: the worker only wants to
+    // know that it could be had.
+    let callback = Closure::once_into_js(move |_lock: JsValue| f());
+    request
+        .call2(&locks, &JsValue::from_str(name), &callback)
+        .is_ok()
+}
+
+type PortId = u32;
+
+struct Tab {
+    port: MessagePort,
+    _on_message: Closure<dyn Fn(MessageEvent)>,
+}
+
+struct Live {
+    port: PortId,
+    live_id: u32,
+    sql: String,
+    params: Vec<hearth_engine::Value>,
+    tables: Vec<String>,
+    last: Rows,
+}
+
+/// What waits for a flush barrier.
+enum Parked {
+    Reply {
+        port: PortId,
+        id: u32,
+        result: Result<Reply, ErrorReply>,
+    },
+    Send {
+        socket_gen: u64,
+        messages: Vec<ClientMsg>,
+    },
+}
+
+struct Socket {
+    ws: WebSocket,
+    gen: u64,
+    _handlers: [Closure<dyn Fn(JsValue)>; 3],
+}
+
+enum Db {
+    Opening(Vec<(PortId, PageMessage)>),
+    Open {
+        client: Box<Client>,
+        durability: Durability,
+    },
+    Failed(ErrorReply),
+}
+
+struct Host {
+    me: Weak<RefCell<Host>>,
+    db: Db,
+    tabs: HashMap<PortId, Tab>,
+    next_port: PortId,
+    lives: Vec<Live>,
+    /// Tabs whose `Open` waits for the schema.
+    open_waiters: Vec<(PortId, u32)>,
+    /// Tabs whose `Sync` waits, keyed by a waiter number for the timeout.
+    sync_waiters: Vec<(u64, PortId, u32)>,
+    next_waiter: u64,
+    server: Option<String>,
+    socket: Option<Socket>,
+    /// Bumped for every socket, so events of a replaced socket are ignored.
+    socket_gen: u64,
+    failed_attempts: u32,
+    /// Bumped whenever a scheduled reconnect is made obsolete.
+    reconnect_gen: u64,
+    reconnect_scheduled: bool,
+    network_online: bool,
+    next_ticket: u64,
+    durable_ticket: u64,
+    last_change_ticket: u64,
+    parked: VecDeque<(u64, Parked)>,
+    last_status: SyncStatus,
+}
+
+impl Host {
+    fn new(me: Weak<RefCell<Host>>) -> Host {
+        Host {
+            me,
+            db: Db::Opening(Vec::new()),
+            tabs: HashMap::new(),
+            next_port: 1,
+            lives: Vec::new(),
+            open_waiters: Vec::new(),
+            sync_waiters: Vec::new(),
+            next_waiter: 1,
+            server: None,
+            socket: None,
+            socket_gen: 0,
+            failed_attempts: 0,
+            reconnect_gen: 0,
+            reconnect_scheduled: false,
+            network_online: true,
+            next_ticket: 1,
+            durable_ticket: 0,
+            last_change_ticket: 0,
+            parked: VecDeque::new(),
+            last_status: SyncStatus::default(),
+        }
+    }
+
+    /// A callback that runs `f` on the host, if it is still there.
+    fn later<A: 'static>(&self, f: impl FnOnce(&mut Host, A) + 'static) -> impl FnOnce(A) {
+        let me = self.me.clone();
+        move |arg| {
+            if let Some(host) = me.upgrade() {
+                f(&mut host.borrow_mut(), arg);
+            }
+        }
+    }
+
+    // --- tabs -----------------------------------------------------------------------
+
+    fn attach_ports(&mut self, event: &MessageEvent) {
+        for port in event.ports().iter() {
+            let Ok(port) = port.dyn_into::<MessagePort>() else {
+                continue;
+            };
+            let port_id = self.next_port;
+            self.next_port = self.next_port.wrapping_add(1).max(1);
+            let me = self.me.clone();
+            let on_message = Closure::<dyn Fn(MessageEvent)>::new(move |event: MessageEvent| {
+                if let Some(host) = me.upgrade() {
+                    host.borrow_mut().on_port_message(port_id, &event.data());
+                }
+            });
             // Assigning onmessage also starts the port, delivering messages it queued.
             port.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+            self.tabs.insert(
+                port_id,
+                Tab {
+                    port,
+                    _on_message: on_message,
+                },
+            );
         }
+    }
+
+    fn on_port_message(&mut self, port_id: PortId, data: &JsValue) {
+        let Some(bytes) = data.dyn_ref::<Uint8Array>().map(Uint8Array::to_vec) else {
+            self.post(
+                port_id,
+                &undecodable(ErrorReply::new(
+                    ErrorCode::Protocol,
+                    "expected a Uint8Array frame",
+                )),
+            );
+            return;
+        };
+        let message = match decode::<PageMessage>(&bytes) {
+            Ok(message) => message,
+            Err(err) => {
+                let theirs = frame_version(&bytes).unwrap_or(0);
+                web_sys::console::warn_1(
+                    &format!("hearth-worker: unreadable frame (page protocol {theirs}, ours {PROTOCOL_VERSION}): {err}").into(),
+                );
+                self.post(port_id, &undecodable(err.into()));
+                return;
+            }
+        };
+        if let Db::Opening(queue) = &mut self.db {
+            if queue.len() >= REQUEST_QUEUE_MAX {
+                if let PageMessage::Request { id, .. } = message {
+                    let error = ErrorReply::new(
+                        ErrorCode::Busy,
+                        format!("{REQUEST_QUEUE_MAX} requests are already waiting"),
+                    );
+                    self.respond(port_id, id, Err(error));
+                }
+            } else {
+                queue.push((port_id, message));
+            }
+            return;
+        }
+        self.on_page_message(port_id, message);
+    }
+
+    fn on_page_message(&mut self, port_id: PortId, message: PageMessage) {
+        match message {
+            PageMessage::Request { id, request } => self.on_request(port_id, id, request),
+            PageMessage::Bye => self.on_tab_gone(port_id),
+            PageMessage::Network { online } => self.on_network(online),
+        }
+    }
+
+    fn on_tab_gone(&mut self, port_id: PortId) {
+        if let Some(tab) = self.tabs.remove(&port_id) {
+            tab.port.set_onmessage(None);
+            tab.port.close();
+        }
+        self.lives.retain(|live| live.port != port_id);
+        self.open_waiters.retain(|(port, _)| *port != port_id);
+        self.sync_waiters.retain(|(_, port, _)| *port != port_id);
+        self.parked.retain(
+            |(_, parked)| !matches!(parked, Parked::Reply { port, .. } if *port == port_id),
+        );
+    }
+
+    fn on_opened(&mut self, opened: Result<(Client, Durability), ErrorReply>) {
+        let queued = match std::mem::replace(&mut self.db, Db::Opening(Vec::new())) {
+            Db::Opening(queued) => queued,
+            other => {
+                self.db = other;
+                return;
+            }
+        };
+        self.db = match opened {
+            Ok((client, durability)) => Db::Open {
+                client: Box::new(client),
+                durability,
+            },
+            Err(error) => {
+                web_sys::console::error_1(&format!("hearth-worker: {error}").into());
+                Db::Failed(error)
+            }
+        };
+        for (port_id, message) in queued {
+            self.on_page_message(port_id, message);
+        }
+        self.update_status();
+    }
+
+    fn on_request(&mut self, port_id: PortId, id: u32, request: Request) {
+        let client = match &mut self.db {
+            Db::Open { client, .. } => client,
+            Db::Failed(error) => {
+                let error = error.clone();
+                return self.respond(port_id, id, Err(error));
+            }
+            Db::Opening(_) => unreachable!("requests wait in the queue while the database opens"),
+        };
+        match request {
+            Request::Open { server, tab_lock } => {
+                if self.server.is_none() {
+                    self.server = Some(server);
+                }
+                let has_schema = client.schema().is_some();
+                if !tab_lock.is_empty() {
+                    let gone = self.later(move |host, ()| host.on_tab_gone(port_id));
+                    when_lock_granted(&tab_lock, move || gone(()));
+                }
+                if has_schema {
+                    let status = self.status();
+                    self.respond(port_id, id, Ok(Reply::Opened(status)));
+                } else {
+                    self.open_waiters.push((port_id, id));
+                }
+                self.connect();
+            }
+            Request::Exec { sql, params } => {
+                let params = to_engine_values(params);
+                match client.exec(&sql, &params, now_ms()) {
+                    Ok((outcome, output)) => {
+                        let ticket = self.barrier();
+                        self.park(
+                            ticket,
+                            Parked::Reply {
+                                port: port_id,
+                                id,
+                                result: Ok(Reply::Exec {
+                                    mutation: outcome.mutation,
+                                    rows_affected: outcome.rows_affected,
+                                }),
+                            },
+                        );
+                        self.park_send(ticket, output.send);
+                        self.on_events(output.events);
+                    }
+                    Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
+                }
+            }
+            Request::Query { sql, params } => {
+                let result = client
+                    .query(&sql, &to_engine_values(params))
+                    .map(|result| Reply::Query(to_rows(result)))
+                    .map_err(|err| engine_error(&err));
+                self.respond(port_id, id, result);
+            }
+            Request::Subscribe { sql, params } => {
+                let count = self.lives.iter().filter(|l| l.port == port_id).count();
+                if count >= LIVE_QUERIES_PER_TAB_MAX {
+                    let error = ErrorReply::new(
+                        ErrorCode::Busy,
+                        format!("this tab already has {LIVE_QUERIES_PER_TAB_MAX} live queries"),
+                    );
+                    return self.respond(port_id, id, Err(error));
+                }
+                let params = to_engine_values(params);
+                let started = client.tables_read(&sql).and_then(|tables| {
+                    let rows = to_rows(client.query(&sql, &params)?);
+                    Ok((tables, rows))
+                });
+                match started {
+                    Ok((tables, rows)) => {
+                        self.lives
+                            .retain(|l| !(l.port == port_id && l.live_id == id));
+                        self.lives.push(Live {
+                            port: port_id,
+                            live_id: id,
+                            sql,
+                            params,
+                            tables,
+                            last: rows.clone(),
+                        });
+                        self.respond(port_id, id, Ok(Reply::Subscribed(rows)));
+                    }
+                    Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
+                }
+            }
+            Request::Unsubscribe { live_id } => {
+                self.lives
+                    .retain(|l| !(l.port == port_id && l.live_id == live_id));
+                self.respond(port_id, id, Ok(Reply::Unsubscribed));
+            }
+            Request::Status => {
+                let status = self.status();
+                self.respond(port_id, id, Ok(Reply::Status(status)));
+            }
+            Request::Sync { timeout_ms } => {
+                let waiter = self.next_waiter;
+                self.next_waiter += 1;
+                self.sync_waiters.push((waiter, port_id, id));
+                let expire = self.later(move |host, ()| host.on_sync_timeout(waiter, timeout_ms));
+                set_timeout(f64::from(timeout_ms), move || expire(()));
+                self.connect();
+                self.check_sync_waiters();
+            }
+        }
+    }
+
+    // --- durability -----------------------------------------------------------------
+
+    /// Queues a flush barrier behind every commit so far; returns its ticket.
+    fn barrier(&mut self) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.last_change_ticket = ticket;
+        let Db::Open { durability, .. } = &self.db else {
+            return ticket;
+        };
+        let done = self.later(move |host, result| host.on_durable(ticket, result));
+        match durability.flush() {
+            Ok(wait) => wasm_bindgen_futures::spawn_local(async move {
+                let result = wait.await.map_err(|err| {
+                    ErrorReply::new(
+                        ErrorCode::Storage,
+                        format!("committed in memory but not saved to IndexedDB: {err}"),
+                    )
+                });
+                done(result);
+            }),
+            Err(error) => {
+                // Resolve on a later turn, like a barrier would, so callers see one order.
+                set_timeout(0.0, move || done(Err(error)));
+            }
+        }
+        ticket
+    }
+
+    fn park(&mut self, ticket: u64, parked: Parked) {
+        self.parked.push_back((ticket, parked));
+    }
+
+    fn park_send(&mut self, ticket: u64, messages: Vec<ClientMsg>) {
+        if !messages.is_empty() {
+            let socket_gen = self.socket_gen;
+            self.park(
+                ticket,
+                Parked::Send {
+                    socket_gen,
+                    messages,
+                },
+            );
+        }
+    }
+
+    fn on_durable(&mut self, ticket: u64, result: Result<(), ErrorReply>) {
+        // Barriers resolve in the order they were queued, so a later one covers every
+        // earlier one, whatever order their futures are woken in.
+        self.durable_ticket = self.durable_ticket.max(ticket);
+        while self
+            .parked
+            .front()
+            .is_some_and(|(t, _)| *t <= self.durable_ticket)
+        {
+            let Some((_, parked)) = self.parked.pop_front() else {
+                break;
+            };
+            match parked {
+                Parked::Reply {
+                    port,
+                    id,
+                    result: reply,
+                } => {
+                    let reply = match &result {
+                        Ok(()) => reply,
+                        Err(error) => Err(error.clone()),
+                    };
+                    self.respond(port, id, reply);
+                }
+                Parked::Send {
+                    socket_gen,
+                    messages,
+                } => {
+                    if result.is_err() {
+                        // Not durable, so not sent: a reconnect sends the outbox again
+                        // once a later barrier succeeds.
+                        self.drop_socket();
+                        self.schedule_reconnect();
+                    } else if socket_gen == self.socket_gen {
+                        self.ws_send(messages);
+                    }
+                }
+            }
+        }
+        if let Err(error) = &result {
+            web_sys::console::error_1(&format!("hearth-worker: {error}").into());
+        }
+        self.update_status();
+    }
+
+    // --- the server connection ------------------------------------------------------
+
+    fn connect(&mut self) {
+        if self.socket.is_some()
+            || !self.network_online
+            || self.reconnect_scheduled
+            || !matches!(self.db, Db::Open { .. })
+        {
+            return;
+        }
+        let Some(url) = self.server.clone() else {
+            return;
+        };
+        let ws = match WebSocket::new(&url) {
+            Ok(ws) => ws,
+            Err(err) => {
+                web_sys::console::error_2(
+                    &format!("hearth-worker: cannot open a WebSocket to {url}").into(),
+                    &err,
+                );
+                self.schedule_reconnect();
+                return;
+            }
+        };
+        ws.set_binary_type(BinaryType::Arraybuffer);
+        self.socket_gen += 1;
+        let gen = self.socket_gen;
+        let on_open = {
+            let f = self.me.clone();
+            Closure::<dyn Fn(JsValue)>::new(move |_| {
+                if let Some(host) = f.upgrade() {
+                    host.borrow_mut().on_ws_open(gen);
+                }
+            })
+        };
+        let on_message = {
+            let f = self.me.clone();
+            Closure::<dyn Fn(JsValue)>::new(move |event: JsValue| {
+                let data = event
+                    .dyn_ref::<MessageEvent>()
+                    .map(MessageEvent::data)
+                    .unwrap_or_default();
+                if let Some(host) = f.upgrade() {
+                    host.borrow_mut().on_ws_frame(gen, &data);
+                }
+            })
+        };
+        let on_close = {
+            let f = self.me.clone();
+            Closure::<dyn Fn(JsValue)>::new(move |_| {
+                if let Some(host) = f.upgrade() {
+                    host.borrow_mut().on_ws_closed(gen);
+                }
+            })
+        };
+        ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+        ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        // An error is always followed by close; close alone decides what happens next.
+        ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+        self.socket = Some(Socket {
+            ws,
+            gen,
+            _handlers: [on_open, on_message, on_close],
+        });
+    }
+
+    fn on_ws_open(&mut self, gen: u64) {
+        if gen != self.socket_gen {
+            return;
+        }
+        let Db::Open { client, .. } = &mut self.db else {
+            return;
+        };
+        let hello = client.on_connected();
+        self.ws_send(hello);
+    }
+
+    fn on_ws_frame(&mut self, gen: u64, data: &JsValue) {
+        if gen != self.socket_gen {
+            return;
+        }
+        let Db::Open { client, .. } = &mut self.db else {
+            return;
+        };
+        let Some(buffer) = data.dyn_ref::<js_sys::ArrayBuffer>() else {
+            web_sys::console::warn_1(&"hearth-worker: the server sent a text frame".into());
+            return self.reconnect_after_failure();
+        };
+        let bytes = Uint8Array::new(buffer).to_vec();
+        let handled = decode_server(&bytes, FRAME_BYTES_MAX)
+            .map_err(|err| ClientError::Protocol(err.to_string()))
+            .and_then(|message| client.handle(message, now_ms()));
+        match handled {
+            Ok(output) => {
+                if client.status().connected {
+                    self.failed_attempts = 0;
+                }
+                let ticket = self.barrier();
+                self.park_send(ticket, output.send);
+                self.on_events(output.events);
+                self.update_status();
+            }
+            Err(err) => {
+                web_sys::console::error_1(
+                    &format!("hearth-worker: sync with the server failed: {err}").into(),
+                );
+                self.reconnect_after_failure();
+            }
+        }
+    }
+
+    fn on_ws_closed(&mut self, gen: u64) {
+        if gen != self.socket_gen {
+            return;
+        }
+        self.drop_socket();
+        self.schedule_reconnect();
+        self.update_status();
+    }
+
+    fn reconnect_after_failure(&mut self) {
+        self.drop_socket();
+        self.schedule_reconnect();
+        self.update_status();
+    }
+
+    /// Forgets the socket at once (its late events are ignored) and tells the engine.
+    fn drop_socket(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            socket.ws.set_onopen(None);
+            socket.ws.set_onmessage(None);
+            socket.ws.set_onclose(None);
+            let _ = socket.ws.close();
+            debug_assert_eq!(socket.gen, self.socket_gen);
+            // Sends parked for this socket must never reach the next one, which starts
+            // with a Hello of its own.
+            self.socket_gen += 1;
+        }
+        if let Db::Open { client, .. } = &mut self.db {
+            client.on_disconnected();
+        }
+    }
+
+    fn schedule_reconnect(&mut self) {
+        if self.reconnect_scheduled || !self.network_online {
+            return;
+        }
+        let exponent = self.failed_attempts.min(16) as i32;
+        let ceiling = (RECONNECT_BASE_MS * 2f64.powi(exponent)).min(RECONNECT_MAX_MS);
+        // Full jitter on the upper half: tabs of many devices that lost the same server
+        // do not all come back in the same millisecond.
+        let delay = ceiling * (0.5 + 0.5 * js_sys::Math::random());
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
+        self.reconnect_scheduled = true;
+        let scheduled = self.reconnect_gen;
+        let fire = self.later(move |host, ()| {
+            if host.reconnect_gen == scheduled {
+                host.reconnect_scheduled = false;
+                host.connect();
+            }
+        });
+        set_timeout(delay, move || fire(()));
+    }
+
+    fn on_network(&mut self, online: bool) {
+        self.network_online = online;
+        if online {
+            // Back online: try now, not when the backoff timer says.
+            self.reconnect_gen += 1;
+            self.reconnect_scheduled = false;
+            self.failed_attempts = 0;
+            self.connect();
+        } else {
+            self.reconnect_gen += 1;
+            self.reconnect_scheduled = false;
+            self.drop_socket();
+        }
+        self.update_status();
+    }
+
+    fn ws_send(&mut self, messages: Vec<ClientMsg>) {
+        let Some(socket) = &self.socket else {
+            return;
+        };
+        for message in &messages {
+            if let Err(err) = socket.ws.send_with_u8_array(&encode_client(message)) {
+                web_sys::console::warn_2(&"hearth-worker: cannot send to the server".into(), &err);
+                return self.reconnect_after_failure();
+            }
+        }
+    }
+
+    // --- events, live queries, status -------------------------------------------------
+
+    fn on_events(&mut self, events: Vec<Event>) {
+        for event in events {
+            match event {
+                Event::TablesChanged(tables) => {
+                    self.rerun_live(&tables);
+                    self.broadcast(&Notice::Changed { tables });
+                }
+                Event::Rejected { seq, code, reason } => {
+                    self.broadcast(&Notice::Rejected {
+                        mutation: seq,
+                        code,
+                        reason,
+                    });
+                }
+                Event::SchemaInstalled { .. } => {
+                    let status = self.status();
+                    for (port, id) in std::mem::take(&mut self.open_waiters) {
+                        self.respond(port, id, Ok(Reply::Opened(status)));
+                    }
+                    // Every live query may read a table that exists only now.
+                    let all: Vec<String> =
+                        self.lives.iter().flat_map(|l| l.tables.clone()).collect();
+                    self.rerun_live(&all);
+                }
+                Event::Applied { .. } | Event::CaughtUp { .. } => {}
+            }
+        }
+    }
+
+    fn rerun_live(&mut self, changed: &[String]) {
+        let Db::Open { client, .. } = &self.db else {
+            return;
+        };
+        let mut notices = Vec::new();
+        for live in &mut self.lives {
+            if !live.tables.iter().any(|t| changed.contains(t)) {
+                continue;
+            }
+            let result = client
+                .query(&live.sql, &live.params)
+                .map(to_rows)
+                .map_err(|err| engine_error(&err));
+            if let Ok(rows) = &result {
+                if *rows == live.last {
+                    continue;
+                }
+                live.last = rows.clone();
+            }
+            notices.push((
+                live.port,
+                Notice::LiveRows {
+                    live_id: live.live_id,
+                    result,
+                },
+            ));
+        }
+        for (port, notice) in notices {
+            self.post(port, &WorkerMessage::Notice(notice));
+        }
+    }
+
+    fn status(&self) -> SyncStatus {
+        match &self.db {
+            Db::Open { client, .. } => {
+                let status = client.status();
+                SyncStatus {
+                    online: status.connected,
+                    caught_up: status.caught_up,
+                    pending: status.pending,
+                    server_seq: status.server_seq,
+                    schema_version: status.schema_version,
+                }
+            }
+            _ => SyncStatus::default(),
+        }
+    }
+
+    fn update_status(&mut self) {
+        let status = self.status();
+        if status != self.last_status {
+            self.last_status = status;
+            self.broadcast(&Notice::Status(status));
+        }
+        self.check_sync_waiters();
+    }
+
+    fn check_sync_waiters(&mut self) {
+        if self.sync_waiters.is_empty() {
+            return;
+        }
+        let status = self.status();
+        let synced = status.online
+            && status.caught_up
+            && status.pending == 0
+            && self.durable_ticket >= self.last_change_ticket;
+        if synced {
+            for (_, port, id) in std::mem::take(&mut self.sync_waiters) {
+                self.respond(port, id, Ok(Reply::Synced(status)));
+            }
+        }
+    }
+
+    fn on_sync_timeout(&mut self, waiter: u64, timeout_ms: u32) {
+        let Some(index) = self.sync_waiters.iter().position(|(w, _, _)| *w == waiter) else {
+            return;
+        };
+        let (_, port, id) = self.sync_waiters.remove(index);
+        let status = self.status();
+        let message = if status.online {
+            format!(
+                "not synced within {timeout_ms} ms: {} writes still pending, caught up: {}",
+                status.pending, status.caught_up
+            )
+        } else {
+            format!("the server could not be reached within {timeout_ms} ms")
+        };
+        self.respond(port, id, Err(ErrorReply::new(ErrorCode::Offline, message)));
+    }
+
+    // --- posting --------------------------------------------------------------------
+
+    fn broadcast(&self, notice: &Notice) {
+        let message = WorkerMessage::Notice(notice.clone());
+        let Ok(frame) = encode(&message) else {
+            return;
+        };
+        for tab in self.tabs.values() {
+            post_frame(&tab.port, &frame);
+        }
+    }
+
+    fn respond(&self, port: PortId, id: u32, result: Result<Reply, ErrorReply>) {
+        self.post(port, &WorkerMessage::Response { id, result });
+    }
+
+    fn post(&self, port: PortId, message: &WorkerMessage) {
+        let Some(tab) = self.tabs.get(&port) else {
+            return; // The tab is gone; so is its interest in the answer.
+        };
+        let frame = match encode(message) {
+            Ok(frame) => frame,
+            Err(err) => {
+                let error = ErrorReply::new(ErrorCode::Protocol, err.to_string());
+                let fallback = match message {
+                    WorkerMessage::Response { id, .. } => WorkerMessage::Response {
+                        id: *id,
+                        result: Err(error),
+                    },
+                    WorkerMessage::Notice(Notice::LiveRows { live_id, .. }) => {
+                        WorkerMessage::Notice(Notice::LiveRows {
+                            live_id: *live_id,
+                            result: Err(error),
+                        })
+                    }
+                    WorkerMessage::Notice(_) => return,
+                };
+                encode(&fallback).expect("a short error reply always encodes")
+            }
+        };
+        post_frame(&tab.port, &frame);
     }
 }
 
-fn accept_message(queue: &mpsc::Sender<Job>, port: MessagePort, data: &JsValue) {
-    let Some(bytes) = data.dyn_ref::<Uint8Array>().map(Uint8Array::to_vec) else {
-        post(
-            &port,
-            &undecodable(ErrorReply::new(
-                ErrorCode::Protocol,
-                "expected a Uint8Array frame",
-            )),
-        );
-        return;
-    };
-    match decode::<PageMessage>(&bytes) {
-        Ok(PageMessage::Request { id, request }) => {
-            let job = Job { port, id, request };
-            if let Err(
-                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
-            ) = queue.try_send(job)
-            {
-                let error = ErrorReply::new(
-                    ErrorCode::Busy,
-                    format!("{REQUEST_QUEUE_MAX} requests are already waiting"),
-                );
-                respond(&job.port, job.id, Err(error));
-            }
-        }
-        Err(err) => {
-            let theirs = frame_version(&bytes).unwrap_or(0);
-            web_sys::console::warn_1(
-                &format!("hearth-worker: unreadable frame (page protocol {theirs}, ours {PROTOCOL_VERSION}): {err}").into(),
-            );
-            post(&port, &undecodable(err.into()));
-        }
+fn post_frame(port: &MessagePort, frame: &[u8]) {
+    let array = Uint8Array::from(frame);
+    // Transferring the buffer hands it over instead of copying it.
+    if let Err(err) = port.post_message_with_transferable(&array, &Array::of1(&array.buffer())) {
+        web_sys::console::warn_2(&"hearth-worker: cannot post to a tab".into(), &err);
     }
 }
 
@@ -144,76 +973,41 @@ fn undecodable(error: ErrorReply) -> WorkerMessage {
     }
 }
 
-async fn serve(file: String, mut jobs: mpsc::Receiver<Job>) {
-    let store = Store::open(&file).await.map_err(|err| {
-        let error = ErrorReply::new(
-            ErrorCode::Closed,
-            format!("cannot open database {file}: {err}"),
-        );
-        web_sys::console::error_1(&format!("hearth-worker: {error}").into());
-        error
-    });
-    let store = store.map(|store| Rc::new(RefCell::new(store)));
-
-    while let Some(Job { port, id, request }) = jobs.recv().await {
-        let store = match &store {
-            Ok(store) => store,
-            Err(error) => {
-                respond(&port, id, Err(error.clone()));
-                continue;
-            }
-        };
-        match request {
-            Request::Query { sql, params } => {
-                let result = store.borrow().query(&sql, &params).map(Reply::Query);
-                respond(&port, id, result);
-            }
-            Request::Exec { sql, params } => {
-                let executed = store.borrow_mut().exec(&sql, &params);
-                let barrier =
-                    executed.and_then(|rows_affected| Ok((rows_affected, store.borrow().flush()?)));
-                match barrier {
-                    Ok((rows_affected, barrier)) => {
-                        wasm_bindgen_futures::spawn_local(async move {
-                            let result = match barrier.await {
-                                Ok(()) => Ok(Reply::Exec { rows_affected }),
-                                Err(err) => Err(ErrorReply::new(
-                                    ErrorCode::Storage,
-                                    format!(
-                                        "committed in memory but not saved to IndexedDB: {err}"
-                                    ),
-                                )),
-                            };
-                            respond(&port, id, result);
-                        });
-                    }
-                    Err(error) => respond(&port, id, Err(error)),
-                }
-            }
-        }
-    }
+/// The page-visible error for an engine error.
+pub fn engine_error(err: &ClientError) -> ErrorReply {
+    ErrorReply::new(ErrorCode::from_engine(err.code()), err.to_string())
 }
 
-fn respond(port: &MessagePort, id: u32, result: Result<Reply, ErrorReply>) {
-    post(port, &WorkerMessage::Response { id, result });
+pub fn to_engine_values(values: Vec<Value>) -> Vec<hearth_engine::Value> {
+    values
+        .into_iter()
+        .map(|value| match value {
+            Value::Null => hearth_engine::Value::Null,
+            Value::Integer(i) => hearth_engine::Value::Integer(i),
+            Value::Real(f) => hearth_engine::Value::Real(f),
+            Value::Text(s) => hearth_engine::Value::Text(s),
+            Value::Blob(b) => hearth_engine::Value::Blob(b),
+        })
+        .collect()
 }
 
-fn post(port: &MessagePort, message: &WorkerMessage) {
-    let frame = match encode(message) {
-        Ok(frame) => frame,
-        Err(err) => {
-            let WorkerMessage::Response { id, .. } = message;
-            let fallback = WorkerMessage::Response {
-                id: *id,
-                result: Err(ErrorReply::new(ErrorCode::Protocol, err.to_string())),
-            };
-            encode(&fallback).expect("a short error reply always encodes")
-        }
-    };
-    let array = Uint8Array::from(frame.as_slice());
-    // Transferring the buffer hands it over instead of copying it; a port whose tab has
-    // closed drops the message, which is all a closed tab needs.
-    if let Err(err) = port.post_message_with_transferable(&array, &Array::of1(&array.buffer())) {
-        web_sys::console::warn_2(&"hearth-worker: cannot post reply".into(), &err);
+pub fn to_rows(result: hearth_engine::QueryResult) -> Rows {
+    Rows {
+        columns: result.columns,
+        rows: result
+            .rows
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|value| match value {
+                        hearth_engine::Value::Null => Value::Null,
+                        hearth_engine::Value::Integer(i) => Value::Integer(i),
+                        hearth_engine::Value::Real(f) => Value::Real(f),
+                        hearth_engine::Value::Text(s) => Value::Text(s),
+                        hearth_engine::Value::Blob(b) => Value::Blob(b),
+                    })
+                    .collect()
+            })
+            .collect(),
     }
 }

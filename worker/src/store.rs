@@ -37,12 +37,56 @@ impl From<StoreError> for ErrorReply {
     }
 }
 
+/// The flush barrier of one relaxed-idb VFS: the part of a [`Store`] that the engine host
+/// keeps when the engine owns the connection.
+pub struct Durability {
+    idb: RelaxedIdbUtil,
+}
+
+impl Durability {
+    /// Returns a future that resolves once everything committed before this call is
+    /// durable in IndexedDB. See [`Store::flush`] for why this works.
+    pub fn flush(&self) -> Result<WaitCommit, ErrorReply> {
+        self.idb.delete_db(BARRIER_FILE).map_err(|err| {
+            ErrorReply::new(
+                ErrorCode::Storage,
+                format!("cannot queue flush barrier: {err}"),
+            )
+        })
+    }
+
+    /// The committed image of `file` as relaxed-idb holds it in memory.
+    pub fn image(&self, file: &str) -> Result<Vec<u8>, ErrorReply> {
+        self.idb
+            .export_db(file)
+            .map_err(|err| ErrorReply::new(ErrorCode::Storage, err.to_string()))
+    }
+}
+
+/// Opens (creating if needed) the database `file` on IndexedDB, loading its blocks into
+/// memory first, because relaxed-idb serves all reads synchronously from memory. The
+/// connection runs with `synchronous = off` (relaxed-idb refuses any other level):
+/// durability comes from [`Durability::flush`], not fsync.
+pub async fn open_connection(file: &str) -> Result<(Connection, Durability), StoreError> {
+    // Only this file is preloaded: other databases of the origin belong to other
+    // SharedWorkers, and loading them would cost memory and time for nothing.
+    let cfg = RelaxedIdbCfgBuilder::new()
+        .vfs_name(VFS_NAME)
+        .preload(Preload::None)
+        .build();
+    let idb = relaxed_idb::install::<sqlite_wasm_rs::WasmOsCallback>(&cfg, false).await?;
+    idb.preload_db(vec![file.to_owned()]).await?;
+    let conn = Connection::open_with_flags_and_vfs(file, OpenFlags::default(), VFS_NAME)?;
+    conn.pragma_update(None, "synchronous", "off")?;
+    Ok((conn, Durability { idb }))
+}
+
 /// An open database. There must be exactly one per file per origin: two connections on
 /// the same relaxed-idb file overwrite each other's blocks and corrupt it, which is why
 /// only the SharedWorker opens databases.
 pub struct Store {
     conn: Connection,
-    idb: RelaxedIdbUtil,
+    durability: Durability,
     file: String,
 }
 
@@ -50,21 +94,10 @@ impl Store {
     /// Opens (creating if needed) the database `file`, loading its blocks from IndexedDB
     /// into memory first, because relaxed-idb serves all reads synchronously from memory.
     pub async fn open(file: &str) -> Result<Store, StoreError> {
-        // Only this file is preloaded: other databases of the origin belong to other
-        // SharedWorkers, and loading them would cost memory and time for nothing.
-        let cfg = RelaxedIdbCfgBuilder::new()
-            .vfs_name(VFS_NAME)
-            .preload(Preload::None)
-            .build();
-        let idb = relaxed_idb::install::<sqlite_wasm_rs::WasmOsCallback>(&cfg, false).await?;
-        idb.preload_db(vec![file.to_owned()]).await?;
-
-        let conn = Connection::open_with_flags_and_vfs(file, OpenFlags::default(), VFS_NAME)?;
-        // relaxed-idb refuses every other level: durability comes from `flush`, not fsync.
-        conn.pragma_update(None, "synchronous", "off")?;
+        let (conn, durability) = open_connection(file).await?;
         Ok(Store {
             conn,
-            idb,
+            durability,
             file: file.to_owned(),
         })
     }
@@ -149,20 +182,13 @@ impl Store {
     /// `WaitCommit`, which resolves once the queue has reached it. The cost is one empty
     /// IndexedDB transaction per call, and one barrier covers any number of commits.
     pub fn flush(&self) -> Result<WaitCommit, ErrorReply> {
-        self.idb.delete_db(BARRIER_FILE).map_err(|err| {
-            ErrorReply::new(
-                ErrorCode::Storage,
-                format!("cannot queue flush barrier: {err}"),
-            )
-        })
+        self.durability.flush()
     }
 
     /// The committed image of the database as relaxed-idb holds it in memory; tests
     /// compare it with what IndexedDB holds.
     pub fn image(&self) -> Result<Vec<u8>, ErrorReply> {
-        self.idb
-            .export_db(&self.file)
-            .map_err(|err| ErrorReply::new(ErrorCode::Storage, err.to_string()))
+        self.durability.image(&self.file)
     }
 
     /// Closes the connection, reporting any error SQLite has on the way.

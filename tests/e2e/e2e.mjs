@@ -1,0 +1,321 @@
+// Browser end-to-end tests: playwright-core driving Debian's Chromium against the real
+// `hearth` server binary on loopback ports, with the demo schema unless said otherwise.
+//
+//   node tests/e2e/e2e.mjs            (after `cargo build --release`; see tests/e2e/run.sh)
+//
+// Each test prints "ok"/"FAIL"; the last line is "N passed, M failed" and the exit code is
+// non-zero on any failure. Persistence starts Chromium by hand and attaches over CDP, so
+// that it can SIGKILL the whole browser like a crash and start it again on the profile.
+
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { chromium } from "playwright-core";
+import {
+  CHROMIUM,
+  CHROMIUM_ARGS,
+  call,
+  check,
+  launchBrowser,
+  metric,
+  openTab,
+  routeTestPage,
+  snapshotAssets,
+  startLive,
+  startStaticStandIn,
+  startServer,
+  waitFor,
+  waitLive,
+  withTimeout,
+} from "./harness.mjs";
+
+const APPLIED = "hearth_mutations_applied_total";
+let counter = 0;
+const uid = (prefix) => `${prefix}-${process.pid}-${++counter}`;
+
+const results = [];
+async function test(name, body) {
+  const started = performance.now();
+  try {
+    await body();
+    results.push(true);
+    console.log(`ok   ${name} (${Math.round(performance.now() - started)} ms)`);
+  } catch (error) {
+    results.push(false);
+    console.log(`FAIL ${name}\n     ${(error.stack || String(error)).split("\n").join("\n     ")}`);
+  }
+}
+
+async function newDevice(browser, origin) {
+  const context = await browser.newContext();
+  await routeTestPage(context);
+  return context;
+}
+
+function sharedWorkerCount(browser) {
+  return browser
+    .newBrowserCDPSession()
+    .then((cdp) => cdp.send("Target.getTargets"))
+    .then(({ targetInfos }) => targetInfos.filter((t) => t.type === "shared_worker").length);
+}
+
+// Starts Chromium on `profileDir` by hand and attaches playwright over CDP.
+async function startOwnBrowser(profileDir) {
+  const child = spawn(
+    CHROMIUM,
+    ["--headless", ...CHROMIUM_ARGS, "--remote-debugging-port=0", `--user-data-dir=${profileDir}`, "about:blank"],
+    { detached: true, stdio: ["ignore", "ignore", "pipe"] },
+  );
+  let log = "";
+  const endpoint = await withTimeout(
+    new Promise((resolve, reject) => {
+      child.stderr.on("data", (chunk) => {
+        log += chunk;
+        const match = log.match(/DevTools listening on (ws:\/\/\S+)/);
+        if (match) resolve(match[1]);
+      });
+      child.on("exit", (code) => reject(new Error(`chromium exited with ${code}:\n${log}`)));
+    }),
+    "chromium to start",
+  );
+  child.stderr.resume();
+  const browser = await chromium.connectOverCDP(endpoint);
+  const context = browser.contexts()[0];
+  await routeTestPage(context);
+  return { child, browser, context };
+}
+
+async function killOwnBrowser({ child }) {
+  if (child.exitCode !== null) return;
+  process.kill(-child.pid, "SIGKILL");
+  await once(child, "exit");
+}
+
+async function main() {
+  let server = await startServer();
+  const dataDir = server.data;
+  const browser = await launchBrowser();
+  const cleanups = [];
+  console.log(`server: ${server.origin} (data ${server.data})`);
+  try {
+    // --- 1. Two tabs of one device share one worker, and talk without the server. ---
+    await test("two tabs share one worker: tab 1's write reaches tab 2's live query with the server stopped", async () => {
+      const device = await newDevice(browser, server.origin);
+      cleanups.push(() => device.close());
+      const tab1 = await openTab(device, server.origin);
+      const tab2 = await openTab(device, server.origin);
+      check((await sharedWorkerCount(browser)) === 1, "expected exactly one SharedWorker for two tabs");
+      await withTimeout(tab1.evaluate(() => db.sync()), "first sync");
+      await server.stop();
+      await waitFor(tab2, () => !db.status().online, null, "tab 2 to see the server gone");
+      const list = uid("list");
+      await startLive(tab2, "lists", "SELECT id, name FROM lists WHERE id = ?", [list]);
+      await waitLive(tab2, "lists", (rows) => rows.length === 0, "empty live result");
+      const r = await call(tab1, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "offline tabs"]);
+      check(r.ok && r.value.rowsAffected === 1 && typeof r.value.mutation === "number", `exec: ${JSON.stringify(r)}`);
+      await waitLive(tab2, "lists", (rows) => rows.length === 1 && rows[0].name === "offline tabs", "tab 2 live update");
+      const status = await tab2.evaluate(() => db.status());
+      check(status.pending >= 1 && !status.online, `status with the server down: ${JSON.stringify(status)}`);
+      // The server comes back on the same port: the queued write goes out by itself.
+      const before = await metric((server = await server.restart()).origin, APPLIED);
+      await withTimeout(tab1.evaluate(() => db.sync({ timeoutMs: 20000 })), "sync after restart", 25000);
+      check((await metric(server.origin, APPLIED)) === before + 1, "the queued write was applied exactly once");
+      check((await tab2.evaluate(() => db.status())).pending === 0, "nothing pending after sync");
+    });
+
+    // --- 2. Two devices. ---
+    let deviceA, deviceB, tabA, tabB;
+    await test("two devices: a write on A reaches B's live query through the server", async () => {
+      deviceA = await newDevice(browser, server.origin);
+      deviceB = await newDevice(browser, server.origin);
+      cleanups.push(() => deviceA.close(), () => deviceB.close());
+      tabA = await openTab(deviceA, server.origin);
+      tabB = await openTab(deviceB, server.origin);
+      const list = uid("list");
+      await startLive(tabB, "todos", "SELECT title, done FROM todos WHERE list_id = ? ORDER BY position", [list]);
+      await waitLive(tabB, "todos", (rows) => rows.length === 0, "B's first live result");
+      let r = await call(tabA, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "groceries"]);
+      check(r.ok, JSON.stringify(r));
+      r = await call(tabA, "exec", "INSERT INTO todos (id, list_id, title, position) VALUES (?, ?, ?, 1)", [uid("todo"), list, "milk"]);
+      check(r.ok, JSON.stringify(r));
+      await waitLive(tabB, "todos", (rows) => rows.length === 1 && rows[0].title === "milk", "B's live query");
+      const bDb = await tabB.evaluate(() => db.query("SELECT count(*) AS n FROM lists"));
+      const aDb = await tabA.evaluate(() => db.query("SELECT count(*) AS n FROM lists"));
+      check(aDb[0].n === bDb[0].n, `lists converge: A ${aDb[0].n}, B ${bDb[0].n}`);
+      const changes = await tabB.evaluate(() => window.events.change.map((c) => c.tables).flat());
+      check(changes.includes("todos"), `B got a change event for todos: ${JSON.stringify(changes)}`);
+    });
+
+    // --- 3. Offline device. ---
+    await test("A offline: writes queue (pending shown), back online they are delivered once and both converge", async () => {
+      check(tabA && tabB, "needs the two devices of the previous test");
+      await withTimeout(tabA.evaluate(() => db.sync()), "A synced first");
+      const before = await metric(server.origin, APPLIED);
+      await deviceA.setOffline(true);
+      await waitFor(tabA, () => !db.status().online, null, "A to go offline");
+      const list = uid("list");
+      await startLive(tabB, "offline", "SELECT name FROM lists WHERE id = ?", [list]);
+      await call(tabA, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "written offline"]);
+      for (const title of ["one", "two"]) {
+        const r = await call(tabA, "exec", "INSERT INTO todos (id, list_id, title) VALUES (?, ?, ?)", [uid("todo"), list, title]);
+        check(r.ok, JSON.stringify(r));
+      }
+      const offline = await tabA.evaluate(() => db.status());
+      check(offline.pending === 3 && !offline.online, `status while offline: ${JSON.stringify(offline)}`);
+      const synced = await tabA.evaluate(() => db.sync({ timeoutMs: 300 }).then(() => "resolved", (e) => e.code));
+      check(synced === "OFFLINE", `sync while offline: ${synced}`);
+      check((await metric(server.origin, APPLIED)) === before, "nothing reached the server while offline");
+      await deviceA.setOffline(false);
+      await withTimeout(tabA.evaluate(() => db.sync({ timeoutMs: 20000 })), "A sync after coming back", 25000);
+      await waitLive(tabB, "offline", (rows) => rows.length === 1 && rows[0].name === "written offline", "B sees A's offline write");
+      check((await metric(server.origin, APPLIED)) === before + 3, "three writes applied exactly once");
+      await withTimeout(tabB.evaluate(() => db.sync()), "B synced");
+      const q = "SELECT id, list_id, title, done FROM todos ORDER BY id";
+      const [a, b] = await Promise.all([call(tabA, "query", q), call(tabB, "query", q)]);
+      check(JSON.stringify(a.value) === JSON.stringify(b.value), "A and B hold the same todos");
+      const statuses = await tabA.evaluate(() => window.events.status.map((s) => s.pending));
+      check(statuses.includes(3), `A's status events showed 3 pending: ${JSON.stringify(statuses)}`);
+    });
+
+    // --- 5. Bad input. ---
+    await test("bad input from a page is a JS Error with a code; the worker keeps serving every tab", async () => {
+      const tab2 = await openTab(deviceA, server.origin);
+      const bad = [
+        ["exec", "INSERT INTO lists VALUS (1)", [], "SQL_ERROR"],
+        ["exec", "INSERT INTO no_such_table (id) VALUES (1)", [], "SQL_ERROR"],
+        ["query", "SELECT * FROM no_such_table", [], "SQL_ERROR"],
+        ["exec", "INSERT INTO lists (id, name) VALUES (?, ?)", ["only one"], "SQL_ERROR"],
+        ["query", "SELECT * FROM lists WHERE id = ?", [], "SQL_ERROR"],
+        ["query", "DELETE FROM lists", [], "SQL_ERROR"],
+        ["exec", "BEGIN", [], "SQL_ERROR"],
+        ["exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [{ an: "object" }, "x"], "INVALID_ARGUMENT"],
+      ];
+      for (const [method, sql, params, code] of bad) {
+        const r = await call(tabA, method, sql, params);
+        check(!r.ok && r.isError && r.code === code && r.message, `${method}(${sql}): ${JSON.stringify(r)}`);
+      }
+      const notArray = await tabA.evaluate(() => db.exec("SELECT 1", "nope").then(() => "ok", (e) => e.code));
+      check(notArray === "INVALID_ARGUMENT", `params not an array: ${notArray}`);
+      const liveError = await tabA.evaluate(
+        () => new Promise((resolve) => db.live("SELECT * FROM nope", [], () => resolve("rows"), (e) => resolve(e.code))),
+      );
+      check(liveError === "SQL_ERROR", `live on a bad query: ${liveError}`);
+      const list = uid("list");
+      for (const tab of [tabA, tab2]) {
+        const r = await call(tab, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [`${list}-${tab === tabA}`, "still fine"]);
+        check(r.ok, `a tab after the errors: ${JSON.stringify(r)}`);
+      }
+      const r = await call(tab2, "query", "SELECT count(*) AS n FROM lists WHERE id LIKE ?", [`${list}-%`]);
+      check(r.ok && r.value[0].n === 2, JSON.stringify(r));
+      await tab2.close();
+    });
+
+    await test("a tab that closes mid-request leaves nothing stuck; its live queries go with it", async () => {
+      const doomed = await openTab(deviceA, server.origin);
+      await startLive(doomed, "doomed", "SELECT count(*) AS n FROM todos");
+      // Fire requests and close without waiting for them (no pagehide handler runs).
+      await doomed.evaluate(() => {
+        for (let i = 0; i < 50; i++) db.exec("INSERT INTO lists (id, name) VALUES (?, ?)", [`doomed-${i}-${Math.random()}`, "x"]);
+        db.sync({ timeoutMs: 60000 });
+      });
+      await doomed.close({ runBeforeUnload: false });
+      const list = uid("list");
+      await startLive(tabA, "after", "SELECT name FROM lists WHERE id = ?", [list]);
+      const r = await call(tabA, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "after the close"]);
+      check(r.ok, JSON.stringify(r));
+      await waitLive(tabA, "after", (rows) => rows.length === 1, "live query in the surviving tab");
+      await withTimeout(tabA.evaluate(() => db.sync({ timeoutMs: 20000 })), "sync after a tab closed", 25000);
+    });
+
+    // --- Rejected write. ---
+    await test("a write the server refuses raises `rejected` with the reason and is rolled back", async () => {
+      const dir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-schema-"));
+      const schema = path.join(dir, "users.toml");
+      await writeFile(
+        schema,
+        `version = 1\n[tables.users]\ncreate = "CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT UNIQUE, name TEXT NOT NULL)"\nmerge = "lww"\n`,
+      );
+      const unique = await startServer({ schema });
+      cleanups.push(() => unique.cleanup(), () => rm(dir, { recursive: true, force: true }));
+      const a = await newDevice(browser, unique.origin);
+      const b = await newDevice(browser, unique.origin);
+      cleanups.push(() => a.close(), () => b.close());
+      const ta = await openTab(a, unique.origin, "users");
+      const tb = await openTab(b, unique.origin, "users");
+      await a.setOffline(true);
+      await waitFor(ta, () => !db.status().online, null, "A offline");
+      await startLive(ta, "users", "SELECT id FROM users ORDER BY id");
+      let r = await call(tb, "exec", "INSERT INTO users (id, email, name) VALUES ('b1', 'same@example.com', 'B')");
+      check(r.ok, JSON.stringify(r));
+      await withTimeout(tb.evaluate(() => db.sync()), "B synced");
+      r = await call(ta, "exec", "INSERT INTO users (id, email, name) VALUES ('a1', 'same@example.com', 'A')");
+      check(r.ok, `locally the write is fine: ${JSON.stringify(r)}`);
+      await waitLive(ta, "users", (rows) => rows.map((x) => x.id).join() === "a1", "A sees its own write first");
+      await a.setOffline(false);
+      await waitFor(ta, () => window.events.rejected.length > 0, null, "the rejected event");
+      const [rejected] = await ta.evaluate(() => window.events.rejected);
+      check(rejected.code === "REJECTED" && /UNIQUE/i.test(rejected.reason) && rejected.mutation === r.value.mutation, `rejected: ${JSON.stringify(rejected)}`);
+      await waitLive(ta, "users", (rows) => rows.map((x) => x.id).join() === "b1", "A's row rolled back, B's row there");
+      const status = await withTimeout(ta.evaluate(() => db.sync()), "A synced");
+      check(status.pending === 0, JSON.stringify(status));
+    });
+  } finally {
+    for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});
+    await browser.close();
+  }
+
+  // --- 4. Persistence across a browser crash. ---
+  await test("an exec that resolved survives killing the browser; the pending write reaches the server once", async () => {
+    const profile = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-profile-"));
+    let own = await startOwnBrowser(profile);
+    try {
+      let tab = await openTab(own.context, server.origin, "crash");
+      await withTimeout(tab.evaluate(() => db.sync()), "first sync");
+      const seqBefore = await metric(server.origin, "hearth_server_seq");
+      const assets = await snapshotAssets(server.origin);
+      await server.stop();
+      await waitFor(tab, () => !db.status().online, null, "server gone");
+      const list = uid("list");
+      const r = await call(tab, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "survives the kill"]);
+      await killOwnBrowser(own);
+      check(r.ok, `exec before the kill: ${JSON.stringify(r)}`);
+      // Pages load from a stand-in static host while the sync server stays down, so the
+      // write must still be pending when the browser comes back.
+      const standIn = await startStaticStandIn(server.addr, assets);
+      own = await startOwnBrowser(profile);
+      tab = await openTab(own.context, server.origin, "crash");
+      const row = await call(tab, "query", "SELECT name FROM lists WHERE id = ?", [list]);
+      check(row.ok && row.value.length === 1, `row after the restart: ${JSON.stringify(row)}`);
+      const status = await tab.evaluate(() => db.status());
+      check(status.pending === 1 && !status.online, `the pending write is still queued: ${JSON.stringify(status)}`);
+      await standIn.stop();
+      server = await startServer({ data: server.data, listen: server.addr });
+      await withTimeout(tab.evaluate(() => db.sync({ timeoutMs: 20000 })), "sync after the restart", 25000);
+      // A fresh server process: its counter starts at 0, and the log grew by one entry.
+      const applied = await metric(server.origin, APPLIED);
+      const seqAfter = await metric(server.origin, "hearth_server_seq");
+      check(applied === 1 && seqAfter === seqBefore + 1, `applied exactly once: applied ${applied}, seq ${seqBefore} -> ${seqAfter}`);
+      const synced = await call(tab, "query", "SELECT name FROM lists WHERE id = ?", [list]);
+      check(synced.ok && synced.value.length === 1, "the row is still there after the sync");
+    } finally {
+      await own.browser.close().catch(() => {});
+      await killOwnBrowser(own).catch(() => {});
+      await rm(profile, { recursive: true, force: true });
+    }
+  });
+
+  await server.cleanup();
+  await rm(dataDir, { recursive: true, force: true });
+  const passed = results.filter(Boolean).length;
+  const failed = results.length - passed;
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exitCode = failed ? 1 : 0;
+}
+
+main().catch((error) => {
+  console.error(error);
+  console.log(`${results.filter(Boolean).length} passed, ${results.filter((r) => !r).length + 1} failed`);
+  process.exitCode = 1;
+});

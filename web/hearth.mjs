@@ -1,0 +1,32 @@
+// Hearth as an ES module: `import { open } from "https://HOST/hearth.mjs"`. The same API
+// as `window.Hearth` from hearth.js (see there); files resolve relative to this module.
+const base = new URL(".", import.meta.url);
+
+let pageModule = null;
+
+function loadPage() {
+  if (!pageModule) {
+    pageModule = import(new URL("pkg/hearth_page.js", base).href).then(async (module) => {
+      await module.default({ module_or_path: new URL("pkg/hearth_page_bg.wasm", base) });
+      return module;
+    });
+    pageModule.catch(() => {
+      pageModule = null;
+    });
+  }
+  return pageModule;
+}
+
+function defaultServer() {
+  const url = new URL("/sync", location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
+export async function open(options) {
+  const { server = defaultServer(), name = "default" } = options || {};
+  const page = await loadPage();
+  return page.open(new URL("hearth-worker.js", base).href, String(name), String(server));
+}
+
+export default Object.freeze({ open });
