@@ -214,3 +214,91 @@ async fn bad_sql_is_a_clear_error_and_the_store_keeps_working() {
     flush(&store).await;
     store.close().unwrap();
 }
+
+/// The engine itself on the IndexedDB VFS: a device with the demo schema writes while
+/// offline, closes, reopens from IndexedDB and finds both its rows and its outbox.
+#[wasm_bindgen_test]
+async fn engine_rows_and_outbox_survive_close_and_reopen() {
+    use hearth_engine::{Client, ClientConfig, ServerMsg, Value as EngineValue, DEMO_SCHEMA};
+    use hearth_worker::store::open_connection;
+
+    let file = "engine-reopen.sqlite3";
+    let (conn, durability) = open_connection(file).await.unwrap();
+    let mut client = Client::open(conn, 7, ClientConfig::default()).unwrap();
+    // The schema arrives as it would from a server's Welcome.
+    client.on_connected();
+    client
+        .handle(
+            ServerMsg::Welcome {
+                server_seq: 0,
+                schema_version: 1,
+                schema: Some(DEMO_SCHEMA.to_string()),
+            },
+            1,
+        )
+        .unwrap();
+    client.on_disconnected();
+    for n in 0..20 {
+        let (outcome, _) = client
+            .exec(
+                "INSERT INTO lists (id, name) VALUES (?, ?)",
+                &[
+                    EngineValue::Text(format!("l{n}")),
+                    EngineValue::Text(format!("list {n}")),
+                ],
+                1_000 + n,
+            )
+            .unwrap();
+        assert_eq!(outcome.mutation, Some(n + 1));
+    }
+    assert_eq!(client.status().pending, 20);
+    durability.flush().unwrap().await.unwrap();
+    drop(client);
+
+    let (conn, _durability) = open_connection(file).await.unwrap();
+    let mut client = Client::open(conn, 99, ClientConfig::default()).unwrap();
+    assert_eq!(client.client_id(), 7, "the client id is the stored one");
+    let status = client.status();
+    assert_eq!(status.pending, 20, "the outbox survived");
+    assert_eq!(status.schema_version, Some(1));
+    assert_eq!(
+        client.pending_seqs().unwrap(),
+        (1..=20).collect::<Vec<u64>>()
+    );
+    let rows = client
+        .query("SELECT count(*) FROM lists WHERE name LIKE 'list %'", &[])
+        .unwrap();
+    assert_eq!(rows.rows, vec![vec![EngineValue::Integer(20)]]);
+    // On reconnect the outbox goes out in order, as one push.
+    client.on_connected();
+    let out = client
+        .handle(
+            ServerMsg::Welcome {
+                server_seq: 0,
+                schema_version: 1,
+                schema: None,
+            },
+            2,
+        )
+        .unwrap();
+    let pushed: Vec<u64> = out
+        .send
+        .iter()
+        .flat_map(|m| match m {
+            hearth_engine::ClientMsg::Push { mutations } => {
+                mutations.iter().map(|m| m.seq).collect::<Vec<_>>()
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(pushed, (1..=20).collect::<Vec<u64>>());
+    // And the next write continues the sequence.
+    let (outcome, _) = client
+        .exec(
+            "UPDATE lists SET name = 'renamed' WHERE id = 'l0'",
+            &[],
+            5_000,
+        )
+        .unwrap();
+    assert_eq!(outcome.mutation, Some(21));
+}
