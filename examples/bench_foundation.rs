@@ -24,6 +24,7 @@ fn fresh_device(path: &std::path::Path) -> Client {
         path,
         ClientConfig {
             outbox_max: 1_000_000,
+            in_flight_max: 1_000_000,
             ..Default::default()
         },
     )
@@ -36,28 +37,35 @@ fn fresh_device(path: &std::path::Path) -> Client {
 
 fn capture(dir: &std::path::Path) -> serde_json::Value {
     let mut results = serde_json::Map::new();
-    for (label, mode) in [("single_statements", 0), ("one_insert_select", 1)] {
+    for (label, mode) in [("prepared_single_row_inserts", 0), ("one_insert_select", 1)] {
         let mut timings = Vec::new();
         for synced in [false, true] {
             let mut c = fresh_device(&dir.join(format!("capture-{label}-{synced}.db")));
             c.exec("CREATE TABLE plain (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, title TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, position REAL NOT NULL DEFAULT 0)", &[], 1).unwrap();
             let table = if synced { "todos" } else { "plain" };
-            let sql = if mode == 0 {
-                let mut sql = String::with_capacity(CAPTURE_ROWS * 90);
-                for i in 0..CAPTURE_ROWS {
-                    sql.push_str(&format!(
-                        "INSERT INTO {table} (id, list_id, title, position) VALUES ('item-{i:08}', 'list-1', 'title {i}', {i});\n"
-                    ));
-                }
-                sql
+            let start;
+            let (outcome, _) = if mode == 0 {
+                // One INSERT statement, run once per row with bound values.
+                let sets: Vec<Vec<Value>> = (0..CAPTURE_ROWS)
+                    .map(|i| {
+                        vec![
+                            Value::Text(format!("item-{i:08}")),
+                            Value::Text(format!("title {i}")),
+                            Value::Real(i as f64),
+                        ]
+                    })
+                    .collect();
+                let sql = format!("INSERT INTO {table} (id, list_id, title, position) VALUES (?1, 'list-1', ?2, ?3)");
+                start = Instant::now();
+                c.exec_many(&sql, &sets, 2).unwrap()
             } else {
-                format!(
+                let sql = format!(
                     "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {CAPTURE_ROWS})
                      INSERT INTO {table} (id, list_id, title, position) SELECT printf('item-%08d', i), 'list-1', 'title ' || i, i FROM s"
-                )
+                );
+                start = Instant::now();
+                c.exec(&sql, &[], 2).unwrap()
             };
-            let start = Instant::now();
-            let (outcome, _) = c.exec(&sql, &[], 2).unwrap();
             let elapsed = start.elapsed();
             assert_eq!(outcome.rows_affected as usize, CAPTURE_ROWS);
             assert_eq!(outcome.mutation.is_some(), synced);
@@ -83,8 +91,25 @@ async fn ingest(dir: &std::path::Path) -> serde_json::Value {
         dir.join("ingest-server"),
         Schema::parse(DEMO_SCHEMA).unwrap(),
     );
-    let server = hearth_server::start(config, &[]).await.unwrap();
-    let url = format!("ws://{}/sync", server.addr);
+    // The server runs on its own runtime and threads, as it would in its own
+    // process: the devices' SQLite work must not block its tasks.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let server = hearth_server::start(config, &[]).await.unwrap();
+            tx.send((server.addr, server.metrics.clone())).unwrap();
+            let _ = stop_rx.await;
+            server.shutdown().await;
+        });
+    });
+    let (addr, metrics) = rx.recv().unwrap();
+    let url = format!("ws://{addr}/sync");
     let mut devices = Vec::new();
     for d in 0..INGEST_CLIENTS {
         let mut c = fresh_device(&dir.join(format!("ingest-{d}.db")));
@@ -111,7 +136,6 @@ async fn ingest(dir: &std::path::Path) -> serde_json::Value {
         }));
     }
     // Server-side rate: from the first push to the last mutation applied.
-    let metrics = server.metrics.clone();
     let mut first_applied: Option<Instant> = None;
     let server_done = loop {
         let applied = hearth_server::Metrics::get(&metrics.mutations_applied) as usize;
@@ -136,7 +160,8 @@ async fn ingest(dir: &std::path::Path) -> serde_json::Value {
         server_secs,
         all_synced.as_secs_f64()
     );
-    server.shutdown().await;
+    let _ = stop_tx.send(());
+    server_thread.join().unwrap();
     serde_json::json!({"mutations": total, "clients": INGEST_CLIENTS, "server_applied_per_s": rate, "target_per_s_min": 20000,
         "all_clients_caught_up_s": all_synced.as_secs_f64()})
 }
@@ -202,6 +227,64 @@ fn wire() -> serde_json::Value {
     serde_json::json!({"one_column_update_up_bytes": update, "one_column_update_down_bytes": down, "ten_row_insert_up_bytes": insert10, "target_update_bytes_max": 100})
 }
 
+/// The store alone: the same mutations applied by `ServerCore` in batches,
+/// no network and no devices competing for the two cores.
+fn store_only(dir: &std::path::Path) -> serde_json::Value {
+    let conn = Connection::open(dir.join("store-only.db")).unwrap();
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+        .unwrap();
+    let mut core =
+        hearth_engine::ServerCore::open(conn, Schema::parse(DEMO_SCHEMA).unwrap()).unwrap();
+    let mut device = fresh_device(&dir.join("store-only-device.db"));
+    let total = INGEST_CLIENTS * INGEST_PER_CLIENT;
+    for i in 0..total {
+        device
+            .exec(
+                "INSERT INTO todos (id, list_id, title) VALUES (?1, 'l', 'x')",
+                &[Value::Text(format!("s-{i}"))],
+                1,
+            )
+            .unwrap();
+    }
+    device.on_connected();
+    let server = hearth_engine::ServerCore::open(
+        Connection::open_in_memory().unwrap(),
+        Schema::parse(DEMO_SCHEMA).unwrap(),
+    )
+    .unwrap();
+    let mut mutations = Vec::new();
+    let mut out = device.handle(server.welcome(Some(1)), 1).unwrap().send;
+    while !out.is_empty() {
+        for msg in out.drain(..) {
+            if let ClientMsg::Push { mutations: m } = msg {
+                mutations.extend(m);
+            }
+        }
+    }
+    // Spread them over ten client ids, as ten devices would send them.
+    let batch: Vec<(u64, hearth_engine::Mutation)> = mutations
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut m)| {
+            let c = (i % INGEST_CLIENTS) as u64 + 1;
+            m.seq = (i / INGEST_CLIENTS) as u64 + 1;
+            (c, m)
+        })
+        .collect();
+    let start = Instant::now();
+    for chunk in batch.chunks(2_000) {
+        core.apply_batch(chunk).unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let rate = batch.len() as f64 / secs;
+    println!(
+        "ingest (store only, no network): {} mutations in batches of 2000: {:.2} s = {rate:.0}/s",
+        batch.len(),
+        secs
+    );
+    serde_json::json!({"mutations": batch.len(), "per_s": rate})
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let wire = wire();
@@ -210,8 +293,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let store = store_only(dir.path());
     let ingest = runtime.block_on(ingest(dir.path()));
-    let report = serde_json::json!({"capture": capture, "ingest": ingest, "wire": wire});
+    let report = serde_json::json!({"capture": capture, "ingest": ingest, "store_only": store, "wire": wire});
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write(
         "target/bench/foundation.json",

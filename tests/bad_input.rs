@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use hearth_engine::protocol::{decode_server, encode_client, ClientMsg, ServerMsg, FRAME_BYTES_MAX};
+use hearth_engine::protocol::{
+    decode_server, encode_client, ClientMsg, ServerMsg, FRAME_BYTES_MAX,
+};
 use hearth_engine::DEMO_SCHEMA;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -34,36 +36,71 @@ async fn error_for(url: &str, frames: Vec<Message>) -> (String, String) {
 }
 
 fn hello() -> Message {
-    Message::Binary(encode_client(&ClientMsg::Hello { client_id: 7, cursor: 0, schema_version: None }).into())
+    Message::Binary(
+        encode_client(&ClientMsg::Hello {
+            client_id: 7,
+            cursor: 0,
+            schema_version: None,
+        })
+        .into(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_get_an_error_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server_with(dir.path(), DEMO_SCHEMA, |c| c.frame_bytes_max = 64 * 1024).await;
+    let server =
+        start_server_with(dir.path(), DEMO_SCHEMA, |c| c.frame_bytes_max = 64 * 1024).await;
     let url = url(&server);
     // A healthy device stays connected through all of it.
     let mut good = device(dir.path(), "good");
     sync(&mut good, &url).await;
     let mut ws = hearth::native_client::connect(&url, TIMEOUT).await.unwrap();
     let mut events = Vec::new();
-    hearth::native_client::run_session(&mut good, &mut ws, hearth::native_client::Goal::Synced, TIMEOUT, &mut events)
-        .await
-        .unwrap();
+    hearth::native_client::run_session(
+        &mut good,
+        &mut ws,
+        hearth::native_client::Goal::Synced,
+        TIMEOUT,
+        &mut events,
+    )
+    .await
+    .unwrap();
 
-    let (code, _) = error_for(&url, vec![Message::Binary(vec![1, 0xff, 0xfe, 0x00, 0x13].into())]).await;
+    let (code, _) = error_for(
+        &url,
+        vec![Message::Binary(vec![1, 0xff, 0xfe, 0x00, 0x13].into())],
+    )
+    .await;
     assert_eq!(code, "BAD_FRAME");
     let (code, msg) = error_for(&url, vec![Message::Text("hello?".into())]).await;
     assert_eq!(code, "BAD_FRAME");
     assert!(msg.contains("binary"), "{msg}");
-    let mut future_version = encode_client(&ClientMsg::Hello { client_id: 7, cursor: 0, schema_version: None });
+    let mut future_version = encode_client(&ClientMsg::Hello {
+        client_id: 7,
+        cursor: 0,
+        schema_version: None,
+    });
     future_version[0] = 9;
     let (code, msg) = error_for(&url, vec![Message::Binary(future_version.into())]).await;
     assert_eq!(code, "PROTOCOL_VERSION");
-    assert!(msg.contains("version 9") && msg.contains("version 1"), "{msg}");
-    let (code, _) = error_for(&url, vec![hello(), Message::Binary(vec![0u8; 100 * 1024].into())]).await;
+    assert!(
+        msg.contains("version 9") && msg.contains("version 1"),
+        "{msg}"
+    );
+    let (code, _) = error_for(
+        &url,
+        vec![hello(), Message::Binary(vec![0u8; 100 * 1024].into())],
+    )
+    .await;
     assert_eq!(code, "FRAME_TOO_LARGE");
-    let (code, _) = error_for(&url, vec![Message::Binary(encode_client(&ClientMsg::Push { mutations: vec![] }).into())]).await;
+    let (code, _) = error_for(
+        &url,
+        vec![Message::Binary(
+            encode_client(&ClientMsg::Push { mutations: vec![] }).into(),
+        )],
+    )
+    .await;
     assert_eq!(code, "HANDSHAKE");
     let (code, _) = error_for(&url, vec![hello(), hello()]).await;
     assert_eq!(code, "HANDSHAKE");
@@ -72,16 +109,26 @@ async fn malformed_frames_get_an_error_and_others_are_unaffected() {
     // The healthy device's connection is still live: a change reaches it.
     let mut other = device(dir.path(), "other");
     sync(&mut other, &url).await;
-    exec(&mut other, "INSERT INTO lists (id, name) VALUES ('l1', 'still fine')", &[]);
+    exec(
+        &mut other,
+        "INSERT INTO lists (id, name) VALUES ('l1', 'still fine')",
+        &[],
+    );
     sync(&mut other, &url).await;
     tokio::time::timeout(TIMEOUT, async {
         while good.status().server_seq < 1 {
-            hearth::native_client::step(&mut good, &mut ws).await.unwrap().expect("still connected");
+            hearth::native_client::step(&mut good, &mut ws)
+                .await
+                .unwrap()
+                .expect("still connected");
         }
     })
     .await
     .expect("the healthy device gets the change");
-    assert_eq!(rows(&mut good, "SELECT name FROM lists"), vec![json!({"name": "still fine"})]);
+    assert_eq!(
+        rows(&mut good, "SELECT name FROM lists"),
+        vec![json!({"name": "still fine"})]
+    );
     server.shutdown().await;
 }
 
@@ -98,26 +145,73 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
         pk,
         op: RowOp::Upsert {
             insert: true,
-            columns: columns.into_iter().map(|(c, v)| (c.to_string(), ColumnOp::Set(v))).collect(),
+            columns: columns
+                .into_iter()
+                .map(|(c, v)| (c.to_string(), ColumnOp::Set(v)))
+                .collect(),
         },
     };
     let t = |s: &str| Value::Text(s.into());
     let mutations = vec![
-        Mutation { seq: 1, hlc: Hlc(1), changes: vec![change("nope", t("x"), vec![])] },
-        Mutation { seq: 2, hlc: Hlc(2), changes: vec![change("todos", t("x"), vec![("colour", t("red"))])] },
-        Mutation { seq: 3, hlc: Hlc(3), changes: vec![change("todos", t("x"), vec![("list_id", t("l")), ("title", t(""))])] },
-        Mutation { seq: 4, hlc: Hlc(4), changes: vec![change("todos", Value::Integer(5), vec![("list_id", t("l")), ("title", t("a"))])] },
-        Mutation { seq: 5, hlc: Hlc(5), changes: vec![change("todos", t("ok"), vec![("list_id", t("l")), ("title", t("fine"))])] },
+        Mutation {
+            seq: 1,
+            hlc: Hlc(1),
+            changes: vec![change("nope", t("x"), vec![])],
+        },
+        Mutation {
+            seq: 2,
+            hlc: Hlc(2),
+            changes: vec![change("todos", t("x"), vec![("colour", t("red"))])],
+        },
+        Mutation {
+            seq: 3,
+            hlc: Hlc(3),
+            changes: vec![change(
+                "todos",
+                t("x"),
+                vec![("list_id", t("l")), ("title", t(""))],
+            )],
+        },
+        Mutation {
+            seq: 4,
+            hlc: Hlc(4),
+            changes: vec![change(
+                "todos",
+                Value::Integer(5),
+                vec![("list_id", t("l")), ("title", t("a"))],
+            )],
+        },
+        Mutation {
+            seq: 5,
+            hlc: Hlc(5),
+            changes: vec![change(
+                "todos",
+                t("ok"),
+                vec![("list_id", t("l")), ("title", t("fine"))],
+            )],
+        },
     ];
-    ws.send(Message::Binary(encode_client(&ClientMsg::Push { mutations }).into())).await.unwrap();
+    ws.send(Message::Binary(
+        encode_client(&ClientMsg::Push { mutations }).into(),
+    ))
+    .await
+    .unwrap();
     let mut rejected = Vec::new();
     let mut applied = Vec::new();
     tokio::time::timeout(TIMEOUT, async {
         while rejected.len() + applied.len() < 5 {
-            let Some(Ok(Message::Binary(b))) = ws.next().await else { panic!("connection closed") };
+            let Some(Ok(Message::Binary(b))) = ws.next().await else {
+                panic!("connection closed")
+            };
             match decode_server(&b, FRAME_BYTES_MAX).unwrap() {
-                ServerMsg::Rejected { client_seq, code, reason } => rejected.push((client_seq, code, reason)),
-                ServerMsg::Changes { entries, .. } => applied.extend(entries.iter().map(|e| e.client_seq)),
+                ServerMsg::Rejected {
+                    client_seq,
+                    code,
+                    reason,
+                } => rejected.push((client_seq, code, reason)),
+                ServerMsg::Changes { entries, .. } => {
+                    applied.extend(entries.iter().map(|e| e.client_seq))
+                }
                 _ => {}
             }
         }
@@ -125,11 +219,22 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
     .await
     .expect("every mutation answered");
     let codes: Vec<(u64, &str)> = rejected.iter().map(|(s, c, _)| (*s, c.as_str())).collect();
-    assert_eq!(codes, vec![(1, "UNKNOWN_TABLE"), (2, "UNKNOWN_COLUMN"), (3, "CONSTRAINT"), (4, "INVALID")]);
+    assert_eq!(
+        codes,
+        vec![
+            (1, "UNKNOWN_TABLE"),
+            (2, "UNKNOWN_COLUMN"),
+            (3, "CONSTRAINT"),
+            (4, "INVALID")
+        ]
+    );
     assert!(rejected[2].2.contains("CHECK"), "{:?}", rejected[2]);
     assert_eq!(applied, vec![5]);
     let mut reader = device(dir.path(), "reader");
     sync(&mut reader, &url).await;
-    assert_eq!(rows(&mut reader, "SELECT id, title FROM todos"), vec![json!({"id": "ok", "title": "fine"})]);
+    assert_eq!(
+        rows(&mut reader, "SELECT id, title FROM todos"),
+        vec![json!({"id": "ok", "title": "fine"})]
+    );
     server.shutdown().await;
 }

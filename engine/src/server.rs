@@ -233,6 +233,7 @@ impl ServerCore {
 
     fn apply_batch_in_transaction(&mut self, batch: &[(u64, Mutation)]) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut touched_clients = std::collections::BTreeSet::new();
         for (client_id, mutation) in batch {
             let client_id = *client_id;
             if mutation.seq == 0 || mutation.seq > i64::MAX as u64 {
@@ -260,10 +261,14 @@ impl ServerCore {
                 });
                 continue;
             }
-            self.conn.execute_batch("SAVEPOINT hearth_mutation")?;
+            self.conn
+                .prepare_cached("SAVEPOINT hearth_mutation")?
+                .execute([])?;
             match self.merge(client_id, mutation) {
                 Ok(changes) => {
-                    self.conn.execute_batch("RELEASE hearth_mutation")?;
+                    self.conn
+                        .prepare_cached("RELEASE hearth_mutation")?
+                        .execute([])?;
                     let entry = LogEntry {
                         server_seq: self.head + 1,
                         client_id,
@@ -303,13 +308,20 @@ impl ServerCore {
                 }
                 Err(MergeError::Store(e)) => return Err(e),
             }
+            self.last_seqs.insert(client_id, mutation.seq);
+            touched_clients.insert(client_id);
+        }
+        // One bookkeeping write per device per batch, in the same transaction.
+        for client_id in touched_clients {
             self.conn
                 .prepare_cached(
                     "INSERT INTO _hearth_clients (client_id, last_seq) VALUES (?1, ?2)
                      ON CONFLICT(client_id) DO UPDATE SET last_seq = excluded.last_seq",
                 )?
-                .execute(params![to_i64(client_id), to_i64(mutation.seq)])?;
-            self.last_seqs.insert(client_id, mutation.seq);
+                .execute(params![
+                    to_i64(client_id),
+                    to_i64(self.last_seqs[&client_id])
+                ])?;
         }
         Ok(outcomes)
     }

@@ -352,3 +352,38 @@ fn bad_sql_and_transaction_control_are_clear_errors() {
     assert_eq!(a.status().pending, 0);
     assert!(rows(&mut a, "SELECT * FROM todos").is_empty());
 }
+
+#[test]
+fn exec_many_is_one_mutation_and_checks_every_parameter_set() {
+    let mut net = Net::new();
+    let mut a = client(1);
+    net.sync(&mut a);
+    let sets: Vec<Vec<Value>> = (0..3)
+        .map(|i| vec![text(&format!("t{i}")), text(&format!("title {i}"))])
+        .collect();
+    let (o, _) = a
+        .exec_many(
+            "INSERT INTO todos (id, list_id, title) VALUES (?1, 'l', ?2)",
+            &sets,
+            1,
+        )
+        .unwrap();
+    assert_eq!((o.mutation, o.rows_affected), (Some(1), 3));
+    let bad = vec![vec![text("t9"), text("x")], vec![text("only one")]];
+    let e = a
+        .exec_many(
+            "INSERT INTO todos (id, list_id, title) VALUES (?1, 'l', ?2)",
+            &bad,
+            2,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("takes 2 parameters but 1"), "{e}");
+    assert_eq!(a.status().pending, 1, "the failed call left nothing behind");
+    let mut b = client(2);
+    net.sync(&mut a);
+    net.sync(&mut b);
+    assert_eq!(
+        rows(&mut b, "SELECT count(*) FROM todos"),
+        vec![vec![Value::Integer(3)]]
+    );
+}

@@ -9,7 +9,7 @@ use hearth_engine::protocol::{decode_client, encode_server, ClientMsg, CodecErro
 use hearth_engine::{LogEntry, ServerCore};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::store::ApplyCmd;
+use crate::store::{ApplyCmd, Broadcast};
 use crate::{AppState, Metrics};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -183,7 +183,7 @@ impl Conn {
                     }
                 },
                 entries = live.recv() => match entries {
-                    Ok(entries) => self.send_entries(&entries).await?,
+                    Ok(batch) => self.send_batch(&batch).await?,
                     Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
                     Err(broadcast::error::RecvError::Closed) => {
                         return Err(fatal("SHUTDOWN", "the server is shutting down"));
@@ -200,20 +200,33 @@ impl Conn {
         }
     }
 
-    async fn send_entries(&mut self, entries: &[LogEntry]) -> Result<(), Fatal> {
-        let fresh: Vec<LogEntry> = entries
-            .iter()
-            .filter(|e| e.server_seq > self.last_sent)
-            .cloned()
-            .collect();
-        let Some(last) = fresh.last().map(|e| e.server_seq) else {
+    async fn send_batch(&mut self, batch: &Broadcast) -> Result<(), Fatal> {
+        let Some(last) = batch.entries.last().map(|e| e.server_seq) else {
             return Ok(());
         };
-        self.send(&ServerMsg::Changes {
-            entries: fresh,
-            caught_up: true,
-        })
-        .await?;
+        if batch.entries[0].server_seq > self.last_sent {
+            // The common case: the shared, already encoded frame fits as is.
+            Metrics::add(&self.state.metrics.bytes_out, batch.frame.len() as u64);
+            self.socket
+                .send(Message::Binary(batch.frame.clone().into()))
+                .await
+                .map_err(|e| fatal("CLOSED", e.to_string()))?;
+        } else {
+            let fresh: Vec<LogEntry> = batch
+                .entries
+                .iter()
+                .filter(|e| e.server_seq > self.last_sent)
+                .cloned()
+                .collect();
+            if fresh.is_empty() {
+                return Ok(());
+            }
+            self.send(&ServerMsg::Changes {
+                entries: fresh,
+                caught_up: true,
+            })
+            .await?;
+        }
         self.last_sent = last;
         Ok(())
     }

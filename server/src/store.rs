@@ -24,9 +24,16 @@ pub(crate) struct ApplyCmd {
     pub reply: mpsc::UnboundedSender<ServerMsg>,
 }
 
+/// One committed batch as every connection receives it: the entries, and
+/// the frame that carries them, encoded once for all connections.
+pub(crate) struct Broadcast {
+    pub entries: Vec<LogEntry>,
+    pub frame: Vec<u8>,
+}
+
 pub(crate) struct StoreHandle {
     pub commands: mpsc::Sender<ApplyCmd>,
-    pub changes: broadcast::Sender<Arc<Vec<LogEntry>>>,
+    pub changes: broadcast::Sender<Arc<Broadcast>>,
     /// A read-only connection for catch-up reads (WAL lets it read while
     /// the store thread writes).
     pub reader: Arc<Mutex<Connection>>,
@@ -76,7 +83,7 @@ pub(crate) fn open(
 fn run(
     mut core: ServerCore,
     mut rx: mpsc::Receiver<ApplyCmd>,
-    changes: broadcast::Sender<Arc<Vec<LogEntry>>>,
+    changes: broadcast::Sender<Arc<Broadcast>>,
     metrics: Arc<Metrics>,
     batch_max: usize,
 ) {
@@ -142,7 +149,15 @@ fn run(
                 metrics.server_seq.store(core.head(), Ordering::Relaxed);
                 if !entries.is_empty() {
                     // No receivers (no device connected) is fine: the log has it.
-                    let _ = changes.send(Arc::new(entries));
+                    let msg = ServerMsg::Changes {
+                        entries,
+                        caught_up: true,
+                    };
+                    let frame = hearth_engine::protocol::encode_server(&msg);
+                    let ServerMsg::Changes { entries, .. } = msg else {
+                        unreachable!()
+                    };
+                    let _ = changes.send(Arc::new(Broadcast { entries, frame }));
                 }
             }
             Err(e) => {
