@@ -79,8 +79,12 @@ export async function startServer({ data, schema, listen = "127.0.0.1:0" } = {})
     schema,
     async stop() {
       if (child.exitCode !== null) return;
+      const exited = once(child, "exit");
       child.kill("SIGINT");
-      await withTimeout(once(child, "exit"), "hearth serve to stop");
+      // A graceful stop waits for open connections; past a few seconds, end it hard.
+      const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
+      await exited;
+      clearTimeout(timer);
     },
     // Starts the server again on the same address and data (the browser's worker keeps
     // its server URL, so the port must not change).
