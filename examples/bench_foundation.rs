@@ -41,7 +41,11 @@ fn capture(dir: &std::path::Path) -> serde_json::Value {
         let mut timings = Vec::new();
         for synced in [false, true] {
             let mut c = fresh_device(&dir.join(format!("capture-{label}-{synced}.db")));
-            c.exec("CREATE TABLE plain (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, title TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, position REAL NOT NULL DEFAULT 0)", &[], 1).unwrap();
+            // The same table as the demo schema's `todos` (CHECK and index
+            // included), just not synced.
+            let todos = &Schema::parse(DEMO_SCHEMA).unwrap().tables["todos"];
+            c.exec(&todos.create_sql.replace("todos", "plain"), &[], 1)
+                .unwrap();
             let table = if synced { "todos" } else { "plain" };
             let start;
             let (outcome, _) = if mode == 0 {

@@ -194,6 +194,9 @@ pub struct Client {
     cross_row_tables: HashSet<String>,
     /// Read by the capture triggers: true only while app SQL runs.
     capturing: Arc<std::sync::atomic::AtomicBool>,
+    /// Rows the app inserted into synced rowid tables in this transaction,
+    /// as the update hook reports them.
+    inserted: Arc<Mutex<InsertLog>>,
     session: Session,
 }
 
@@ -240,7 +243,7 @@ fn shadow_table(n: usize) -> String {
 /// `INSERT OR REPLACE` the shadow row would be replaced by a later image, and
 /// under an upsert (`ON CONFLICT DO UPDATE`, also used by rebase) the shadow
 /// insert would fail with a UNIQUE error.
-fn capture_sql(n: usize, table: &Table) -> String {
+fn capture_sql(n: usize, table: &Table, rowid: bool) -> String {
     let t = ident(&table.name);
     let pk = ident(table.pk_name());
     let cols: Vec<String> = table.columns.iter().map(|c| ident(&c.name)).collect();
@@ -251,32 +254,49 @@ fn capture_sql(n: usize, table: &Table) -> String {
         .map(|(i, c)| format!("((OLD.{c} IS NOT NEW.{c}) << {i})"))
         .collect();
     let shadow = shadow_table(n);
+    // Rowid tables note inserts through the update hook, not a trigger (a
+    // trigger makes every INSERT statement open a statement journal and run a
+    // sub-program, which tripled the cost of a bulk insert). UPDATE and
+    // DELETE triggers then ask the hook's log whether a row was made in this
+    // transaction, because such a row did not exist before it.
+    let made_here = if rowid {
+        format!("hearth_inserted({n}, OLD.rowid)")
+    } else {
+        "0".to_string()
+    };
+    let insert_trigger = if rowid {
+        String::new()
+    } else {
+        format!(
+            "CREATE TEMP TRIGGER _hearth_ins_{n} AFTER INSERT ON main.{t} WHEN hearth_capturing() BEGIN
+  INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed) VALUES ({n}, NEW.{pk}, -1, 1, 0)
+    ON CONFLICT (tbl, pk) DO UPDATE SET mask = -1, inserted = 1;
+END;"
+        )
+    };
     format!(
         "DROP TABLE IF EXISTS {shadow};
 CREATE TEMP TABLE _hearth_old_{n} ({cols_list}, PRIMARY KEY ({pk}));
 DROP TRIGGER IF EXISTS temp._hearth_ins_{n};
 DROP TRIGGER IF EXISTS temp._hearth_upd_{n};
 DROP TRIGGER IF EXISTS temp._hearth_del_{n};
-CREATE TEMP TRIGGER _hearth_ins_{n} AFTER INSERT ON main.{t} WHEN hearth_capturing() BEGIN
-  INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed) VALUES ({n}, NEW.{pk}, -1, 1, 0)
-    ON CONFLICT (tbl, pk) DO UPDATE SET mask = -1, inserted = 1;
-END;
+{insert_trigger}
 CREATE TEMP TRIGGER _hearth_upd_{n} AFTER UPDATE ON main.{t} WHEN hearth_capturing() BEGIN
   INSERT INTO {shadow} SELECT {old_values} WHERE NOT EXISTS (SELECT 1 FROM {shadow} WHERE {pk} IS OLD.{pk});
   INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed)
-    SELECT {n}, OLD.{pk}, 0, 0, 1 WHERE OLD.{pk} IS NOT NEW.{pk}
+    SELECT {n}, OLD.{pk}, 0, 0, NOT {made_here} WHERE OLD.{pk} IS NOT NEW.{pk}
     ON CONFLICT (tbl, pk) DO NOTHING;
   INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed)
     SELECT {n}, NEW.{pk},
       CASE WHEN OLD.{pk} IS NOT NEW.{pk} THEN -1 ELSE ({mask}) END,
       OLD.{pk} IS NOT NEW.{pk},
-      OLD.{pk} IS NEW.{pk}
+      OLD.{pk} IS NEW.{pk} AND NOT {made_here}
     WHERE true
     ON CONFLICT (tbl, pk) DO UPDATE SET mask = mask | excluded.mask, inserted = inserted | excluded.inserted;
 END;
 CREATE TEMP TRIGGER _hearth_del_{n} AFTER DELETE ON main.{t} WHEN hearth_capturing() BEGIN
   INSERT INTO {shadow} SELECT {old_values} WHERE NOT EXISTS (SELECT 1 FROM {shadow} WHERE {pk} IS OLD.{pk});
-  INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed) VALUES ({n}, OLD.{pk}, 0, 0, 1)
+  INSERT INTO temp._hearth_capture (tbl, pk, mask, inserted, existed) VALUES ({n}, OLD.{pk}, 0, 0, NOT {made_here})
     ON CONFLICT (tbl, pk) DO NOTHING;
 END;",
         cols_list = cols.join(", "),
@@ -335,6 +355,7 @@ impl Client {
             pending_rows: HashMap::new(),
             cross_row_tables: HashSet::new(),
             capturing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            inserted: Arc::new(Mutex::new(InsertLog::default())),
             session: Session::Offline,
         };
         if let Some(schema) = schema {
@@ -398,11 +419,46 @@ impl Client {
             rusqlite::functions::FunctionFlags::SQLITE_UTF8,
             move |_| Ok(capturing.load(std::sync::atomic::Ordering::Relaxed)),
         )?;
+        let log = self.inserted.clone();
+        self.conn.create_scalar_function(
+            "hearth_inserted",
+            2,
+            rusqlite::functions::FunctionFlags::SQLITE_UTF8,
+            move |ctx| {
+                let key = (ctx.get::<i64>(0)? as u32, ctx.get::<i64>(1)?);
+                Ok(log.lock().unwrap().set.contains(&key))
+            },
+        )?;
+        let mut rowid_tables = HashMap::new();
         let mut sql = String::from(CAPTURE_TABLE);
         for (n, table) in schema.numbered() {
-            sql.push_str(&capture_sql(n, table));
+            let without_rowid: bool = self.conn.query_row(
+                "SELECT coalesce((SELECT wr FROM pragma_table_list(?1) WHERE schema = 'main'), 0)",
+                [&table.name],
+                |r| r.get(0),
+            )?;
+            if !without_rowid {
+                rowid_tables.insert(table.name.clone(), n as u32);
+            }
+            sql.push_str(&capture_sql(n, table, !without_rowid));
         }
         self.conn.execute_batch(&sql)?;
+        let log = self.inserted.clone();
+        let capturing = self.capturing.clone();
+        self.conn.update_hook(Some(
+            move |action: rusqlite::hooks::Action, db: &str, table: &str, rowid: i64| {
+                if action == rusqlite::hooks::Action::SQLITE_INSERT
+                    && db == "main"
+                    && capturing.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    if let Some(n) = rowid_tables.get(table) {
+                        let mut log = log.lock().unwrap();
+                        log.order.push((*n, rowid));
+                        log.set.insert((*n, rowid));
+                    }
+                }
+            },
+        ))?;
         self.cross_row_tables.clear();
         for table in schema.tables.values() {
             let unique_index: bool = self.conn.query_row(
@@ -423,6 +479,7 @@ impl Client {
     }
 
     fn clear_capture(&self) -> Result<()> {
+        *self.inserted.lock().unwrap() = InsertLog::default();
         self.conn.execute("DELETE FROM temp._hearth_capture", [])?;
         if let Some(schema) = &self.schema {
             for (n, _) in schema.numbered() {
@@ -537,6 +594,7 @@ impl Client {
                     None => Authorization::Allow,
                 }
             }))?;
+        *self.inserted.lock().unwrap() = InsertLog::default();
         self.capturing
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let result = self.run_statements(sql, params);
@@ -682,13 +740,65 @@ impl Client {
                 ident(&table.name),
                 shadow_table(n),
             );
+            // Rows the update hook saw inserted, as they are now, in insert
+            // order (a reused rowid is read once). A row also noted by a
+            // trigger (say replaced, or updated after its insert) is handled
+            // with its note, marked inserted; the rest are plain inserts with
+            // no pre-image.
+            let mut made: Vec<(Value, Vec<Value>)> = Vec::new();
+            let mut made_index: HashMap<RowKey, usize> = HashMap::new();
+            let rowids: Vec<i64> = {
+                let log = self.inserted.lock().unwrap();
+                log.order
+                    .iter()
+                    .filter(|(t, _)| *t as usize == n)
+                    .map(|(_, r)| *r)
+                    .collect()
+            };
+            if !rowids.is_empty() {
+                let sql = format!(
+                    "SELECT {} FROM main.{} WHERE rowid = ?1",
+                    table
+                        .columns
+                        .iter()
+                        .map(|c| ident(&c.name))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    ident(&table.name)
+                );
+                let mut stmt = self.conn.prepare_cached(&sql)?;
+                for rowid in rowids {
+                    let mut rows = stmt.query([rowid])?;
+                    let Some(row) = rows.next()? else { continue }; // Deleted again.
+                    let values: Vec<Value> =
+                        (0..width).map(|i| row.get(i)).collect::<Result<_, _>>()?;
+                    let pk = values[table.pk].clone();
+                    if pk == Value::Null {
+                        return Err(ClientError::Refused(format!(
+                            "the primary key of synced table {} cannot be NULL",
+                            table.name
+                        )));
+                    }
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        made_index.entry(row_key(&table.name, &pk))
+                    {
+                        e.insert(made.len());
+                        made.push((pk, values));
+                    }
+                }
+            }
+            let mut consumed = vec![false; made.len()];
             let mut stmt = self.conn.prepare_cached(&sql)?;
             let mut rows = stmt.query([n as i64])?;
             let before = changes.len();
             while let Some(row) = rows.next()? {
                 let pk: Value = row.get(0)?;
+                let made_here = made_index
+                    .get(&row_key(&table.name, &pk))
+                    .map(|i| consumed[*i] = true)
+                    .is_some();
                 let mask: i64 = row.get(1)?;
-                let inserted: bool = row.get(2)?;
+                let inserted: bool = row.get::<_, bool>(2)? || made_here;
                 let existed: bool = row.get(3)?;
                 let exists: bool = row.get(4)?;
                 let current: Vec<Value> = (0..width)
@@ -746,6 +856,32 @@ impl Client {
                     table: table.name.clone(),
                     pk,
                     op,
+                });
+            }
+            drop(rows);
+            drop(stmt);
+            for (i, (pk, values)) in made.into_iter().enumerate() {
+                if consumed[i] {
+                    continue;
+                }
+                let columns = values
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(c, _)| *c != table.pk)
+                    .map(|(c, v)| (table.columns[c].name.clone(), ColumnOp::Set(v)))
+                    .collect();
+                undo.push(Preimage {
+                    table: table.name.clone(),
+                    pk: pk.clone(),
+                    row: None,
+                });
+                changes.push(RowChange {
+                    table: table.name.clone(),
+                    pk,
+                    op: RowOp::Upsert {
+                        insert: true,
+                        columns,
+                    },
                 });
             }
             if changes.len() > before {
@@ -1209,11 +1345,12 @@ impl Client {
         let mut remaining = self.pending_rows.clone();
         for (_, m, _) in done {
             for c in &m.changes {
-                let key = row_key(&c.table, &c.pk);
-                if let Some(n) = remaining.get_mut(&key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        remaining.remove(&key);
+                for key in keys_of(c) {
+                    if let Some(n) = remaining.get_mut(&key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            remaining.remove(&key);
+                        }
                     }
                 }
             }
@@ -1232,7 +1369,11 @@ impl Client {
             .flat_map(|(_, m, _)| m.changes.iter())
             .any(touches)
             || incoming.into_iter().any(touches)
-            || (!self.cross_row_tables.is_empty() && remaining.keys().any(|(t, _)| cross_row(t)));
+            || (!self.cross_row_tables.is_empty()
+                && self
+                    .cross_row_tables
+                    .iter()
+                    .any(|t| remaining.contains_key(&table_key(t))));
         let remove = |c: &mut Client| -> Result<()> {
             let mut stmt = c
                 .conn
@@ -1273,18 +1414,50 @@ impl Client {
     }
 }
 
-/// A row's identity for overlap checks: table and encoded primary key.
-type RowKey = (String, Vec<u8>);
+/// A row's identity for overlap checks: a hash of table and primary key. Two
+/// rows sharing a hash only make `settle` take the full rebase, which is
+/// always correct, so a collision costs time, never correctness.
+type RowKey = u64;
 
 fn row_key(table: &str, pk: &Value) -> RowKey {
-    (
-        table.to_string(),
-        postcard::to_allocvec(pk).expect("encode key"),
-    )
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    table.hash(&mut h);
+    match pk {
+        Value::Null => 0u8.hash(&mut h),
+        Value::Integer(i) => (1u8, i).hash(&mut h),
+        Value::Real(r) => (2u8, r.to_bits()).hash(&mut h),
+        Value::Text(t) => (3u8, t).hash(&mut h),
+        Value::Blob(b) => (4u8, b).hash(&mut h),
+    }
+    h.finish()
+}
+
+/// A key standing for "some row of this table", counted beside the row keys
+/// so that `settle` can ask whether a table has pending rows.
+fn table_key(table: &str) -> RowKey {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (table, "any row").hash(&mut h);
+    h.finish()
+}
+
+fn keys_of(c: &RowChange) -> [RowKey; 2] {
+    [row_key(&c.table, &c.pk), table_key(&c.table)]
+}
+
+/// Inserts into synced rowid tables during one exec, in order, as (table
+/// number, rowid).
+#[derive(Default)]
+struct InsertLog {
+    order: Vec<(u32, i64)>,
+    set: HashSet<(u32, i64)>,
 }
 
 fn count_rows(rows: &mut HashMap<RowKey, u32>, mutation: &Mutation) {
     for c in &mutation.changes {
-        *rows.entry(row_key(&c.table, &c.pk)).or_insert(0) += 1;
+        for key in keys_of(c) {
+            *rows.entry(key).or_insert(0) += 1;
+        }
     }
 }

@@ -1,11 +1,110 @@
 //! Row-level SQL shared by the client and the server: read a row, write
 //! some of its columns, delete it. Statements are built from the schema's
-//! names (quoted) and cached by SQLite's statement cache.
+//! names (quoted), kept in a small per-thread cache (building the text anew
+//! for every row cost more than running it), and prepared through SQLite's
+//! statement cache.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 use crate::schema::{ident, Table};
 use crate::value::Value;
+
+#[derive(Clone, Copy, Hash, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Exists,
+    Upsert,
+    Update,
+    Delete,
+}
+
+/// (kind, table name, the table's CREATE text, column indexes): the CREATE
+/// text keeps two schemas' tables of one name apart.
+type SqlKey = (Kind, String, String, Vec<usize>);
+
+/// Entries kept at most; a peer sending ever new column sets cannot grow it
+/// without bound.
+const SQL_CACHE_MAX: usize = 512;
+
+thread_local! {
+    static SQL_CACHE: RefCell<HashMap<SqlKey, Rc<str>>> = RefCell::new(HashMap::new());
+}
+
+/// The SQL text for `kind` on `table` with these column indexes.
+fn sql_for(kind: Kind, table: &Table, columns: &[usize]) -> Rc<str> {
+    SQL_CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        // Look up without building a key: the common case is a hit.
+        if let Some(sql) = cache
+            .iter()
+            .find(|((k, t, create, c), _)| {
+                *k == kind && t == &table.name && c == columns && create == &table.create_sql
+            })
+            .map(|(_, sql)| sql.clone())
+        {
+            return sql;
+        }
+        let sql: Rc<str> = build_sql(kind, table, columns).into();
+        if cache.len() >= SQL_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(
+            (
+                kind,
+                table.name.clone(),
+                table.create_sql.clone(),
+                columns.to_vec(),
+            ),
+            sql.clone(),
+        );
+        sql
+    })
+}
+
+fn build_sql(kind: Kind, table: &Table, columns: &[usize]) -> String {
+    let t = ident(&table.name);
+    let pk = ident(table.pk_name());
+    let name = |i: &usize| ident(&table.columns[*i].name);
+    match kind {
+        Kind::Read => {
+            let cols: Vec<String> = table.columns.iter().map(|c| ident(&c.name)).collect();
+            format!("SELECT {} FROM main.{t} WHERE {pk} = ?1", cols.join(", "))
+        }
+        Kind::Exists => format!("SELECT 1 FROM main.{t} WHERE {pk} = ?1"),
+        Kind::Delete => format!("DELETE FROM main.{t} WHERE {pk} = ?1"),
+        Kind::Upsert => {
+            let mut names = vec![pk.clone()];
+            names.extend(columns.iter().map(name));
+            let placeholders: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
+            let on_conflict = if columns.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                let sets: Vec<String> = names[1..]
+                    .iter()
+                    .map(|n| format!("{n} = excluded.{n}"))
+                    .collect();
+                format!("DO UPDATE SET {}", sets.join(", "))
+            };
+            format!(
+                "INSERT INTO main.{t} ({}) VALUES ({}) ON CONFLICT({pk}) {on_conflict}",
+                names.join(", "),
+                placeholders.join(", ")
+            )
+        }
+        Kind::Update => {
+            let sets: Vec<String> = columns
+                .iter()
+                .enumerate()
+                .map(|(n, i)| format!("{} = ?{}", name(i), n + 2))
+                .collect();
+            format!("UPDATE main.{t} SET {} WHERE {pk} = ?1", sets.join(", "))
+        }
+    }
+}
 
 /// The whole row with this primary key, in column order, if it exists.
 pub fn read_row(
@@ -13,28 +112,21 @@ pub fn read_row(
     table: &Table,
     pk: &Value,
 ) -> rusqlite::Result<Option<Vec<Value>>> {
-    let cols: Vec<String> = table.columns.iter().map(|c| ident(&c.name)).collect();
-    let sql = format!(
-        "SELECT {} FROM main.{} WHERE {} = ?1",
-        cols.join(", "),
-        ident(&table.name),
-        ident(table.pk_name())
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut stmt = conn.prepare_cached(&sql_for(Kind::Read, table, &[]))?;
+    let width = table.columns.len();
     stmt.query_row([pk], |row| {
-        (0..cols.len()).map(|i| row.get::<_, Value>(i)).collect()
+        (0..width).map(|i| row.get::<_, Value>(i)).collect()
     })
     .optional()
 }
 
 pub fn row_exists(conn: &Connection, table: &Table, pk: &Value) -> rusqlite::Result<bool> {
-    let sql = format!(
-        "SELECT 1 FROM main.{} WHERE {} = ?1",
-        ident(&table.name),
-        ident(table.pk_name())
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut stmt = conn.prepare_cached(&sql_for(Kind::Exists, table, &[]))?;
     Ok(stmt.query_row([pk], |_| Ok(())).optional()?.is_some())
+}
+
+fn indexes(columns: &[(usize, &Value)]) -> Vec<usize> {
+    columns.iter().map(|(i, _)| *i).collect()
 }
 
 /// Inserts the row with these columns, or updates just these columns when a
@@ -46,27 +138,7 @@ pub fn upsert_columns(
     pk: &Value,
     columns: &[(usize, &Value)],
 ) -> rusqlite::Result<()> {
-    let mut names = vec![ident(table.pk_name())];
-    names.extend(columns.iter().map(|(i, _)| ident(&table.columns[*i].name)));
-    let placeholders: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
-    let on_conflict = if columns.is_empty() {
-        "DO NOTHING".to_string()
-    } else {
-        let sets: Vec<String> = names[1..]
-            .iter()
-            .map(|n| format!("{n} = excluded.{n}"))
-            .collect();
-        format!("DO UPDATE SET {}", sets.join(", "))
-    };
-    let sql = format!(
-        "INSERT INTO main.{} ({}) VALUES ({}) ON CONFLICT({}) {}",
-        ident(&table.name),
-        names.join(", "),
-        placeholders.join(", "),
-        ident(table.pk_name()),
-        on_conflict
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut stmt = conn.prepare_cached(&sql_for(Kind::Upsert, table, &indexes(columns)))?;
     stmt.execute(params_from_iter(
         std::iter::once(pk).chain(columns.iter().map(|(_, v)| *v)),
     ))?;
@@ -83,18 +155,7 @@ pub fn update_columns(
     if columns.is_empty() {
         return Ok(());
     }
-    let sets: Vec<String> = columns
-        .iter()
-        .enumerate()
-        .map(|(n, (i, _))| format!("{} = ?{}", ident(&table.columns[*i].name), n + 2))
-        .collect();
-    let sql = format!(
-        "UPDATE main.{} SET {} WHERE {} = ?1",
-        ident(&table.name),
-        sets.join(", "),
-        ident(table.pk_name())
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut stmt = conn.prepare_cached(&sql_for(Kind::Update, table, &indexes(columns)))?;
     stmt.execute(params_from_iter(
         std::iter::once(pk).chain(columns.iter().map(|(_, v)| *v)),
     ))?;
@@ -113,12 +174,7 @@ pub fn restore_row(conn: &Connection, table: &Table, values: &[Value]) -> rusqli
 }
 
 pub fn delete_row(conn: &Connection, table: &Table, pk: &Value) -> rusqlite::Result<()> {
-    let sql = format!(
-        "DELETE FROM main.{} WHERE {} = ?1",
-        ident(&table.name),
-        ident(table.pk_name())
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut stmt = conn.prepare_cached(&sql_for(Kind::Delete, table, &[]))?;
     stmt.execute([pk])?;
     Ok(())
 }
