@@ -291,6 +291,11 @@ fn store_only(dir: &std::path::Path) -> serde_json::Value {
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
+    // `BENCH_ONLY=capture` runs just the capture figure (for profiling).
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("capture") {
+        capture(dir.path());
+        return;
+    }
     let wire = wire();
     let capture = capture(dir.path());
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -316,6 +316,36 @@ CREATE TEMP TABLE _hearth_capture (
   PRIMARY KEY (tbl, pk)
 ) WITHOUT ROWID;";
 
+/// Runs one prepared app statement once per parameter set; returns the rows
+/// it changed.
+fn run_statement(
+    conn: &Connection,
+    stmt: &mut rusqlite::Statement<'_>,
+    param_sets: &[&[Value]],
+) -> Result<u64> {
+    let readonly = stmt.readonly();
+    let mut rows_affected = 0;
+    for params in param_sets {
+        if stmt.parameter_count() != params.len() {
+            return Err(ClientError::Refused(format!(
+                "the statement takes {} parameters but {} were given",
+                stmt.parameter_count(),
+                params.len()
+            )));
+        }
+        for (i, p) in params.iter().enumerate() {
+            stmt.raw_bind_parameter(i + 1, p)?;
+        }
+        let mut rows = stmt.raw_query();
+        while rows.next()?.is_some() {}
+        drop(rows);
+        if !readonly {
+            rows_affected += conn.changes();
+        }
+    }
+    Ok(rows_affected)
+}
+
 /// Why the authorizer refused a statement in `exec`.
 #[derive(Default)]
 struct Refusal(Option<String>);
@@ -325,6 +355,9 @@ impl Client {
     /// when the database has no client id yet; pass a random nonzero number.
     pub fn open(conn: Connection, new_client_id: u64, config: ClientConfig) -> Result<Client> {
         conn.execute_batch("PRAGMA recursive_triggers = ON; PRAGMA temp_store = MEMORY;")?;
+        // Capture, rebase and the app's own statements together need more
+        // than rusqlite's default 16 cached statements.
+        conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch(INTERNAL_TABLES)?;
         let client_id = match meta_get::<i64>(&conn, "client_id")? {
             Some(id) => id as u64,
@@ -426,7 +459,7 @@ impl Client {
             rusqlite::functions::FunctionFlags::SQLITE_UTF8,
             move |ctx| {
                 let key = (ctx.get::<i64>(0)? as u32, ctx.get::<i64>(1)?);
-                Ok(log.lock().unwrap().set.contains(&key))
+                Ok(log.lock().unwrap().contains(key))
             },
         )?;
         let mut rowid_tables = HashMap::new();
@@ -452,9 +485,7 @@ impl Client {
                     && capturing.load(std::sync::atomic::Ordering::Relaxed)
                 {
                     if let Some(n) = rowid_tables.get(table) {
-                        let mut log = log.lock().unwrap();
-                        log.order.push((*n, rowid));
-                        log.set.insert((*n, rowid));
+                        log.lock().unwrap().order.push((*n, rowid));
                     }
                 }
             },
@@ -615,14 +646,27 @@ impl Client {
     }
 
     fn run_statements(&self, sql: &str, param_sets: &[&[Value]]) -> Result<u64> {
-        let mut rows_affected = 0u64;
+        if sql.trim().is_empty() {
+            return Err(ClientError::Refused("no SQL statement given".into()));
+        }
+        // A single statement (the common case) goes through the statement
+        // cache, so an app repeating one write does not re-parse it. The key
+        // is marked so that app SQL can never pick up one of Hearth's own
+        // statements, which were prepared without the authorizer.
+        // Anything else (a script, or an error, which may come from a later
+        // statement naming a table an earlier one creates) takes the
+        // statement-by-statement path, which also reports errors precisely.
+        if let Ok(mut stmt) = self.conn.prepare_cached(&format!("/* app */ {sql}")) {
+            return run_statement(&self.conn, &mut stmt, param_sets);
+        }
+        let with_params = param_sets.len() > 1 || param_sets.iter().any(|p| !p.is_empty());
         // SQLite copies the rest of a script before parsing each statement
         // unless the text ends in a NUL inside the length it is given; with
         // the NUL, a script of n statements parses in O(n), not O(n^2).
         let script = format!("{sql}\0");
         let mut batch = rusqlite::Batch::new(&self.conn, &script);
+        let mut rows_affected = 0u64;
         let mut statements = 0;
-        let with_params = param_sets.len() > 1 || param_sets.iter().any(|p| !p.is_empty());
         while let Some(mut stmt) = batch.next()? {
             statements += 1;
             if with_params && statements > 1 {
@@ -630,28 +674,7 @@ impl Client {
                     "parameters can only be given with a single SQL statement".into(),
                 ));
             }
-            let readonly = stmt.readonly();
-            for params in param_sets {
-                if stmt.parameter_count() != params.len() {
-                    return Err(ClientError::Refused(format!(
-                        "the statement takes {} parameters but {} were given",
-                        stmt.parameter_count(),
-                        params.len()
-                    )));
-                }
-                for (i, p) in params.iter().enumerate() {
-                    stmt.raw_bind_parameter(i + 1, p)?;
-                }
-                let mut rows = stmt.raw_query();
-                while rows.next()?.is_some() {}
-                drop(rows);
-                if !readonly {
-                    rows_affected += self.conn.changes();
-                }
-            }
-        }
-        if statements == 0 {
-            return Err(ClientError::Refused("no SQL statement given".into()));
+            rows_affected += run_statement(&self.conn, &mut stmt, param_sets)?;
         }
         Ok(rows_affected)
     }
@@ -1420,26 +1443,30 @@ impl Client {
 type RowKey = u64;
 
 fn row_key(table: &str, pk: &Value) -> RowKey {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    table.hash(&mut h);
+    let h = mix(FNV_START, table.as_bytes());
     match pk {
-        Value::Null => 0u8.hash(&mut h),
-        Value::Integer(i) => (1u8, i).hash(&mut h),
-        Value::Real(r) => (2u8, r.to_bits()).hash(&mut h),
-        Value::Text(t) => (3u8, t).hash(&mut h),
-        Value::Blob(b) => (4u8, b).hash(&mut h),
+        Value::Null => mix(h, &[0]),
+        Value::Integer(i) => mix(mix(h, &[1]), &i.to_le_bytes()),
+        Value::Real(r) => mix(mix(h, &[2]), &r.to_bits().to_le_bytes()),
+        Value::Text(t) => mix(mix(h, &[3]), t.as_bytes()),
+        Value::Blob(b) => mix(mix(h, &[4]), b),
     }
-    h.finish()
 }
 
 /// A key standing for "some row of this table", counted beside the row keys
 /// so that `settle` can ask whether a table has pending rows.
 fn table_key(table: &str) -> RowKey {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (table, "any row").hash(&mut h);
-    h.finish()
+    mix(mix(FNV_START, table.as_bytes()), &[0xff, 0xfe])
+}
+
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: a collision only costs a full rebase, so a fast hash is enough.
+fn mix(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 fn keys_of(c: &RowChange) -> [RowKey; 2] {
@@ -1447,11 +1474,24 @@ fn keys_of(c: &RowChange) -> [RowKey; 2] {
 }
 
 /// Inserts into synced rowid tables during one exec, in order, as (table
-/// number, rowid).
+/// number, rowid). The set for lookups is built only when an UPDATE or
+/// DELETE trigger asks, so bulk inserts pay for a push and nothing more.
 #[derive(Default)]
 struct InsertLog {
     order: Vec<(u32, i64)>,
     set: HashSet<(u32, i64)>,
+    /// How much of `order` is in `set`.
+    indexed: usize,
+}
+
+impl InsertLog {
+    fn contains(&mut self, key: (u32, i64)) -> bool {
+        if self.indexed < self.order.len() {
+            self.set.extend(self.order[self.indexed..].iter().copied());
+            self.indexed = self.order.len();
+        }
+        self.set.contains(&key)
+    }
 }
 
 fn count_rows(rows: &mut HashMap<RowKey, u32>, mutation: &Mutation) {

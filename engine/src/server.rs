@@ -148,6 +148,7 @@ impl ServerCore {
     /// Opens the store: creates missing app tables and Hearth's bookkeeping,
     /// and checks existing tables against the schema.
     pub fn open(conn: Connection, schema: Schema) -> Result<ServerCore> {
+        conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch(INTERNAL_TABLES)?;
         conn.execute_batch("BEGIN")?;
         let prepared = (|| -> Result<()> {
