@@ -127,7 +127,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tables.join(", "),
         args.data.display()
     ));
-    let _ = tokio::signal::ctrl_c().await;
+    // Ctrl-C or a service manager's SIGTERM: stop taking connections and let
+    // the store finish its batch. (SIGKILL loses nothing acknowledged either.)
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     say("hearth: shutting down".to_string());
     running.shutdown().await;
     Ok(())

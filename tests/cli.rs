@@ -14,6 +14,18 @@ fn hearth(args: &[&str]) -> Output {
         .expect("run hearth")
 }
 
+fn exec_on(db: &str, url: &str, sql: &str) -> Output {
+    hearth(&["client", "--db", db, "--server", url, "exec", sql])
+}
+
+fn sync_on(db: &str, url: &str) -> Output {
+    hearth(&["client", "--db", db, "--server", url, "sync"])
+}
+
+fn query_on(db: &str, sql: &str) -> Output {
+    hearth(&["client", "--db", db, "query", sql])
+}
+
 fn json_lines(out: &Output) -> Vec<Json> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -47,70 +59,46 @@ async fn exec_query_and_sync_from_the_command_line() {
     assert_eq!(line["mutation"], 1);
 
     // B syncs and reads it locally, one JSON object per row.
-    let out = hearth(&["client", "--db", b, "--server", &url, "sync"]);
+    let out = sync_on(b, &url);
     assert!(out.status.success(), "{out:?}");
-    let out = hearth(&[
-        "client",
-        "--db",
-        b,
-        "query",
-        "SELECT id, email, name, score FROM accounts",
-    ]);
+    let out = query_on(b, "SELECT id, email, name, score FROM accounts");
     assert_eq!(
         json_lines(&out),
         vec![json!({"id": "u1", "email": "ann@example.com", "name": "Ann", "score": 0})]
     );
 
     // A write the server refuses: exit 3, a reason, and the local row is gone.
-    let out = hearth(&[
-        "client",
-        "--db",
+    let out = exec_on(
         b,
-        "--server",
         &url,
-        "exec",
         "INSERT INTO accounts (id, email) VALUES ('u2', 'ann@example.com')",
-    ]);
+    );
     // B's local copy already has ann@example.com, so SQLite refuses it locally.
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("UNIQUE"),
         "{out:?}"
     );
-    let out = hearth(&[
-        "client",
-        "--db",
+    let out = exec_on(
         a,
-        "--server",
         "ws://127.0.0.1:9/sync",
-        "exec",
         "INSERT INTO accounts (id, email) VALUES ('u3', 'bob@example.com')",
-    ]);
+    );
     assert!(out.status.success(), "server down: queued, exit 0: {out:?}");
     assert_eq!(json_lines(&out)[0]["status"], "queued");
-    let out = hearth(&[
-        "client",
-        "--db",
+    let out = exec_on(
         b,
-        "--server",
         &url,
-        "exec",
         "INSERT INTO accounts (id, email) VALUES ('u4', 'bob@example.com')",
-    ]);
+    );
     assert_eq!(json_lines(&out)[0]["status"], "applied");
     // A's queued write now clashes with B's on the server.
-    let out = hearth(&["client", "--db", a, "--server", &url, "sync"]);
+    let out = sync_on(a, &url);
     assert!(out.status.success(), "{out:?}");
     let summary = &json_lines(&out)[0];
     assert_eq!(summary["pending"], 0);
     assert_eq!(summary["rejected"][0]["code"], "CONSTRAINT");
-    let out = hearth(&[
-        "client",
-        "--db",
-        a,
-        "query",
-        "SELECT id FROM accounts ORDER BY id",
-    ]);
+    let out = query_on(a, "SELECT id FROM accounts ORDER BY id");
     assert_eq!(
         json_lines(&out),
         vec![json!({"id": "u1"}), json!({"id": "u4"})]
@@ -119,48 +107,28 @@ async fn exec_query_and_sync_from_the_command_line() {
     // exec whose write the server refuses exits 3.
     let c = dir.path().join("c.db");
     let c = c.to_str().unwrap();
-    assert!(hearth(&["client", "--db", c, "--server", &url, "sync"])
-        .status
-        .success());
-    let out = hearth(&[
-        "client",
-        "--db",
+    assert!(sync_on(c, &url).status.success());
+    let out = exec_on(
         a,
-        "--server",
         "ws://127.0.0.1:9/sync",
-        "exec",
         "INSERT INTO accounts (id, email) VALUES ('u5', 'cat@example.com')",
-    ]);
+    );
     assert_eq!(json_lines(&out)[0]["status"], "queued");
-    let out = hearth(&[
-        "client",
-        "--db",
+    let out = exec_on(
         c,
-        "--server",
         &url,
-        "exec",
         "INSERT INTO accounts (id, email) VALUES ('u6', 'cat@example.com')",
-    ]);
+    );
     assert_eq!(json_lines(&out)[0]["status"], "applied");
-    let out = hearth(&[
-        "client",
-        "--db",
+    let out = exec_on(
         a,
-        "--server",
         &url,
-        "exec",
         "UPDATE accounts SET name = 'Ann B' WHERE id = 'u1'",
-    ]);
+    );
     // A's exec pushes its whole outbox; the earlier queued u5 is refused, the
     // new write applies: this exec's own status is applied.
     assert_eq!(json_lines(&out)[0]["status"], "applied", "{out:?}");
-    let out = hearth(&[
-        "client",
-        "--db",
-        a,
-        "query",
-        "SELECT id FROM accounts WHERE id = 'u5'",
-    ]);
+    let out = query_on(a, "SELECT id FROM accounts WHERE id = 'u5'");
     assert!(json_lines(&out).is_empty());
     server.shutdown().await;
 }
@@ -173,32 +141,20 @@ async fn exec_refused_by_the_server_exits_3_with_the_reason() {
     let a = dir.path().join("a.db");
     let b = dir.path().join("b.db");
     let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
-    assert!(hearth(&["client", "--db", a, "--server", &url, "sync"])
-        .status
-        .success());
-    assert!(hearth(&["client", "--db", b, "--server", &url, "sync"])
-        .status
-        .success());
+    assert!(sync_on(a, &url).status.success());
+    assert!(sync_on(b, &url).status.success());
     // A holds an offline write; B takes the same email first.
-    let out = hearth(&[
-        "client",
-        "--db",
+    let out = exec_on(
         b,
-        "--server",
         &url,
-        "exec",
         "INSERT INTO accounts (id, email) VALUES ('b1', 'x@example.com')",
-    ]);
+    );
     assert_eq!(json_lines(&out)[0]["status"], "applied");
-    let out = hearth(&[
-        "client",
-        "--db",
+    let out = exec_on(
         a,
-        "--server",
         &url,
-        "exec",
         "INSERT INTO accounts (id, email) VALUES ('a1', 'x@example.com')",
-    ]);
+    );
     // A has not synced B's row yet, so the write passes locally and the
     // server refuses it.
     assert_eq!(out.status.code(), Some(3), "{out:?}");
@@ -208,7 +164,7 @@ async fn exec_refused_by_the_server_exits_3_with_the_reason() {
         line["reason"].as_str().unwrap().contains("UNIQUE"),
         "{line}"
     );
-    let out = hearth(&["client", "--db", a, "query", "SELECT id FROM accounts"]);
+    let out = query_on(a, "SELECT id FROM accounts");
     assert_eq!(json_lines(&out), vec![json!({"id": "b1"})]);
     server.shutdown().await;
 }
@@ -233,7 +189,7 @@ fn sync_with_no_server_exits_2_and_bad_input_is_a_clear_error() {
         String::from_utf8_lossy(&out.stderr).contains("unreachable"),
         "{out:?}"
     );
-    let out = hearth(&["client", "--db", db, "query", "SELECT 1"]);
+    let out = query_on(db, "SELECT 1");
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no schema yet"),
