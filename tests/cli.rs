@@ -67,13 +67,13 @@ async fn exec_query_and_sync_from_the_command_line() {
         vec![json!({"id": "u1", "email": "ann@example.com", "name": "Ann", "score": 0})]
     );
 
-    // A write the server refuses: exit 3, a reason, and the local row is gone.
+    // A write that breaks a constraint on the device itself fails at once,
+    // with SQLite's reason, and nothing is queued.
     let out = exec_on(
         b,
         &url,
         "INSERT INTO accounts (id, email) VALUES ('u2', 'ann@example.com')",
     );
-    // B's local copy already has ann@example.com, so SQLite refuses it locally.
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("UNIQUE"),
