@@ -24,7 +24,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
-use crate::hlc::Stamp;
+use crate::hlc::{Hlc, Stamp};
 use crate::rows;
 use crate::schema::{Schema, Table};
 use crate::value::Value;
@@ -137,7 +137,15 @@ fn to_i64(v: u64) -> i64 {
     v as i64
 }
 
+/// How far ahead of the server's clock a device's stamp may be. A stamp
+/// beyond it is lowered to it, so one device with a wrong (or hostile) clock
+/// cannot win every later write for hours.
+pub const CLOCK_AHEAD_MAX_MS: u64 = 5 * 60 * 1000;
+
 pub struct ServerCore {
+    /// The server's wall clock as of the batch being applied, when the
+    /// driver gives one (the simulator does not, to keep its skew model).
+    now_ms: Option<u64>,
     conn: Connection,
     schema: Schema,
     head: u64,
@@ -172,11 +180,26 @@ impl ServerCore {
                 r.get(0)
             })?;
         Ok(ServerCore {
+            now_ms: None,
             conn,
             schema,
             head: head as u64,
             last_seqs: HashMap::new(),
         })
+    }
+
+    /// Tells the core the server's wall clock, before applying a batch.
+    pub fn set_now_ms(&mut self, now_ms: u64) {
+        self.now_ms = Some(now_ms);
+    }
+
+    /// The stamp a mutation's clock reading is merged with (see
+    /// [`CLOCK_AHEAD_MAX_MS`]).
+    fn effective_hlc(&self, hlc: Hlc) -> Hlc {
+        match self.now_ms {
+            Some(now) => hlc.min(Hlc::new(now + CLOCK_AHEAD_MAX_MS, u16::MAX)),
+            None => hlc,
+        }
     }
 
     pub fn schema(&self) -> &Schema {
@@ -265,7 +288,8 @@ impl ServerCore {
             self.conn
                 .prepare_cached("SAVEPOINT hearth_mutation")?
                 .execute([])?;
-            match self.merge(client_id, mutation) {
+            let hlc = self.effective_hlc(mutation.hlc);
+            match self.merge(client_id, hlc, mutation) {
                 Ok(changes) => {
                     self.conn
                         .prepare_cached("RELEASE hearth_mutation")?
@@ -274,7 +298,7 @@ impl ServerCore {
                         server_seq: self.head + 1,
                         client_id,
                         client_seq: mutation.seq,
-                        hlc: mutation.hlc,
+                        hlc,
                         changes,
                     };
                     let blob = postcard::to_allocvec(&entry.changes).expect("encode changes");
@@ -286,7 +310,7 @@ impl ServerCore {
                             to_i64(entry.server_seq),
                             to_i64(client_id),
                             to_i64(mutation.seq),
-                            to_i64(mutation.hlc.0),
+                            to_i64(hlc.0),
                             blob
                         ])?;
                     self.head = entry.server_seq;
@@ -359,11 +383,13 @@ impl ServerCore {
     }
 
     /// Merges one mutation; returns its effective changes.
-    fn merge(&self, client_id: u64, mutation: &Mutation) -> Result<Vec<RowChange>, MergeError> {
-        let stamp = Stamp {
-            hlc: mutation.hlc,
-            client_id,
-        };
+    fn merge(
+        &self,
+        client_id: u64,
+        hlc: Hlc,
+        mutation: &Mutation,
+    ) -> Result<Vec<RowChange>, MergeError> {
+        let stamp = Stamp { hlc, client_id };
         let mut effects = Vec::new();
         // A device's capture yields one change per row; a mutation naming a
         // row twice is malformed, and merging it would silently drop the

@@ -107,6 +107,11 @@ fn run(
                 owner.push(i);
             }
         }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        core.set_now_ms(now_ms);
         match core.apply_batch(&batch) {
             Ok(outcomes) => {
                 let mut entries = Vec::new();
