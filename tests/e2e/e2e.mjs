@@ -261,6 +261,41 @@ async function main() {
       const status = await withTimeout(ta.evaluate(() => db.sync()), "A synced");
       check(status.pending === 0, JSON.stringify(status));
     });
+
+    // --- The demo app. ---
+    await test("demo app: a todo added in one tab shows in another; the app loads with the server down", async () => {
+      const demo = await startServer();
+      cleanups.push(() => demo.cleanup());
+      const device = await browser.newContext();
+      cleanups.push(() => device.close());
+      const open = async () => {
+        const page = await device.newPage();
+        page.on("pageerror", (error) => console.error(`  [demo error] ${error.message}`));
+        await page.goto(demo.origin + "/");
+        await waitFor(page, () => window.db && document.querySelector("#sync.online"), null, "demo online");
+        return page;
+      };
+      const one = await open();
+      const two = await open();
+      await one.fill("#new-list-name", "Groceries");
+      await one.press("#new-list-name", "Enter");
+      await waitFor(one, () => !document.querySelector("#new-todo-title").disabled, null, "list selected");
+      await one.fill("#new-todo-title", "Oat milk");
+      await one.press("#new-todo-title", "Enter");
+      await waitFor(two, () => [...document.querySelectorAll(".todo .title")].some((t) => t.textContent === "Oat milk"), null, "todo in tab 2");
+      await two.click(".todo input[type=checkbox]");
+      await waitFor(one, () => document.querySelector(".todo.done"), null, "tick shows in tab 1");
+      await one.evaluate(() => navigator.serviceWorker.ready);
+      await one.reload(); // now controlled by the service worker, which caches the shell
+      await waitFor(one, () => window.db && navigator.serviceWorker.controller, null, "controlled page");
+      await demo.stop();
+      await waitFor(one, () => document.querySelector("#sync.offline"), null, "offline shown");
+      await one.reload();
+      await waitFor(one, () => [...document.querySelectorAll(".todo .title")].some((t) => t.textContent === "Oat milk"), null, "app and data with the server down");
+      await one.fill("#new-todo-title", "Bread");
+      await one.press("#new-todo-title", "Enter");
+      await waitFor(one, () => document.querySelector("#pending:not([hidden])")?.textContent === "1 pending", null, "pending count shown");
+    });
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});
     await browser.close();

@@ -57,6 +57,10 @@ const RECONNECT_MAX_MS: f64 = 15_000.0;
 /// the `connect` events that arrived while it loaded.
 #[wasm_bindgen]
 pub fn run(pending_connects: Array) -> Result<(), JsValue> {
+    // A panic is a bug: say what it was in the worker's console, not just "unreachable".
+    std::panic::set_hook(Box::new(|info| {
+        web_sys::console::error_1(&format!("hearth-worker panicked: {info}").into());
+    }));
     let scope: SharedWorkerGlobalScope = js_sys::global().dyn_into().map_err(|_| {
         JsValue::from(js_sys::Error::new(
             "hearth-worker must run in a SharedWorker",
