@@ -395,7 +395,12 @@ fn a_clock_far_ahead_cannot_win_for_hours_and_cannot_crash_anyone() {
     let (mut a, mut b) = (client(1), client(2));
     net.sync(&mut a);
     net.sync(&mut b);
-    a.exec("INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l', 'x')", &[], 1_000_000).unwrap();
+    a.exec(
+        "INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l', 'x')",
+        &[],
+        1_000_000,
+    )
+    .unwrap();
     net.sync(&mut a);
     // A device whose clock reads the year 10,000 (or the largest stamp a
     // hostile device can send) writes; its stamp is lowered to the cap.
@@ -412,21 +417,37 @@ fn a_clock_far_ahead_cannot_win_for_hours_and_cannot_crash_anyone() {
                     pk: text("t1"),
                     op: hearth_engine::RowOp::Upsert {
                         insert: false,
-                        columns: vec![("title".into(), hearth_engine::ColumnOp::Set(text("from the future")))],
+                        columns: vec![(
+                            "title".into(),
+                            hearth_engine::ColumnOp::Set(text("from the future")),
+                        )],
                     },
                 }],
             },
         )])
         .unwrap();
-    let Outcome::Applied(entry) = &outcomes[0] else { panic!("{outcomes:?}") };
+    let Outcome::Applied(entry) = &outcomes[0] else {
+        panic!("{outcomes:?}")
+    };
     let cap = 1_000_000 + hearth_engine::server::CLOCK_AHEAD_MAX_MS;
     assert_eq!(entry.hlc.wall_ms(), cap);
     net.sync(&mut b);
-    assert_eq!(rows(&mut b, "SELECT title FROM todos"), vec![vec![text("from the future")]]);
+    assert_eq!(
+        rows(&mut b, "SELECT title FROM todos"),
+        vec![vec![text("from the future")]]
+    );
     // Once real time passes the cap, an honest later write wins again.
     net.server.set_now_ms(cap + 10);
-    b.exec("UPDATE todos SET title = 'now' WHERE id = 't1'", &[], cap + 10).unwrap();
+    b.exec(
+        "UPDATE todos SET title = 'now' WHERE id = 't1'",
+        &[],
+        cap + 10,
+    )
+    .unwrap();
     net.sync(&mut b);
     net.sync(&mut a);
-    assert_eq!(rows(&mut a, "SELECT title FROM todos"), vec![vec![text("now")]]);
+    assert_eq!(
+        rows(&mut a, "SELECT title FROM todos"),
+        vec![vec![text("now")]]
+    );
 }
