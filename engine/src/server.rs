@@ -59,6 +59,33 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// What the device that sent a refused mutation is told (also when it
+    /// sends it again): `Rejected` with the code and reason. None for an
+    /// applied mutation, whose log entry reaches every device instead.
+    pub fn refusal(&self) -> Option<crate::protocol::ServerMsg> {
+        let (client_seq, code, reason) = match self {
+            Outcome::Rejected {
+                client_seq,
+                code,
+                reason,
+                ..
+            } => (client_seq, code, reason),
+            Outcome::Duplicate {
+                client_seq,
+                rejection: Some((code, reason)),
+                ..
+            } => (client_seq, code, reason),
+            _ => return None,
+        };
+        Some(crate::protocol::ServerMsg::Rejected {
+            client_seq: *client_seq,
+            code: code.clone(),
+            reason: reason.clone(),
+        })
+    }
+}
+
 const INTERNAL_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS _hearth_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _hearth_log (

@@ -49,26 +49,7 @@ impl Net {
                                     entries: vec![entry],
                                     caught_up: true,
                                 }),
-                                Outcome::Rejected {
-                                    client_seq,
-                                    code,
-                                    reason,
-                                    ..
-                                } => to_client.push(ServerMsg::Rejected {
-                                    client_seq,
-                                    code,
-                                    reason,
-                                }),
-                                Outcome::Duplicate {
-                                    client_seq,
-                                    rejection: Some((code, reason)),
-                                    ..
-                                } => to_client.push(ServerMsg::Rejected {
-                                    client_seq,
-                                    code,
-                                    reason,
-                                }),
-                                Outcome::Duplicate { .. } => {}
+                                refused => to_client.extend(refused.refusal()),
                             }
                         }
                     }

@@ -65,22 +65,7 @@ fn sync(server: &mut ServerCore, client: &mut Client) -> Vec<Event> {
                                 entries: vec![entry],
                                 caught_up: true,
                             }),
-                            Outcome::Rejected {
-                                client_seq,
-                                code,
-                                reason,
-                                ..
-                            }
-                            | Outcome::Duplicate {
-                                client_seq,
-                                rejection: Some((code, reason)),
-                                ..
-                            } => to_client.push(ServerMsg::Rejected {
-                                client_seq,
-                                code,
-                                reason,
-                            }),
-                            Outcome::Duplicate { .. } => {}
+                            refused => to_client.extend(refused.refusal()),
                         }
                     }
                 }

@@ -117,38 +117,16 @@ fn run(
                 let mut entries = Vec::new();
                 for (i, outcome) in outcomes.into_iter().enumerate() {
                     let reply = &cmds[owner[i]].reply;
-                    match outcome {
-                        Outcome::Applied(entry) => {
-                            Metrics::add(&metrics.mutations_applied, 1);
-                            entries.push(entry);
-                        }
-                        Outcome::Rejected {
-                            client_seq,
-                            code,
-                            reason,
-                            ..
-                        } => {
-                            Metrics::add(&metrics.mutations_rejected, 1);
-                            let _ = reply.send(ServerMsg::Rejected {
-                                client_seq,
-                                code,
-                                reason,
-                            });
-                        }
-                        Outcome::Duplicate {
-                            client_seq,
-                            rejection,
-                            ..
-                        } => {
-                            Metrics::add(&metrics.mutations_duplicate, 1);
-                            if let Some((code, reason)) = rejection {
-                                let _ = reply.send(ServerMsg::Rejected {
-                                    client_seq,
-                                    code,
-                                    reason,
-                                });
-                            }
-                        }
+                    let counter = match &outcome {
+                        Outcome::Applied(_) => &metrics.mutations_applied,
+                        Outcome::Rejected { .. } => &metrics.mutations_rejected,
+                        Outcome::Duplicate { .. } => &metrics.mutations_duplicate,
+                    };
+                    Metrics::add(counter, 1);
+                    if let Some(msg) = outcome.refusal() {
+                        let _ = reply.send(msg);
+                    } else if let Outcome::Applied(entry) = outcome {
+                        entries.push(entry);
                     }
                 }
                 metrics.server_seq.store(core.head(), Ordering::Relaxed);
