@@ -1,9 +1,10 @@
 //! Client and server halves of the engine wired together in memory (no
 //! network): capture, push, merge, log, rebase and rollback.
 
-use hearth_engine::protocol::{ClientMsg, ServerMsg};
 use hearth_engine::{Client, ClientConfig, Event, Outcome, Schema, ServerCore, Value, DEMO_SCHEMA};
 use rusqlite::Connection;
+
+mod common;
 
 struct Net {
     server: ServerCore,
@@ -19,53 +20,7 @@ impl Net {
 
     /// Runs one full sync of `client`: hello, push, catch up. Returns events.
     fn sync(&mut self, client: &mut Client) -> Vec<Event> {
-        let mut events = Vec::new();
-        let mut to_server: Vec<ClientMsg> = client.on_connected();
-        loop {
-            let mut to_client = Vec::new();
-            for msg in to_server.drain(..) {
-                match msg {
-                    ClientMsg::Hello {
-                        schema_version,
-                        cursor,
-                        ..
-                    } => {
-                        to_client.push(self.server.welcome(schema_version));
-                        let entries =
-                            ServerCore::read_log(self.server.connection(), cursor, 10_000).unwrap();
-                        to_client.push(ServerMsg::Changes {
-                            entries,
-                            caught_up: true,
-                        });
-                    }
-                    ClientMsg::Push { mutations } => {
-                        let batch: Vec<_> = mutations
-                            .into_iter()
-                            .map(|m| (client.client_id(), m))
-                            .collect();
-                        for outcome in self.server.apply_batch(&batch).unwrap() {
-                            match outcome {
-                                Outcome::Applied(entry) => to_client.push(ServerMsg::Changes {
-                                    entries: vec![entry],
-                                    caught_up: true,
-                                }),
-                                refused => to_client.extend(refused.refusal()),
-                            }
-                        }
-                    }
-                }
-            }
-            if to_client.is_empty() {
-                break;
-            }
-            for msg in to_client {
-                let out = client.handle(msg, 0).unwrap();
-                events.extend(out.events);
-                to_server.extend(out.send);
-            }
-        }
-        client.on_disconnected();
-        events
+        common::sync(&mut self.server, client)
     }
 }
 

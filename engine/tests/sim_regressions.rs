@@ -2,12 +2,14 @@
 //! found, each pinned down as the smallest engine-level case. The simulation
 //! keeps its own seed-based regression cases too.
 
-use hearth_engine::protocol::{ClientMsg, ServerMsg};
 use hearth_engine::{
     Client, ClientConfig, ColumnOp, Event, Hlc, Mutation, Outcome, RowChange, RowOp, Schema,
     ServerCore, Value,
 };
 use rusqlite::Connection;
+
+mod common;
+use common::sync;
 
 const SCHEMA: &str = r#"
 version = 1
@@ -30,55 +32,6 @@ fn client(id: u64) -> Client {
         ClientConfig::default(),
     )
     .unwrap()
-}
-
-/// One full sync, routed as the network driver routes: Welcome and catch-up,
-/// then each push's outcomes back to the device.
-fn sync(server: &mut ServerCore, client: &mut Client) -> Vec<Event> {
-    let mut events = Vec::new();
-    let mut to_server = client.on_connected();
-    while !to_server.is_empty() {
-        let mut to_client = Vec::new();
-        for msg in to_server.drain(..) {
-            match msg {
-                ClientMsg::Hello {
-                    schema_version,
-                    cursor,
-                    ..
-                } => {
-                    to_client.push(server.welcome(schema_version));
-                    let entries =
-                        ServerCore::read_log(server.connection(), cursor, 10_000).unwrap();
-                    to_client.push(ServerMsg::Changes {
-                        entries,
-                        caught_up: true,
-                    });
-                }
-                ClientMsg::Push { mutations } => {
-                    let batch: Vec<_> = mutations
-                        .into_iter()
-                        .map(|m| (client.client_id(), m))
-                        .collect();
-                    for outcome in server.apply_batch(&batch).unwrap() {
-                        match outcome {
-                            Outcome::Applied(entry) => to_client.push(ServerMsg::Changes {
-                                entries: vec![entry],
-                                caught_up: true,
-                            }),
-                            refused => to_client.extend(refused.refusal()),
-                        }
-                    }
-                }
-            }
-        }
-        for msg in to_client {
-            let out = client.handle(msg, 0).unwrap();
-            events.extend(out.events);
-            to_server.extend(out.send);
-        }
-    }
-    client.on_disconnected();
-    events
 }
 
 /// Makes the server refuse the device's mutation `seq` before the device

@@ -1,0 +1,56 @@
+//! The in-memory harness the engine tests share: a device and a
+//! `ServerCore` talking without a network, routed as the server's driver
+//! routes (Welcome and catch-up on Hello, log entries for applied pushes,
+//! `Rejected` for refused ones).
+
+use hearth_engine::protocol::{ClientMsg, ServerMsg};
+use hearth_engine::{Client, Event, Outcome, ServerCore};
+
+/// One full sync, routed as the network driver routes: Welcome and catch-up,
+/// then each push's outcomes back to the device.
+pub fn sync(server: &mut ServerCore, client: &mut Client) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut to_server = client.on_connected();
+    while !to_server.is_empty() {
+        let mut to_client = Vec::new();
+        for msg in to_server.drain(..) {
+            match msg {
+                ClientMsg::Hello {
+                    schema_version,
+                    cursor,
+                    ..
+                } => {
+                    to_client.push(server.welcome(schema_version));
+                    let entries =
+                        ServerCore::read_log(server.connection(), cursor, 10_000).unwrap();
+                    to_client.push(ServerMsg::Changes {
+                        entries,
+                        caught_up: true,
+                    });
+                }
+                ClientMsg::Push { mutations } => {
+                    let batch: Vec<_> = mutations
+                        .into_iter()
+                        .map(|m| (client.client_id(), m))
+                        .collect();
+                    for outcome in server.apply_batch(&batch).unwrap() {
+                        match outcome {
+                            Outcome::Applied(entry) => to_client.push(ServerMsg::Changes {
+                                entries: vec![entry],
+                                caught_up: true,
+                            }),
+                            refused => to_client.extend(refused.refusal()),
+                        }
+                    }
+                }
+            }
+        }
+        for msg in to_client {
+            let out = client.handle(msg, 0).unwrap();
+            events.extend(out.events);
+            to_server.extend(out.send);
+        }
+    }
+    client.on_disconnected();
+    events
+}
