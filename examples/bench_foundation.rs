@@ -6,7 +6,10 @@
 use std::time::{Duration, Instant};
 
 use hearth::native_client::{self, Goal};
-use hearth_engine::protocol::{encode_client, encode_server, ClientMsg, ServerMsg};
+use hearth_engine::protocol::{
+    encode_client, encode_server, ClientMsg, ServerMsg, FRAME_BYTES_MAX,
+};
+use hearth_engine::server::Hello;
 use hearth_engine::{Client, ClientConfig, Schema, Value, DEMO_SCHEMA};
 use rusqlite::Connection;
 
@@ -29,8 +32,9 @@ fn fresh_device(path: &std::path::Path) -> Client {
         },
     )
     .unwrap();
-    c.on_connected();
-    c.handle(server.welcome(None), 0).unwrap();
+    let hello = Hello::of(&c.on_connected()[0]).unwrap();
+    c.handle(server.greet(&hello, FRAME_BYTES_MAX).unwrap(), 0)
+        .unwrap();
     c.on_disconnected();
     c
 }
@@ -195,13 +199,15 @@ fn wire() -> serde_json::Value {
             3,
         )
         .unwrap();
-    c.on_connected();
+    let hello = Hello::of(&c.on_connected()[0]).unwrap();
     let server = hearth_engine::ServerCore::open(
         Connection::open_in_memory().unwrap(),
         Schema::parse(DEMO_SCHEMA).unwrap(),
     )
     .unwrap();
-    let out = c.handle(server.welcome(Some(1)), 4).unwrap();
+    let out = c
+        .handle(server.greet(&hello, FRAME_BYTES_MAX).unwrap(), 4)
+        .unwrap();
     let ClientMsg::Push { mutations } = &out.send[0] else {
         panic!()
     };
@@ -250,14 +256,17 @@ fn store_only(dir: &std::path::Path) -> serde_json::Value {
             )
             .unwrap();
     }
-    device.on_connected();
+    let hello = Hello::of(&device.on_connected()[0]).unwrap();
     let server = hearth_engine::ServerCore::open(
         Connection::open_in_memory().unwrap(),
         Schema::parse(DEMO_SCHEMA).unwrap(),
     )
     .unwrap();
     let mut mutations = Vec::new();
-    let mut out = device.handle(server.welcome(Some(1)), 1).unwrap().send;
+    let mut out = device
+        .handle(server.greet(&hello, FRAME_BYTES_MAX).unwrap(), 1)
+        .unwrap()
+        .send;
     while !out.is_empty() {
         for msg in out.drain(..) {
             if let ClientMsg::Push { mutations: m } = msg {

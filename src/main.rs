@@ -224,6 +224,8 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
             let line = |status: &str, reason: Option<String>, code: Option<String>| serde_json::json!({"mutation": seq, "status": status, "rowsAffected": outcome.rows_affected, "reason": reason, "code": code});
             match native_client::sync_once(&mut device, &url, Goal::Resolved(seq), timeout).await {
                 Ok(events) => {
+                    let seq = native_client::renumbered(seq, &events);
+                    let line = |status: &str, reason: Option<String>, code: Option<String>| serde_json::json!({"mutation": seq, "status": status, "rowsAffected": outcome.rows_affected, "reason": reason, "code": code});
                     let rejected = events.iter().find_map(|e| match e {
                         Event::Rejected {
                             seq: s,

@@ -150,7 +150,13 @@ pub async fn run_session(
         loop {
             match step(client, ws).await? {
                 None => return Err(SyncError::Closed("server closed the connection".into())),
-                Some(evs) => events.extend(evs),
+                Some(evs) => {
+                    let rewound = evs.iter().any(|e| matches!(e, Event::Rewound { .. }));
+                    events.extend(evs);
+                    if rewound {
+                        return Ok(());
+                    }
+                }
             }
             if reached(client, goal, events)? {
                 return Ok(());
@@ -164,17 +170,49 @@ pub async fn run_session(
     result
 }
 
-/// Connects, syncs to `goal`, and disconnects.
+/// The number a mutation made as `seq` has now: a device that found itself
+/// rewound renumbers its pending mutations ([`Event::Rewound`]).
+pub fn renumbered(mut seq: u64, events: &[Event]) -> u64 {
+    for event in events {
+        if let Event::Rewound { renumbered, .. } = event {
+            if let Some((_, new)) = renumbered.iter().find(|(old, _)| *old == seq) {
+                seq = *new;
+            }
+        }
+    }
+    seq
+}
+
+/// Connects, syncs to `goal`, and disconnects. A device that finds itself
+/// rewound (it takes a new client id, see [`Event::Rewound`]) connects once
+/// more under its new id, within the same `timeout`.
 pub async fn sync_once(
     client: &mut Client,
     url: &str,
     goal: Goal,
     timeout: Duration,
 ) -> Result<Vec<Event>, SyncError> {
-    let mut ws = connect(url, timeout.min(Duration::from_secs(5))).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut events = Vec::new();
-    let result = run_session(client, &mut ws, goal, timeout, &mut events).await;
-    client.on_disconnected();
-    let _ = ws.close(None).await;
-    result.map(|()| events)
+    let mut goal = goal;
+    for _attempt in 0..2 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut ws = connect(url, left.min(Duration::from_secs(5))).await?;
+        let seen = events.len();
+        let result = run_session(client, &mut ws, goal, left, &mut events).await;
+        client.on_disconnected();
+        let _ = ws.close(None).await;
+        let rewound = events[seen..]
+            .iter()
+            .any(|e| matches!(e, Event::Rewound { .. }));
+        if !rewound {
+            return result.map(|()| events);
+        }
+        if let Goal::Resolved(seq) = goal {
+            goal = Goal::Resolved(renumbered(seq, &events[seen..]));
+        }
+    }
+    Err(SyncError::Closed(
+        "the server said this device was rewound twice in a row".into(),
+    ))
 }

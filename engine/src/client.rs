@@ -111,6 +111,18 @@ pub enum Event {
     SchemaInstalled { version: u64 },
     /// Everything the server had when it answered has been applied.
     CaughtUp { server_seq: u64 },
+    /// The server had already processed mutation numbers this device was
+    /// about to reuse (it lost the end of its history: restored from an
+    /// older copy, or storage that dropped its last commits). The device took
+    /// a new client id and renumbered its pending writes from 1, losing
+    /// none; the connection is over and the driver connects again.
+    Rewound {
+        old_client_id: u64,
+        new_client_id: u64,
+        /// (old, new) sequence number of each pending mutation.
+        renumbered: Vec<(u64, u64)>,
+        reason: String,
+    },
 }
 
 /// What the driver should send and tell the app after a call.
@@ -198,6 +210,8 @@ pub struct Client {
     /// as the update hook reports them.
     inserted: Arc<Mutex<InsertLog>>,
     session: Session,
+    /// The largest frame the server accepts, from its last `Welcome`.
+    server_frame_bytes_max: usize,
 }
 
 const INTERNAL_TABLES: &str = "
@@ -393,6 +407,7 @@ impl Client {
             capturing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             inserted: Arc::new(Mutex::new(InsertLog::default())),
             session: Session::Offline,
+            server_frame_bytes_max: crate::protocol::FRAME_BYTES_MAX,
         };
         if let Some(schema) = schema {
             client.install_capture(&schema)?;
@@ -972,6 +987,7 @@ impl Client {
             client_id: self.client_id,
             cursor: self.cursor,
             schema_version: self.schema.as_ref().map(|s| s.version),
+            next_seq: self.next_seq,
         }]
     }
 
@@ -1034,14 +1050,17 @@ impl Client {
     }
 
     /// Handles one message from the server.
-    pub fn handle(&mut self, msg: ServerMsg, _now_ms: u64) -> Result<Output> {
+    pub fn handle(&mut self, msg: ServerMsg, now_ms: u64) -> Result<Output> {
         let mut out = Output::default();
         match msg {
             ServerMsg::Welcome {
                 server_seq,
                 schema_version,
                 schema,
+                frame_bytes_max,
             } => {
+                self.server_frame_bytes_max =
+                    usize::try_from(frame_bytes_max).unwrap_or(usize::MAX);
                 if self.session != Session::AwaitingWelcome {
                     return Err(ClientError::Protocol(
                         "Welcome outside the handshake".into(),
@@ -1085,11 +1104,13 @@ impl Client {
                 let Session::Ready { sent_upto, .. } = self.session else {
                     return Err(ClientError::Protocol("Changes before Welcome".into()));
                 };
-                self.apply_entries(&entries, &mut out)?;
-                let caught_up_now = caught_up;
+                self.apply_entries(&entries, now_ms, &mut out)?;
+                if self.session == Session::Offline {
+                    return Ok(out); // Rewound: this connection is over.
+                }
                 self.session = Session::Ready {
                     sent_upto,
-                    caught_up: caught_up_now,
+                    caught_up,
                 };
                 if caught_up {
                     out.events.push(Event::CaughtUp {
@@ -1104,12 +1125,69 @@ impl Client {
             } => {
                 self.apply_rejection(client_seq, &code, &reason, &mut out)?;
             }
+            ServerMsg::Error { code, message } if code == crate::server::DEVICE_REWOUND => {
+                let old_client_id = self.client_id;
+                let renumbered = self.take_new_identity(now_ms)?;
+                self.session = Session::Offline;
+                out.events.push(Event::Rewound {
+                    old_client_id,
+                    new_client_id: self.client_id,
+                    renumbered,
+                    reason: message,
+                });
+                return Ok(out);
+            }
             ServerMsg::Error { code, message } => {
                 return Err(ClientError::Server { code, message })
             }
         }
         out.send = self.poll_send()?;
         Ok(out)
+    }
+
+    /// Takes a new client id and renumbers the pending mutations 1, 2, ...
+    /// in their order, in one transaction (see [`Event::Rewound`]). The new
+    /// id is derived from the old one, the next sequence number and the
+    /// time, so the engine needs no randomness of its own.
+    fn take_new_identity(&mut self, now_ms: u64) -> Result<Vec<(u64, u64)>> {
+        let mut new_id =
+            splitmix64(self.client_id ^ splitmix64(self.next_seq ^ now_ms.rotate_left(32)));
+        if new_id == 0 || new_id == self.client_id {
+            new_id = splitmix64(new_id.wrapping_add(1)).max(1);
+        }
+        let pending = self.load_pending()?;
+        let next_seq = pending.len() as u64 + 1;
+        let renumbered: Vec<(u64, u64)> = pending
+            .iter()
+            .enumerate()
+            .map(|(i, (seq, _, _))| (*seq, i as u64 + 1))
+            .collect();
+        self.atomically(|c| {
+            c.conn.execute("DELETE FROM _hearth_outbox", [])?;
+            let mut insert = c.conn.prepare_cached(
+                "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (i, (_, mut mutation, undo)) in pending.into_iter().enumerate() {
+                mutation.seq = i as u64 + 1;
+                insert.execute(params![
+                    to_i64(mutation.seq),
+                    to_i64(mutation.hlc.0),
+                    postcard::to_allocvec(&mutation).expect("encode mutation"),
+                    postcard::to_allocvec(&undo).expect("encode undo"),
+                ])?;
+            }
+            drop(insert);
+            meta_set(&c.conn, "client_id", to_i64(new_id))?;
+            meta_set(&c.conn, "next_seq", to_i64(next_seq))?;
+            Ok(())
+        })?;
+        self.client_id = new_id;
+        self.next_seq = next_seq;
+        self.pending_rows.clear();
+        for (_, mutation, _) in self.load_pending()? {
+            count_rows(&mut self.pending_rows, &mutation);
+        }
+        Ok(renumbered)
     }
 
     fn install_schema(&mut self, schema: Schema) -> Result<()> {
@@ -1255,7 +1333,7 @@ impl Client {
         Ok(still.len() as u64)
     }
 
-    fn apply_entries(&mut self, entries: &[LogEntry], out: &mut Output) -> Result<()> {
+    fn apply_entries(&mut self, entries: &[LogEntry], now_ms: u64, out: &mut Output) -> Result<()> {
         let fresh: Vec<&LogEntry> = entries
             .iter()
             .filter(|e| e.server_seq > self.cursor)
@@ -1268,7 +1346,31 @@ impl Client {
             .filter(|e| e.client_id == self.client_id)
             .map(|e| e.client_seq)
             .collect();
-        let acked = self.load_pending_subset(&mine)?;
+        let mut acked = self.load_pending_subset(&mine)?;
+        // An entry under this device's id and a pending sequence number is
+        // its ack only if it wrote rows the pending mutation wrote. Anything
+        // else means the server holds another mutation under that number: this
+        // device lost the end of its history without the server noticing at
+        // Hello. The entry is applied as another device's, and the device
+        // takes a new identity so its own write is not taken for done.
+        let mut impostor = false;
+        acked.retain(|(seq, mutation, _)| {
+            let entry = fresh
+                .iter()
+                .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
+                .expect("acked mutations come from fresh entries");
+            let written: HashSet<RowKey> = mutation
+                .changes
+                .iter()
+                .map(|c| row_key(&c.table, &c.pk))
+                .collect();
+            let matches = entry
+                .changes
+                .iter()
+                .all(|c| written.contains(&row_key(&c.table, &c.pk)));
+            impostor |= !matches;
+            matches
+        });
         let saved_cursor = self.cursor;
         let saved_clock = self.clock.clone();
         let mut tables = BTreeSet::new();
@@ -1301,6 +1403,18 @@ impl Client {
         if !tables.is_empty() {
             out.events
                 .push(Event::TablesChanged(tables.into_iter().collect()));
+        }
+        if impostor {
+            let old_client_id = self.client_id;
+            let renumbered = self.take_new_identity(now_ms)?;
+            self.session = Session::Offline;
+            out.events.push(Event::Rewound {
+                old_client_id,
+                new_client_id: self.client_id,
+                renumbered,
+                reason: "the server acknowledged a mutation number of this device with rows it did not write"
+                    .into(),
+            });
         }
         Ok(())
     }
@@ -1460,6 +1574,15 @@ fn row_key(table: &str, pk: &Value) -> RowKey {
 /// so that `settle` can ask whether a table has pending rows.
 fn table_key(table: &str) -> RowKey {
     mix(mix(FNV_START, table.as_bytes()), &[0xff, 0xfe])
+}
+
+/// SplitMix64's finaliser: spreads the bits of `x` (Steele, Lea, Flood,
+/// "Fast splittable pseudorandom number generators", OOPSLA 2014).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::{LogEntry, Mutation};
 
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: `Hello` says which mutation sequence number the device makes next, and
+/// `Welcome` names the largest frame the server accepts and builds.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default largest frame either side accepts.
 pub const FRAME_BYTES_MAX: usize = 32 * 1024 * 1024;
@@ -30,6 +32,11 @@ pub enum ClientMsg {
         cursor: u64,
         /// The schema version this device has, if any.
         schema_version: Option<u64>,
+        /// The sequence number this device gives its next mutation: one past
+        /// every mutation it ever made. A server that has seen that number or
+        /// later from this client id answers `DEVICE_REWOUND` (the device lost
+        /// its tail, or was restored from an older copy).
+        next_seq: u64,
     },
     Push {
         mutations: Vec<Mutation>,
@@ -43,6 +50,9 @@ pub enum ServerMsg {
         schema_version: u64,
         /// The schema's TOML text, sent when the device's version differs.
         schema: Option<String>,
+        /// The largest frame, in bytes, the server accepts from this device
+        /// and builds for it. A device keeps its pushes under it.
+        frame_bytes_max: u64,
     },
     Changes {
         entries: Vec<LogEntry>,
@@ -194,7 +204,12 @@ mod tests {
                 theirs: 7
             }
         );
-        assert!(err.to_string().contains("version 7") && err.to_string().contains("version 1"));
+        assert!(
+            err.to_string().contains("version 7")
+                && err
+                    .to_string()
+                    .contains(&format!("version {PROTOCOL_VERSION}"))
+        );
     }
 
     #[test]

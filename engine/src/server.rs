@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
 use crate::hlc::{Hlc, Stamp};
+use crate::protocol::{ClientMsg, ServerMsg};
 use crate::rows;
 use crate::schema::{Schema, Table};
 use crate::value::Value;
@@ -246,15 +247,7 @@ impl ServerCore {
         if let Some(s) = self.last_seqs.get(&client_id) {
             return Ok(*s);
         }
-        let s: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT last_seq FROM _hearth_clients WHERE client_id = ?1",
-                [to_i64(client_id)],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let s = s.unwrap_or(0) as u64;
+        let s = last_client_seq(&self.conn, client_id)?;
         self.last_seqs.insert(client_id, s);
         Ok(s)
     }
@@ -613,10 +606,10 @@ impl From<rusqlite::Error> for MergeError {
 }
 
 impl ServerCore {
-    /// The answer to a device's `Hello`: the head, and the schema when the
-    /// device does not have this version.
-    pub fn welcome(&self, device_schema_version: Option<u64>) -> crate::protocol::ServerMsg {
-        welcome(&self.schema, self.head, device_schema_version)
+    /// The answer to a device's `Hello` (see [`greet`]), from this core's
+    /// committed state.
+    pub fn greet(&self, hello: &Hello, frame_bytes_max: usize) -> Result<ServerMsg> {
+        greet(&self.conn, &self.schema, self.head, hello, frame_bytes_max)
     }
 }
 
@@ -648,15 +641,86 @@ impl ServerCore {
     }
 }
 
-/// The answer to a device's `Hello` for a server at `head` with `schema`.
-pub fn welcome(
-    schema: &Schema,
-    head: u64,
-    device_schema_version: Option<u64>,
-) -> crate::protocol::ServerMsg {
-    crate::protocol::ServerMsg::Welcome {
-        server_seq: head,
-        schema_version: schema.version,
-        schema: (device_schema_version != Some(schema.version)).then(|| schema.source.clone()),
+/// The parts of a device's `Hello` the server answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hello {
+    pub client_id: u64,
+    pub cursor: u64,
+    pub schema_version: Option<u64>,
+    pub next_seq: u64,
+}
+
+impl Hello {
+    /// The fields of a `ClientMsg::Hello`; None for any other message.
+    pub fn of(msg: &ClientMsg) -> Option<Hello> {
+        match *msg {
+            ClientMsg::Hello {
+                client_id,
+                cursor,
+                schema_version,
+                next_seq,
+            } => Some(Hello {
+                client_id,
+                cursor,
+                schema_version,
+                next_seq,
+            }),
+            _ => None,
+        }
     }
 }
+
+/// The last mutation sequence number the store processed from a device.
+pub fn last_client_seq(conn: &Connection, client_id: u64) -> Result<u64> {
+    let s: Option<i64> = conn
+        .prepare_cached("SELECT last_seq FROM _hearth_clients WHERE client_id = ?1")?
+        .query_row([to_i64(client_id)], |r| r.get(0))
+        .optional()?;
+    Ok(s.unwrap_or(0) as u64)
+}
+
+/// The answer to a device's `Hello` for a server at `head` with `schema`,
+/// reading the device's record through `conn`: `Welcome` (with the schema
+/// when the device does not have this version, and the frame limit), or a
+/// fatal `Error`:
+/// - `HANDSHAKE` for client id 0, which is reserved;
+/// - `DEVICE_REWOUND` when the store has processed the device's `next_seq`
+///   or a later one: the device lost the tail of its history (restored from
+///   an older copy, or storage that dropped its last commits), so its next
+///   mutations would reuse numbers the server has taken as done. The device
+///   then takes a new client id and renumbers its pending writes.
+pub fn greet(
+    conn: &Connection,
+    schema: &Schema,
+    head: u64,
+    hello: &Hello,
+    frame_bytes_max: usize,
+) -> Result<ServerMsg> {
+    if hello.client_id == 0 {
+        return Ok(ServerMsg::Error {
+            code: "HANDSHAKE".into(),
+            message: "client id 0 is reserved".into(),
+        });
+    }
+    let last = last_client_seq(conn, hello.client_id)?;
+    if hello.next_seq <= last {
+        return Ok(ServerMsg::Error {
+            code: DEVICE_REWOUND.into(),
+            message: format!(
+                "this device's next mutation would be number {} but the server has already processed \
+                 number {last} from client {}: the device lost the end of its history (restored from an \
+                 older copy?) and must take a new client id",
+                hello.next_seq, hello.client_id
+            ),
+        });
+    }
+    Ok(ServerMsg::Welcome {
+        server_seq: head,
+        schema_version: schema.version,
+        schema: (hello.schema_version != Some(schema.version)).then(|| schema.source.clone()),
+        frame_bytes_max: frame_bytes_max as u64,
+    })
+}
+
+/// The `Error` code a server sends to a device that lost its tail (see [`greet`]).
+pub const DEVICE_REWOUND: &str = "DEVICE_REWOUND";

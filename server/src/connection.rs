@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use hearth_engine::protocol::{decode_client, encode_server, ClientMsg, CodecError, ServerMsg};
+use hearth_engine::server::Hello;
 use hearth_engine::{LogEntry, ServerCore};
 use tokio::sync::{broadcast, mpsc};
 
@@ -132,31 +133,39 @@ impl Conn {
     }
 
     async fn serve(&mut self) -> Result<(), Fatal> {
-        let (client_id, cursor, schema_version) =
-            match tokio::time::timeout(HELLO_TIMEOUT, self.recv()).await {
-                Err(_) => return Err(fatal("HANDSHAKE", "no Hello within 10 seconds")),
-                Ok(incoming) => match incoming? {
-                    Incoming::Closed => return Ok(()),
-                    Incoming::Msg(ClientMsg::Hello {
-                        client_id,
-                        cursor,
-                        schema_version,
-                    }) => (client_id, cursor, schema_version),
-                    Incoming::Msg(_) => {
-                        return Err(fatal("HANDSHAKE", "the first message must be Hello"))
-                    }
-                },
-            };
-        if client_id == 0 {
-            return Err(fatal("HANDSHAKE", "client id 0 is reserved"));
-        }
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, self.recv()).await {
+            Err(_) => return Err(fatal("HANDSHAKE", "no Hello within 10 seconds")),
+            Ok(incoming) => match incoming? {
+                Incoming::Closed => return Ok(()),
+                Incoming::Msg(msg) => Hello::of(&msg)
+                    .ok_or_else(|| fatal("HANDSHAKE", "the first message must be Hello"))?,
+            },
+        };
+        let client_id = hello.client_id;
         // Subscribe before reading the log so that nothing committed in
         // between is missed; entries seen twice are skipped by `last_sent`.
         let mut live = self.state.store.changes.subscribe();
         let head = self.state.metrics.server_seq.load(Ordering::Relaxed);
-        let welcome =
-            hearth_engine::server::welcome(&self.state.store.schema, head, schema_version);
-        self.send(&welcome).await?;
+        let reader = self.state.store.reader.clone();
+        let schema = self.state.store.schema.clone();
+        let frame_bytes_max = self.state.frame_bytes_max;
+        let answer = tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().expect("reader lock");
+            hearth_engine::server::greet(&conn, &schema, head, &hello, frame_bytes_max)
+        })
+        .await
+        .map_err(|e| fatal("INTERNAL", e.to_string()))?
+        .map_err(|e| fatal("STORE", e.to_string()))?;
+        if let ServerMsg::Error { code, message } = answer {
+            let code = if code == hearth_engine::server::DEVICE_REWOUND {
+                hearth_engine::server::DEVICE_REWOUND
+            } else {
+                "HANDSHAKE"
+            };
+            return Err(fatal(code, message));
+        }
+        self.send(&answer).await?;
+        let cursor = hello.cursor;
         self.last_sent = cursor;
         self.catch_up().await?;
 

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use hearth_engine::protocol::{
     decode_client, decode_server, encode_client, encode_server, FRAME_BYTES_MAX,
 };
+use hearth_engine::server::Hello;
 use hearth_engine::{
     Client, ClientConfig, ClientMsg, ColumnOp, Event, Hlc, LogEntry, Mutation, Outcome, RowChange,
     RowOp, Schema, ServerCore, ServerMsg, Value,
@@ -606,15 +607,21 @@ impl World {
         self.retire_link(id);
         match msg {
             ClientMsg::Hello {
-                client_id,
-                cursor,
-                schema_version,
+                client_id, cursor, ..
             } => {
                 self.trace(format!(
                     "server: link {id} Hello from {client_id}, cursor {cursor}"
                 ));
-                let welcome = self.server.welcome(schema_version);
+                let hello = Hello::of(&msg).expect("a Hello");
+                let welcome = self
+                    .server
+                    .greet(&hello, FRAME_BYTES_MAX)
+                    .map_err(|e| format!("greet: {e}"))?;
+                let refused = matches!(welcome, ServerMsg::Error { .. });
                 self.send_down(id, &welcome);
+                if refused {
+                    return Ok(());
+                }
                 // Catch-up in chunks of random size, the last marked caught_up;
                 // from then on the link gets every new entry as it is made.
                 let chunk = self.rng.gen_range(1..=40);
@@ -1357,6 +1364,7 @@ impl World {
                     client_id: ROGUE_ID,
                     cursor: self.server.head(),
                     schema_version: Some(1),
+                    next_seq: u64::MAX,
                 };
                 self.send_up(id, vec![hello]);
                 id

@@ -700,9 +700,19 @@ impl Host {
                 if client.status().connected {
                     self.failed_attempts = 0;
                 }
+                let rewound = output
+                    .events
+                    .iter()
+                    .any(|e| matches!(e, Event::Rewound { .. }));
                 let ticket = self.barrier();
                 self.park_send(ticket, output.send);
                 self.on_events(output.events);
+                if rewound {
+                    // The engine took a new client id; this connection is over. Say
+                    // Hello again under the new id, soon.
+                    self.failed_attempts = 0;
+                    return self.reconnect_after_failure();
+                }
                 self.update_status();
             }
             Err(err) => {
@@ -820,6 +830,11 @@ impl Host {
                     let all: Vec<String> =
                         self.lives.iter().flat_map(|l| l.tables.clone()).collect();
                     self.rerun_live(&all);
+                }
+                Event::Rewound { reason, .. } => {
+                    web_sys::console::warn_1(
+                        &format!("hearth-worker: took a new client id: {reason}").into(),
+                    );
                 }
                 Event::Applied { .. } | Event::CaughtUp { .. } => {}
             }

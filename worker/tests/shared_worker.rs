@@ -219,6 +219,7 @@ async fn bad_sql_is_a_clear_error_and_the_store_keeps_working() {
 /// offline, closes, reopens from IndexedDB and finds both its rows and its outbox.
 #[wasm_bindgen_test]
 async fn engine_rows_and_outbox_survive_close_and_reopen() {
+    use hearth_engine::protocol::FRAME_BYTES_MAX;
     use hearth_engine::{Client, ClientConfig, ServerMsg, Value as EngineValue, DEMO_SCHEMA};
     use hearth_worker::store::open_connection;
 
@@ -233,6 +234,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
                 server_seq: 0,
                 schema_version: 1,
                 schema: Some(DEMO_SCHEMA.to_string()),
+                frame_bytes_max: FRAME_BYTES_MAX as u64,
             },
             1,
         )
@@ -277,6 +279,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
                 server_seq: 0,
                 schema_version: 1,
                 schema: None,
+                frame_bytes_max: FRAME_BYTES_MAX as u64,
             },
             2,
         )

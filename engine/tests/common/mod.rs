@@ -15,12 +15,16 @@ pub fn sync(server: &mut ServerCore, client: &mut Client) -> Vec<Event> {
         let mut to_client = Vec::new();
         for msg in to_server.drain(..) {
             match msg {
-                ClientMsg::Hello {
-                    schema_version,
-                    cursor,
-                    ..
-                } => {
-                    to_client.push(server.welcome(schema_version));
+                ClientMsg::Hello { cursor, .. } => {
+                    let hello = hearth_engine::server::Hello::of(&msg).unwrap();
+                    let answer = server
+                        .greet(&hello, hearth_engine::protocol::FRAME_BYTES_MAX)
+                        .unwrap();
+                    if matches!(answer, ServerMsg::Error { .. }) {
+                        to_client.push(answer);
+                        continue;
+                    }
+                    to_client.push(answer);
                     let entries =
                         ServerCore::read_log(server.connection(), cursor, 10_000).unwrap();
                     to_client.push(ServerMsg::Changes {
