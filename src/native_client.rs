@@ -137,6 +137,13 @@ fn reached(client: &Client, goal: Goal, events: &[Event]) -> Result<bool, Client
 
 /// Connects (already connected: pass the socket), says Hello, and exchanges
 /// messages until `goal` is reached. Every engine event is appended to `events`.
+///
+/// The socket is split: frames to send go through a queue to a writer that
+/// runs beside the reader, so this side **keeps reading while it writes**
+/// (a big outbox re-sent while the server sends a big catch-up cannot wedge
+/// both sides in `send`). What is queued is what the engine released, which
+/// its in-flight window bounds by what the server has answered. The whole
+/// session ends within `timeout`.
 pub async fn run_session(
     client: &mut Client,
     ws: &mut Ws,
@@ -144,31 +151,81 @@ pub async fn run_session(
     timeout: Duration,
     events: &mut Vec<Event>,
 ) -> Result<(), SyncError> {
-    let work = async {
-        let hello = client.on_connected();
-        send(ws, hello).await?;
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Message>();
+    let writer = async move {
+        while let Some(frame) = rx.recv().await {
+            sink.send(frame)
+                .await
+                .map_err(|e| SyncError::Closed(e.to_string()))?;
+        }
+        Ok::<(), SyncError>(())
+    };
+    let queue = |msgs: Vec<ClientMsg>| {
+        for msg in msgs {
+            // The writer only stops on an error, which ends the session first.
+            let _ = tx.send(Message::Binary(encode_client(&msg).into()));
+        }
+    };
+    let reader = async {
+        queue(client.on_connected());
         loop {
-            match step(client, ws).await? {
-                None => return Err(SyncError::Closed("server closed the connection".into())),
-                Some(evs) => {
-                    let rewound = evs.iter().any(|e| matches!(e, Event::Rewound { .. }));
-                    events.extend(evs);
-                    if rewound {
-                        return Ok(());
-                    }
+            let Some(frame) = stream.next().await else {
+                return Err(SyncError::Closed("server closed the connection".into()));
+            };
+            let bytes = match frame.map_err(|e| SyncError::Closed(e.to_string()))? {
+                Message::Binary(b) => b,
+                Message::Close(f) => {
+                    return Err(SyncError::Closed(
+                        f.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    ));
                 }
-            }
-            if reached(client, goal, events)? {
+                Message::Text(_) => {
+                    return Err(SyncError::Closed("server sent a text frame".into()))
+                }
+                _ => continue,
+            };
+            let msg = decode_server(&bytes, FRAME_BYTES_MAX)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            drop(bytes);
+            let out = client.handle(msg, now_ms())?;
+            queue(out.send);
+            let rewound = out
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Rewound { .. }));
+            events.extend(out.events);
+            if rewound || reached(client, goal, events)? {
                 return Ok(());
             }
         }
     };
-    let result = match tokio::time::timeout(timeout, work).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut writer = std::pin::pin!(writer);
+    let work = async {
+        tokio::select! {
+            done = reader => done,
+            failed = &mut writer => Err(failed.err().unwrap_or_else(|| SyncError::Closed("writer stopped".into()))),
+        }
+    };
+    let result = match tokio::time::timeout_at(deadline, work).await {
         Err(_) => Err(SyncError::Timeout(timeout)),
         Ok(r) => r,
     };
+    if result.is_ok() {
+        // Frames the engine released before the goal was reached still go
+        // out (the server answers them next time), within the close bound.
+        drop(tx);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = tokio::time::timeout(left.min(CLOSE_TIMEOUT), writer).await;
+    }
     result
 }
+
+/// The longest a polite close may take after a session; past it (or past
+/// the session's deadline) the socket is dropped, so no close ever hangs on
+/// a peer that stopped reading.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The number a mutation made as `seq` has now: a device that found itself
 /// rewound renumbers its pending mutations ([`Event::Rewound`]).
@@ -201,7 +258,9 @@ pub async fn sync_once(
         let seen = events.len();
         let result = run_session(client, &mut ws, goal, left, &mut events).await;
         client.on_disconnected();
-        let _ = ws.close(None).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = tokio::time::timeout(left.min(CLOSE_TIMEOUT), ws.close(None)).await;
+        drop(ws);
         let rewound = events[seen..]
             .iter()
             .any(|e| matches!(e, Event::Rewound { .. }));

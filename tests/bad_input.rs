@@ -50,8 +50,10 @@ fn hello() -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_get_an_error_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
-    let server =
-        start_server_with(dir.path(), DEMO_SCHEMA, |c| c.frame_bytes_max = 64 * 1024).await;
+    let server = start_server_with(dir.path(), DEMO_SCHEMA, |c| {
+        c.set_frame_bytes_max(64 * 1024)
+    })
+    .await;
     let url = url(&server);
     // A healthy device stays connected through all of it.
     let mut good = device(dir.path(), "good");

@@ -150,6 +150,15 @@ async fn a_lost_ack_leads_to_a_resend_that_is_applied_once() {
         )),
         "{events:?}"
     );
+    // The re-sent push may still be on its way to the store when the device
+    // has its ack (the server reads while it sends the catch-up): await it.
+    tokio::time::timeout(TIMEOUT, async {
+        while metric(&server, "hearth_mutations_duplicate_total").await < 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the re-sent mutation reaches the store as a duplicate");
     assert_eq!(metric(&server, "hearth_mutations_applied_total").await, 1);
     assert_eq!(metric(&server, "hearth_mutations_duplicate_total").await, 1);
     assert_eq!(metric(&server, "hearth_server_seq").await, 1);

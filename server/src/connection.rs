@@ -1,273 +1,677 @@
 //! One WebSocket connection: handshake, catch-up, then live traffic.
+//!
+//! The socket is split in two. A writer task owns the sending half: it
+//! writes queued frames one at a time, each within `write_timeout_ms`, and
+//! pings every `ping_interval_ms`. The connection task owns the receiving
+//! half and decides everything else, so **it keeps reading while a frame is
+//! being written**: a device that re-sends a big outbox while the server
+//! sends it a big catch-up cannot wedge both sides in `send`.
+//!
+//! What the task queues for the writer is bounded in bytes
+//! (`send_queue_bytes_max`): live changes and catch-up wait while the queue
+//! is full, and the connection stops reading while refusals fill it. What it
+//! queues at the store is bounded per connection (`in_flight_mutations_max`,
+//! `in_flight_bytes_max`: it stops reading until the store answers) and for
+//! all connections (`store_queue_bytes_max`, taken before a push is decoded).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
 use hearth_engine::protocol::{decode_client, encode_server, ClientMsg, CodecError, ServerMsg};
 use hearth_engine::server::Hello;
 use hearth_engine::{LogEntry, ServerCore};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite;
 
-use crate::store::{ApplyCmd, Broadcast};
+use crate::metrics::CloseReason;
+use crate::store::{ApplyCmd, Reply, StoreCmd};
 use crate::{AppState, Metrics};
 
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most log entries in one catch-up frame (besides `chunk_bytes_max`).
 const CATCH_UP_ENTRIES_MAX: usize = 1_000;
+/// What a decoded mutation costs in memory beyond its encoded bytes; a push
+/// is charged this per mutation, so a frame of many empty mutations is not
+/// cheaper than it is.
+const MUTATION_MEMORY_BYTES: usize = 64;
 
 /// Why a connection ends early, said to the device before closing.
 struct Fatal {
     code: &'static str,
     message: String,
+    reason: CloseReason,
 }
 
-fn fatal(code: &'static str, message: impl Into<String>) -> Fatal {
-    Fatal {
+enum End {
+    /// Tell the device why, then close.
+    Fatal(Fatal),
+    /// Nothing to say (the device left, or cannot be written to).
+    Quiet(CloseReason),
+}
+
+fn fatal(code: &'static str, message: impl Into<String>, reason: CloseReason) -> End {
+    End::Fatal(Fatal {
         code,
         message: message.into(),
+        reason,
+    })
+}
+
+fn bad_input(e: CodecError) -> End {
+    let code = match e {
+        CodecError::Version { .. } => "PROTOCOL_VERSION",
+        CodecError::TooLarge { .. } => "FRAME_TOO_LARGE",
+        CodecError::Malformed(_) => "BAD_FRAME",
+    };
+    fatal(code, e.to_string(), CloseReason::BadInput)
+}
+
+/// A receive error: the peer leaving is not a malformed frame.
+fn classify(e: axum::Error, frame_bytes_max: usize) -> End {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(c)) => fatal(
+            "FRAME_TOO_LARGE",
+            format!("{c} (limit {frame_bytes_max} bytes)"),
+            CloseReason::BadInput,
+        ),
+        Some(tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ))
+        | Some(tungstenite::Error::ConnectionClosed)
+        | Some(tungstenite::Error::AlreadyClosed)
+        | Some(tungstenite::Error::Io(_)) => End::Quiet(CloseReason::PeerGone),
+        Some(tungstenite::Error::Protocol(p)) => {
+            fatal("BAD_FRAME", p.to_string(), CloseReason::BadInput)
+        }
+        Some(tungstenite::Error::Utf8(e)) => fatal("BAD_FRAME", e.clone(), CloseReason::BadInput),
+        _ => End::Quiet(CloseReason::PeerGone),
     }
 }
 
-impl From<CodecError> for Fatal {
-    fn from(e: CodecError) -> Self {
-        let code = match e {
-            CodecError::Version { .. } => "PROTOCOL_VERSION",
-            CodecError::TooLarge { .. } => "FRAME_TOO_LARGE",
-            CodecError::Malformed(_) => "BAD_FRAME",
-        };
-        fatal(code, e.to_string())
+/// The number of mutations a push frame says it holds, read from its header
+/// without decoding it: the protocol version (varint), the message's variant
+/// index (a postcard varint; `Push` is 1), then the vector's length (varint).
+/// None for any other message.
+fn push_len(frame: &[u8]) -> Option<u64> {
+    let (_, rest) = varint(frame)?;
+    let (variant, rest) = varint(rest)?;
+    if variant != 1 {
+        return None;
+    }
+    varint(rest).map(|(len, _)| len)
+}
+
+fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
+/// `n` bytes as semaphore permits, never more than the budget holds (a push
+/// larger than the whole budget waits for all of it).
+fn permits(n: usize, budget: usize) -> u32 {
+    n.clamp(1, budget.max(1)).min(u32::MAX as usize) as u32
+}
+
+/// What the connection task hands the writer.
+enum Out {
+    Frame {
+        bytes: Bytes,
+        /// A refusal (counts against reading) rather than changes.
+        reply: bool,
+        /// Catch-up budget held until the frame is written.
+        _permit: Option<OwnedSemaphorePermit>,
+    },
+    Close(CloseFrame),
+}
+
+/// Bytes queued for the writer and not yet written.
+#[derive(Default)]
+struct SendQueue {
+    bytes: AtomicUsize,
+    reply_bytes: AtomicUsize,
+    drained: Notify,
+}
+
+impl SendQueue {
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    fn reply_bytes(&self) -> usize {
+        self.reply_bytes.load(Ordering::Acquire)
+    }
+
+    fn release(&self, n: usize, reply: bool) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        if reply {
+            self.reply_bytes.fetch_sub(n, Ordering::AcqRel);
+        }
+        self.drained.notify_waiters();
+    }
+
+    /// Waits until `room` holds (checked after every write).
+    async fn wait(&self, room: impl Fn(&SendQueue) -> bool) {
+        loop {
+            let drained = self.drained.notified();
+            if room(self) {
+                return;
+            }
+            drained.await;
+        }
     }
 }
+
+enum WriteEnd {
+    /// The queue closed (the connection is done), or the close was sent.
+    Finished,
+    TimedOut,
+    Broken,
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    queue: Arc<SendQueue>,
+    write_timeout: Duration,
+    ping_interval: Duration,
+) -> WriteEnd {
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let message = tokio::select! {
+            out = rx.recv() => match out {
+                None => return WriteEnd::Finished,
+                Some(Out::Close(frame)) => {
+                    let _ = tokio::time::timeout(write_timeout, sink.send(Message::Close(Some(frame)))).await;
+                    return WriteEnd::Finished;
+                }
+                Some(Out::Frame { bytes, reply, _permit }) => {
+                    let n = bytes.len();
+                    let sent = tokio::time::timeout(write_timeout, sink.send(Message::Binary(bytes))).await;
+                    queue.release(n, reply);
+                    sent
+                }
+            },
+            _ = ping.tick() => {
+                tokio::time::timeout(write_timeout, sink.send(Message::Ping(Bytes::new()))).await
+            }
+        };
+        match message {
+            Err(_) => return WriteEnd::TimedOut,
+            Ok(Err(_)) => return WriteEnd::Broken,
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
-    Metrics::add(&state.metrics.connections_total, 1);
-    state
-        .metrics
-        .connections_open
-        .fetch_add(1, Ordering::Relaxed);
+    let metrics = state.metrics.clone();
+    Metrics::add(&metrics.connections_total, 1);
+    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    let config = &state.config;
+    let (sink, stream) = socket.split();
+    let queue = Arc::new(SendQueue::default());
+    let (out, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        queue.clone(),
+        Duration::from_millis(config.write_timeout_ms),
+        Duration::from_millis(config.ping_interval_ms),
+    ));
+    let close_timeout = Duration::from_millis(config.close_timeout_ms);
     let mut conn = Conn {
-        socket,
+        id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+        stream,
+        out,
+        queue,
+        writer,
         state: state.clone(),
         last_sent: 0,
+        in_flight_mutations: 0,
+        in_flight_bytes: 0,
+        last_rx: Instant::now(),
     };
-    if let Err(f) = conn.serve().await {
-        if matches!(f.code, "BAD_FRAME" | "FRAME_TOO_LARGE" | "PROTOCOL_VERSION") {
-            Metrics::add(&state.metrics.frames_malformed, 1);
-        }
-        let _ = conn
-            .send(&ServerMsg::Error {
+    let end = conn.serve().await;
+    let Conn { out, writer, .. } = conn;
+    let reason = match end {
+        End::Fatal(f) => {
+            if f.reason == CloseReason::BadInput {
+                Metrics::add(&metrics.frames_malformed, 1);
+            }
+            let frame = encode_server(&ServerMsg::Error {
                 code: f.code.to_string(),
                 message: f.message.clone(),
-            })
-            .await;
-        let reason = format!("{}: {}", f.code, f.message);
-        let reason: String = reason.chars().take(120).collect();
-        let _ = conn
-            .socket
-            .send(Message::Close(Some(CloseFrame {
+            });
+            metrics.frame_built(frame.len());
+            Metrics::add(&metrics.bytes_out, frame.len() as u64);
+            let reason: String = format!("{}: {}", f.code, f.message)
+                .chars()
+                .take(120)
+                .collect();
+            let _ = out.send(Out::Frame {
+                bytes: Bytes::from(frame),
+                reply: false,
+                _permit: None,
+            });
+            let _ = out.send(Out::Close(CloseFrame {
                 code: 1008,
                 reason: reason.into(),
-            })))
-            .await;
+            }));
+            f.reason
+        }
+        End::Quiet(reason) => reason,
+    };
+    drop(out);
+    // The writer sends what is queued (the error and the close) if it can
+    // within the close timeout; past it the socket is simply dropped.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(close_timeout, writer).await.is_err() {
+        abort.abort();
     }
-    state
-        .metrics
-        .connections_open
-        .fetch_sub(1, Ordering::Relaxed);
+    Metrics::add(metrics.closed(reason), 1);
+    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
 }
 
 struct Conn {
-    socket: WebSocket,
+    id: u64,
+    stream: SplitStream<WebSocket>,
+    out: mpsc::UnboundedSender<Out>,
+    queue: Arc<SendQueue>,
+    writer: JoinHandle<WriteEnd>,
     state: Arc<AppState>,
-    /// The newest log entry sent to this device.
+    /// The newest log entry queued for this device.
     last_sent: u64,
+    in_flight_mutations: usize,
+    in_flight_bytes: usize,
+    /// When something last arrived (or reading last resumed).
+    last_rx: Instant,
 }
 
-enum Incoming {
-    Msg(ClientMsg),
-    Closed,
+/// A catch-up read in progress: the entries after `last_sent`, with the
+/// catch-up budget they hold.
+type CatchUpRead = JoinHandle<Result<(Vec<LogEntry>, OwnedSemaphorePermit), String>>;
+
+enum Received {
+    Frame(Bytes),
+    /// A ping or pong: the peer is alive.
+    Control,
+    Closed(CloseReason),
+}
+
+/// The next message from the peer.
+async fn receive(stream: &mut SplitStream<WebSocket>, state: &AppState) -> Result<Received, End> {
+    let Some(msg) = stream.next().await else {
+        return Ok(Received::Closed(CloseReason::PeerGone));
+    };
+    match msg.map_err(|e| classify(e, state.config.frame_bytes_max))? {
+        Message::Binary(bytes) => {
+            Metrics::add(&state.metrics.bytes_in, bytes.len() as u64);
+            Ok(Received::Frame(bytes))
+        }
+        Message::Text(_) => Err(fatal(
+            "BAD_FRAME",
+            "Hearth speaks binary frames only",
+            CloseReason::BadInput,
+        )),
+        Message::Close(_) => Ok(Received::Closed(CloseReason::ClientClosed)),
+        Message::Ping(_) | Message::Pong(_) => Ok(Received::Control),
+    }
 }
 
 impl Conn {
-    async fn send(&mut self, msg: &ServerMsg) -> Result<(), Fatal> {
-        let frame = encode_server(msg);
-        Metrics::add(&self.state.metrics.bytes_out, frame.len() as u64);
-        self.socket
-            .send(Message::Binary(frame.into()))
-            .await
-            .map_err(|e| fatal("CLOSED", e.to_string()))
+    fn queue_frame(&mut self, frame: Bytes, reply: bool, permit: Option<OwnedSemaphorePermit>) {
+        let n = frame.len();
+        self.state.metrics.frame_built(n);
+        Metrics::add(&self.state.metrics.bytes_out, n as u64);
+        self.queue.bytes.fetch_add(n, Ordering::AcqRel);
+        if reply {
+            self.queue.reply_bytes.fetch_add(n, Ordering::AcqRel);
+        }
+        // A closed writer is noticed by the main loop through its handle.
+        let _ = self.out.send(Out::Frame {
+            bytes: frame,
+            reply,
+            _permit: permit,
+        });
     }
 
-    async fn recv(&mut self) -> Result<Incoming, Fatal> {
-        loop {
-            let Some(msg) = self.socket.recv().await else {
-                return Ok(Incoming::Closed);
-            };
-            let msg = msg.map_err(|e| {
-                let text = e.to_string();
-                if text.contains("too long") || text.contains("too big") || text.contains("size") {
-                    fatal(
-                        "FRAME_TOO_LARGE",
-                        format!("{text} (limit {} bytes)", self.state.frame_bytes_max),
-                    )
-                } else {
-                    fatal("BAD_FRAME", text)
-                }
-            })?;
-            match msg {
-                Message::Binary(bytes) => {
-                    Metrics::add(&self.state.metrics.bytes_in, bytes.len() as u64);
-                    return Ok(Incoming::Msg(decode_client(
-                        &bytes,
-                        self.state.frame_bytes_max,
-                    )?));
-                }
-                Message::Text(_) => {
-                    return Err(fatal("BAD_FRAME", "Hearth speaks binary frames only"))
-                }
-                Message::Close(_) => return Ok(Incoming::Closed),
-                Message::Ping(_) | Message::Pong(_) => continue,
-            }
+    fn queue_msg(&mut self, msg: &ServerMsg, reply: bool) {
+        self.queue_frame(Bytes::from(encode_server(msg)), reply, None);
+    }
+
+    async fn serve(&mut self) -> End {
+        match self.serve_inner().await {
+            Ok(reason) => End::Quiet(reason),
+            Err(end) => end,
         }
     }
 
-    async fn serve(&mut self) -> Result<(), Fatal> {
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, self.recv()).await {
-            Err(_) => return Err(fatal("HANDSHAKE", "no Hello within 10 seconds")),
-            Ok(incoming) => match incoming? {
-                Incoming::Closed => return Ok(()),
-                Incoming::Msg(msg) => Hello::of(&msg)
-                    .ok_or_else(|| fatal("HANDSHAKE", "the first message must be Hello"))?,
-            },
-        };
-        let client_id = hello.client_id;
-        // Subscribe before reading the log so that nothing committed in
-        // between is missed; entries seen twice are skipped by `last_sent`.
-        let mut live = self.state.store.changes.subscribe();
-        let head = self.state.metrics.server_seq.load(Ordering::Relaxed);
-        let reader = self.state.store.reader.clone();
-        let schema = self.state.store.schema.clone();
-        let frame_bytes_max = self.state.frame_bytes_max;
-        let answer = tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().expect("reader lock");
-            hearth_engine::server::greet(&conn, &schema, head, &hello, frame_bytes_max)
+    async fn serve_inner(&mut self) -> Result<CloseReason, End> {
+        let config = self.state.config.clone();
+        let hello_timeout = Duration::from_millis(config.hello_timeout_ms);
+        let state = self.state.clone();
+        let stream = &mut self.stream;
+        let first = tokio::time::timeout(hello_timeout, async {
+            loop {
+                match receive(stream, &state).await? {
+                    Received::Control => continue,
+                    Received::Closed(reason) => return Ok(Err(reason)),
+                    Received::Frame(bytes) => return Ok(Ok(bytes)),
+                }
+            }
         })
         .await
-        .map_err(|e| fatal("INTERNAL", e.to_string()))?
-        .map_err(|e| fatal("STORE", e.to_string()))?;
+        .map_err(|_| {
+            fatal(
+                "HANDSHAKE",
+                format!("no Hello within {hello_timeout:?}"),
+                CloseReason::Handshake,
+            )
+        })?;
+        let first = match first? {
+            Err(reason) => return Ok(reason),
+            Ok(bytes) => decode_client(&bytes, config.frame_bytes_max).map_err(bad_input)?,
+        };
+        let hello = Hello::of(&first).ok_or_else(|| {
+            fatal(
+                "HANDSHAKE",
+                "the first message must be Hello",
+                CloseReason::Handshake,
+            )
+        })?;
+        let client_id = hello.client_id;
+        let ring = self.state.store.ring.clone();
+        let mut head = ring.subscribe();
+        let mut known_head = *head.borrow_and_update();
+        let reader = self.state.store.reader.clone();
+        let schema = self.state.store.schema.clone();
+        let frame_bytes_max = config.frame_bytes_max;
+        let answer = tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().expect("reader lock");
+            hearth_engine::server::greet(&conn, &schema, known_head, &hello, frame_bytes_max)
+        })
+        .await
+        .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
+        .map_err(|e| fatal("STORE", e.to_string(), CloseReason::StoreError))?;
         if let ServerMsg::Error { code, message } = answer {
-            let code = if code == hearth_engine::server::DEVICE_REWOUND {
-                hearth_engine::server::DEVICE_REWOUND
+            return Err(if code == hearth_engine::server::DEVICE_REWOUND {
+                fatal(
+                    hearth_engine::server::DEVICE_REWOUND,
+                    message,
+                    CloseReason::Rewound,
+                )
             } else {
-                "HANDSHAKE"
-            };
-            return Err(fatal(code, message));
+                fatal("HANDSHAKE", message, CloseReason::Handshake)
+            });
         }
-        self.send(&answer).await?;
-        let cursor = hello.cursor;
-        self.last_sent = cursor;
-        self.catch_up().await?;
+        self.queue_msg(&answer, false);
+        self.last_sent = hello.cursor;
+        if self.last_sent >= known_head {
+            self.queue_msg(
+                &ServerMsg::Changes {
+                    entries: Vec::new(),
+                    caught_up: true,
+                },
+                false,
+            );
+        }
 
         let (reply_tx, mut replies) = mpsc::unbounded_channel();
         let mut shutdown = self.state.shutdown.clone();
+        let mut catch_up: Option<CatchUpRead> = None;
+        let peer_timeout = Duration::from_millis(config.peer_timeout_ms);
+        let send_max = config.send_queue_bytes_max;
+        let mut was_reading = true;
+        let queue = self.queue.clone();
         loop {
+            let can_read = self.in_flight_mutations < config.in_flight_mutations_max
+                && self.in_flight_bytes < config.in_flight_bytes_max
+                && self.queue.reply_bytes() < send_max;
+            if can_read && !was_reading {
+                // Time spent not reading is the server's doing, not the peer's.
+                self.last_rx = Instant::now();
+            }
+            was_reading = can_read;
+            let want_changes = self.last_sent < known_head && catch_up.is_none();
+            let room = queue.bytes() < send_max;
+            let idle_deadline = self.last_rx + peer_timeout;
+            let reply_full = queue.reply_bytes() >= send_max;
             tokio::select! {
-                _ = shutdown.changed() => {
-                    return Err(fatal("SHUTDOWN", "the server is shutting down"));
+                _ = async { let _ = shutdown.wait_for(|down| *down).await; } => {
+                    return Err(fatal("SHUTDOWN", "the server is shutting down", CloseReason::Shutdown));
                 }
-                incoming = self.recv() => match incoming? {
-                    Incoming::Closed => return Ok(()),
-                    Incoming::Msg(ClientMsg::Hello { .. }) => {
-                        return Err(fatal("HANDSHAKE", "Hello sent twice on one connection"));
+                ended = &mut self.writer => {
+                    return Ok(match ended {
+                        Ok(WriteEnd::TimedOut) => CloseReason::WriteTimeout,
+                        _ => CloseReason::PeerGone,
+                    });
+                }
+                received = receive(&mut self.stream, &state), if can_read => {
+                    self.last_rx = Instant::now();
+                    match received? {
+                        Received::Closed(reason) => return Ok(reason),
+                        Received::Control => {}
+                        Received::Frame(bytes) => self.on_frame(bytes, client_id, &reply_tx).await?,
                     }
-                    Incoming::Msg(ClientMsg::Push { mutations }) => {
-                        if mutations.is_empty() {
-                            continue;
-                        }
-                        let cmd = ApplyCmd { client_id, mutations, reply: reply_tx.clone() };
-                        if self.state.store.commands.send(cmd).await.is_err() {
-                            return Err(fatal("SHUTDOWN", "the server is shutting down"));
-                        }
+                }
+                reply = replies.recv() => match reply.expect("this task holds a sender") {
+                    Reply::Refused(msg) => self.queue_msg(&msg, true),
+                    Reply::Done { mutations, bytes } => {
+                        self.in_flight_mutations -= mutations;
+                        self.in_flight_bytes -= bytes;
+                    }
+                    Reply::Failed(message) => {
+                        return Err(fatal("STORE", message, CloseReason::StoreError));
                     }
                 },
-                entries = live.recv() => match entries {
-                    Ok(batch) => self.send_batch(&batch).await?,
-                    Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(fatal("SHUTDOWN", "the server is shutting down"));
+                changed = head.changed() => {
+                    if changed.is_err() {
+                        return Err(fatal("SHUTDOWN", "the server is shutting down", CloseReason::Shutdown));
                     }
-                },
-                Some(reply) = replies.recv() => {
-                    let is_error = matches!(reply, ServerMsg::Error { .. });
-                    self.send(&reply).await?;
-                    if is_error {
-                        return Ok(());
+                    known_head = *head.borrow_and_update();
+                }
+                _ = queue.wait(|q| q.bytes() < send_max && q.reply_bytes() < send_max),
+                    if (want_changes && !room) || reply_full => {}
+                _ = std::future::ready(()), if want_changes && room => {
+                    match ring.find(self.last_sent + 1) {
+                        Some(chunk) => {
+                            self.last_sent = chunk.last;
+                            self.queue_frame(chunk.frame.clone(), false, None);
+                        }
+                        None => catch_up = Some(self.read_log()),
                     }
+                }
+                read = async { catch_up.as_mut().expect("guarded").await }, if catch_up.is_some() => {
+                    catch_up = None;
+                    let (entries, permit) = read
+                        .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
+                        .map_err(|e| fatal("STORE", e, CloseReason::StoreError))?;
+                    match entries.last().map(|e| e.server_seq) {
+                        // The log has nothing past what was sent: wait for the head to move.
+                        None => known_head = self.last_sent,
+                        Some(last) => {
+                            self.last_sent = last;
+                            let msg = ServerMsg::Changes { entries, caught_up: last >= known_head };
+                            let frame = Bytes::from(encode_server(&msg));
+                            drop(msg);
+                            self.queue_frame(frame, false, Some(permit));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_deadline), if can_read => {
+                    return Ok(CloseReason::PeerTimeout);
                 }
             }
         }
     }
 
-    async fn send_batch(&mut self, batch: &Broadcast) -> Result<(), Fatal> {
-        let Some(last) = batch.entries.last().map(|e| e.server_seq) else {
-            return Ok(());
-        };
-        if batch.entries[0].server_seq > self.last_sent {
-            // The common case: the shared, already encoded frame fits as is.
-            Metrics::add(&self.state.metrics.bytes_out, batch.frame.len() as u64);
-            self.socket
-                .send(Message::Binary(batch.frame.clone().into()))
+    /// Starts reading the log after `last_sent`, within the catch-up budget.
+    fn read_log(&self) -> CatchUpRead {
+        let budget = self.state.catch_up_budget.clone();
+        let reader = self.state.store.reader.clone();
+        let after = self.last_sent;
+        let chunk_bytes_max = self.state.config.chunk_bytes_max;
+        let n = permits(chunk_bytes_max, self.state.config.catch_up_bytes_max);
+        tokio::spawn(async move {
+            let permit = budget
+                .acquire_many_owned(n)
                 .await
-                .map_err(|e| fatal("CLOSED", e.to_string()))?;
-        } else {
-            let fresh: Vec<LogEntry> = batch
-                .entries
-                .iter()
-                .filter(|e| e.server_seq > self.last_sent)
-                .cloned()
-                .collect();
-            if fresh.is_empty() {
-                return Ok(());
-            }
-            self.send(&ServerMsg::Changes {
-                entries: fresh,
-                caught_up: true,
-            })
-            .await?;
-        }
-        self.last_sent = last;
-        Ok(())
-    }
-
-    /// Sends the log from `last_sent` to the head, in frames that fit.
-    async fn catch_up(&mut self) -> Result<(), Fatal> {
-        loop {
-            let reader = self.state.store.reader.clone();
-            let after = self.last_sent;
-            let bytes_max = self.state.frame_bytes_max / 2;
+                .map_err(|e| e.to_string())?;
             let entries = tokio::task::spawn_blocking(move || {
                 let conn = reader.lock().expect("reader lock");
-                ServerCore::read_log_bounded(&conn, after, CATCH_UP_ENTRIES_MAX, bytes_max)
+                ServerCore::read_log_bounded(&conn, after, CATCH_UP_ENTRIES_MAX, chunk_bytes_max)
             })
             .await
-            .map_err(|e| fatal("INTERNAL", e.to_string()))?
-            .map_err(|e| fatal("STORE", e.to_string()))?;
-            let head = self.state.metrics.server_seq.load(Ordering::Relaxed);
-            if let Some(last) = entries.last().map(|e| e.server_seq) {
-                self.last_sent = last;
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            Ok((entries, permit))
+        })
+    }
+
+    /// A frame after the handshake: a push is checked, charged, decoded,
+    /// and queued at the store.
+    async fn on_frame(
+        &mut self,
+        bytes: Bytes,
+        client_id: u64,
+        reply: &mpsc::UnboundedSender<Reply>,
+    ) -> Result<(), End> {
+        let config = &self.state.config;
+        let count = push_len(&bytes).unwrap_or(0);
+        if count > config.push_mutations_max as u64 {
+            return Err(fatal(
+                "TOO_MANY_MUTATIONS",
+                format!(
+                    "a push holds {count} mutations; at most {} per push",
+                    config.push_mutations_max
+                ),
+                CloseReason::BadInput,
+            ));
+        }
+        // Take room in the store queue before decoding, so that decoded
+        // mutations never exceed the budget.
+        let charge = bytes.len() + count as usize * MUTATION_MEMORY_BYTES;
+        let budget = self.state.store.budget.clone();
+        let permit = budget
+            .acquire_many_owned(permits(charge, config.store_queue_bytes_max))
+            .await
+            .map_err(|_| {
+                fatal(
+                    "SHUTDOWN",
+                    "the server is shutting down",
+                    CloseReason::Shutdown,
+                )
+            })?;
+        let msg = decode_client(&bytes, config.frame_bytes_max).map_err(bad_input)?;
+        drop(bytes);
+        let mutations = match msg {
+            ClientMsg::Hello { .. } => {
+                return Err(fatal(
+                    "HANDSHAKE",
+                    "Hello sent twice on one connection",
+                    CloseReason::Handshake,
+                ))
             }
-            // Entries committed after this point reach the device through the
-            // broadcast, so "caught up" is relative to the head read here.
-            let done = entries.is_empty() || self.last_sent >= head;
-            self.send(&ServerMsg::Changes {
-                entries,
-                caught_up: done,
-            })
-            .await?;
-            if done {
-                return Ok(());
+            ClientMsg::Push { mutations } => mutations,
+        };
+        let mutation_bytes_max = config.mutation_bytes_max;
+        let mut keep = Vec::with_capacity(mutations.len());
+        let mut refusals = Vec::new();
+        for m in mutations {
+            let size = postcard::experimental::serialized_size(&m).unwrap_or(usize::MAX);
+            if size > mutation_bytes_max {
+                refusals.push(ServerMsg::Rejected {
+                    client_seq: m.seq,
+                    code: "TOO_LARGE".into(),
+                    reason: format!(
+                        "the mutation is {size} bytes; the server takes at most {mutation_bytes_max} \
+                         (its effect must reach every device in one frame)"
+                    ),
+                });
+            } else {
+                keep.push(m);
             }
         }
+        for refusal in refusals {
+            Metrics::add(&self.state.metrics.mutations_rejected, 1);
+            self.queue_msg(&refusal, true);
+        }
+        if keep.is_empty() {
+            return Ok(());
+        }
+        self.in_flight_mutations += keep.len();
+        self.in_flight_bytes += charge;
+        let cmd = ApplyCmd {
+            conn_id: self.id,
+            client_id,
+            mutations: keep,
+            bytes: charge,
+            _permit: permit,
+            reply: reply.clone(),
+        };
+        if self
+            .state
+            .store
+            .commands
+            .send(StoreCmd::Apply(cmd))
+            .await
+            .is_err()
+        {
+            return Err(fatal(
+                "SHUTDOWN",
+                "the server is shutting down",
+                CloseReason::Shutdown,
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_engine::protocol::encode_client;
+    use hearth_engine::Mutation;
+
+    #[test]
+    fn push_len_reads_the_count_from_the_header() {
+        let push = |n: usize| {
+            encode_client(&ClientMsg::Push {
+                mutations: (0..n)
+                    .map(|i| Mutation {
+                        seq: i as u64 + 1,
+                        hlc: hearth_engine::Hlc(7),
+                        changes: Vec::new(),
+                    })
+                    .collect(),
+            })
+        };
+        for n in [0, 1, 3, 127, 128, 300] {
+            assert_eq!(push_len(&push(n)), Some(n as u64));
+        }
+        let hello = encode_client(&ClientMsg::Hello {
+            client_id: 1,
+            cursor: 0,
+            schema_version: None,
+            next_seq: 1,
+        });
+        assert_eq!(push_len(&hello), None);
+        assert_eq!(push_len(&[]), None);
     }
 }

@@ -11,10 +11,14 @@
 //!   device's cursor, then live changes, pushes and replies.
 //! - `metrics`: counters behind `/metrics`.
 //!
-//! Every queue is bounded: the store's command queue (a full queue makes
-//! connections wait, which pushes back on devices), the broadcast ring (a
-//! device that falls behind re-reads the log from its cursor, nothing is
-//! dropped), and the frame size.
+//! - `lib.rs` (here): the limits ([`ServerConfig`]), the accept loop (a
+//!   connection cap, a timeout on the request head), `/healthz`.
+//!
+//! Every queue is bounded in bytes: the store's command queue (a full queue
+//! makes connections wait, which pushes back on devices), each connection's
+//! in-flight mutations and send queue, the broadcast ring (a device that
+//! falls behind re-reads the log from its cursor, nothing is dropped), the
+//! catch-up reads, and the frame size.
 
 mod connection;
 mod metrics;
@@ -22,7 +26,9 @@ mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
@@ -31,36 +37,214 @@ use axum::routing::get;
 use axum::Router;
 use hearth_engine::{Schema, ServerError};
 
-pub use metrics::Metrics;
+pub use metrics::{CloseReason, Metrics};
 
 /// A static file the server serves: URL path, bytes, MIME type.
 pub type Asset = (&'static str, &'static [u8], &'static str);
 
+/// Everything the server can be told. Every queue and buffer has a limit in
+/// bytes (and, where items can be tiny, in count); [`ServerConfig::check`]
+/// asserts at start-up that the limits that depend on each other fit.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub schema: Schema,
-    /// Largest WebSocket message accepted or sent.
+    /// Largest WebSocket message accepted or built, both ways. Devices accept
+    /// [`hearth_engine::protocol::FRAME_BYTES_MAX`], so it may not exceed that;
+    /// the Welcome tells each device this value.
     pub frame_bytes_max: usize,
+    /// Largest log entry (one applied mutation's effect, encoded). An entry
+    /// always travels in one frame, so it must fit in one with headroom.
+    pub log_entry_bytes_max: usize,
+    /// Largest mutation (encoded) the server applies; a larger one is refused
+    /// with `TOO_LARGE`, because its effect could not travel to a device.
+    pub mutation_bytes_max: usize,
+    /// Log entries are sent in `Changes` frames of at most this many bytes of
+    /// entries (live broadcast and catch-up alike); an entry larger than this
+    /// travels alone.
+    pub chunk_bytes_max: usize,
     /// Most mutations applied in one store transaction.
     pub batch_mutations_max: usize,
+    /// Most mutation bytes applied in one store transaction.
+    pub batch_bytes_max: usize,
+    /// Most mutations in one push frame; a frame with more closes the
+    /// connection with `TOO_MANY_MUTATIONS`, checked before it is decoded.
+    pub push_mutations_max: usize,
+    /// Bytes of pushed mutations waiting for or in the store, all connections
+    /// together. A connection that cannot get room waits (and stops reading).
+    pub store_queue_bytes_max: usize,
+    /// Mutations one connection may have queued at the store; it stops
+    /// reading its socket until they are answered.
+    pub in_flight_mutations_max: usize,
+    /// Bytes of mutations one connection may have queued at the store.
+    pub in_flight_bytes_max: usize,
+    /// Bytes of recent broadcast frames kept for live connections; one that
+    /// falls further behind re-reads the log from its cursor.
+    pub broadcast_bytes_max: usize,
+    /// Bytes of log entries read for catch-up and not yet sent, all
+    /// connections together.
+    pub catch_up_bytes_max: usize,
+    /// Bytes queued for one connection's socket: live changes wait above it,
+    /// and above it in replies (refusals) the connection stops reading.
+    pub send_queue_bytes_max: usize,
+    /// A frame that cannot be written within this closes the connection
+    /// (the peer stopped reading); it catches up from its cursor later.
+    pub write_timeout_ms: u64,
+    /// How often the server pings each WebSocket.
+    pub ping_interval_ms: u64,
+    /// A connection from which nothing (not even a pong) arrives for this
+    /// long is closed as gone.
+    pub peer_timeout_ms: u64,
+    /// A device must say Hello within this after the upgrade.
+    pub hello_timeout_ms: u64,
+    /// An HTTP connection must send its request head within this.
+    pub header_read_timeout_ms: u64,
+    /// How long a closing connection may take to send its last words.
+    pub close_timeout_ms: u64,
+    /// Open TCP connections; more are closed as soon as they are accepted.
+    /// Lowered at start to fit the open-file limit.
+    pub connections_max: usize,
+    /// Open WebSocket sync sessions; more get 503. Below `connections_max`,
+    /// so that `/healthz` and `/metrics` always find room.
+    pub sync_connections_max: usize,
 }
+
+const MIB: usize = 1024 * 1024;
+
+/// Bytes a log entry adds around its changes, at most (four varints), and a
+/// frame around its entries (version, message tag, flags, lengths).
+pub const ENTRY_OVERHEAD_BYTES: usize = 64;
+pub const FRAME_OVERHEAD_BYTES: usize = 64;
 
 impl ServerConfig {
     pub fn new(listen: SocketAddr, data_dir: PathBuf, schema: Schema) -> ServerConfig {
-        ServerConfig {
+        let mut config = ServerConfig {
             listen,
             data_dir,
             schema,
-            frame_bytes_max: hearth_engine::protocol::FRAME_BYTES_MAX,
+            frame_bytes_max: 0,
+            log_entry_bytes_max: 0,
+            mutation_bytes_max: 0,
+            chunk_bytes_max: 0,
             batch_mutations_max: 2_000,
+            batch_bytes_max: 32 * MIB,
+            push_mutations_max: 4_096,
+            store_queue_bytes_max: 64 * MIB,
+            in_flight_mutations_max: 2_000,
+            in_flight_bytes_max: 16 * MIB,
+            broadcast_bytes_max: 64 * MIB,
+            catch_up_bytes_max: 64 * MIB,
+            send_queue_bytes_max: 4 * MIB,
+            write_timeout_ms: 30_000,
+            ping_interval_ms: 15_000,
+            peer_timeout_ms: 45_000,
+            hello_timeout_ms: 10_000,
+            header_read_timeout_ms: 10_000,
+            close_timeout_ms: 2_000,
+            connections_max: 10_000,
+            sync_connections_max: 9_936,
+        };
+        config.set_frame_bytes_max(hearth_engine::protocol::FRAME_BYTES_MAX);
+        config
+    }
+
+    /// Sets the frame limit and the limits that depend on it: a log entry
+    /// at most 3/4 of a frame, a mutation at most half, chunks at most 4 MiB
+    /// or an eighth of a frame.
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: usize) {
+        self.frame_bytes_max = frame_bytes_max;
+        self.log_entry_bytes_max = frame_bytes_max / 4 * 3;
+        self.mutation_bytes_max = frame_bytes_max / 2;
+        self.chunk_bytes_max = (4 * MIB).min(frame_bytes_max / 8);
+    }
+
+    /// Checks that the limits fit together; the server refuses to start
+    /// otherwise.
+    pub fn check(&self) -> Result<(), String> {
+        let device_max = hearth_engine::protocol::FRAME_BYTES_MAX;
+        let rules: [(bool, String); 9] = [
+            (
+                self.frame_bytes_max <= device_max,
+                format!(
+                    "frame_bytes_max {} exceeds {device_max}, the largest frame a device accepts",
+                    self.frame_bytes_max
+                ),
+            ),
+            (
+                self.mutation_bytes_max + ENTRY_OVERHEAD_BYTES <= self.log_entry_bytes_max,
+                format!(
+                    "mutation_bytes_max {} + {ENTRY_OVERHEAD_BYTES} must not exceed log_entry_bytes_max {}: \
+                     a mutation's effect must fit in a log entry",
+                    self.mutation_bytes_max, self.log_entry_bytes_max
+                ),
+            ),
+            (
+                self.log_entry_bytes_max + FRAME_OVERHEAD_BYTES <= self.frame_bytes_max,
+                format!(
+                    "log_entry_bytes_max {} + {FRAME_OVERHEAD_BYTES} must not exceed frame_bytes_max {}: \
+                     every log entry must travel in one frame",
+                    self.log_entry_bytes_max, self.frame_bytes_max
+                ),
+            ),
+            (
+                self.chunk_bytes_max > 0
+                    && self.chunk_bytes_max + FRAME_OVERHEAD_BYTES <= self.frame_bytes_max,
+                format!(
+                    "chunk_bytes_max {} must be positive and fit in frame_bytes_max {}",
+                    self.chunk_bytes_max, self.frame_bytes_max
+                ),
+            ),
+            (
+                self.push_mutations_max > 0
+                    && self.batch_mutations_max > 0
+                    && self.in_flight_mutations_max > 0,
+                "push_mutations_max, batch_mutations_max and in_flight_mutations_max must be positive"
+                    .to_string(),
+            ),
+            (
+                self.store_queue_bytes_max > 0
+                    && self.in_flight_bytes_max > 0
+                    && self.batch_bytes_max > 0
+                    && self.broadcast_bytes_max > 0
+                    && self.catch_up_bytes_max > 0
+                    && self.send_queue_bytes_max > 0,
+                "every byte budget must be positive".to_string(),
+            ),
+            (
+                self.write_timeout_ms > 0
+                    && self.hello_timeout_ms > 0
+                    && self.header_read_timeout_ms > 0
+                    && self.close_timeout_ms > 0,
+                "every timeout must be positive".to_string(),
+            ),
+            (
+                self.ping_interval_ms > 0 && self.ping_interval_ms < self.peer_timeout_ms,
+                format!(
+                    "ping_interval_ms {} must be positive and below peer_timeout_ms {}",
+                    self.ping_interval_ms, self.peer_timeout_ms
+                ),
+            ),
+            (
+                self.sync_connections_max > 0 && self.sync_connections_max < self.connections_max,
+                format!(
+                    "sync_connections_max {} must be positive and below connections_max {}, \
+                     to keep room for /healthz",
+                    self.sync_connections_max, self.connections_max
+                ),
+            ),
+        ];
+        match rules.into_iter().find(|(ok, _)| !ok) {
+            Some((_, why)) => Err(why),
+            None => Ok(()),
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("the server's limits do not fit together: {0}")]
+    Limits(String),
     #[error("cannot use data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -79,11 +263,12 @@ pub enum StartError {
 
 pub(crate) struct AppState {
     pub store: store::StoreHandle,
-    /// Turns true when the server shuts down; open connections close then,
-    /// because a graceful shutdown waits for every connection to end.
+    /// Turns true when the server shuts down; open connections close then.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
-    pub frame_bytes_max: usize,
+    pub config: ServerConfig,
+    /// Log bytes read for catch-up and not yet written, all connections.
+    pub catch_up_budget: Arc<tokio::sync::Semaphore>,
     pub assets: &'static [Asset],
 }
 
@@ -91,6 +276,9 @@ pub(crate) struct AppState {
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// The connection cap in force (`connections_max`, lowered to fit the
+    /// open-file limit when needed).
+    pub connections_max: usize,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     store_thread: Option<std::thread::JoinHandle<()>>,
@@ -115,8 +303,39 @@ impl Running {
     }
 }
 
+/// Open file descriptors the server keeps for itself (the store, its WAL,
+/// the listener, the runtime) when it fits `connections_max` to the limit.
+const FILES_RESERVED: u64 = 64;
+
+/// Raises the open-file soft limit to the hard limit (where the OS allows)
+/// and returns the soft limit in force, if known.
+fn raise_open_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => Some(limit),
+        Err(_) => rlimit::getrlimit(rlimit::Resource::NOFILE)
+            .ok()
+            .map(|(soft, _)| soft),
+    }
+}
+
 /// Opens the store and starts serving. Returns once the socket is bound.
 pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Running, StartError> {
+    config.check().map_err(StartError::Limits)?;
+    let mut config = config;
+    if let Some(files) = raise_open_file_limit() {
+        let fit = usize::try_from(files.saturating_sub(FILES_RESERVED)).unwrap_or(usize::MAX);
+        if fit < config.connections_max {
+            eprintln!(
+                "hearth: the open-file limit is {files}: at most {fit} connections (not {})",
+                config.connections_max
+            );
+            config.connections_max = fit.max(2);
+            config.sync_connections_max = config
+                .sync_connections_max
+                .min(config.connections_max * 15 / 16)
+                .max(1);
+        }
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -134,43 +353,217 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
         source,
     })?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let connections_max = config.connections_max;
     let state = Arc::new(AppState {
         store,
-        shutdown: shutdown_rx,
+        shutdown: shutdown_rx.clone(),
         metrics: metrics.clone(),
-        frame_bytes_max: config.frame_bytes_max,
+        catch_up_budget: Arc::new(tokio::sync::Semaphore::new(config.catch_up_bytes_max)),
+        config,
         assets,
     });
-    let app = Router::new()
-        .route("/sync", get(sync_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics_handler))
-        .fallback(asset_handler)
-        .with_state(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = rx.await;
-            let _ = shutdown_tx.send(true);
-        });
-        if let Err(e) = serve.await {
-            eprintln!("hearth: server stopped: {e}");
-        }
-    });
+    let task = tokio::spawn(serve(listener, state, rx, shutdown_tx));
     Ok(Running {
         addr,
         metrics,
+        connections_max,
         shutdown: Some(tx),
         task,
         store_thread: Some(store_thread),
     })
 }
 
+/// The accept loop: every TCP connection is counted (until its socket is
+/// dropped, WebSocket included), capped, and served by hyper with a timeout
+/// on reading the request head.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+) {
+    let open = Arc::new(OpenCount::default());
+    let app = Router::new()
+        .route("/sync", get(sync_handler))
+        .route("/healthz", get(health_handler))
+        .route("/metrics", get(metrics_handler))
+        .fallback(asset_handler)
+        .with_state(state.clone());
+    let header_timeout = Duration::from_millis(state.config.header_read_timeout_ms);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors (or another transient error): wait
+                // a little for connections to close rather than spin.
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) {
+                    eprintln!("hearth: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+        };
+        if open.count.load(Ordering::Relaxed) >= state.config.connections_max {
+            Metrics::add(&state.metrics.connections_refused, 1);
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let io = counted::Counted::new(stream, open.clone());
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut shutdown = state.shutdown.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = async { let _ = shutdown.wait_for(|down| *down).await; } => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = shutdown_tx.send(true);
+    drop(app);
+    // Connections close themselves on shutdown; wait for them, but not forever.
+    let close_wait = Duration::from_millis(state.config.close_timeout_ms + 1_000);
+    drop(state);
+    let _ = tokio::time::timeout(close_wait, open.wait_zero()).await;
+}
+
+/// Open TCP connections (HTTP and WebSocket alike).
+#[derive(Default)]
+struct OpenCount {
+    count: AtomicUsize,
+    zero: tokio::sync::Notify,
+}
+
+impl OpenCount {
+    async fn wait_zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+mod counted {
+    //! A TCP stream that counts itself open until dropped.
+    use std::pin::Pin;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::TcpStream;
+
+    pub(super) struct Counted {
+        inner: TcpStream,
+        open: Arc<super::OpenCount>,
+    }
+
+    impl Counted {
+        pub(super) fn new(inner: TcpStream, open: Arc<super::OpenCount>) -> Counted {
+            open.count.fetch_add(1, Ordering::AcqRel);
+            Counted { inner, open }
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            if self.open.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.open.zero.notify_waiters();
+            }
+        }
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.inner.is_write_vectored()
+        }
+    }
+}
+
 async fn sync_handler(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
-    let max = state.frame_bytes_max;
+    let open = state.metrics.connections_open.load(Ordering::Relaxed);
+    if open >= state.config.sync_connections_max as u64 {
+        Metrics::add(&state.metrics.connections_refused, 1);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            format!("too many sync connections ({open}); try again later\n"),
+        )
+            .into_response();
+    }
+    let max = state.config.frame_bytes_max;
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| connection::run(socket, state))
+}
+
+/// `ok` while the store can write: the last store write (a batch, or a
+/// probe made now when none was recent) succeeded; else 503 with its error.
+async fn health_handler(State(state): State<Arc<AppState>>) -> Response {
+    match state.store.health().await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store failing: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {

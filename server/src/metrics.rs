@@ -14,6 +14,75 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub frames_malformed: AtomicU64,
     pub server_seq: AtomicU64,
+    /// TCP connections closed at once because `connections_max` (or the
+    /// WebSocket cap) was reached.
+    pub connections_refused: AtomicU64,
+    /// Store batches or write probes that failed.
+    pub store_errors: AtomicU64,
+    /// The largest WebSocket frame the server built, in bytes.
+    pub frame_bytes_largest: AtomicU64,
+    /// Closed sync connections, by reason (indexed by [`CloseReason`]).
+    pub closed: [AtomicU64; CloseReason::ALL.len()],
+}
+
+/// Why a sync connection ended, as the `reason` label of
+/// `hearth_connections_closed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The device sent a close frame.
+    ClientClosed,
+    /// The peer went away without a close frame (reset, EOF, broken pipe).
+    PeerGone,
+    /// Nothing arrived, not even a pong, within `peer_timeout_ms`.
+    PeerTimeout,
+    /// A frame could not be written within `write_timeout_ms`.
+    WriteTimeout,
+    /// A frame that could not be decoded, too large, of another protocol
+    /// version, or with too many mutations.
+    BadInput,
+    /// No Hello in time, a second Hello, or a reserved client id.
+    Handshake,
+    /// The device lost the end of its history (`DEVICE_REWOUND`).
+    Rewound,
+    /// The store failed to apply the device's mutations.
+    StoreError,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::ClientClosed,
+        CloseReason::PeerGone,
+        CloseReason::PeerTimeout,
+        CloseReason::WriteTimeout,
+        CloseReason::BadInput,
+        CloseReason::Handshake,
+        CloseReason::Rewound,
+        CloseReason::StoreError,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::PeerGone => "peer_gone",
+            CloseReason::PeerTimeout => "peer_timeout",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::BadInput => "bad_input",
+            CloseReason::Handshake => "handshake",
+            CloseReason::Rewound => "rewound",
+            CloseReason::StoreError => "store_error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("every reason is listed")
+    }
 }
 
 impl Metrics {
@@ -25,8 +94,18 @@ impl Metrics {
         counter.load(Ordering::Relaxed)
     }
 
+    pub fn closed(&self, reason: CloseReason) -> &AtomicU64 {
+        &self.closed[reason.index()]
+    }
+
+    /// Notes a frame of `bytes` built to be sent.
+    pub fn frame_built(&self, bytes: usize) {
+        self.frame_bytes_largest
+            .fetch_max(bytes as u64, Ordering::Relaxed);
+    }
+
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 9] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
             (
                 "hearth_connections",
                 "gauge",
@@ -72,8 +151,26 @@ impl Metrics {
             (
                 "hearth_frames_malformed_total",
                 "counter",
-                "Frames that could not be decoded.",
+                "Frames that could not be decoded (malformed, too large, another protocol version, too many mutations).",
                 &self.frames_malformed,
+            ),
+            (
+                "hearth_connections_refused_total",
+                "counter",
+                "Connections closed at once because a connection cap was reached.",
+                &self.connections_refused,
+            ),
+            (
+                "hearth_store_errors_total",
+                "counter",
+                "Store batches and write probes that failed.",
+                &self.store_errors,
+            ),
+            (
+                "hearth_frame_bytes_largest",
+                "gauge",
+                "The largest WebSocket frame the server built, in bytes.",
+                &self.frame_bytes_largest,
             ),
             (
                 "hearth_server_seq",
@@ -88,6 +185,19 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
                 Self::get(value)
+            );
+        }
+        let name = "hearth_connections_closed_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Sync connections closed, by reason.\n# TYPE {name} counter"
+        );
+        for reason in CloseReason::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.label(),
+                Self::get(self.closed(reason))
             );
         }
         out

@@ -1,47 +1,188 @@
 //! The store thread: the one owner of the store's write connection.
 //!
-//! Connections send pushed mutations here through a bounded queue. The
-//! thread takes everything queued (up to a batch limit), applies it in one
-//! transaction, commits, and only then answers: refusals to the device that
-//! sent them, applied entries to every connection through the broadcast.
+//! Connections send pushed mutations here through a queue bounded in bytes
+//! (each command holds its share of `store_queue_bytes_max` until it is
+//! answered). The thread takes what is queued and builds a batch **round
+//! robin across connections** (one push from each in turn, up to the batch
+//! limits), so one connection flooding cannot delay another's write by more
+//! than a batch. It applies the batch in one transaction, commits, and only
+//! then answers: refusals and a `Done` to the connection that sent them,
+//! applied entries to every connection through the broadcast [`Ring`], in
+//! `Changes` frames of at most `chunk_bytes_max` bytes of entries.
 //! Committing many devices' mutations together is what makes ingest fast;
 //! answering after the commit is what makes an ack mean "stored".
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use hearth_engine::protocol::ServerMsg;
 use hearth_engine::{LogEntry, Mutation, Outcome, Schema, ServerCore};
 use rusqlite::Connection;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::{Metrics, ServerConfig, StartError};
+use crate::{Metrics, ServerConfig, StartError, FRAME_OVERHEAD_BYTES};
 
+/// One push frame's mutations from one connection.
 pub(crate) struct ApplyCmd {
+    /// Which connection sent it (the unit of round robin).
+    pub conn_id: u64,
     pub client_id: u64,
     pub mutations: Vec<Mutation>,
-    /// Where refusals for this device go.
-    pub reply: mpsc::UnboundedSender<ServerMsg>,
+    /// Bytes charged to the store queue and to the connection's in-flight
+    /// budget; released when the command is answered.
+    pub bytes: usize,
+    pub _permit: OwnedSemaphorePermit,
+    /// Where this connection's answers go. Unbounded in type, bounded in
+    /// fact: each queued mutation yields at most one refusal, and each
+    /// command one `Done`, and a connection has few mutations queued.
+    pub reply: mpsc::UnboundedSender<Reply>,
 }
 
-/// One committed batch as every connection receives it: the entries, and
-/// the frame that carries them, encoded once for all connections.
-pub(crate) struct Broadcast {
-    pub entries: Vec<LogEntry>,
-    pub frame: Vec<u8>,
+pub(crate) enum StoreCmd {
+    Apply(ApplyCmd),
+    /// A small write, to learn whether the store can still write.
+    Probe(oneshot::Sender<Result<(), String>>),
+}
+
+/// The store's answers to one connection.
+pub(crate) enum Reply {
+    /// A refusal for the device (`Rejected`).
+    Refused(ServerMsg),
+    /// A command was processed: its mutations and bytes leave the
+    /// connection's in-flight count.
+    Done { mutations: usize, bytes: usize },
+    /// The batch holding the connection's command could not be stored.
+    Failed(String),
+}
+
+/// A run of log entries encoded once for every connection: the entries
+/// `first..=last`, in one `Changes` frame.
+pub(crate) struct Chunk {
+    pub first: u64,
+    pub last: u64,
+    pub frame: Bytes,
+}
+
+/// The recent broadcast chunks, bounded in bytes and count. Connections look
+/// up the chunk that starts right after what they sent; one that fell behind
+/// further than the ring reads the log instead.
+pub(crate) struct Ring {
+    inner: Mutex<RingInner>,
+    head: watch::Sender<u64>,
+}
+
+struct RingInner {
+    chunks: VecDeque<Arc<Chunk>>,
+    bytes: usize,
+    bytes_max: usize,
+}
+
+const RING_CHUNKS_MAX: usize = 4_096;
+
+impl Ring {
+    /// The chunk whose first entry is `first`, if the ring still holds it.
+    pub fn find(&self, first: u64) -> Option<Arc<Chunk>> {
+        let inner = self.inner.lock().expect("ring lock");
+        let i = inner.chunks.partition_point(|c| c.first < first);
+        inner
+            .chunks
+            .get(i)
+            .filter(|c| c.first == first)
+            .map(Arc::clone)
+    }
+
+    /// The newest committed (and published) log sequence number.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    fn publish(&self, chunks: Vec<Chunk>, head: u64) {
+        {
+            let mut inner = self.inner.lock().expect("ring lock");
+            for chunk in chunks {
+                inner.bytes += chunk.frame.len();
+                inner.chunks.push_back(Arc::new(chunk));
+            }
+            while inner.chunks.len() > 1
+                && (inner.bytes > inner.bytes_max || inner.chunks.len() > RING_CHUNKS_MAX)
+            {
+                let old = inner.chunks.pop_front().expect("not empty");
+                inner.bytes -= old.frame.len();
+            }
+        }
+        self.head.send_replace(head);
+    }
+}
+
+/// What `/healthz` reports: the result of the store's last write.
+#[derive(Default)]
+struct Health {
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Health {
+    fn record(&self, result: Result<(), String>) {
+        *self.last.lock().expect("health lock") = Some((Instant::now(), result));
+    }
+
+    /// The last write's result, when it is recent enough to speak for now.
+    fn recent(&self, within: Duration) -> Option<Result<(), String>> {
+        let last = self.last.lock().expect("health lock");
+        match &*last {
+            Some((at, result)) if at.elapsed() < within => Some(result.clone()),
+            _ => None,
+        }
+    }
 }
 
 pub(crate) struct StoreHandle {
-    pub commands: mpsc::Sender<ApplyCmd>,
-    pub changes: broadcast::Sender<Arc<Broadcast>>,
+    pub commands: mpsc::Sender<StoreCmd>,
+    /// `store_queue_bytes_max`: a push takes its bytes before it is decoded
+    /// and gives them back when answered.
+    pub budget: Arc<Semaphore>,
+    pub ring: Arc<Ring>,
     /// A read-only connection for catch-up reads (WAL lets it read while
     /// the store thread writes).
     pub reader: Arc<Mutex<Connection>>,
     pub schema: Schema,
+    health: Arc<Health>,
 }
 
+/// A probe is skipped when a store write succeeded or failed this recently.
+const HEALTH_FRESH: Duration = Duration::from_secs(1);
+/// A store that does not answer a probe within this is reported failing.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Commands waiting to be taken by the store thread. The thread drains the
+/// channel into per-connection queues at every batch; the byte budget is
+/// the real bound.
 const COMMAND_QUEUE: usize = 1_024;
-const BROADCAST_RING: usize = 1_024;
+
+impl StoreHandle {
+    /// Whether the store can write: its last write if recent, else a probe.
+    pub async fn health(&self) -> Result<(), String> {
+        if let Some(result) = self.health.recent(HEALTH_FRESH) {
+            return result;
+        }
+        let (tx, rx) = oneshot::channel();
+        let asked = tokio::time::timeout(PROBE_TIMEOUT, async {
+            self.commands
+                .send(StoreCmd::Probe(tx))
+                .await
+                .map_err(|_| "the store has stopped".to_string())?;
+            rx.await.map_err(|_| "the store has stopped".to_string())?
+        })
+        .await;
+        match asked {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "the store did not answer a write probe within {PROBE_TIMEOUT:?}"
+            )),
+        }
+    }
+}
 
 fn open_connection(path: &std::path::Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
@@ -52,6 +193,14 @@ fn open_connection(path: &std::path::Path) -> rusqlite::Result<Connection> {
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
     )?;
     Ok(conn)
+}
+
+struct Limits {
+    batch_mutations_max: usize,
+    batch_bytes_max: usize,
+    chunk_bytes_max: usize,
+    frame_bytes_max: usize,
+    log_entry_bytes_max: usize,
 }
 
 pub(crate) fn open(
@@ -65,40 +214,154 @@ pub(crate) fn open(
     metrics.server_seq.store(core.head(), Ordering::Relaxed);
 
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let (changes, _) = broadcast::channel(BROADCAST_RING);
+    let (head, _) = watch::channel(core.head());
+    let ring = Arc::new(Ring {
+        inner: Mutex::new(RingInner {
+            chunks: VecDeque::new(),
+            bytes: 0,
+            bytes_max: config.broadcast_bytes_max,
+        }),
+        head,
+    });
+    let health = Arc::new(Health::default());
     let handle = StoreHandle {
         commands: tx,
-        changes: changes.clone(),
+        budget: Arc::new(Semaphore::new(config.store_queue_bytes_max)),
+        ring: ring.clone(),
         reader: Arc::new(Mutex::new(reader)),
         schema: config.schema.clone(),
+        health: health.clone(),
     };
-    let batch_max = config.batch_mutations_max;
+    let limits = Limits {
+        batch_mutations_max: config.batch_mutations_max,
+        batch_bytes_max: config.batch_bytes_max,
+        chunk_bytes_max: config.chunk_bytes_max,
+        frame_bytes_max: config.frame_bytes_max,
+        log_entry_bytes_max: config.log_entry_bytes_max,
+    };
     let thread = std::thread::Builder::new()
         .name("hearth-store".into())
-        .spawn(move || run(core, rx, changes, metrics, batch_max))
+        .spawn(move || {
+            Store {
+                core,
+                ring,
+                metrics,
+                health,
+                limits,
+                queues: HashMap::new(),
+                turns: VecDeque::new(),
+            }
+            .run(rx)
+        })
         .expect("spawn store thread");
     Ok((handle, thread))
 }
 
-fn run(
-    mut core: ServerCore,
-    mut rx: mpsc::Receiver<ApplyCmd>,
-    changes: broadcast::Sender<Arc<Broadcast>>,
+struct Store {
+    core: ServerCore,
+    ring: Arc<Ring>,
     metrics: Arc<Metrics>,
-    batch_max: usize,
-) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut cmds = vec![first];
-        let mut count = cmds[0].mutations.len();
-        while count < batch_max {
-            match rx.try_recv() {
-                Ok(cmd) => {
-                    count += cmd.mutations.len();
-                    cmds.push(cmd);
+    health: Arc<Health>,
+    limits: Limits,
+    /// Commands taken from the channel, per connection, in arrival order.
+    queues: HashMap<u64, VecDeque<ApplyCmd>>,
+    /// Connections with queued commands, in round-robin order.
+    turns: VecDeque<u64>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    fn run(mut self, mut rx: mpsc::Receiver<StoreCmd>) {
+        loop {
+            if self.turns.is_empty() {
+                match rx.blocking_recv() {
+                    Some(cmd) => self.take(cmd),
+                    None => return,
                 }
-                Err(_) => break,
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.take(cmd);
+            }
+            let cmds = self.next_batch();
+            if !cmds.is_empty() {
+                self.apply(cmds);
             }
         }
+    }
+
+    fn take(&mut self, cmd: StoreCmd) {
+        match cmd {
+            StoreCmd::Probe(answer) => {
+                let result = self.probe();
+                let _ = answer.send(result);
+            }
+            StoreCmd::Apply(cmd) => {
+                let queue = self.queues.entry(cmd.conn_id).or_default();
+                if queue.is_empty() {
+                    self.turns.push_back(cmd.conn_id);
+                }
+                queue.push_back(cmd);
+            }
+        }
+    }
+
+    /// One push from each connection in turn, until the batch is full.
+    fn next_batch(&mut self) -> Vec<ApplyCmd> {
+        let mut cmds = Vec::new();
+        let (mut count, mut bytes) = (0, 0);
+        while count < self.limits.batch_mutations_max && bytes < self.limits.batch_bytes_max {
+            let Some(conn_id) = self.turns.pop_front() else {
+                break;
+            };
+            let queue = self.queues.get_mut(&conn_id).expect("a turn has a queue");
+            let cmd = queue.pop_front().expect("a turn has a command");
+            if queue.is_empty() {
+                self.queues.remove(&conn_id);
+            } else {
+                self.turns.push_back(conn_id);
+            }
+            count += cmd.mutations.len();
+            bytes += cmd.bytes;
+            cmds.push(cmd);
+        }
+        cmds
+    }
+
+    /// A small committed write, so `/healthz` knows the disk takes writes.
+    fn probe(&mut self) -> Result<(), String> {
+        let conn = self.core.connection();
+        let result = (|| -> rusqlite::Result<()> {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let written = conn.execute(
+                "INSERT INTO _hearth_meta (key, value) VALUES ('health_probe_ms', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [now_ms() as i64],
+            );
+            match written.and_then(|_| conn.execute_batch("COMMIT")) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    Err(e)
+                }
+            }
+        })()
+        .map_err(|e| format!("write probe failed: {e}"));
+        if result.is_err() {
+            Metrics::add(&self.metrics.store_errors, 1);
+        }
+        self.health.record(result.clone());
+        result
+    }
+
+    fn apply(&mut self, mut cmds: Vec<ApplyCmd>) {
+        let counts: Vec<usize> = cmds.iter().map(|c| c.mutations.len()).collect();
+        let count: usize = counts.iter().sum();
         let mut batch = Vec::with_capacity(count);
         let mut owner = Vec::with_capacity(count);
         for (i, cmd) in cmds.iter_mut().enumerate() {
@@ -107,56 +370,99 @@ fn run(
                 owner.push(i);
             }
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        core.set_now_ms(now_ms);
-        match core.apply_batch(&batch) {
+        self.core.set_now_ms(now_ms());
+        match self.core.apply_batch(&batch) {
             Ok(outcomes) => {
+                drop(batch);
+                self.health.record(Ok(()));
                 let mut entries = Vec::new();
                 for (i, outcome) in outcomes.into_iter().enumerate() {
-                    let reply = &cmds[owner[i]].reply;
                     let counter = match &outcome {
-                        Outcome::Applied(_) => &metrics.mutations_applied,
-                        Outcome::Rejected { .. } => &metrics.mutations_rejected,
-                        Outcome::Duplicate { .. } => &metrics.mutations_duplicate,
+                        Outcome::Applied(_) => &self.metrics.mutations_applied,
+                        Outcome::Rejected { .. } => &self.metrics.mutations_rejected,
+                        Outcome::Duplicate { .. } => &self.metrics.mutations_duplicate,
                     };
                     Metrics::add(counter, 1);
                     if let Some(msg) = outcome.refusal() {
-                        let _ = reply.send(msg);
+                        let _ = cmds[owner[i]].reply.send(Reply::Refused(msg));
                     } else if let Outcome::Applied(entry) = outcome {
                         entries.push(entry);
                     }
                 }
-                metrics.server_seq.store(core.head(), Ordering::Relaxed);
-                if !entries.is_empty() {
-                    // No receivers (no device connected) is fine: the log has it.
-                    let msg = ServerMsg::Changes {
-                        entries,
-                        caught_up: true,
-                    };
-                    let frame = hearth_engine::protocol::encode_server(&msg);
-                    let ServerMsg::Changes { entries, .. } = msg else {
-                        unreachable!()
-                    };
-                    let _ = changes.send(Arc::new(Broadcast { entries, frame }));
-                }
+                let head = self.core.head();
+                // Publish before answering `Done`, so that a connection told
+                // its mutations are done finds their entries in the ring.
+                let chunks = self.chunk(entries);
+                self.ring.publish(chunks, head);
+                self.metrics.server_seq.store(head, Ordering::Relaxed);
             }
             Err(e) => {
-                eprintln!(
-                    "hearth: store error, batch of {} mutations not applied: {e}",
-                    batch.len()
-                );
+                drop(batch);
+                eprintln!("hearth: store error, batch of {count} mutations not applied: {e}");
+                Metrics::add(&self.metrics.store_errors, 1);
+                self.health.record(Err(e.to_string()));
                 for cmd in &cmds {
-                    let _ = cmd.reply.send(ServerMsg::Error {
-                        code: "STORE".into(),
-                        message: format!(
-                            "the server could not store your changes ({e}); they stay pending"
-                        ),
-                    });
+                    let _ = cmd.reply.send(Reply::Failed(format!(
+                        "the server could not store your changes ({e}); they stay pending"
+                    )));
                 }
             }
+        }
+        // Dropping each command gives its bytes back to the store queue.
+        for (cmd, mutations) in cmds.into_iter().zip(counts) {
+            let _ = cmd.reply.send(Reply::Done {
+                mutations,
+                bytes: cmd.bytes,
+            });
+        }
+    }
+
+    /// Splits a batch's entries into frames of at most `chunk_bytes_max`
+    /// bytes of entries (an entry larger than that alone), each frame marked
+    /// `caught_up` only if it ends the batch.
+    fn chunk(&self, entries: Vec<LogEntry>) -> Vec<Chunk> {
+        let mut chunks = Vec::new();
+        let mut run: Vec<LogEntry> = Vec::new();
+        let mut run_bytes = 0;
+        let total = entries.len();
+        for (i, entry) in entries.into_iter().enumerate() {
+            let size = postcard::experimental::serialized_size(&entry).expect("sizing an entry");
+            assert!(
+                size <= self.limits.log_entry_bytes_max,
+                "log entry {} is {size} bytes, over log_entry_bytes_max {}: \
+                 the mutation size check should have refused it",
+                entry.server_seq,
+                self.limits.log_entry_bytes_max
+            );
+            if !run.is_empty() && run_bytes + size > self.limits.chunk_bytes_max {
+                chunks.push(self.encode(std::mem::take(&mut run), false));
+                run_bytes = 0;
+            }
+            run_bytes += size;
+            run.push(entry);
+            if i + 1 == total {
+                chunks.push(self.encode(std::mem::take(&mut run), true));
+            }
+        }
+        chunks
+    }
+
+    fn encode(&self, entries: Vec<LogEntry>, caught_up: bool) -> Chunk {
+        let first = entries.first().expect("a chunk has entries").server_seq;
+        let last = entries.last().expect("a chunk has entries").server_seq;
+        let frame =
+            hearth_engine::protocol::encode_server(&ServerMsg::Changes { entries, caught_up });
+        assert!(
+            frame.len() <= self.limits.frame_bytes_max,
+            "a broadcast frame of {} bytes exceeds frame_bytes_max {} (chunk limit + {FRAME_OVERHEAD_BYTES})",
+            frame.len(),
+            self.limits.frame_bytes_max
+        );
+        self.metrics.frame_built(frame.len());
+        Chunk {
+            first,
+            last,
+            frame: Bytes::from(frame),
         }
     }
 }
