@@ -146,7 +146,11 @@ fn parse_params(params: Option<&str>) -> anyhow::Result<Vec<Value>> {
     let json: serde_json::Value =
         serde_json::from_str(text).context("PARAMS_JSON is not valid JSON")?;
     match json {
-        serde_json::Value::Array(items) => Ok(items.iter().map(Value::from_json).collect()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| Value::from_json(item).with_context(|| format!("parameter {}", i + 1)))
+            .collect(),
         _ => anyhow::bail!("PARAMS_JSON must be a JSON array, e.g. '[\"a\", 1]'"),
     }
 }

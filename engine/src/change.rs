@@ -47,6 +47,20 @@ pub struct Mutation {
     pub changes: Vec<RowChange>,
 }
 
+impl Mutation {
+    /// A 64-bit FNV-1a digest of the mutation's wire encoding: the server
+    /// keeps it per processed mutation, so that a re-sent number with other
+    /// content (a device that lost the end of its history and reused it) is
+    /// told apart from a true re-send. Not a defence against a hostile device,
+    /// which can only confuse the server about its own writes.
+    pub fn digest(&self) -> u64 {
+        let bytes = postcard::to_allocvec(self).expect("encode mutation");
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
 /// One entry of the server's change log: the effect a mutation really had
 /// after merging, which is what every other device applies.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

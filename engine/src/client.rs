@@ -212,6 +212,11 @@ pub struct Client {
     session: Session,
     /// The largest frame the server accepts, from its last `Welcome`.
     server_frame_bytes_max: usize,
+    /// What the app's SQL may do in the call under way.
+    gate: Arc<Mutex<Gate>>,
+    /// (name, CREATE TRIGGER text) of the app's triggers on synced tables,
+    /// dropped and re-created around replicated writes.
+    app_triggers: Vec<(String, String)>,
 }
 
 const INTERNAL_TABLES: &str = "
@@ -268,7 +273,11 @@ fn capture_sql(n: usize, table: &Table, rowid: bool) -> String {
     let mask: Vec<String> = cols
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("((OLD.{c} IS NOT NEW.{c}) << {i})"))
+        // Exact: the column's collation (say NOCASE) and affinity must not
+        // hide a change, so compare bytes and storage class.
+        .map(|(i, c)| {
+            format!("((OLD.{c} IS NOT NEW.{c} COLLATE BINARY OR typeof(OLD.{c}) <> typeof(NEW.{c})) << {i})")
+        })
         .collect();
     let shadow = shadow_table(n);
     // Rowid tables note inserts through the update hook, not a trigger (a
@@ -363,15 +372,80 @@ fn run_statement(
     Ok(rows_affected)
 }
 
-/// Why the authorizer refused a statement in `exec`.
+/// What SQLite's authorizer lets the statements being prepared do: set by
+/// each public call, read by the one authorizer installed on the
+/// connection (see `authorize`).
 #[derive(Default)]
-struct Refusal(Option<String>);
+struct Gate {
+    mode: GateMode,
+    /// The synced tables, whose schema the app may not change.
+    synced: HashSet<String>,
+    /// The first reason a statement was refused in this call.
+    refusal: Option<String>,
+    /// Tables read by the statements prepared in `GateMode::Query`.
+    read: BTreeSet<String>,
+}
+
+#[derive(Default, Clone, Copy, PartialEq)]
+enum GateMode {
+    /// Hearth's own statements.
+    #[default]
+    Internal,
+    /// The app's reads (`query`, live queries).
+    Query,
+    /// The app's writes (`exec`).
+    Exec,
+}
+
+impl Client {
+    fn install_gate(conn: &mut Connection, gate: Arc<Mutex<Gate>>) -> rusqlite::Result<()> {
+        conn.authorizer(Some(move |ctx: AuthContext<'_>| -> Authorization {
+            let mut gate = gate.lock().unwrap();
+            let why = match gate.mode {
+                GateMode::Internal => return Authorization::Allow,
+                GateMode::Query => {
+                    if let AuthAction::Read { table_name, .. } = ctx.action {
+                        gate.read.insert(table_name.to_string());
+                    }
+                    crate::authorize::query(&ctx)
+                }
+                GateMode::Exec => crate::authorize::exec(&ctx, &gate.synced),
+            };
+            match why {
+                Some(why) => {
+                    gate.refusal.get_or_insert(why);
+                    Authorization::Deny
+                }
+                None => Authorization::Allow,
+            }
+        }))
+    }
+
+    /// Runs `f` with the gate in `mode`; returns its result and the gate's
+    /// refusal, if any.
+    fn gated<T>(&self, mode: GateMode, f: impl FnOnce() -> T) -> (T, Option<String>) {
+        {
+            let mut gate = self.gate.lock().unwrap();
+            gate.mode = mode;
+            gate.refusal = None;
+            gate.read.clear();
+        }
+        let value = f();
+        let mut gate = self.gate.lock().unwrap();
+        gate.mode = GateMode::Internal;
+        (value, gate.refusal.take())
+    }
+}
 
 impl Client {
     /// Opens (or initialises) a device database. `new_client_id` is used only
     /// when the database has no client id yet; pass a random nonzero number.
     pub fn open(conn: Connection, new_client_id: u64, config: ClientConfig) -> Result<Client> {
-        conn.execute_batch("PRAGMA recursive_triggers = ON; PRAGMA temp_store = MEMORY;")?;
+        // Foreign keys are enforced for the app's own writes on every device
+        // (SQLite builds differ in their default, so it is set here).
+        conn.execute_batch(
+            "PRAGMA recursive_triggers = ON; PRAGMA temp_store = MEMORY; PRAGMA foreign_keys = ON;",
+        )?;
         // Capture, rebase and the app's own statements together need more
         // than rusqlite's default 16 cached statements.
         conn.set_prepared_statement_cache_capacity(256);
@@ -408,7 +482,10 @@ impl Client {
             inserted: Arc::new(Mutex::new(InsertLog::default())),
             session: Session::Offline,
             server_frame_bytes_max: crate::protocol::FRAME_BYTES_MAX,
+            app_triggers: Vec::new(),
+            gate: Arc::new(Mutex::new(Gate::default())),
         };
+        Self::install_gate(&mut client.conn, client.gate.clone())?;
         if let Some(schema) = schema {
             client.install_capture(&schema)?;
             client.schema = Some(schema);
@@ -508,6 +585,19 @@ impl Client {
                 }
             },
         ))?;
+        self.gate.lock().unwrap().synced = schema.tables.keys().cloned().collect();
+        self.app_triggers.clear();
+        {
+            let mut stmt = self.conn.prepare(
+                "SELECT name, sql FROM main.sqlite_schema WHERE type = 'trigger' AND tbl_name = ?1 ORDER BY name",
+            )?;
+            for table in schema.tables.values() {
+                let found = stmt
+                    .query_map([&table.name], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<(String, String)>, _>>()?;
+                self.app_triggers.extend(found);
+            }
+        }
         self.cross_row_tables.clear();
         for table in schema.tables.values() {
             let unique_index: bool = self.conn.query_row(
@@ -580,8 +670,10 @@ impl Client {
                 max: self.config.outbox_max,
             });
         }
-        let (outcome, tables) =
-            self.atomically(|c| c.exec_in_transaction(&schema, sql, params, now_ms))?;
+        self.assert_idle("exec");
+        let result = self.atomically(|c| c.exec_in_transaction(&schema, sql, params, now_ms));
+        self.assert_idle("exec");
+        let (outcome, tables) = result?;
         let mut out = Output::default();
         if outcome.mutation.is_some() {
             self.pending += 1;
@@ -612,46 +704,41 @@ impl Client {
         }
     }
 
+    /// Runs `f` in a transaction like [`Client::atomically`], for writes that
+    /// replay what already happened elsewhere (server changes, undo and redo
+    /// of pending mutations): with foreign key enforcement and the app's
+    /// triggers off. Their effects were captured as data where the write was
+    /// made; running them again would apply them twice (a trigger's counter
+    /// bumped once per device), and cascades would delete rows that a
+    /// pending mutation's undo only removes for a moment.
+    fn replicated<T>(&mut self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        // The pragma is a no-op inside a transaction; none is open here.
+        self.conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+        let triggers = self.app_triggers.clone();
+        let result = self.atomically(|c| {
+            for (name, _) in &triggers {
+                c.conn
+                    .execute_batch(&format!("DROP TRIGGER main.{}", ident(name)))?;
+            }
+            let value = f(c)?;
+            for (_, sql) in &triggers {
+                c.conn.execute_batch(sql)?;
+            }
+            Ok(value)
+        });
+        self.conn.execute_batch("PRAGMA foreign_keys = ON")?;
+        result
+    }
+
     /// Runs the app's statements with an authorizer that keeps transaction
     /// control and Hearth's own tables out of reach.
     fn run_app_sql(&mut self, sql: &str, params: &[&[Value]]) -> Result<u64> {
-        let refusal = Arc::new(Mutex::new(Refusal::default()));
-        let seen = refusal.clone();
-        self.conn
-            .authorizer(Some(move |ctx: AuthContext<'_>| -> Authorization {
-                let why = match ctx.action {
-                    AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => Some(
-                        "transaction control is Hearth's: one exec is one transaction".to_string(),
-                    ),
-                    AuthAction::Insert { table_name }
-                    | AuthAction::Update { table_name, .. }
-                    | AuthAction::Delete { table_name }
-                        if table_name.starts_with("_hearth")
-                            && ctx.database_name != Some("temp") =>
-                    {
-                        Some(format!(
-                            "table {table_name} is Hearth's own and cannot be written"
-                        ))
-                    }
-                    _ => None,
-                };
-                match why {
-                    Some(why) => {
-                        seen.lock().unwrap().0 = Some(why);
-                        Authorization::Deny
-                    }
-                    None => Authorization::Allow,
-                }
-            }))?;
         *self.inserted.lock().unwrap() = InsertLog::default();
         self.capturing
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let result = self.run_statements(sql, params);
+        let (result, refused) = self.gated(GateMode::Exec, || self.run_statements(sql, params));
         self.capturing
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        self.conn
-            .authorizer(None::<fn(AuthContext<'_>) -> Authorization>)?;
-        let refused = refusal.lock().unwrap().0.take();
         result.map_err(|e| match refused {
             Some(why) => ClientError::Refused(why),
             // The capture note's NOT NULL key stands in for a check in every
@@ -705,7 +792,14 @@ impl Client {
         now_ms: u64,
     ) -> Result<(ExecOutcome, Vec<String>)> {
         let rows_affected = self.run_app_sql(sql, params)?;
-        let (changes, undo, tables) = self.collect_capture(schema)?;
+        let (changes, undo, tables) = self.collect_capture(schema).map_err(|e| match e {
+            ClientError::Sql(rusqlite::Error::FromSqlConversionFailure(_, _, why)) => {
+                ClientError::Refused(format!(
+                    "this write gives a synced table a value that cannot travel exactly: {why}"
+                ))
+            }
+            e => e,
+        })?;
         if changes.is_empty() {
             return Ok((
                 ExecOutcome {
@@ -935,7 +1029,23 @@ impl Client {
 
     /// Runs a read-only query on the local (optimistic) database.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
-        let mut stmt = self.conn.prepare(sql)?;
+        self.assert_idle("query");
+        let result = self.query_read_only(sql, params);
+        self.assert_idle("query");
+        result
+    }
+
+    fn query_read_only(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
+        let (prepared, refused) = self.gated(GateMode::Query, || self.conn.prepare(sql));
+        let stmt = match (prepared, refused) {
+            (_, Some(why)) => return Err(ClientError::Refused(why)),
+            (Err(e), None) => return Err(e.into()),
+            (Ok(stmt), None) => stmt,
+        };
+        Self::read_rows(stmt, params)
+    }
+
+    fn read_rows(mut stmt: rusqlite::Statement<'_>, params: &[Value]) -> Result<QueryResult> {
         if !stmt.readonly() {
             return Err(ClientError::Refused(
                 "query only reads: use exec to write".into(),
@@ -962,21 +1072,29 @@ impl Client {
         Ok(QueryResult { columns, rows: out })
     }
 
+    /// Every public call starts and ends with no transaction open: one left
+    /// open would make later writes look durable while nothing commits.
+    fn assert_idle(&self, call: &str) {
+        assert!(
+            self.conn.is_autocommit(),
+            "hearth-engine: a transaction is open around Client::{call}"
+        );
+    }
+
     /// The tables a query reads, for re-running live queries when they change.
+    ///
+    /// # Errors
+    /// The same as [`Client::query`]'s for SQL that is not a read.
     pub fn tables_read(&mut self, sql: &str) -> Result<Vec<String>> {
-        let read = Arc::new(Mutex::new(BTreeSet::new()));
-        let seen = read.clone();
-        self.conn.authorizer(Some(move |ctx: AuthContext<'_>| {
-            if let AuthAction::Read { table_name, .. } = ctx.action {
-                seen.lock().unwrap().insert(table_name.to_string());
-            }
-            Authorization::Allow
-        }))?;
-        let prepared = self.conn.prepare(sql).map(|_| ());
-        self.conn
-            .authorizer(None::<fn(AuthContext<'_>) -> Authorization>)?;
+        let ((prepared, tables), refused) = self.gated(GateMode::Query, || {
+            let prepared = self.conn.prepare(sql).map(|_| ());
+            let tables: Vec<String> = self.gate.lock().unwrap().read.iter().cloned().collect();
+            (prepared, tables)
+        });
+        if let Some(why) = refused {
+            return Err(ClientError::Refused(why));
+        }
         prepared?;
-        let tables = read.lock().unwrap().iter().cloned().collect();
         Ok(tables)
     }
 
@@ -1051,6 +1169,13 @@ impl Client {
 
     /// Handles one message from the server.
     pub fn handle(&mut self, msg: ServerMsg, now_ms: u64) -> Result<Output> {
+        self.assert_idle("handle");
+        let result = self.handle_message(msg, now_ms);
+        self.assert_idle("handle");
+        result
+    }
+
+    fn handle_message(&mut self, msg: ServerMsg, now_ms: u64) -> Result<Output> {
         let mut out = Output::default();
         match msg {
             ServerMsg::Welcome {
@@ -1212,29 +1337,40 @@ impl Client {
         })
     }
 
-    fn apply_change(&self, change: &RowChange) -> Result<()> {
-        let table = self.table(&change.table)?;
-        match &change.op {
-            RowOp::Delete => rows::delete_row(&self.conn, table, &change.pk)?,
-            RowOp::Upsert { insert, columns } => {
-                let mut cols = Vec::with_capacity(columns.len());
-                for (name, op) in columns {
-                    let idx = table.column_index(name).ok_or_else(|| {
-                        ClientError::SchemaMismatch(format!(
-                            "unknown column '{name}' in table '{}'",
-                            table.name
-                        ))
-                    })?;
-                    let ColumnOp::Set(v) = op;
-                    cols.push((idx, v));
+    /// Writes one transaction's changes (a log entry, or a pending mutation
+    /// being redone) as a whole, see [`rows::write_all`].
+    fn apply_changes(&self, changes: &[RowChange]) -> Result<()> {
+        let mut writes = Vec::with_capacity(changes.len());
+        for change in changes {
+            let table = self.table(&change.table)?;
+            let op = match &change.op {
+                RowOp::Delete => rows::WriteOp::Delete,
+                RowOp::Upsert { insert, columns } => {
+                    let mut cols = Vec::with_capacity(columns.len());
+                    for (name, op) in columns {
+                        let idx = table.column_index(name).ok_or_else(|| {
+                            ClientError::SchemaMismatch(format!(
+                                "unknown column '{name}' in table '{}'",
+                                table.name
+                            ))
+                        })?;
+                        let ColumnOp::Set(v) = op;
+                        cols.push((idx, v));
+                    }
+                    if *insert {
+                        rows::WriteOp::Upsert(cols)
+                    } else {
+                        rows::WriteOp::Update(cols)
+                    }
                 }
-                if *insert {
-                    rows::upsert_columns(&self.conn, table, &change.pk, &cols)?;
-                } else {
-                    rows::update_columns(&self.conn, table, &change.pk, &cols)?;
-                }
-            }
+            };
+            writes.push(rows::Write {
+                table,
+                pk: &change.pk,
+                op,
+            });
         }
+        rows::write_all(&self.conn, &writes)?;
         Ok(())
     }
 
@@ -1281,7 +1417,7 @@ impl Client {
     /// Undoes every pending mutation, runs `between` on the confirmed state,
     /// then redoes the mutations still pending, recording fresh pre-images.
     fn rebase(&mut self, between: impl FnOnce(&mut Client) -> Result<()>) -> Result<()> {
-        let remaining = self.atomically(|c| c.rebase_in_transaction(between))?;
+        let remaining = self.replicated(|c| c.rebase_in_transaction(between))?;
         self.pending = remaining;
         Ok(())
     }
@@ -1310,11 +1446,7 @@ impl Client {
             // UNIQUE clash with a row another device made) is left out of the
             // local view; the server will refuse or apply it and say so.
             self.conn.execute_batch("SAVEPOINT hearth_redo")?;
-            match mutation
-                .changes
-                .iter()
-                .try_for_each(|c| self.apply_change(c))
-            {
+            match self.apply_changes(&mutation.changes) {
                 Ok(()) => self.conn.execute_batch("RELEASE hearth_redo")?,
                 Err(_) => {
                     self.conn
@@ -1376,10 +1508,8 @@ impl Client {
         let mut tables = BTreeSet::new();
         let result = self.settle(&acked, fresh.iter().flat_map(|e| e.changes.iter()), |c| {
             for entry in &fresh {
-                for change in &entry.changes {
-                    c.apply_change(change)?;
-                    tables.insert(change.table.clone());
-                }
+                c.apply_changes(&entry.changes)?;
+                tables.extend(entry.changes.iter().map(|change| change.table.clone()));
                 c.clock.observe(entry.hlc);
                 c.cursor = entry.server_seq;
             }
@@ -1529,7 +1659,7 @@ impl Client {
         // local view until the server decides, takes over.
         let fast = !overlaps
             && self
-                .atomically(|c| {
+                .replicated(|c| {
                     for (_, _, undo) in done.iter().rev() {
                         c.apply_undo(undo)?;
                     }

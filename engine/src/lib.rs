@@ -14,8 +14,10 @@
 //! - [`server`]: the server's merge, dedup and change log over its store.
 //! - `rows`: row-level SQL shared by both halves.
 
+mod authorize;
 pub mod change;
 pub mod client;
+mod fk;
 pub mod hlc;
 pub mod protocol;
 mod rows;

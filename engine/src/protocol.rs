@@ -224,7 +224,7 @@ mod tests {
             Err(CodecError::Malformed(_))
         ));
         assert!(matches!(
-            decode_client(&[1, 0xff, 0xff, 0xff], 100),
+            decode_client(&[PROTOCOL_VERSION as u8, 0xff, 0xff, 0xff], 100),
             Err(CodecError::Malformed(_))
         ));
         let mut trailing = frame.clone();

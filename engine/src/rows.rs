@@ -211,3 +211,123 @@ pub fn ensure_tables(conn: &Connection, schema: &crate::schema::Schema) -> Resul
     }
     Ok(())
 }
+
+/// One row write of a change set, resolved against its table.
+pub struct Write<'a> {
+    pub table: &'a Table,
+    pub pk: &'a Value,
+    pub op: WriteOp<'a>,
+}
+
+pub enum WriteOp<'a> {
+    /// Insert the row, or update these columns of the existing row.
+    Upsert(Vec<(usize, &'a Value)>),
+    /// Update these columns of the row if it exists.
+    Update(Vec<(usize, &'a Value)>),
+    Delete,
+}
+
+fn write_one(conn: &Connection, w: &Write<'_>) -> rusqlite::Result<()> {
+    match &w.op {
+        WriteOp::Upsert(cols) => upsert_columns(conn, w.table, w.pk, cols),
+        WriteOp::Update(cols) => update_columns(conn, w.table, w.pk, cols),
+        WriteOp::Delete => delete_row(conn, w.table, w.pk),
+    }
+}
+
+/// A failure that another order of the same writes may avoid: a UNIQUE
+/// value (or a key) that one row of the set hands to another.
+fn order_dependent(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error().map(|e| e.extended_code),
+        Some(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+    )
+}
+
+/// Writes one transaction's row changes as a whole: the result is the state
+/// SQLite accepted on the device that made them, whatever order the rows are
+/// listed in.
+///
+/// SQLite checks UNIQUE constraints row by row, so a set that hands a value
+/// from one row to another (a swap, positions renumbered under a UNIQUE
+/// index) can fail in one order and pass in another. Writes failing that way
+/// are retried after the others, alternating direction so that a chain
+/// listed backwards needs two rounds, not one per link. When a round makes no
+/// progress (a cycle, such as a swap), the rows still stuck are vacated (the
+/// existing ones deleted) and written whole with their final values. Only a
+/// set that fails even then returns the error of that round.
+///
+/// The caller runs this inside a savepoint and rolls it back on error, and
+/// runs it with foreign key enforcement and app triggers off: replicated
+/// changes carry the effects of actions and triggers as data.
+pub fn write_all(conn: &Connection, writes: &[Write<'_>]) -> rusqlite::Result<()> {
+    let mut pending: Vec<usize> = (0..writes.len()).collect();
+    let mut forward = true;
+    loop {
+        let mut stuck = Vec::new();
+        let mut round_error = None;
+        let mut attempt = |i: usize| -> rusqlite::Result<()> {
+            match write_one(conn, &writes[i]) {
+                Ok(()) => Ok(()),
+                Err(e) if order_dependent(&e) => {
+                    stuck.push(i);
+                    round_error.get_or_insert(e);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        if forward {
+            pending.iter().try_for_each(|&i| attempt(i))?;
+        } else {
+            pending.iter().rev().try_for_each(|&i| attempt(i))?;
+            stuck.reverse();
+        }
+        let Some(error) = round_error else {
+            return Ok(());
+        };
+        if stuck.len() == pending.len() {
+            return vacate_and_write(conn, writes, &stuck).map_err(|_| error);
+        }
+        pending = stuck;
+        forward = !forward;
+    }
+}
+
+/// Deletes the existing rows among `stuck`, then writes each with its final
+/// values.
+fn vacate_and_write(
+    conn: &Connection,
+    writes: &[Write<'_>],
+    stuck: &[usize],
+) -> rusqlite::Result<()> {
+    let mut finals: Vec<(usize, Option<Vec<Value>>)> = Vec::with_capacity(stuck.len());
+    for &i in stuck {
+        let w = &writes[i];
+        let cols = match &w.op {
+            WriteOp::Upsert(cols) | WriteOp::Update(cols) => cols,
+            WriteOp::Delete => {
+                finals.push((i, None));
+                continue;
+            }
+        };
+        let current = read_row(conn, w.table, w.pk)?;
+        let row = current.map(|mut row| {
+            for (c, v) in cols {
+                row[*c] = (*v).clone();
+            }
+            row
+        });
+        if row.is_some() {
+            delete_row(conn, w.table, w.pk)?;
+        }
+        finals.push((i, row));
+    }
+    for (i, row) in finals {
+        match row {
+            Some(values) => restore_row(conn, writes[i].table, &values)?,
+            None => write_one(conn, &writes[i])?,
+        }
+    }
+    Ok(())
+}

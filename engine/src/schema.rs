@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use serde::Deserialize;
 
 /// How concurrent writes to one column are merged.
@@ -263,6 +263,27 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
             ),
         ));
     }
+    // Rows are told apart by their key's bytes on every device and in the
+    // server's bookkeeping; a key collation (NOCASE, RTRIM) would make SQLite
+    // take two keys Hearth keeps apart for one row.
+    let key_collation: Option<String> = scratch
+        .query_row(
+            "SELECT x.coll FROM pragma_index_list(?1) l, pragma_index_xinfo(l.name) x
+             WHERE l.origin = 'pk' AND x.key AND x.cid >= 0",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| table_error(name, e.to_string()))?;
+    if let Some(coll) = key_collation.filter(|c| !c.eq_ignore_ascii_case("BINARY")) {
+        return Err(table_error(
+            name,
+            format!(
+                "primary key '{}' has collation {coll}: keys are compared byte for byte, so the primary key must use the default BINARY collation",
+                columns[pk].name
+            ),
+        ));
+    }
     if columns.len() > COLUMNS_MAX {
         return Err(table_error(
             name,
@@ -389,6 +410,9 @@ mod tests {
 
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"\ncolumns = { n = \"counter\" }\n");
         assert!(e.contains("not implemented yet"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY COLLATE NOCASE, n INTEGER)\"\n");
+        assert!(e.contains("collation NOCASE"), "{e}");
 
         assert_eq!(Schema::parse("version = 1\n"), Err(SchemaError::NoTables));
     }

@@ -6,7 +6,8 @@
 //! - `_hearth_log`: every applied mutation's effect, by global sequence.
 //! - `_hearth_rows`: per row, whether it lives, the stamp that created or
 //!   deleted it, and each column's last-writer stamp.
-//! - `_hearth_clients`: per device, the last mutation sequence it processed,
+//! - `_hearth_clients`: per device, the last mutation sequence it processed
+//!   and the stamp that mutation was merged with,
 //!   so a mutation sent twice is applied once.
 //! - `_hearth_rejections`: why a mutation was refused, to answer a re-send.
 //!
@@ -24,6 +25,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
+use crate::fk;
 use crate::hlc::{Hlc, Stamp};
 use crate::protocol::{ClientMsg, ServerMsg};
 use crate::rows;
@@ -62,8 +64,9 @@ pub enum Outcome {
 
 impl Outcome {
     /// What the device that sent a refused mutation is told (also when it
-    /// sends it again): `Rejected` with the code and reason. None for an
-    /// applied mutation, whose log entry reaches every device instead.
+    /// sends it again): `Rejected` with the code and reason, or the fatal
+    /// `Error` `DEVICE_REWOUND`. None for an applied mutation, whose log
+    /// entry reaches every device instead.
     pub fn refusal(&self) -> Option<crate::protocol::ServerMsg> {
         let (client_seq, code, reason) = match self {
             Outcome::Rejected {
@@ -79,11 +82,33 @@ impl Outcome {
             } => (client_seq, code, reason),
             _ => return None,
         };
-        Some(crate::protocol::ServerMsg::Rejected {
+        if code == DEVICE_REWOUND {
+            return Some(ServerMsg::Error {
+                code: code.clone(),
+                message: reason.clone(),
+            });
+        }
+        Some(ServerMsg::Rejected {
             client_seq: *client_seq,
             code: code.clone(),
             reason: reason.clone(),
         })
+    }
+}
+
+/// The outcome for a mutation of a device found rewound: `Rejected` with
+/// code [`DEVICE_REWOUND`], which [`Outcome::refusal`] turns into the fatal
+/// `Error` the device answers by taking a new client id. It leaves no record:
+/// the mutation is neither applied nor refused, and comes back renumbered.
+fn rewound(client_id: u64, client_seq: u64) -> Outcome {
+    Outcome::Rejected {
+        client_id,
+        client_seq,
+        code: DEVICE_REWOUND.into(),
+        reason: format!(
+            "mutation {client_seq} of client {client_id} differs from the one the server processed under that number: \
+             the device lost the end of its history and must take a new client id"
+        ),
     }
 }
 
@@ -94,7 +119,8 @@ CREATE TABLE IF NOT EXISTS _hearth_log (
   client_id  INTEGER NOT NULL,
   client_seq INTEGER NOT NULL,
   hlc        INTEGER NOT NULL,
-  changes    BLOB NOT NULL
+  changes    BLOB NOT NULL,
+  digest     INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS _hearth_rows (
   tbl  TEXT NOT NULL,
@@ -102,14 +128,20 @@ CREATE TABLE IF NOT EXISTS _hearth_rows (
   meta BLOB NOT NULL,
   PRIMARY KEY (tbl, pk)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _hearth_clients (client_id INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS _hearth_clients (
+  client_id INTEGER PRIMARY KEY,
+  last_seq  INTEGER NOT NULL,
+  last_hlc  INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS _hearth_rejections (
   client_id  INTEGER NOT NULL,
   client_seq INTEGER NOT NULL,
   code       TEXT NOT NULL,
   reason     TEXT NOT NULL,
+  digest     INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (client_id, client_seq)
-) WITHOUT ROWID;";
+) WITHOUT ROWID;
+";
 
 /// Per-row merge bookkeeping.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -177,18 +209,67 @@ pub struct ServerCore {
     conn: Connection,
     schema: Schema,
     head: u64,
-    last_seqs: HashMap<u64, u64>,
+    /// Per device: the last sequence number processed and the stamp its
+    /// last applied mutation was merged with (cached from `_hearth_clients`).
+    last_seqs: HashMap<u64, (u64, Hlc)>,
+    /// Checked per mutation (the store runs with SQLite's enforcement off).
+    foreign_keys: fk::ForeignKeys,
+    /// Client ids found rewound since start: their mutations are not taken.
+    rewound: HashSet<u64>,
 }
 
 impl ServerCore {
     /// Opens the store: creates missing app tables and Hearth's bookkeeping,
     /// and checks existing tables against the schema.
+    ///
+    /// Replicated changes are written with SQLite's foreign key enforcement
+    /// off (they are checked per mutation instead, see `fk`), and the store
+    /// keeps no app triggers: a trigger ran on the device that made the
+    /// write, and its effects arrive as data.
     pub fn open(conn: Connection, schema: Schema) -> Result<ServerCore> {
         conn.set_prepared_statement_cache_capacity(256);
+        conn.execute_batch("PRAGMA foreign_keys = OFF")?;
         conn.execute_batch(INTERNAL_TABLES)?;
+        // Stores made before devices' stamps were kept in order lack the column.
+        let has_last_hlc: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_clients') WHERE name = 'last_hlc')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_last_hlc {
+            conn.execute_batch(
+                "ALTER TABLE _hearth_clients ADD COLUMN last_hlc INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+        // ... and mutation digests (0 for older entries: never compared).
+        for table in ["_hearth_log", "_hearth_rejections"] {
+            let has_digest: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = 'digest')",
+                [table],
+                |r| r.get(0),
+            )?;
+            if !has_digest {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN digest INTEGER NOT NULL DEFAULT 0"
+                ))?;
+            }
+        }
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS _hearth_log_by_client ON _hearth_log (client_id, client_seq)",
+        )?;
         conn.execute_batch("BEGIN")?;
         let prepared = (|| -> Result<()> {
             rows::ensure_tables(&conn, &schema).map_err(ServerError::Schema)?;
+            let triggers: Vec<String> = conn
+                .prepare("SELECT name FROM main.sqlite_schema WHERE type = 'trigger'")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for name in triggers {
+                conn.execute_batch(&format!(
+                    "DROP TRIGGER main.{}",
+                    crate::schema::ident(&name)
+                ))?;
+            }
             conn.execute(
                 "INSERT INTO _hearth_meta (key, value) VALUES ('schema', ?1), ('schema_version', ?2)
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -207,12 +288,15 @@ impl ServerCore {
             conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
                 r.get(0)
             })?;
+        let foreign_keys = fk::ForeignKeys::load(&conn, &schema)?;
         Ok(ServerCore {
             now_ms: None,
             conn,
             schema,
             head: head as u64,
             last_seqs: HashMap::new(),
+            foreign_keys,
+            rewound: HashSet::new(),
         })
     }
 
@@ -223,11 +307,17 @@ impl ServerCore {
 
     /// The stamp a mutation's clock reading is merged with (see
     /// [`CLOCK_AHEAD_MAX_MS`]).
-    fn effective_hlc(&self, hlc: Hlc) -> Hlc {
-        match self.now_ms {
+    ///
+    /// A device's mutations keep their order after lowering: each is merged
+    /// with a stamp later than the device's previous one, so a device whose
+    /// clock runs far ahead never has its later write lose to its own
+    /// earlier one, and no two of its writes share a stamp.
+    fn effective_hlc(&self, previous: Hlc, hlc: Hlc) -> Hlc {
+        let capped = match self.now_ms {
             Some(now) => hlc.min(Hlc::new(now + CLOCK_AHEAD_MAX_MS, u16::MAX)),
             None => hlc,
-        }
+        };
+        capped.max(Hlc(previous.0.saturating_add(1)))
     }
 
     pub fn schema(&self) -> &Schema {
@@ -243,11 +333,16 @@ impl ServerCore {
         &self.conn
     }
 
-    fn last_seq(&mut self, client_id: u64) -> Result<u64> {
+    fn last_seq(&mut self, client_id: u64) -> Result<(u64, Hlc)> {
         if let Some(s) = self.last_seqs.get(&client_id) {
             return Ok(*s);
         }
-        let s = last_client_seq(&self.conn, client_id)?;
+        let found: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT last_seq, last_hlc FROM _hearth_clients WHERE client_id = ?1")?
+            .query_row([to_i64(client_id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let s = found.map_or((0, Hlc(0)), |(seq, hlc)| (seq as u64, Hlc(hlc as u64)));
         self.last_seqs.insert(client_id, s);
         Ok(s)
     }
@@ -289,26 +384,53 @@ impl ServerCore {
                 });
                 continue;
             }
-            if mutation.seq <= self.last_seq(client_id)? {
-                let rejection = self
+            let (last_seq, last_hlc) = self.last_seq(client_id)?;
+            let digest = mutation.digest();
+            if self.rewound.contains(&client_id) {
+                outcomes.push(rewound(client_id, mutation.seq));
+                continue;
+            }
+            if mutation.seq <= last_seq {
+                let rejection: Option<(String, String, i64)> = self
                     .conn
-                    .query_row(
-                        "SELECT code, reason FROM _hearth_rejections WHERE client_id = ?1 AND client_seq = ?2",
-                        params![to_i64(client_id), to_i64(mutation.seq)],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    .prepare_cached(
+                        "SELECT code, reason, digest FROM _hearth_rejections WHERE client_id = ?1 AND client_seq = ?2",
+                    )?
+                    .query_row(params![to_i64(client_id), to_i64(mutation.seq)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
                     .optional()?;
+                let stored = match &rejection {
+                    Some((_, _, d)) => Some(*d),
+                    None => self
+                        .conn
+                        .prepare_cached(
+                            "SELECT digest FROM _hearth_log WHERE client_id = ?1 AND client_seq = ?2",
+                        )?
+                        .query_row(params![to_i64(client_id), to_i64(mutation.seq)], |r| r.get(0))
+                        .optional()?,
+                };
+                // Another mutation under a number the server has processed:
+                // the device lost the end of its history. Nothing more of
+                // this client id is taken; the device starts over under a new
+                // one (see `greet`).
+                if stored.is_some_and(|d| d != 0 && d != to_i64(digest)) {
+                    self.rewound.insert(client_id);
+                    outcomes.push(rewound(client_id, mutation.seq));
+                    continue;
+                }
                 outcomes.push(Outcome::Duplicate {
                     client_id,
                     client_seq: mutation.seq,
-                    rejection,
+                    rejection: rejection.map(|(code, reason, _)| (code, reason)),
                 });
                 continue;
             }
             self.conn
                 .prepare_cached("SAVEPOINT hearth_mutation")?
                 .execute([])?;
-            let hlc = self.effective_hlc(mutation.hlc);
+            let hlc = self.effective_hlc(last_hlc, mutation.hlc);
+            let mut merged_hlc = last_hlc;
             match self.merge(client_id, hlc, mutation) {
                 Ok(changes) => {
                     self.conn
@@ -324,16 +446,18 @@ impl ServerCore {
                     let blob = postcard::to_allocvec(&entry.changes).expect("encode changes");
                     self.conn
                         .prepare_cached(
-                            "INSERT INTO _hearth_log (seq, client_id, client_seq, hlc, changes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            "INSERT INTO _hearth_log (seq, client_id, client_seq, hlc, changes, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         )?
                         .execute(params![
                             to_i64(entry.server_seq),
                             to_i64(client_id),
                             to_i64(mutation.seq),
                             to_i64(hlc.0),
-                            blob
+                            blob,
+                            to_i64(digest)
                         ])?;
                     self.head = entry.server_seq;
+                    merged_hlc = hlc;
                     outcomes.push(Outcome::Applied(entry));
                 }
                 Err(MergeError::Refused(refusal)) => {
@@ -341,9 +465,9 @@ impl ServerCore {
                         .execute_batch("ROLLBACK TO hearth_mutation; RELEASE hearth_mutation")?;
                     self.conn
                         .prepare_cached(
-                            "INSERT OR REPLACE INTO _hearth_rejections (client_id, client_seq, code, reason) VALUES (?1, ?2, ?3, ?4)",
+                            "INSERT OR REPLACE INTO _hearth_rejections (client_id, client_seq, code, reason, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
                         )?
-                        .execute(params![to_i64(client_id), to_i64(mutation.seq), refusal.code, refusal.reason])?;
+                        .execute(params![to_i64(client_id), to_i64(mutation.seq), refusal.code, refusal.reason, to_i64(digest)])?;
                     outcomes.push(Outcome::Rejected {
                         client_id,
                         client_seq: mutation.seq,
@@ -353,19 +477,20 @@ impl ServerCore {
                 }
                 Err(MergeError::Store(e)) => return Err(e),
             }
-            self.last_seqs.insert(client_id, mutation.seq);
+            self.last_seqs.insert(client_id, (mutation.seq, merged_hlc));
             touched_clients.insert(client_id);
         }
         // One bookkeeping write per device per batch, in the same transaction.
         for client_id in touched_clients {
             self.conn
                 .prepare_cached(
-                    "INSERT INTO _hearth_clients (client_id, last_seq) VALUES (?1, ?2)
-                     ON CONFLICT(client_id) DO UPDATE SET last_seq = excluded.last_seq",
+                    "INSERT INTO _hearth_clients (client_id, last_seq, last_hlc) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(client_id) DO UPDATE SET last_seq = excluded.last_seq, last_hlc = excluded.last_hlc",
                 )?
                 .execute(params![
                     to_i64(client_id),
-                    to_i64(self.last_seqs[&client_id])
+                    to_i64(self.last_seqs[&client_id].0),
+                    to_i64(self.last_seqs[&client_id].1 .0)
                 ])?;
         }
         Ok(outcomes)
@@ -411,6 +536,7 @@ impl ServerCore {
     ) -> Result<Vec<RowChange>, MergeError> {
         let stamp = Stamp { hlc, client_id };
         let mut effects = Vec::new();
+        let mut writes: Vec<rows::Write<'_>> = Vec::with_capacity(mutation.changes.len());
         // A device's capture yields one change per row; a mutation naming a
         // row twice is malformed, and merging it would silently drop the
         // second write (it carries the same stamp, which does not win).
@@ -471,7 +597,11 @@ impl ServerCore {
                         }
                         let values: Vec<(usize, &Value)> =
                             cols.iter().map(|(i, _, v)| (*i, *v)).collect();
-                        rows::upsert_columns(&self.conn, table, &change.pk, &values)?;
+                        writes.push(rows::Write {
+                            table,
+                            pk: &change.pk,
+                            op: rows::WriteOp::Upsert(values),
+                        });
                         let mut fresh = RowMeta {
                             alive: true,
                             stamp,
@@ -497,7 +627,11 @@ impl ServerCore {
                         }
                         let values: Vec<(usize, &Value)> =
                             winners.iter().map(|(i, _, v)| (*i, *v)).collect();
-                        rows::update_columns(&self.conn, table, &change.pk, &values)?;
+                        writes.push(rows::Write {
+                            table,
+                            pk: &change.pk,
+                            op: rows::WriteOp::Update(values),
+                        });
                         for (i, _, _) in &winners {
                             meta.set_column(*i, stamp);
                         }
@@ -521,7 +655,11 @@ impl ServerCore {
                         if meta.stamp > stamp {
                             continue; // The row was re-created later.
                         }
-                        rows::delete_row(&self.conn, table, &change.pk)?;
+                        writes.push(rows::Write {
+                            table,
+                            pk: &change.pk,
+                            op: rows::WriteOp::Delete,
+                        });
                         meta = RowMeta {
                             alive: false,
                             stamp,
@@ -536,6 +674,17 @@ impl ServerCore {
                 }
             }
         }
+        // Rows are written only now, all together, so that the order they
+        // are listed in cannot make a valid transaction fail (see
+        // `rows::write_all`); foreign keys are then checked on the result.
+        let parents_before = self.foreign_keys.read_parents(&self.conn, &writes)?;
+        rows::write_all(&self.conn, &writes)?;
+        self.foreign_keys
+            .check(&self.conn, &self.schema, &writes, &parents_before)
+            .map_err(|e| match e {
+                fk::CheckError::Violation(why) => refuse("CONSTRAINT", why).into(),
+                fk::CheckError::Sql(e) => MergeError::from(e),
+            })?;
         Ok(effects)
     }
 

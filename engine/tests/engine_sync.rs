@@ -141,59 +141,55 @@ fn same_column_later_clock_wins_on_every_device() {
 
 #[test]
 fn refused_mutation_is_rolled_back_and_later_pending_survive() {
-    let mut net = Net::new();
-    let mut a = client(1);
-    net.sync(&mut a);
-    a.exec(
-        "INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l1', 'ok')",
-        &[],
-        1,
+    // A UNIQUE name: a write fine on its device alone is refused when
+    // another device took the name first.
+    let schema = Schema::parse(
+        "version = 1
+[tables.tags]
+create = \"CREATE TABLE tags (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE)\"
+[tables.notes]
+create = \"CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)\"
+",
     )
     .unwrap();
+    let mut net = Net {
+        server: ServerCore::open(Connection::open_in_memory().unwrap(), schema).unwrap(),
+    };
+    let (mut a, mut b) = (client(1), client(2));
     net.sync(&mut a);
-    // The server's schema has a CHECK the device's copy also has; to make the
-    // server refuse, write a row whose primary key type the server rejects.
-    a.exec("UPDATE todos SET title = 'renamed' WHERE id = 't1'", &[], 2)
+    net.sync(&mut b);
+    a.exec("INSERT INTO notes VALUES ('n1', 'ok')", &[], 1)
         .unwrap();
-    a.exec(
-        "INSERT INTO lists (id, name) VALUES ('l1', 'groceries')",
-        &[],
-        3,
-    )
-    .unwrap();
-    // Push a hostile mutation for a table the server does not know, as a
-    // broken client would, then check the device's state after rejection.
-    let outcomes = net
-        .server
-        .apply_batch(&[(
-            a.client_id(),
-            hearth_engine::Mutation {
-                seq: 2,
-                hlc: hearth_engine::Hlc(99),
-                changes: vec![hearth_engine::RowChange {
-                    table: "nope".into(),
-                    pk: text("x"),
-                    op: hearth_engine::RowOp::Delete,
-                }],
-            },
-        )])
+    net.sync(&mut a);
+    // Offline: B takes the name 'urgent'; A renames its note, then tags with
+    // the same name, then writes again.
+    b.exec("INSERT INTO tags VALUES ('b1', 'urgent')", &[], 2)
         .unwrap();
-    assert!(matches!(&outcomes[0], Outcome::Rejected { code, .. } if code == "UNKNOWN_TABLE"));
+    net.sync(&mut b);
+    a.exec("UPDATE notes SET body = 'renamed' WHERE id = 'n1'", &[], 2)
+        .unwrap();
+    a.exec("INSERT INTO tags VALUES ('a1', 'urgent')", &[], 3)
+        .unwrap();
+    a.exec("INSERT INTO tags VALUES ('a2', 'later')", &[], 4)
+        .unwrap();
     let events = net.sync(&mut a);
     assert!(
         events
             .iter()
-            .any(|e| matches!(e, Event::Rejected { seq: 2, code, .. } if code == "UNKNOWN_TABLE")),
+            .any(|e| matches!(e, Event::Rejected { seq: 3, code, .. } if code == "CONSTRAINT")),
         "{events:?}"
     );
-    // Mutation 2 (the rename) was refused: its effect is gone; 3 survived.
+    // Mutation 3 (the clashing tag) was refused: its effect is gone; 2 and 4 survived.
     assert_eq!(
-        rows(&mut a, "SELECT title FROM todos"),
-        vec![vec![text("ok")]]
+        rows(&mut a, "SELECT body FROM notes"),
+        vec![vec![text("renamed")]]
     );
     assert_eq!(
-        rows(&mut a, "SELECT name FROM lists"),
-        vec![vec![text("groceries")]]
+        rows(&mut a, "SELECT id, name FROM tags ORDER BY id"),
+        vec![
+            vec![text("a2"), text("later")],
+            vec![text("b1"), text("urgent")]
+        ]
     );
     assert_eq!(a.status().pending, 0);
 }

@@ -9,7 +9,7 @@ use hearth_engine::{
 use rusqlite::Connection;
 
 mod common;
-use common::sync;
+use common::{sync, sync_refusing};
 
 const SCHEMA: &str = r#"
 version = 1
@@ -32,26 +32,6 @@ fn client(id: u64) -> Client {
         ClientConfig::default(),
     )
     .unwrap()
-}
-
-/// Makes the server refuse the device's mutation `seq` before the device
-/// sends it, as a server-side rule would: a mutation the server already
-/// refused is answered as a refusal when it arrives.
-fn refuse_in_advance(server: &mut ServerCore, client_id: u64, seq: u64) {
-    let bogus = Mutation {
-        seq,
-        hlc: Hlc(1),
-        changes: vec![RowChange {
-            table: "nope".into(),
-            pk: Value::Text("x".into()),
-            op: RowOp::Delete,
-        }],
-    };
-    let outcomes = server.apply_batch(&[(client_id, bogus)]).unwrap();
-    assert!(
-        matches!(outcomes[0], Outcome::Rejected { .. }),
-        "{outcomes:?}"
-    );
 }
 
 fn users(c: &Client) -> Vec<Vec<Value>> {
@@ -108,7 +88,6 @@ fn refused_replace_restores_the_row_as_it_was_before_the_transaction() {
     )
     .unwrap();
     sync(&mut srv, &mut a);
-    refuse_in_advance(&mut srv, a.client_id(), 2);
     a.exec(
         "UPDATE users SET name = 'intermediate' WHERE id = 'u1'; \
          INSERT OR REPLACE INTO users (id, email, name) VALUES ('u1', 'e1', 'after')",
@@ -116,7 +95,7 @@ fn refused_replace_restores_the_row_as_it_was_before_the_transaction() {
         2_000,
     )
     .unwrap();
-    let events = sync(&mut srv, &mut a);
+    let events = sync_refusing(&mut srv, &mut a, &[2]);
     assert!(
         events
             .iter()
@@ -145,7 +124,6 @@ fn undo_of_a_replace_that_displaced_a_unique_value_succeeds() {
     )
     .unwrap();
     sync(&mut srv, &mut a);
-    refuse_in_advance(&mut srv, a.client_id(), 2);
     a.exec(
         "INSERT OR REPLACE INTO users (id, email, name) VALUES ('u1', 'e1', 'new owner')",
         &[],
@@ -156,7 +134,7 @@ fn undo_of_a_replace_that_displaced_a_unique_value_succeeds() {
         users(&a),
         vec![vec![text("u1"), text("e1"), text("new owner")]]
     );
-    let events = sync(&mut srv, &mut a);
+    let events = sync_refusing(&mut srv, &mut a, &[2]);
     assert!(
         events
             .iter()

@@ -237,51 +237,61 @@ fn params_from_js(params: &JsValue) -> Result<Vec<Value>, ErrorReply> {
         .iter()
         .enumerate()
         .map(|(index, value)| {
-            value_from_js(&value).ok_or_else(|| {
+            value_from_js(&value).map_err(|why| {
                 ErrorReply::new(
                     ErrorCode::InvalidArgument,
-                    format!(
-                        "parameter {} has a type SQL cannot store (use null, a boolean, \
-                         number, bigint, string or Uint8Array)",
-                        index + 1
-                    ),
+                    format!("parameter {}: {why}", index + 1),
                 )
             })
         })
         .collect()
 }
 
-fn value_from_js(value: &JsValue) -> Option<Value> {
+/// Converts one parameter exactly, or says why it cannot be.
+fn value_from_js(value: &JsValue) -> Result<Value, &'static str> {
     if value.is_null() || value.is_undefined() {
-        Some(Value::Null)
+        Ok(Value::Null)
     } else if let Some(b) = value.as_bool() {
-        Some(Value::Integer(b.into()))
+        Ok(Value::Integer(b.into()))
     } else if let Some(n) = value.as_f64() {
         // Integral numbers are stored as INTEGER, so `id = ?` matches an INTEGER column
-        // the way a JS developer expects.
-        let integral = n.fract() == 0.0 && n.abs() <= JS_SAFE_INTEGER_MAX as f64;
-        Some(if integral {
+        // the way a JS developer expects; -0 stays a REAL so its sign is kept.
+        let integral = n.fract() == 0.0
+            && n.abs() <= JS_SAFE_INTEGER_MAX as f64
+            && !(n == 0.0 && n.is_sign_negative());
+        Ok(if integral {
             Value::Integer(n as i64)
         } else {
             Value::Real(n)
         })
-    } else if let Some(s) = value.as_string() {
-        Some(Value::Text(s))
+    } else if let Some(s) = value.dyn_ref::<js_sys::JsString>() {
+        // A JS string may hold lone surrogates, which UTF-8 cannot encode; converting
+        // would replace them, so such a string is refused instead.
+        if !s.is_valid_utf16() {
+            return Err(
+                "the string holds a lone UTF-16 surrogate, which SQL TEXT (UTF-8) cannot store",
+            );
+        }
+        Ok(Value::Text(String::from(s)))
     } else if let Some(big) = value.dyn_ref::<BigInt>() {
-        i64::try_from(big.clone()).ok().map(Value::Integer)
+        i64::try_from(big.clone())
+            .map(Value::Integer)
+            .map_err(|_| "the BigInt is outside SQLite's 64-bit integer range")
     } else if let Some(bytes) = value.dyn_ref::<Uint8Array>() {
-        Some(Value::Blob(bytes.to_vec()))
+        Ok(Value::Blob(bytes.to_vec()))
+    } else if let Some(buffer) = value.dyn_ref::<js_sys::ArrayBuffer>() {
+        Ok(Value::Blob(Uint8Array::new(buffer).to_vec()))
     } else {
-        value
-            .dyn_ref::<js_sys::ArrayBuffer>()
-            .map(|buffer| Value::Blob(Uint8Array::new(buffer).to_vec()))
+        Err("it has a type SQL cannot store (use null, a boolean, number, bigint, string or Uint8Array)")
     }
 }
 
 fn value_to_js(value: &Value) -> JsValue {
     match value {
         Value::Null => JsValue::NULL,
-        Value::Integer(i) if i.abs() <= JS_SAFE_INTEGER_MAX => JsValue::from(*i as f64),
+        Value::Integer(i) if i.unsigned_abs() <= JS_SAFE_INTEGER_MAX as u64 => {
+            JsValue::from(*i as f64)
+        }
         Value::Integer(i) => BigInt::from(*i).into(),
         Value::Real(f) => JsValue::from(*f),
         Value::Text(s) => JsValue::from_str(s),

@@ -163,7 +163,7 @@ impl Store {
         while let Some(row) = rows.next().map_err(sql_error)? {
             let mut values = Vec::with_capacity(columns.len());
             for index in 0..columns.len() {
-                values.push(from_sql(row.get_ref(index).map_err(sql_error)?));
+                values.push(from_sql(row.get_ref(index).map_err(sql_error)?)?);
             }
             out.push(values);
         }
@@ -207,16 +207,23 @@ fn to_sql(value: &Value) -> SqlValue {
     }
 }
 
-fn from_sql(value: ValueRef<'_>) -> Value {
-    match value {
+fn from_sql(value: ValueRef<'_>) -> Result<Value, ErrorReply> {
+    Ok(match value {
         ValueRef::Null => Value::Null,
         ValueRef::Integer(i) => Value::Integer(i),
         ValueRef::Real(f) => Value::Real(f),
-        // SQLite does not check that TEXT is UTF-8; replacing bad bytes beats failing
-        // the whole result set.
-        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        // SQLite does not check that TEXT is UTF-8; the engine refuses such TEXT rather
+        // than change its bytes, and so does this path.
+        ValueRef::Text(t) => Value::Text(
+            hearth_engine::Value::from_sql_ref(ValueRef::Text(t))
+                .map(|v| match v {
+                    hearth_engine::Value::Text(s) => s,
+                    _ => unreachable!("TEXT reads as TEXT"),
+                })
+                .map_err(|e| ErrorReply::new(ErrorCode::SqlError, e.to_string()))?,
+        ),
         ValueRef::Blob(b) => Value::Blob(b.to_vec()),
-    }
+    })
 }
 
 /// Maps a rusqlite error to the page-visible code: storage failures are not the

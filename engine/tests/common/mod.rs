@@ -9,6 +9,14 @@ use hearth_engine::{Client, Event, Outcome, ServerCore};
 /// One full sync, routed as the network driver routes: Welcome and catch-up,
 /// then each push's outcomes back to the device.
 pub fn sync(server: &mut ServerCore, client: &mut Client) -> Vec<Event> {
+    sync_refusing(server, client, &[])
+}
+
+/// Like [`sync`], but the mutations numbered in `refuse` are answered with
+/// `Rejected` (code `CONSTRAINT`) instead of reaching the server, as a
+/// server rule refusing them would answer.
+#[allow(dead_code)] // Not every test file refuses.
+pub fn sync_refusing(server: &mut ServerCore, client: &mut Client, refuse: &[u64]) -> Vec<Event> {
     let mut events = Vec::new();
     let mut to_server = client.on_connected();
     while !to_server.is_empty() {
@@ -33,10 +41,15 @@ pub fn sync(server: &mut ServerCore, client: &mut Client) -> Vec<Event> {
                     });
                 }
                 ClientMsg::Push { mutations } => {
-                    let batch: Vec<_> = mutations
-                        .into_iter()
-                        .map(|m| (client.client_id(), m))
-                        .collect();
+                    let (refused, taken): (Vec<_>, Vec<_>) =
+                        mutations.into_iter().partition(|m| refuse.contains(&m.seq));
+                    to_client.extend(refused.into_iter().map(|m| ServerMsg::Rejected {
+                        client_seq: m.seq,
+                        code: "CONSTRAINT".into(),
+                        reason: "refused by the test".into(),
+                    }));
+                    let batch: Vec<_> =
+                        taken.into_iter().map(|m| (client.client_id(), m)).collect();
                     for outcome in server.apply_batch(&batch).unwrap() {
                         match outcome {
                             Outcome::Applied(entry) => to_client.push(ServerMsg::Changes {
@@ -51,7 +64,16 @@ pub fn sync(server: &mut ServerCore, client: &mut Client) -> Vec<Event> {
         }
         for msg in to_client {
             let out = client.handle(msg, 0).unwrap();
+            let rewound = out
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Rewound { .. }));
             events.extend(out.events);
+            if rewound {
+                // The device took a new identity: the connection is over.
+                client.on_disconnected();
+                return events;
+            }
             to_server.extend(out.send);
         }
     }
