@@ -123,7 +123,7 @@ async fn a_lost_ack_leads_to_a_resend_that_is_applied_once() {
     while !a.status().connected {
         native_client::step(&mut a, &mut ws).await.unwrap();
     }
-    let push = a.poll_send().unwrap();
+    let push = a.poll_send().unwrap().send;
     assert!(
         push.is_empty(),
         "the engine sends pending writes as soon as the session is ready"

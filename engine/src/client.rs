@@ -678,7 +678,9 @@ impl Client {
         if outcome.mutation.is_some() {
             self.pending += 1;
             out.events.push(Event::TablesChanged(tables));
-            out.send = self.poll_send()?;
+            let sent = self.poll_send()?;
+            out.send = sent.send;
+            out.events.extend(sent.events);
         }
         Ok((outcome, out))
     }
@@ -1115,8 +1117,35 @@ impl Client {
     }
 
     /// Pending mutations not yet sent on this connection, in order, within
-    /// the in-flight window.
-    pub fn poll_send(&mut self) -> Result<Vec<ClientMsg>> {
+    /// the in-flight window, in frames that fit the server's frame limit.
+    ///
+    /// A mutation too large for one frame of this server (its `Welcome` says
+    /// how large a frame it takes) could never be delivered: it is refused
+    /// here, undone like a refusal from the server, and reported as
+    /// [`Event::Rejected`] with code `TOO_LARGE`.
+    pub fn poll_send(&mut self) -> Result<Output> {
+        let mut out = Output::default();
+        let oversized = self.poll_send_into(&mut out.send)?;
+        for (seq, size) in oversized {
+            let reason = format!(
+                "the mutation takes {size} bytes, more than one frame of this server carries ({} bytes): split the transaction",
+                self.server_frame_bytes_max
+            );
+            self.apply_rejection(seq, "TOO_LARGE", &reason, &mut out)?;
+        }
+        if !out.events.is_empty() {
+            let more = self.poll_send_into(&mut out.send)?;
+            debug_assert!(more.is_empty(), "oversized mutations were refused");
+        }
+        Ok(out)
+    }
+
+    /// Room a push frame leaves for mutations: its header and framing.
+    const PUSH_FRAME_OVERHEAD_BYTES: usize = 64;
+
+    /// Appends push frames to `send`; returns the (sequence number, size) of
+    /// mutations too large to send.
+    fn poll_send_into(&mut self, send: &mut Vec<ClientMsg>) -> Result<Vec<(u64, usize)>> {
         let Session::Ready {
             sent_upto,
             caught_up,
@@ -1124,6 +1153,11 @@ impl Client {
         else {
             return Ok(Vec::new());
         };
+        let frame_room = self
+            .server_frame_bytes_max
+            .saturating_sub(Self::PUSH_FRAME_OVERHEAD_BYTES);
+        let batch_max = self.config.push_bytes_max.min(frame_room);
+        let mut oversized = Vec::new();
         let in_flight: i64 = self.conn.query_row(
             "SELECT count(*) FROM _hearth_outbox WHERE seq <= ?1",
             [to_i64(sent_upto)],
@@ -1131,7 +1165,7 @@ impl Client {
         )?;
         let room = self.config.in_flight_max.saturating_sub(in_flight as usize);
         if room == 0 {
-            return Ok(Vec::new());
+            return Ok(oversized);
         }
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, mutation FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
@@ -1147,7 +1181,12 @@ impl Client {
             let mutation: Mutation = postcard::from_bytes(&blob).map_err(|e| {
                 ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
             })?;
-            if !batch.is_empty() && batch_bytes + blob.len() > self.config.push_bytes_max {
+            if blob.len() > frame_room {
+                oversized.push((seq as u64, blob.len()));
+                last = seq as u64;
+                continue;
+            }
+            if !batch.is_empty() && batch_bytes + blob.len() > batch_max {
                 frames.push(ClientMsg::Push {
                     mutations: std::mem::take(&mut batch),
                 });
@@ -1164,7 +1203,8 @@ impl Client {
             sent_upto: last,
             caught_up,
         };
-        Ok(frames)
+        send.extend(frames);
+        Ok(oversized)
     }
 
     /// Handles one message from the server.
@@ -1266,7 +1306,9 @@ impl Client {
                 return Err(ClientError::Server { code, message })
             }
         }
-        out.send = self.poll_send()?;
+        let sent = self.poll_send()?;
+        out.send = sent.send;
+        out.events.extend(sent.events);
         Ok(out)
     }
 

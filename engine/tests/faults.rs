@@ -718,3 +718,34 @@ fn a_device_restored_from_an_older_copy_takes_a_new_id_and_keeps_its_writes() {
     assert_eq!(rows(&b, "SELECT * FROM notes ORDER BY id"), want);
     assert_eq!(net.server_rows("SELECT * FROM notes ORDER BY id"), want);
 }
+
+// ---- 8.3 a mutation no frame of the server can carry ------------------------
+
+#[test]
+fn a_mutation_too_large_for_the_servers_frames_is_refused_on_the_device() {
+    let mut net = Net::new(VALUES);
+    let mut a = net.device();
+    a.exec("INSERT INTO vals (id, v) VALUES (1, 'small')", &[], 1_000)
+        .unwrap();
+    common::sync_with(&mut net.server, &mut a, &[], 4096);
+    a.exec(
+        "UPDATE vals SET b = zeroblob(10000) WHERE id = 1",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    a.exec("INSERT INTO vals (id, v) VALUES (2, 'after')", &[], 3_000)
+        .unwrap();
+    let events = common::sync_with(&mut net.server, &mut a, &[], 4096);
+    let refused = rejected(&events);
+    assert_eq!(refused.len(), 1, "{events:?}");
+    assert_eq!((refused[0].0, refused[0].1.as_str()), (2, "TOO_LARGE"));
+    assert!(refused[0].2.contains("4096"), "{refused:?}");
+    assert_eq!(a.status().pending, 0);
+    let want = vec![
+        vec![Value::Integer(1), Value::Null],
+        vec![Value::Integer(2), Value::Null],
+    ];
+    assert_eq!(rows(&a, "SELECT id, b FROM vals ORDER BY id"), want);
+    assert_eq!(net.server_rows("SELECT id, b FROM vals ORDER BY id"), want);
+}

@@ -17,6 +17,21 @@ pub fn sync(server: &mut ServerCore, client: &mut Client) -> Vec<Event> {
 /// server rule refusing them would answer.
 #[allow(dead_code)] // Not every test file refuses.
 pub fn sync_refusing(server: &mut ServerCore, client: &mut Client, refuse: &[u64]) -> Vec<Event> {
+    sync_with(
+        server,
+        client,
+        refuse,
+        hearth_engine::protocol::FRAME_BYTES_MAX,
+    )
+}
+
+/// Like [`sync_refusing`], with a server whose `Welcome` names this frame limit.
+pub fn sync_with(
+    server: &mut ServerCore,
+    client: &mut Client,
+    refuse: &[u64],
+    frame_bytes_max: usize,
+) -> Vec<Event> {
     let mut events = Vec::new();
     let mut to_server = client.on_connected();
     while !to_server.is_empty() {
@@ -25,9 +40,7 @@ pub fn sync_refusing(server: &mut ServerCore, client: &mut Client, refuse: &[u64
             match msg {
                 ClientMsg::Hello { cursor, .. } => {
                     let hello = hearth_engine::server::Hello::of(&msg).unwrap();
-                    let answer = server
-                        .greet(&hello, hearth_engine::protocol::FRAME_BYTES_MAX)
-                        .unwrap();
+                    let answer = server.greet(&hello, frame_bytes_max).unwrap();
                     if matches!(answer, ServerMsg::Error { .. }) {
                         to_client.push(answer);
                         continue;
