@@ -241,6 +241,7 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
         out,
         queue,
         writer,
+        writer_done: false,
         state: state.clone(),
         last_sent: 0,
         in_flight_mutations: 0,
@@ -248,7 +249,12 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
         last_rx: Instant::now(),
     };
     let end = conn.serve().await;
-    let Conn { out, writer, .. } = conn;
+    let Conn {
+        out,
+        writer,
+        writer_done,
+        ..
+    } = conn;
     let reason = match end {
         End::Fatal(f) => {
             if f.reason == CloseReason::BadInput {
@@ -280,9 +286,11 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
     drop(out);
     // The writer sends what is queued (the error and the close) if it can
     // within the close timeout; past it the socket is simply dropped.
-    let abort = writer.abort_handle();
-    if tokio::time::timeout(close_timeout, writer).await.is_err() {
-        abort.abort();
+    if !writer_done {
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(close_timeout, writer).await.is_err() {
+            abort.abort();
+        }
     }
     Metrics::add(metrics.closed(reason), 1);
     metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -294,6 +302,8 @@ struct Conn {
     out: mpsc::UnboundedSender<Out>,
     queue: Arc<SendQueue>,
     writer: JoinHandle<WriteEnd>,
+    /// The writer task has ended (its handle must not be polled again).
+    writer_done: bool,
     state: Arc<AppState>,
     /// The newest log entry queued for this device.
     last_sent: u64,
@@ -456,7 +466,8 @@ impl Conn {
                 _ = async { let _ = shutdown.wait_for(|down| *down).await; } => {
                     return Err(fatal("SHUTDOWN", "the server is shutting down", CloseReason::Shutdown));
                 }
-                ended = &mut self.writer => {
+                ended = &mut self.writer, if !self.writer_done => {
+                    self.writer_done = true;
                     return Ok(match ended {
                         Ok(WriteEnd::TimedOut) => CloseReason::WriteTimeout,
                         _ => CloseReason::PeerGone,
@@ -490,11 +501,11 @@ impl Conn {
                     if (want_changes && !room) || reply_full => {}
                 _ = std::future::ready(()), if want_changes && room => {
                     match ring.find(self.last_sent + 1) {
-                        Some(chunk) => {
+                        Some(chunk) if !chunk.caught_up || chunk.last >= known_head => {
                             self.last_sent = chunk.last;
                             self.queue_frame(chunk.frame.clone(), false, None);
                         }
-                        None => catch_up = Some(self.read_log()),
+                        _ => catch_up = Some(self.read_log()),
                     }
                 }
                 read = async { catch_up.as_mut().expect("guarded").await }, if catch_up.is_some() => {

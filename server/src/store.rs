@@ -63,6 +63,10 @@ pub(crate) enum Reply {
 pub(crate) struct Chunk {
     pub first: u64,
     pub last: u64,
+    /// The frame says `caught_up`: it ends its batch. Sent to a connection
+    /// for which newer batches exist, that would be untrue, so such a
+    /// connection reads the log instead.
+    pub caught_up: bool,
     pub frame: Bytes,
 }
 
@@ -462,6 +466,7 @@ impl Store {
         Chunk {
             first,
             last,
+            caught_up,
             frame: Bytes::from(frame),
         }
     }
