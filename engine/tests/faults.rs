@@ -749,3 +749,109 @@ fn a_mutation_too_large_for_the_servers_frames_is_refused_on_the_device() {
     assert_eq!(rows(&a, "SELECT id, b FROM vals ORDER BY id"), want);
     assert_eq!(net.server_rows("SELECT id, b FROM vals ORDER BY id"), want);
 }
+
+#[test]
+fn a_tree_in_one_table_and_a_key_to_a_unique_column_apply_as_a_whole() {
+    let mut net = Net::new(
+        "[tables.folders]
+create = \"CREATE TABLE folders (id INTEGER PRIMARY KEY, parent INTEGER REFERENCES folders(id), name TEXT)\"
+[tables.users]
+create = \"CREATE TABLE users (id TEXT PRIMARY KEY, handle TEXT NOT NULL UNIQUE)\"
+[tables.posts]
+create = \"CREATE TABLE posts (id TEXT PRIMARY KEY, author TEXT REFERENCES users(handle), body TEXT)\"
+",
+    );
+    let mut a = net.device();
+    let mut b = net.device();
+    // SQLite needs each parent first on the device; the rows travel in key
+    // order, so the children (lower ids) come first.
+    a.exec(
+        "INSERT INTO folders VALUES (9, NULL, 'root'); INSERT INTO folders VALUES (5, 9, 'docs');
+         INSERT INTO folders VALUES (1, 5, 'deep')",
+        &[],
+        1_000,
+    )
+    .unwrap();
+    a.exec(
+        "INSERT INTO users VALUES ('u1', 'ann'); INSERT INTO posts VALUES ('p1', 'ann', 'hi')",
+        &[],
+        1_000,
+    )
+    .unwrap();
+    let events = net.sync(&mut a);
+    assert!(rejected(&events).is_empty(), "{events:?}");
+    net.sync(&mut b);
+    assert_eq!(
+        rows(&b, "SELECT count(*) FROM folders"),
+        vec![vec![Value::Integer(3)]]
+    );
+    // Offline, B re-handles ann while A posts as ann: the server refuses the
+    // one that lands second, as SQLite would on one database.
+    b.exec(
+        "UPDATE users SET handle = 'anna' WHERE id = 'u1'; UPDATE posts SET author = 'anna'",
+        &[],
+        2_000,
+    )
+    .unwrap_err(); // posts.author -> users.handle: SQLite itself refuses the first statement.
+    a.exec(
+        "INSERT INTO posts VALUES ('p2', 'ann', 'again')",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    b.exec(
+        "DELETE FROM posts; UPDATE users SET handle = 'anna' WHERE id = 'u1'",
+        &[],
+        3_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    let events = net.sync(&mut b);
+    let refused = rejected(&events);
+    assert_eq!(refused.len(), 1, "{events:?}");
+    assert!(refused[0].2.contains("still reference"), "{refused:?}");
+    // B's write is undone; everyone holds A's posts under 'ann'.
+    for c in [&a, &b] {
+        assert_eq!(rows(c, "SELECT handle FROM users"), vec![vec![text("ann")]]);
+        assert_eq!(
+            rows(c, "SELECT count(*) FROM posts"),
+            vec![vec![Value::Integer(2)]]
+        );
+    }
+}
+
+#[test]
+fn a_trigger_that_writes_another_synced_table_writes_it_once() {
+    let mut net = Net::new(
+        "[tables.notes]
+create = \"\"\"CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT);
+CREATE TRIGGER audit_insert AFTER INSERT ON notes BEGIN
+  INSERT INTO audit (note, what) VALUES (NEW.id, 'created');
+END;
+CREATE TRIGGER audit_delete BEFORE DELETE ON notes BEGIN
+  INSERT INTO audit (note, what) VALUES (OLD.id, 'deleted');
+END\"\"\"
+[tables.audit]
+create = \"CREATE TABLE audit (id INTEGER PRIMARY KEY, note TEXT, what TEXT)\"
+",
+    );
+    let mut a = net.device();
+    let mut b = net.device();
+    a.exec("INSERT INTO notes VALUES ('n1', 'x')", &[], 1_000)
+        .unwrap();
+    a.exec("DELETE FROM notes WHERE id = 'n1'", &[], 2_000)
+        .unwrap();
+    net.sync(&mut a);
+    net.sync(&mut b);
+    let fresh = net.device();
+    let want = vec![
+        vec![text("n1"), text("created")],
+        vec![text("n1"), text("deleted")],
+    ];
+    let sql = "SELECT note, what FROM audit ORDER BY id";
+    assert_eq!(rows(&a, sql), want);
+    assert_eq!(rows(&b, sql), want);
+    assert_eq!(rows(&fresh, sql), want);
+    assert_eq!(net.server_rows(sql), want);
+}
