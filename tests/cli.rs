@@ -196,3 +196,49 @@ fn sync_with_no_server_exits_2_and_bad_input_is_a_clear_error() {
         "{out:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_parameters_are_stored_exactly_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), ACCOUNTS_SCHEMA).await;
+    let url = url(&server);
+    let a = dir.path().join("a.db");
+    let a = a.to_str().unwrap();
+    let insert = "INSERT INTO accounts (id, email, score) VALUES (?1, ?2, ?3)";
+    // Beyond SQLite's 64-bit integers: refused, not turned into an inexact real.
+    let out = hearth(&[
+        "client",
+        "--db",
+        a,
+        "--server",
+        &url,
+        "exec",
+        insert,
+        r#"["u1", "e1", 18446744073709551615]"#,
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("parameter 3") && err.contains("18446744073709551615"),
+        "{err}"
+    );
+    // The extremes that fit are kept to the last bit.
+    for (id, score) in [("u2", i64::MIN), ("u3", i64::MAX)] {
+        let params = format!(r#"["{id}", "{id}@e", {score}]"#);
+        let out = hearth(&[
+            "client", "--db", a, "--server", &url, "exec", insert, &params,
+        ]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let b = dir.path().join("b.db");
+    let b = b.to_str().unwrap();
+    assert!(sync_on(b, &url).status.success());
+    assert_eq!(
+        json_lines(&query_on(b, "SELECT id, score FROM accounts ORDER BY id")),
+        vec![
+            json!({"id": "u2", "score": i64::MIN}),
+            json!({"id": "u3", "score": i64::MAX})
+        ]
+    );
+    server.shutdown().await;
+}
