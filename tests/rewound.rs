@@ -162,3 +162,52 @@ async fn query_refuses_transaction_control_from_the_command_line() {
     assert_eq!(line["status"], "applied");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_device_reusing_a_number_with_other_content_keeps_its_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), ACCOUNTS_SCHEMA).await;
+    let url = url(&server);
+    let a = dir.path().join("a.db");
+    let backup = dir.path().join("backup.db");
+    let insert = |id: &str| {
+        format!(
+            "INSERT INTO accounts (id, email, name) VALUES ('{id}', '{id}@example.com', '{id}')"
+        )
+    };
+    assert_eq!(exec(&a, &url, &insert("u1"))["status"], "applied");
+    copy_db(&a, &backup);
+    assert_eq!(exec(&a, &url, &insert("u2"))["status"], "applied");
+    copy_db(&backup, &a);
+    // Offline, the restored device writes twice: numbers 2 (taken on the
+    // server by u2) and 3 (new to it), so its Hello alone looks fine.
+    let offline = "ws://127.0.0.1:9/sync";
+    assert_eq!(exec(&a, offline, &insert("u3"))["status"], "queued");
+    assert_eq!(exec(&a, offline, &insert("u4"))["status"], "queued");
+    let out = hearth(&[
+        "client",
+        "--db",
+        a.to_str().unwrap(),
+        "--server",
+        &url,
+        "sync",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let want: Vec<Json> = ["u1", "u2", "u3", "u4"]
+        .iter()
+        .map(|id| json!({ "id": id }))
+        .collect();
+    assert_eq!(query(&a, "SELECT id FROM accounts ORDER BY id"), want);
+    let b = dir.path().join("b.db");
+    let out = hearth(&[
+        "client",
+        "--db",
+        b.to_str().unwrap(),
+        "--server",
+        &url,
+        "sync",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(query(&b, "SELECT id FROM accounts ORDER BY id"), want);
+    server.shutdown().await;
+}

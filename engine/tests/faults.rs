@@ -855,3 +855,49 @@ create = \"CREATE TABLE audit (id INTEGER PRIMARY KEY, note TEXT, what TEXT)\"
     assert_eq!(rows(&fresh, sql), want);
     assert_eq!(net.server_rows(sql), want);
 }
+
+#[test]
+fn the_server_tells_a_reused_number_from_a_re_send() {
+    use hearth_engine::{ColumnOp, Hlc, Mutation, Outcome, RowChange, RowOp, ServerMsg};
+    let mut net = Net::new(NOTES);
+    let write = |seq: u64, body: &str| Mutation {
+        seq,
+        hlc: Hlc(seq << 16),
+        changes: vec![RowChange {
+            table: "notes".into(),
+            pk: text("n1"),
+            op: RowOp::Upsert {
+                insert: true,
+                columns: vec![("body".into(), ColumnOp::Set(text(body)))],
+            },
+        }],
+    };
+    let out = net
+        .server
+        .apply_batch(&[(5, write(1, "a")), (5, write(2, "b"))])
+        .unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Applied(_))),
+        "{out:?}"
+    );
+    // The same mutation again: a duplicate, answered from the record.
+    let out = net.server.apply_batch(&[(5, write(2, "b"))]).unwrap();
+    assert!(matches!(out[0], Outcome::Duplicate { .. }), "{out:?}");
+    // Number 2 with other content, then a new number: the device is rewound,
+    // nothing more is taken from its id, and it is told so.
+    let out = net
+        .server
+        .apply_batch(&[(5, write(2, "other")), (5, write(3, "c"))])
+        .unwrap();
+    for o in &out {
+        match o.refusal() {
+            Some(ServerMsg::Error { code, .. }) => assert_eq!(code, "DEVICE_REWOUND"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        net.server_rows("SELECT body FROM notes"),
+        vec![vec![text("b")]]
+    );
+    assert_eq!(net.server.head(), 2);
+}
