@@ -262,6 +262,73 @@ async function main() {
       check(status.pending === 0, JSON.stringify(status));
     });
 
+    // --- Values cross the JS boundary exactly; reads never open a transaction. ---
+    await test("values cross JS -> worker -> server -> another device exactly; bad ones are refused up front", async () => {
+      const dir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-schema-"));
+      const schema = path.join(dir, "vals.toml");
+      await writeFile(schema, `version = 1\n[tables.vals]\ncreate = "CREATE TABLE vals (id TEXT PRIMARY KEY, v)"\n`);
+      const vals = await startServer({ schema });
+      cleanups.push(() => vals.cleanup(), () => rm(dir, { recursive: true, force: true }));
+      const a = await newDevice(browser, vals.origin);
+      const b = await newDevice(browser, vals.origin);
+      cleanups.push(() => a.close(), () => b.close());
+      const ta = await openTab(a, vals.origin, "vals");
+      const tb = await openTab(b, vals.origin, "vals");
+      // Written and compared inside the pages: values playwright could not carry as they are.
+      const cases = () => [
+        ["i64_min", -(2n ** 63n)],
+        ["i64_max", 2n ** 63n - 1n],
+        ["safe_max", 2 ** 53 - 1],
+        ["beyond_safe", 2n ** 53n + 1n],
+        ["neg_zero", -0],
+        ["sum", 0.1 + 0.2],
+        ["inf", Infinity],
+        ["neg_inf", -Infinity],
+        ["max", Number.MAX_VALUE],
+        ["subnormal", 5e-324],
+        ["big_real", 1e20],
+        ["text", "nul \u0000 inside, \u00e9, \u{1F980}"],
+        ["empty", ""],
+        ["blob", new Uint8Array([0, 255, 1, 254, 128])],
+        ["null", null],
+      ];
+      const same = (x, y) =>
+        x instanceof Uint8Array && y instanceof Uint8Array
+          ? x.length === y.length && x.every((v, i) => v === y[i])
+          : typeof x === typeof y && Object.is(x, y);
+      const write = await ta.evaluate(async (cases) => {
+        const list = eval(cases)();
+        for (const [id, v] of list) await db.exec("INSERT INTO vals (id, v) VALUES (?, ?)", [id, v]);
+        const refused = [];
+        for (const bad of ["\uD800 lone surrogate", 2n ** 63n, -(2n ** 63n) - 1n, { an: "object" }]) {
+          refused.push(await db.exec("INSERT INTO vals (id, v) VALUES ('bad', ?)", [bad]).then(() => "ok", (e) => e.code));
+        }
+        refused.push(await db.query("BEGIN").then(() => "ok", (e) => e.code));
+        refused.push(await db.query("PRAGMA foreign_keys = OFF").then(() => "ok", (e) => e.code));
+        refused.push(await db.exec("ATTACH 'x' AS x").then(() => "ok", (e) => e.code));
+        await db.exec("INSERT INTO vals (id, v) VALUES ('after-begin', 1)");
+        await db.sync();
+        return { refused };
+      }, cases.toString());
+      check(write.refused.every((c) => c === "INVALID_ARGUMENT" || c === "SQL_ERROR") && write.refused.slice(0, 4).every((c) => c === "INVALID_ARGUMENT"), `bad values and SQL: ${JSON.stringify(write.refused)}`);
+      const mismatches = await tb.evaluate(async ([cases, same]) => {
+        await db.sync();
+        const list = eval(cases)();
+        const eq = eval(same);
+        const rows = await db.query("SELECT id, v FROM vals");
+        const got = new Map(rows.map((r) => [r.id, r.v]));
+        const bad = [];
+        for (const [id, v] of list) {
+          const want = typeof v === "bigint" && v >= -(2n ** 53n) + 1n && v <= 2n ** 53n - 1n ? Number(v) : v;
+          if (!eq(got.get(id), want)) bad.push(`${id}: got ${String(got.get(id))} (${typeof got.get(id)}), want ${String(want)} (${typeof want})`);
+        }
+        if (got.get("after-begin") !== 1) bad.push("the write after query('BEGIN') is missing");
+        if (got.has("bad")) bad.push("a refused value was stored");
+        return bad;
+      }, [cases.toString(), same.toString()]);
+      check(mismatches.length === 0, mismatches.join("; "));
+    });
+
     // --- The demo app. ---
     await test("demo app: a todo added in one tab shows in another; the app loads with the server down", async () => {
       const demo = await startServer();
