@@ -1291,15 +1291,7 @@ impl Client {
                 self.apply_rejection(client_seq, &code, &reason, &mut out)?;
             }
             ServerMsg::Error { code, message } if code == crate::server::DEVICE_REWOUND => {
-                let old_client_id = self.client_id;
-                let renumbered = self.take_new_identity(now_ms)?;
-                self.session = Session::Offline;
-                out.events.push(Event::Rewound {
-                    old_client_id,
-                    new_client_id: self.client_id,
-                    renumbered,
-                    reason: message,
-                });
+                out.events.push(self.rewind(now_ms, message)?);
                 return Ok(out);
             }
             ServerMsg::Error { code, message } => {
@@ -1310,6 +1302,20 @@ impl Client {
         out.send = sent.send;
         out.events.extend(sent.events);
         Ok(out)
+    }
+
+    /// The device lost the end of its history: it takes a new identity and
+    /// this connection is over (see [`Event::Rewound`]).
+    fn rewind(&mut self, now_ms: u64, reason: String) -> Result<Event> {
+        let old_client_id = self.client_id;
+        let renumbered = self.take_new_identity(now_ms)?;
+        self.session = Session::Offline;
+        Ok(Event::Rewound {
+            old_client_id,
+            new_client_id: self.client_id,
+            renumbered,
+            reason,
+        })
     }
 
     /// Takes a new client id and renumbers the pending mutations 1, 2, ...
@@ -1577,16 +1583,9 @@ impl Client {
                 .push(Event::TablesChanged(tables.into_iter().collect()));
         }
         if impostor {
-            let old_client_id = self.client_id;
-            let renumbered = self.take_new_identity(now_ms)?;
-            self.session = Session::Offline;
-            out.events.push(Event::Rewound {
-                old_client_id,
-                new_client_id: self.client_id,
-                renumbered,
-                reason: "the server acknowledged a mutation number of this device with rows it did not write"
-                    .into(),
-            });
+            let reason =
+                "the server acknowledged a mutation number of this device with rows it did not write";
+            out.events.push(self.rewind(now_ms, reason.into())?);
         }
         Ok(())
     }
