@@ -234,7 +234,8 @@ async fn limits_that_do_not_fit_stop_the_server_at_start() {
         )
     };
     assert_eq!(config().check(), Ok(()));
-    let cases: [(&str, Box<dyn Fn(&mut hearth_server::ServerConfig)>); 4] = [
+    type Tweak = Box<dyn Fn(&mut hearth_server::ServerConfig)>;
+    let cases: [(&str, Tweak); 4] = [
         (
             "log_entry_bytes_max",
             Box::new(|c| c.mutation_bytes_max = c.log_entry_bytes_max),

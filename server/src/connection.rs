@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hearth_engine::protocol::{decode_client, encode_server, ClientMsg, CodecError, ServerMsg};
@@ -29,6 +28,20 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::{CloseFrame, Frame};
+use tungstenite::Message;
+
+/// The server's side of a sync WebSocket.
+pub(crate) type WebSocket =
+    tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// A message larger than this is sent as WebSocket fragments of this size.
+/// tungstenite copies each frame into a per-connection buffer that keeps its
+/// largest size for the connection's life; fragments keep that buffer small
+/// however large the message (one 12 MiB value broadcast to a thousand
+/// devices would otherwise pin 12 GiB).
+const FRAGMENT_BYTES: usize = 256 * 1024;
 
 use crate::metrics::CloseReason;
 use crate::store::{ApplyCmd, Reply, StoreCmd};
@@ -73,26 +86,46 @@ fn bad_input(e: CodecError) -> End {
 }
 
 /// A receive error: the peer leaving is not a malformed frame.
-fn classify(e: axum::Error, frame_bytes_max: usize) -> End {
-    let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(c)) => fatal(
+fn classify(e: tungstenite::Error, frame_bytes_max: usize) -> End {
+    match e {
+        tungstenite::Error::Capacity(c) => fatal(
             "FRAME_TOO_LARGE",
             format!("{c} (limit {frame_bytes_max} bytes)"),
             CloseReason::BadInput,
         ),
-        Some(tungstenite::Error::Protocol(
+        tungstenite::Error::Protocol(
             tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-        ))
-        | Some(tungstenite::Error::ConnectionClosed)
-        | Some(tungstenite::Error::AlreadyClosed)
-        | Some(tungstenite::Error::Io(_)) => End::Quiet(CloseReason::PeerGone),
-        Some(tungstenite::Error::Protocol(p)) => {
-            fatal("BAD_FRAME", p.to_string(), CloseReason::BadInput)
-        }
-        Some(tungstenite::Error::Utf8(e)) => fatal("BAD_FRAME", e.clone(), CloseReason::BadInput),
+        )
+        | tungstenite::Error::ConnectionClosed
+        | tungstenite::Error::AlreadyClosed
+        | tungstenite::Error::Io(_) => End::Quiet(CloseReason::PeerGone),
+        tungstenite::Error::Protocol(p) => fatal("BAD_FRAME", p.to_string(), CloseReason::BadInput),
+        tungstenite::Error::Utf8(e) => fatal("BAD_FRAME", e, CloseReason::BadInput),
         _ => End::Quiet(CloseReason::PeerGone),
     }
+}
+
+/// Sends one binary message, in fragments when it is large.
+async fn send_binary(
+    sink: &mut SplitSink<WebSocket, Message>,
+    bytes: Bytes,
+) -> Result<(), tungstenite::Error> {
+    if bytes.len() <= FRAGMENT_BYTES {
+        return sink.send(Message::Binary(bytes)).await;
+    }
+    let mut offset = 0;
+    while offset < bytes.len() {
+        let end = (offset + FRAGMENT_BYTES).min(bytes.len());
+        let opcode = if offset == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(bytes.slice(offset..end), opcode, end == bytes.len());
+        sink.feed(Message::Frame(frame)).await?;
+        offset = end;
+    }
+    sink.flush().await
 }
 
 /// The number of mutations a push frame says it holds, read from its header
@@ -200,7 +233,7 @@ async fn write_loop(
                 }
                 Some(Out::Frame { bytes, reply, _permit }) => {
                     let n = bytes.len();
-                    let sent = tokio::time::timeout(write_timeout, sink.send(Message::Binary(bytes))).await;
+                    let sent = tokio::time::timeout(write_timeout, send_binary(&mut sink, bytes)).await;
                     queue.release(n, reply);
                     sent
                 }
@@ -276,7 +309,7 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
                 _permit: None,
             });
             let _ = out.send(Out::Close(CloseFrame {
-                code: 1008,
+                code: tungstenite::protocol::frame::coding::CloseCode::Policy,
                 reason: reason.into(),
             }));
             f.reason
@@ -340,7 +373,7 @@ async fn receive(stream: &mut SplitStream<WebSocket>, state: &AppState) -> Resul
             CloseReason::BadInput,
         )),
         Message::Close(_) => Ok(Received::Closed(CloseReason::ClientClosed)),
-        Message::Ping(_) | Message::Pong(_) => Ok(Received::Control),
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Received::Control),
     }
 }
 
@@ -501,11 +534,19 @@ impl Conn {
                     if (want_changes && !room) || reply_full => {}
                 _ = std::future::ready(()), if want_changes && room => {
                     match ring.find(self.last_sent + 1) {
-                        Some(chunk) if !chunk.caught_up || chunk.last >= known_head => {
+                        Some(chunk) => {
                             self.last_sent = chunk.last;
                             self.queue_frame(chunk.frame.clone(), false, None);
+                            if self.last_sent >= known_head {
+                                // Shared frames never say caught_up; this
+                                // device has reached the head, so say it.
+                                self.queue_msg(
+                                    &ServerMsg::Changes { entries: Vec::new(), caught_up: true },
+                                    false,
+                                );
+                            }
                         }
-                        _ => catch_up = Some(self.read_log()),
+                        None => catch_up = Some(self.read_log()),
                     }
                 }
                 read = async { catch_up.as_mut().expect("guarded").await }, if catch_up.is_some() => {
@@ -532,16 +573,28 @@ impl Conn {
         }
     }
 
-    /// Starts reading the log after `last_sent`, within the catch-up budget.
+    /// Starts reading the log after `last_sent`, within the catch-up budget:
+    /// it takes room for twice what it reads (the entries, then their
+    /// frame), learning the size of a first entry larger than a chunk before
+    /// it reads it.
     fn read_log(&self) -> CatchUpRead {
         let budget = self.state.catch_up_budget.clone();
+        let budget_max = self.state.config.catch_up_bytes_max;
         let reader = self.state.store.reader.clone();
         let after = self.last_sent;
         let chunk_bytes_max = self.state.config.chunk_bytes_max;
-        let n = permits(chunk_bytes_max, self.state.config.catch_up_bytes_max);
         tokio::spawn(async move {
+            let sizing = reader.clone();
+            let first = tokio::task::spawn_blocking(move || {
+                let conn = sizing.lock().expect("reader lock");
+                first_entry_bytes(&conn, after)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            let need = 2 * chunk_bytes_max.max(first);
             let permit = budget
-                .acquire_many_owned(n)
+                .acquire_many_owned(permits(need, budget_max))
                 .await
                 .map_err(|e| e.to_string())?;
             let entries = tokio::task::spawn_blocking(move || {
@@ -652,6 +705,18 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// The stored size of the first log entry after `after` (0 if none).
+fn first_entry_bytes(conn: &rusqlite::Connection, after: u64) -> rusqlite::Result<usize> {
+    use rusqlite::OptionalExtension;
+    let len: Option<i64> = conn
+        .prepare_cached(
+            "SELECT length(changes) FROM _hearth_log WHERE seq > ?1 ORDER BY seq LIMIT 1",
+        )?
+        .query_row([after as i64], |r| r.get(0))
+        .optional()?;
+    Ok(len.unwrap_or(0).max(0) as usize)
 }
 
 #[cfg(test)]

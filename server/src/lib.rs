@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -130,11 +130,11 @@ impl ServerConfig {
             batch_mutations_max: 2_000,
             batch_bytes_max: 32 * MIB,
             push_mutations_max: 4_096,
-            store_queue_bytes_max: 64 * MIB,
+            store_queue_bytes_max: 32 * MIB,
             in_flight_mutations_max: 2_000,
             in_flight_bytes_max: 16 * MIB,
             broadcast_bytes_max: 64 * MIB,
-            catch_up_bytes_max: 64 * MIB,
+            catch_up_bytes_max: 32 * MIB,
             send_queue_bytes_max: 4 * MIB,
             write_timeout_ms: 30_000,
             ping_interval_ms: 15_000,
@@ -536,7 +536,10 @@ mod counted {
     }
 }
 
-async fn sync_handler(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+/// The WebSocket upgrade, by hand rather than through axum's extractor:
+/// the connection then speaks tungstenite directly, which lets it send a big
+/// message as several WebSocket fragments (see `connection`).
+async fn sync_handler(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
     let open = state.metrics.connections_open.load(Ordering::Relaxed);
     if open >= state.config.sync_connections_max as u64 {
         Metrics::add(&state.metrics.connections_refused, 1);
@@ -547,10 +550,57 @@ async fn sync_handler(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) 
         )
             .into_response();
     }
-    let max = state.config.frame_bytes_max;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| connection::run(socket, state))
+    let headers = req.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|v| v.trim().eq_ignore_ascii_case(token))
+    };
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().to_vec());
+    let (Some(key), true, true, true) = (
+        key,
+        has(header::CONNECTION, "upgrade"),
+        has(header::UPGRADE, "websocket"),
+        has(header::SEC_WEBSOCKET_VERSION, "13"),
+    ) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "/sync is a WebSocket endpoint (version 13)\n",
+        )
+            .into_response();
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let max = state.config.frame_bytes_max;
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            Some(config),
+        )
+        .await;
+        connection::run(socket, state).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key),
+        )
+        .body(axum::body::Body::empty())
+        .expect("a valid response")
 }
 
 /// `ok` while the store can write: the last store write (a batch, or a

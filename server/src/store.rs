@@ -63,10 +63,6 @@ pub(crate) enum Reply {
 pub(crate) struct Chunk {
     pub first: u64,
     pub last: u64,
-    /// The frame says `caught_up`: it ends its batch. Sent to a connection
-    /// for which newer batches exist, that would be untrue, so such a
-    /// connection reads the log instead.
-    pub caught_up: bool,
     pub frame: Bytes,
 }
 
@@ -422,8 +418,10 @@ impl Store {
     }
 
     /// Splits a batch's entries into frames of at most `chunk_bytes_max`
-    /// bytes of entries (an entry larger than that alone), each frame marked
-    /// `caught_up` only if it ends the batch.
+    /// bytes of entries (an entry larger than that alone). Shared frames say
+    /// `caught_up: false`: whether a device is caught up depends on how far
+    /// behind it is, so each connection adds a small empty `caught_up`
+    /// frame when it reaches the head.
     fn chunk(&self, entries: Vec<LogEntry>) -> Vec<Chunk> {
         let mut chunks = Vec::new();
         let mut run: Vec<LogEntry> = Vec::new();
@@ -439,23 +437,25 @@ impl Store {
                 self.limits.log_entry_bytes_max
             );
             if !run.is_empty() && run_bytes + size > self.limits.chunk_bytes_max {
-                chunks.push(self.encode(std::mem::take(&mut run), false));
+                chunks.push(self.encode(std::mem::take(&mut run)));
                 run_bytes = 0;
             }
             run_bytes += size;
             run.push(entry);
             if i + 1 == total {
-                chunks.push(self.encode(std::mem::take(&mut run), true));
+                chunks.push(self.encode(std::mem::take(&mut run)));
             }
         }
         chunks
     }
 
-    fn encode(&self, entries: Vec<LogEntry>, caught_up: bool) -> Chunk {
+    fn encode(&self, entries: Vec<LogEntry>) -> Chunk {
         let first = entries.first().expect("a chunk has entries").server_seq;
         let last = entries.last().expect("a chunk has entries").server_seq;
-        let frame =
-            hearth_engine::protocol::encode_server(&ServerMsg::Changes { entries, caught_up });
+        let frame = hearth_engine::protocol::encode_server(&ServerMsg::Changes {
+            entries,
+            caught_up: false,
+        });
         assert!(
             frame.len() <= self.limits.frame_bytes_max,
             "a broadcast frame of {} bytes exceeds frame_bytes_max {} (chunk limit + {FRAME_OVERHEAD_BYTES})",
@@ -466,7 +466,6 @@ impl Store {
         Chunk {
             first,
             last,
-            caught_up,
             frame: Bytes::from(frame),
         }
     }
