@@ -303,9 +303,13 @@ async fn a_big_outbox_crossing_a_big_catch_up_does_not_wedge() {
     assert_eq!(a.status().pending, count);
 
     // Now ~24 MiB go each way at once.
-    let events = native_client::sync_once(&mut a, &url, Goal::Synced, TIMEOUT)
-        .await
-        .expect("the sync returns");
+    let events = tokio::time::timeout(
+        TIMEOUT * 2,
+        native_client::sync_once(&mut a, &url, Goal::Synced, TIMEOUT),
+    )
+    .await
+    .expect("the sync returns, close included")
+    .expect("the sync succeeds");
     let applied = events
         .iter()
         .filter(|e| matches!(e, Event::Applied { .. }))
@@ -316,6 +320,141 @@ async fn a_big_outbox_crossing_a_big_catch_up_does_not_wedge() {
         metric(&server, "hearth_mutations_applied_total").await,
         count
     );
+    server.shutdown().await;
+}
+
+/// The server's half alone: a device that writes its whole outbox before it
+/// reads anything (as the native client did before it read while writing)
+/// still gets through, because the server keeps reading while it sends the
+/// catch-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_reads_while_it_writes_even_to_a_device_that_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), FILES_SCHEMA).await;
+    let url = url(&server);
+    let mut a = device(dir.path(), "a");
+    sync(&mut a, &url).await;
+    let count = 24u64;
+    for i in 0..count {
+        exec(
+            &mut a,
+            "INSERT INTO files (id, data) VALUES (?1, ?2)",
+            &[text(&format!("f{i}")), Value::Blob(vec![i as u8; MIB])],
+        );
+    }
+    // Another device already pushed the same amount: a big catch-up for `a`.
+    let mut b = device(dir.path(), "b");
+    sync(&mut b, &url).await;
+    for i in 0..count {
+        exec(
+            &mut b,
+            "INSERT INTO files (id, data) VALUES (?1, ?2)",
+            &[text(&format!("g{i}")), Value::Blob(vec![i as u8; MIB])],
+        );
+    }
+    sync(&mut b, &url).await;
+    // `step` reads one message, then writes everything the engine releases
+    // before reading again.
+    let mut ws = native_client::connect(&url, TIMEOUT).await.unwrap();
+    tokio::time::timeout(TIMEOUT, async {
+        native_client::send(&mut ws, a.on_connected())
+            .await
+            .unwrap();
+        while !(a.status().caught_up && a.status().pending == 0) {
+            native_client::step(&mut a, &mut ws)
+                .await
+                .unwrap()
+                .expect("connected");
+        }
+    })
+    .await
+    .expect("no deadlock");
+    assert_eq!(
+        rows(&mut a, "SELECT count(*) AS n FROM files"),
+        vec![serde_json::json!({"n": 2 * count})]
+    );
+    server.shutdown().await;
+}
+
+/// Issue 8, item 5: while one connection pushes as fast as it can, another
+/// device's write is applied (not left `queued` by a session timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_flooding_does_not_starve_another_device() {
+    use futures_util::StreamExt;
+    use hearth_engine::{ColumnOp, Hlc, Mutation, RowChange, RowOp};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), FILES_SCHEMA).await;
+    let url = url(&server);
+    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut sink, mut stream) = ws.split();
+    sink.send(hello(99)).await.unwrap();
+    tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut seq = 0u64;
+            // Bounded: at most 2,000 frames of 500 mutations.
+            for _ in 0..2_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let mutations = (0..500)
+                    .map(|_| {
+                        seq += 1;
+                        Mutation {
+                            seq,
+                            hlc: Hlc::new(native_client::now_ms(), 0),
+                            changes: vec![RowChange {
+                                table: "files".into(),
+                                pk: text(&format!("flood-{seq}")),
+                                op: RowOp::Upsert {
+                                    insert: true,
+                                    columns: vec![(
+                                        "data".into(),
+                                        ColumnOp::Set(Value::Blob(vec![1; 32])),
+                                    )],
+                                },
+                            }],
+                        }
+                    })
+                    .collect();
+                let frame = encode_client(&ClientMsg::Push { mutations });
+                if sink.send(Message::Binary(frame.into())).await.is_err() {
+                    break;
+                }
+            }
+            seq
+        }
+    });
+    // Let the flood start before the normal device writes.
+    tokio::time::timeout(TIMEOUT, async {
+        while metric(&server, "hearth_mutations_applied_total").await < 5_000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the flood is applied");
+    let mut d = device(dir.path(), "normal");
+    sync(&mut d, &url).await;
+    let seq = exec(
+        &mut d,
+        "INSERT INTO files (id, data) VALUES ('mine', x'01')",
+        &[],
+    )
+    .unwrap();
+    let result =
+        native_client::sync_once(&mut d, &url, Goal::Resolved(seq), Duration::from_secs(10)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let events = result.expect("the write is answered while the flood goes on");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Applied { seq: s, .. } if *s == seq)),
+        "{events:?}"
+    );
+    let flooded = flooding.await.unwrap();
+    assert!(flooded > 5_000);
     server.shutdown().await;
 }
 
