@@ -107,6 +107,19 @@ async fn connections_that_never_send_a_request_are_closed_and_health_checks_get_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_raises_its_open_file_limit_and_fits_its_cap_to_it() {
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    let low = hard.min(512);
+    rlimit::setrlimit(rlimit::Resource::NOFILE, low, hard).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), FILES_SCHEMA).await;
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    assert_eq!(soft, hard, "the soft limit is raised to the hard limit");
+    assert!(server.connections_max as u64 <= soft.saturating_sub(64).max(2));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_keeps_room_for_health_checks() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server_with(dir.path(), FILES_SCHEMA, |c| {
