@@ -573,6 +573,82 @@ async fn idle_connections() -> Vec<Figure> {
     ]
 }
 
+/// Issue 8, item 8: a device whose pushes were applied but never acked
+/// re-sends a 24 MiB outbox while the server sends it the same 24 MiB as
+/// catch-up. Before, both sides could block in `send` forever.
+async fn crossing() -> Vec<Figure> {
+    let server = Server::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = native_client::open_device(
+        &dir.path().join("a.db"),
+        hearth_engine::ClientConfig::default(),
+    )
+    .unwrap();
+    native_client::sync_once(
+        &mut a,
+        &url,
+        native_client::Goal::Synced,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let count = 24u64;
+    for i in 0..count {
+        a.exec(
+            "INSERT INTO files (id, data) VALUES (?1, ?2)",
+            &[
+                Value::Text(format!("f{i}")),
+                Value::Blob(vec![i as u8; MIB]),
+            ],
+            native_client::now_ms(),
+        )
+        .unwrap();
+    }
+    let mut ws = native_client::connect(&url, Duration::from_secs(10))
+        .await
+        .unwrap();
+    native_client::send(&mut ws, a.on_connected())
+        .await
+        .unwrap();
+    while !a.status().connected {
+        native_client::step(&mut a, &mut ws).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("hearth_mutations_applied_total").await < count && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(ws);
+    a.on_disconnected();
+    let start = Instant::now();
+    let synced = native_client::sync_once(
+        &mut a,
+        &url,
+        native_client::Goal::Synced,
+        Duration::from_secs(10),
+    )
+    .await;
+    let took = start.elapsed();
+    vec![
+        Figure {
+            name: "crossing_24mib.sync_ok",
+            value: f64::from(u8::from(synced.is_ok() && a.status().pending == 0)),
+            unit: "",
+            target: "= 1".into(),
+            ok: synced.is_ok() && a.status().pending == 0,
+        },
+        Figure {
+            name: "crossing_24mib.sync_time",
+            value: took.as_secs_f64() * 1e3,
+            unit: "ms",
+            target: "< 10000 (CLI default)".into(),
+            ok: took < Duration::from_secs(10),
+        },
+        rss_figure("crossing_24mib.peak_rss", &server),
+    ]
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     // An argument runs only the scenarios whose label contains it.
@@ -587,6 +663,7 @@ async fn main() {
         ("11 million empty mutations in one push", 3),
         ("one connection floods for 20 s", 4),
         ("2,000 idle TCP connections", 5),
+        ("a 24 MiB outbox crossing a 24 MiB catch-up", 7),
     ] {
         if only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
             continue;
@@ -598,6 +675,7 @@ async fn main() {
             1 => big_pushes(30 * MIB, "refused", false).await,
             2 => big_pushes(15 * MIB, "applied", false).await,
             6 => big_pushes(15 * MIB, "applied", true).await,
+            7 => crossing().await,
             3 => empty_mutations().await,
             4 => flood().await,
             _ => idle_connections().await,
