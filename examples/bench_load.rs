@@ -40,11 +40,15 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        // HEARTH_BIN compares another build (say, an older commit's).
         let exe = std::env::current_exe().unwrap();
-        let bin = exe
-            .parent()
-            .and_then(|p| p.parent())
-            .map(|p| p.join("hearth"))
+        let bin = std::env::var_os("HEARTH_BIN")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                exe.parent()
+                    .and_then(|p| p.parent())
+                    .map(|p| p.join("hearth"))
+            })
             .filter(|p| p.exists())
             .expect("target/release/hearth is missing: run `cargo build --release` first");
         let dir = tempfile::tempdir().unwrap();
@@ -621,16 +625,87 @@ async fn crossing() -> Vec<Figure> {
     }
     drop(ws);
     a.on_disconnected();
+    // First as a device that writes its whole outbox before reading (the
+    // native client before this change): only the server reading while it
+    // writes keeps this from wedging.
     let start = Instant::now();
-    let synced = native_client::sync_once(
-        &mut a,
-        &url,
-        native_client::Goal::Synced,
-        Duration::from_secs(10),
-    )
+    let mut ws = native_client::connect(&url, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let writer_first = tokio::time::timeout(Duration::from_secs(10), async {
+        native_client::send(&mut ws, a.on_connected()).await?;
+        while !(a.status().caught_up && a.status().pending == 0) {
+            if native_client::step(&mut a, &mut ws).await?.is_none() {
+                break;
+            }
+        }
+        Ok::<(), native_client::SyncError>(())
+    })
     .await;
+    let writer_first_ok = matches!(writer_first, Ok(Ok(()))) && a.status().pending == 0;
+    let writer_first_ms = start.elapsed().as_secs_f64() * 1e3;
+    drop(ws);
+    a.on_disconnected();
+    // Then, after the same vanishing act, with the native client as it is.
+    for i in 0..count {
+        a.exec(
+            "INSERT INTO files (id, data) VALUES (?1, ?2)",
+            &[
+                Value::Text(format!("h{i}")),
+                Value::Blob(vec![i as u8; MIB]),
+            ],
+            native_client::now_ms(),
+        )
+        .unwrap();
+    }
+    // Bounded: against a server that does not read while it writes, this
+    // step-by-step push wedges too.
+    let setup = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut ws = native_client::connect(&url, Duration::from_secs(10)).await?;
+        native_client::send(&mut ws, a.on_connected()).await?;
+        while !a.status().connected {
+            native_client::step(&mut a, &mut ws).await?;
+        }
+        while server.metric("hearth_mutations_applied_total").await < 2 * count {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, native_client::SyncError>(ws)
+    })
+    .await;
+    let setup_ok = matches!(setup, Ok(Ok(_)));
+    drop(setup);
+    a.on_disconnected();
+    let start = Instant::now();
+    let synced = if setup_ok {
+        native_client::sync_once(
+            &mut a,
+            &url,
+            native_client::Goal::Synced,
+            Duration::from_secs(10),
+        )
+        .await
+        .map(|_| ())
+    } else {
+        Err(native_client::SyncError::Closed(
+            "the set-up push wedged".into(),
+        ))
+    };
     let took = start.elapsed();
     vec![
+        Figure {
+            name: "crossing_24mib.writer_first_ok",
+            value: f64::from(u8::from(writer_first_ok)),
+            unit: "",
+            target: "= 1".into(),
+            ok: writer_first_ok,
+        },
+        Figure {
+            name: "crossing_24mib.writer_first_time",
+            value: writer_first_ms,
+            unit: "ms",
+            target: "< 10000 (CLI default)".into(),
+            ok: writer_first_ok && writer_first_ms < 10_000.0,
+        },
         Figure {
             name: "crossing_24mib.sync_ok",
             value: f64::from(u8::from(synced.is_ok() && a.status().pending == 0)),
@@ -643,7 +718,7 @@ async fn crossing() -> Vec<Figure> {
             value: took.as_secs_f64() * 1e3,
             unit: "ms",
             target: "< 10000 (CLI default)".into(),
-            ok: took < Duration::from_secs(10),
+            ok: synced.is_ok() && took < Duration::from_secs(10),
         },
         rss_figure("crossing_24mib.peak_rss", &server),
     ]
@@ -670,15 +745,29 @@ async fn main() {
         }
         println!("scenario: {label}");
         let t = Instant::now();
-        let got = match scenario {
-            0 => stalled_reader().await,
-            1 => big_pushes(30 * MIB, "refused", false).await,
-            2 => big_pushes(15 * MIB, "applied", false).await,
-            6 => big_pushes(15 * MIB, "applied", true).await,
-            7 => crossing().await,
-            3 => empty_mutations().await,
-            4 => flood().await,
-            _ => idle_connections().await,
+        let run = async {
+            match scenario {
+                0 => stalled_reader().await,
+                1 => big_pushes(30 * MIB, "refused", false).await,
+                2 => big_pushes(15 * MIB, "applied", false).await,
+                6 => big_pushes(15 * MIB, "applied", true).await,
+                7 => crossing().await,
+                3 => empty_mutations().await,
+                4 => flood().await,
+                _ => idle_connections().await,
+            }
+        };
+        // Every scenario is bounded; one that hangs (say, against an older
+        // build that deadlocks) is reported as such and its server killed.
+        let got = match tokio::time::timeout(Duration::from_secs(90), run).await {
+            Ok(got) => got,
+            Err(_) => vec![Figure {
+                name: "scenario_finished_within_90_s",
+                value: 0.0,
+                unit: "",
+                target: "= 1".into(),
+                ok: false,
+            }],
         };
         println!("  ({:.1} s)", t.elapsed().as_secs_f64());
         figures.extend(got);
