@@ -3136,11 +3136,22 @@ fn sole_writer_reads_back(w: &World) -> Result<(), String> {
 /// (c) A device sends only what SQLite accepted on it, so the server may
 /// refuse a device's mutation only for a constraint, and only when something
 /// the device had not seen explains it: a write of another device (or of
-/// its own lost tail) that it had not seen when it wrote, or an earlier
+/// its own lost tail) to a table the mutation wrote or one a foreign key
+/// ties to it, which the device had not seen when it wrote, or an earlier
 /// mutation of its own refused after it wrote. In single-writer runs that
 /// leaves only the lost tail.
 fn refusals_explained(w: &World) -> Result<(), String> {
     let (writers, _) = applied_writes(w)?;
+    let log_tables: Vec<BTreeSet<String>> = read_whole_log(w.server.connection())?
+        .iter()
+        .map(|e| {
+            w.ledger.received[&(e.client_id, e.client_seq)]
+                .changes
+                .iter()
+                .map(|c| c.table.clone())
+                .collect()
+        })
+        .collect();
     for (key, code) in &w.ledger.refused {
         let Some(m) = w.ledger.made.get(key).or_else(|| w.ledger.gone.get(key)) else {
             continue; // The hostile device.
@@ -3151,10 +3162,21 @@ fn refusals_explained(w: &World) -> Result<(), String> {
                 w.devices[m.device].name
             ));
         }
-        let unseen_other = writers
+        let touched: BTreeSet<&str> = m
+            .mutation
+            .changes
             .iter()
-            .skip(m.cursor as usize)
-            .any(|o| o.device != m.device || (o.lost && o.epoch != m.epoch));
+            .flat_map(|c| related_tables(&c.table))
+            .collect();
+        let unseen_other =
+            writers
+                .iter()
+                .zip(&log_tables)
+                .skip(m.cursor as usize)
+                .any(|(o, tables)| {
+                    (o.device != m.device || (o.lost && o.epoch != m.epoch))
+                        && tables.iter().any(|t| touched.contains(t.as_str()))
+                });
         let own_refused_later = w.ledger.refused.keys().any(|k| {
             w.ledger
                 .made
@@ -3179,6 +3201,20 @@ fn refusals_explained(w: &World) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A table and those a constraint ties it to (its foreign-key partners):
+/// a write to one can make a write to another fail.
+fn related_tables(table: &str) -> Vec<&'static str> {
+    match table {
+        "orders" | "items" => vec!["orders", "items"],
+        "authors" | "books" => vec!["authors", "books"],
+        _ => TABLES
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| *t == table)
+            .collect(),
+    }
 }
 
 /// (d) The app trigger counts edits on the device that makes them, once:
