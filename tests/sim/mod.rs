@@ -142,9 +142,9 @@ pub struct Options {
     pub steps: u64,
     /// Print every trace line as it happens (for replaying one seed).
     pub verbose: bool,
-    /// Generate the shapes held back while an engine bug they show is open
-    /// (see [`OPEN_BUGS`]).
-    pub open_bugs: bool,
+    /// Generate the shapes held back while an engine bug they show is open:
+    /// bit `i` for `OPEN_BUGS[i]`.
+    pub open_bugs: u32,
 }
 
 impl Options {
@@ -153,15 +153,15 @@ impl Options {
             seed,
             steps,
             verbose: false,
-            open_bugs: false,
+            open_bugs: 0,
         }
     }
 }
 
 /// Engine bugs the simulator found that are not fixed yet, each with the
-/// shape the default run holds back until it is (`SIM_OPEN_BUGS=1` or
-/// [`Options::open_bugs`] generates them again, and replays the run in which
-/// each was found):
+/// shape the default run holds back until it is (`SIM_OPEN_BUGS=<mask>` or
+/// [`Options::open_bugs`], bit `i` for entry `i`, generates them again and
+/// replays the run in which each was found):
 /// - capture takes a real changed from `-0.0` to `0.0` (or back) for no
 ///   change, because its trigger compares with `IS NOT`, which compares
 ///   reals by value: the writer keeps its value, every other device the old
@@ -176,12 +176,22 @@ impl Options {
 ///   carries the lost tail's entries under those numbers, and the device
 ///   takes one whose effect is empty or touches the same rows as the
 ///   acknowledgement of its new write: told applied, the write is lost
-///   (held back: a restored device writes only after it caught up).
-pub const OPEN_BUGS: [&str; 3] = [
+///   (held back: a restored device writes only after it caught up);
+/// - the clamp lowers a far-ahead stamp to the server's clock + 5 minutes,
+///   which can be at or below a stamp the server already gave a write the
+///   device has seen (the same millisecond, or the server's clock stepped
+///   back): a write made after seeing another then ties with it (the client
+///   id decides) or loses to it (held back: the server's clock jumps).
+pub const OPEN_BUGS: [&str; 4] = [
     "capture misses -0.0 <-> 0.0",
     "a restored device's already-applied pending write is applied again and overrides later writes",
     "a restored device's first writes are taken as acknowledged by its lost tail's log entries",
+    "a clamped write can stamp at or below a clamped write its device had seen",
 ];
+const BUG_NEGATIVE_ZERO: usize = 0;
+const BUG_PENDING_APPLIED_TWICE: usize = 1;
+const BUG_RESTORED_WRITE_TAKEN_AS_ACKED: usize = 2;
+const BUG_CLAMP_BELOW_SEEN: usize = 3;
 
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
@@ -352,7 +362,7 @@ struct Ledger {
 pub struct World {
     rng: StdRng,
     verbose: bool,
-    open_bugs: bool,
+    open_bugs: u32,
     now_ms: u64,
     /// Holds the database files; removed when the world is dropped.
     _dir: tempfile::TempDir,
@@ -370,6 +380,8 @@ pub struct World {
     /// One device writes, no hostile device: no mutation may be refused
     /// unless the writer's own lost tail explains it.
     solo: bool,
+    /// The server's wall clock minus the true time.
+    server_skew_ms: i64,
     ledger: Ledger,
     pub stats: Stats,
 }
@@ -689,6 +701,7 @@ impl World {
             rogue_next_seq: 1,
             rogue_sent: Vec::new(),
             solo,
+            server_skew_ms: 0,
             ledger: Ledger::default(),
             stats: Stats::default(),
         };
@@ -775,6 +788,10 @@ impl World {
             895..=929 if !self.solo => self.rogue_push(),
             930..=949 => self.take_snapshot(d),
             950..=955 => self.restore_device(d),
+            956..=958 => {
+                self.server_clock_jump();
+                Ok(())
+            }
             _ => self.device_read(d),
         }
     }
@@ -1045,7 +1062,7 @@ impl World {
                 }
             });
         }
-        self.server.set_now_ms(self.now_ms);
+        self.server.set_now_ms(self.server_now_ms());
         let outcomes = self
             .server
             .apply_batch(batch)
@@ -1105,7 +1122,7 @@ impl World {
                         .unwrap_or_default()
                         .max(entry.hlc);
                     self.ledger.log_hlc_max.push(max);
-                    self.ledger.log_now.push(self.now_ms);
+                    self.ledger.log_now.push(self.server_now_ms());
                     if one_message {
                         applied.push(entry);
                     } else {
@@ -1429,6 +1446,27 @@ impl World {
         ));
     }
 
+    /// The server's wall clock steps, mostly backwards (an NTP step or a
+    /// restart on another host), by up to ten seconds.
+    fn server_clock_jump(&mut self) {
+        let by = self.rng.gen_range(-10_000..=2_000);
+        if !self.open(BUG_CLAMP_BELOW_SEEN) {
+            return; // Held back: see OPEN_BUGS.
+        }
+        self.server_skew_ms += by;
+        self.trace(format!("server clock jumps by {by}ms"));
+    }
+
+    /// Whether the shape held back for `OPEN_BUGS[bug]` is generated.
+    fn open(&self, bug: usize) -> bool {
+        self.open_bugs & (1 << bug) != 0
+    }
+
+    /// The server's wall clock.
+    fn server_now_ms(&self) -> u64 {
+        (self.now_ms as i64 + self.server_skew_ms) as u64
+    }
+
     fn device_read(&mut self, d: usize) -> Result<(), String> {
         let (table, pk) = *TABLES.choose(&mut self.rng).unwrap();
         if self.devices[d].client.schema().is_none() {
@@ -1451,7 +1489,7 @@ impl World {
         if dev.client.schema().is_none() {
             return Ok(());
         }
-        if !self.open_bugs && dev.client.status().pending > 0 {
+        if !self.open(BUG_PENDING_APPLIED_TWICE) && dev.client.status().pending > 0 {
             return Ok(());
         }
         let path = dev.path.with_extension("copy");
@@ -1571,7 +1609,7 @@ impl World {
             return Ok(()); // No schema until the first Welcome.
         }
         let work = self.random_sql(d)?;
-        if self.devices[d].restored_unsynced && !self.open_bugs {
+        if self.devices[d].restored_unsynced && !self.open(BUG_RESTORED_WRITE_TAKEN_AS_ACKED) {
             return Ok(()); // Held back: see OPEN_BUGS.
         }
         let now = self.wall_ms(d);
@@ -1831,7 +1869,7 @@ impl World {
             6 => Value::Real(f64::MIN),
             7 => Value::Real(f64::MIN_POSITIVE),
             8 => Value::Real(f64::from_bits(1)), // the smallest subnormal
-            9 if self.open_bugs => Value::Real(-0.0),
+            9 if self.open(BUG_NEGATIVE_ZERO) => Value::Real(-0.0),
             10 => Value::Real(0.0),
             11 => Value::Real(f64::INFINITY),
             12 => Value::Real(f64::NEG_INFINITY),
