@@ -223,6 +223,7 @@ fn wire() -> serde_json::Value {
         client_seq: 2,
         hlc: mutations[1].hlc,
         changes: mutations[1].changes.clone(),
+        digest: mutations[1].digest(),
     };
     let down = encode_server(&ServerMsg::Changes {
         entries: vec![entry],

@@ -217,7 +217,9 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_UNREACHABLE));
                 }
             }
-            let (outcome, _) = device.exec(&sql, &params, native_client::now_ms())?;
+            let (outcome, _) = device
+                .exec(&sql, &params, native_client::now_ms())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
             let Some(seq) = outcome.mutation else {
                 println!(
                     "{}",
@@ -249,15 +251,14 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                         }
                     }
                 }
-                Err(
-                    e @ (SyncError::Unreachable { .. }
-                    | SyncError::Timeout(_)
-                    | SyncError::Closed(_)),
-                ) => {
-                    println!("{}", line("queued", Some(e.to_string()), None));
+                // Whatever stopped the sync (no server, a timeout, a closed
+                // connection, a server that could not store it), the write
+                // is committed locally and waits in the outbox.
+                Err(e) => {
+                    let code = e.server_code().map(str::to_string);
+                    println!("{}", line("queued", Some(e.to_string()), code));
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Err(e.into()),
             }
         }
     }

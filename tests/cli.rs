@@ -222,6 +222,22 @@ async fn json_parameters_are_stored_exactly_or_refused() {
         err.contains("parameter 3") && err.contains("18446744073709551615"),
         "{err}"
     );
+    // TEXT that is not UTF-8 fails on the device, with its code.
+    let out = hearth(&[
+        "client",
+        "--db",
+        a,
+        "--server",
+        &url,
+        "exec",
+        "INSERT INTO accounts (id, email) VALUES ('u9', CAST(X'FF' AS TEXT))",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SQL_ERROR") && err.contains("not valid UTF-8"),
+        "{err}"
+    );
     // The extremes that fit are kept to the last bit.
     for (id, score) in [("u2", i64::MIN), ("u3", i64::MAX)] {
         let params = format!(r#"["{id}", "{id}@e", {score}]"#);

@@ -61,7 +61,7 @@ fn pragma(name: &str, value: Option<&str>) -> Option<String> {
         None
     } else if value.is_some() {
         Some(format!(
-            "PRAGMA {name} = ... changes how the database behaves, which Hearth manages"
+            "PRAGMA {name} with an argument changes the database or how it behaves, which Hearth manages"
         ))
     } else {
         Some(format!("PRAGMA {name} is not one Hearth lets the app run"))

@@ -72,4 +72,8 @@ pub struct LogEntry {
     pub client_seq: u64,
     pub hlc: Hlc,
     pub changes: Vec<RowChange>,
+    /// The [`Mutation::digest`] of the mutation this entry applied (0 for
+    /// entries stored before digests were kept). Its device takes the entry
+    /// as the ack of a pending mutation only when the digests agree.
+    pub digest: u64,
 }

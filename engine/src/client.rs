@@ -274,9 +274,11 @@ fn capture_sql(n: usize, table: &Table, rowid: bool) -> String {
         .iter()
         .enumerate()
         // Exact: the column's collation (say NOCASE) and affinity must not
-        // hide a change, so compare bytes and storage class.
+        // hide a change, so compare bytes and storage class. SQL compares
+        // reals by value (0.0 = -0.0), so a real column is always marked and
+        // the exact comparison of old and new values decides.
         .map(|(i, c)| {
-            format!("((OLD.{c} IS NOT NEW.{c} COLLATE BINARY OR typeof(OLD.{c}) <> typeof(NEW.{c})) << {i})")
+            format!("((OLD.{c} IS NOT NEW.{c} COLLATE BINARY OR typeof(OLD.{c}) <> typeof(NEW.{c}) OR typeof(OLD.{c}) = 'real') << {i})")
         })
         .collect();
     let shadow = shadow_table(n);
@@ -1528,26 +1530,32 @@ impl Client {
             .collect();
         let mut acked = self.load_pending_subset(&mine)?;
         // An entry under this device's id and a pending sequence number is
-        // its ack only if it wrote rows the pending mutation wrote. Anything
-        // else means the server holds another mutation under that number: this
-        // device lost the end of its history without the server noticing at
-        // Hello. The entry is applied as another device's, and the device
-        // takes a new identity so its own write is not taken for done.
+        // its ack only if it applied that very mutation: the digests agree
+        // (entries stored before digests were kept carry 0, and then the
+        // rows it wrote must be rows the mutation wrote). Anything else means
+        // the server holds another mutation under that number: this device
+        // lost the end of its history without the server noticing at Hello.
+        // The entry is applied as another device's, and the device takes a
+        // new identity so its own write is not taken for done.
         let mut impostor = false;
         acked.retain(|(seq, mutation, _)| {
             let entry = fresh
                 .iter()
                 .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
                 .expect("acked mutations come from fresh entries");
-            let written: HashSet<RowKey> = mutation
-                .changes
-                .iter()
-                .map(|c| row_key(&c.table, &c.pk))
-                .collect();
-            let matches = entry
-                .changes
-                .iter()
-                .all(|c| written.contains(&row_key(&c.table, &c.pk)));
+            let matches = if entry.digest != 0 {
+                entry.digest == mutation.digest()
+            } else {
+                let written: HashSet<RowKey> = mutation
+                    .changes
+                    .iter()
+                    .map(|c| row_key(&c.table, &c.pk))
+                    .collect();
+                entry
+                    .changes
+                    .iter()
+                    .all(|c| written.contains(&row_key(&c.table, &c.pk)))
+            };
             impostor |= !matches;
             matches
         });

@@ -280,7 +280,7 @@ mod tests {
         ) {
             let msg = ServerMsg::Changes {
                 entries: entries.into_iter().map(|(s, c, cs, h, changes)| LogEntry {
-                    server_seq: s, client_id: c, client_seq: cs, hlc: Hlc(h), changes,
+                    server_seq: s, client_id: c, client_seq: cs, hlc: Hlc(h), changes, digest: h ^ s,
                 }).collect(),
                 caught_up,
             };

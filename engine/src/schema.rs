@@ -155,6 +155,7 @@ impl Schema {
             let table = check_table(&name, raw_table)?;
             tables.insert(name, table);
         }
+        check_foreign_keys(&tables)?;
         Ok(Schema {
             version: raw.version,
             tables,
@@ -170,6 +171,41 @@ impl Schema {
     pub fn numbered(&self) -> impl Iterator<Item = (usize, &Table)> {
         self.tables.values().enumerate()
     }
+}
+
+/// A foreign key must point at a synced table (the server and every device
+/// hold only those), at columns SQLite can use as a parent key (the primary
+/// key, or columns with a UNIQUE index), or every write to the table would
+/// fail on the device.
+fn check_foreign_keys(tables: &BTreeMap<String, Table>) -> Result<(), SchemaError> {
+    let scratch = Connection::open_in_memory().map_err(|e| SchemaError::Toml(e.to_string()))?;
+    for table in tables.values() {
+        scratch
+            .execute_batch(&table.create_sql)
+            .map_err(|e| table_error(&table.name, format!("create statement failed: {e}")))?;
+    }
+    for table in tables.values() {
+        let parents: Vec<String> = scratch
+            .prepare("SELECT DISTINCT \"table\" FROM pragma_foreign_key_list(?1)")
+            .and_then(|mut stmt| {
+                stmt.query_map([&table.name], |r| r.get(0))?
+                    .collect::<Result<_, _>>()
+            })
+            .map_err(|e| table_error(&table.name, e.to_string()))?;
+        for parent in parents {
+            if !tables.contains_key(&parent) {
+                return Err(table_error(
+                    &table.name,
+                    format!("has a foreign key to '{parent}', which is not a table of this schema"),
+                ));
+            }
+        }
+        scratch
+            .prepare(&format!("PRAGMA foreign_key_check({})", ident(&table.name)))
+            .and_then(|mut stmt| stmt.query([]).map(|_| ()))
+            .map_err(|e| table_error(&table.name, format!("bad foreign key: {e}")))?;
+    }
+    Ok(())
 }
 
 fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
@@ -410,6 +446,15 @@ mod tests {
 
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"\ncolumns = { n = \"counter\" }\n");
         assert!(e.contains("not implemented yet"), "{e}");
+
+        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id INTEGER PRIMARY KEY, o INTEGER REFERENCES other(id))\"\n");
+        assert!(e.contains("table 't'") && e.contains("'other'"), "{e}");
+
+        let e = err("version = 1\n[tables.p]\ncreate = \"CREATE TABLE p (id INTEGER PRIMARY KEY, x)\"\n[tables.t]\ncreate = \"CREATE TABLE t (id INTEGER PRIMARY KEY, o INTEGER REFERENCES p(x))\"\n");
+        assert!(
+            e.contains("table 't'") && e.contains("foreign key mismatch"),
+            "{e}"
+        );
 
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY COLLATE NOCASE, n INTEGER)\"\n");
         assert!(e.contains("collation NOCASE"), "{e}");

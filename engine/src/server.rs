@@ -442,6 +442,7 @@ impl ServerCore {
                         client_seq: mutation.seq,
                         hlc,
                         changes,
+                        digest,
                     };
                     let blob = postcard::to_allocvec(&entry.changes).expect("encode changes");
                     self.conn
@@ -691,7 +692,7 @@ impl ServerCore {
     /// Reads log entries after `after`, at most `limit` of them.
     pub fn read_log(conn: &Connection, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, client_id, client_seq, hlc, changes FROM _hearth_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, client_id, client_seq, hlc, changes, digest FROM _hearth_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let mut rows = stmt.query(params![to_i64(after), limit as i64])?;
         let mut out = Vec::new();
@@ -705,6 +706,7 @@ impl ServerCore {
                 client_seq: row.get::<_, i64>(2)? as u64,
                 hlc: crate::hlc::Hlc(row.get::<_, i64>(3)? as u64),
                 changes,
+                digest: row.get::<_, i64>(5)? as u64,
             });
         }
         Ok(out)

@@ -901,3 +901,80 @@ fn the_server_tells_a_reused_number_from_a_re_send() {
     );
     assert_eq!(net.server.head(), 2);
 }
+
+#[test]
+fn zero_and_negative_zero_are_different_values() {
+    let mut net = Net::new(VALUES);
+    let mut a = net.device();
+    a.exec(
+        "INSERT INTO vals (id, v, r) VALUES (1, 0.0, 0.0)",
+        &[],
+        1_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    for (step, z) in [-0.0f64, 0.0, -0.0].into_iter().enumerate() {
+        let (outcome, _) = a
+            .exec(
+                "UPDATE vals SET v = ?1, r = ?1 WHERE id = 1",
+                &[Value::Real(z)],
+                2_000 + step as u64,
+            )
+            .unwrap();
+        assert!(outcome.mutation.is_some(), "step {step}: {z:?} is a change");
+    }
+    net.sync(&mut a);
+    let b = net.device();
+    let want = rows(&a, "SELECT v, r FROM vals");
+    assert!(
+        matches!(want[0][0], Value::Real(z) if z.to_bits() == (-0.0f64).to_bits()),
+        "{want:?}"
+    );
+    assert_eq!(rows(&b, "SELECT v, r FROM vals"), want);
+    assert_eq!(net.server_rows("SELECT v, r FROM vals"), want);
+}
+
+#[test]
+fn a_restored_device_editing_the_same_row_again_keeps_its_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Net::new(NOTES);
+    let path = dir.path().join("a.db");
+    let mut a = Client::open(
+        Connection::open(&path).unwrap(),
+        77,
+        ClientConfig::default(),
+    )
+    .unwrap();
+    net.sync(&mut a);
+    a.exec("INSERT INTO notes VALUES ('n1', 'orig')", &[], 1_000)
+        .unwrap();
+    net.sync(&mut a);
+    let backup = dir.path().join("backup.db");
+    a.connection()
+        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap();
+    a.exec("UPDATE notes SET body = 'edit before restore'", &[], 2_000)
+        .unwrap();
+    net.sync(&mut a);
+    drop(a);
+    let mut a = Client::open(
+        Connection::open(&backup).unwrap(),
+        99,
+        ClientConfig::default(),
+    )
+    .unwrap();
+    // The same row as the lost edit, under the same number (2).
+    a.exec("UPDATE notes SET body = 'edit after restore'", &[], 3_000)
+        .unwrap();
+    let events = net.sync(&mut a);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Rewound { .. })),
+        "{events:?}"
+    );
+    net.sync(&mut a);
+    let b = net.device();
+    let want = vec![vec![text("edit after restore")]];
+    assert_eq!(rows(&a, "SELECT body FROM notes"), want);
+    assert_eq!(rows(&b, "SELECT body FROM notes"), want);
+    assert_eq!(net.server_rows("SELECT body FROM notes"), want);
+}
