@@ -7,8 +7,9 @@
 //! - `SIM_SEED=S` replays seed S with a readable trace; `SIM_STEPS=K` sets
 //!   the step count (for replaying a shrunk failure).
 //! - `SIM_OPEN_BUGS=M` also generates the shapes held back while an engine
-//!   bug they show is open: bit `i` of the mask `M` for `sim::OPEN_BUGS[i]`
-//!   (`SIM_OPEN_BUGS=15` for all four).
+//!   bug they show is open: bit `i` of the mask `M` for `sim::SHAPES[i]`
+//!   (`SIM_OPEN_BUGS=15` for all four); `SIM_SHAPES=M` generates exactly
+//!   those (what a failure's replay line says).
 //!
 //! A failing seed is shrunk to the smallest step count that still fails, and
 //! both are printed. Every bug the simulator found stays below as a named
@@ -36,8 +37,13 @@ fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
-fn open_bugs_from_env() -> u32 {
-    env_u64("SIM_OPEN_BUGS").map_or(0, |v| v as u32)
+/// The shapes to generate: exactly `SIM_SHAPES`, or the default ones plus
+/// those `SIM_OPEN_BUGS` adds.
+fn shapes_from_env() -> u32 {
+    match env_u64("SIM_SHAPES") {
+        Some(exact) => exact as u32,
+        None => sim::SHAPES_DEFAULT | env_u64("SIM_OPEN_BUGS").map_or(0, |v| v as u32),
+    }
 }
 
 /// Runs one seed; a panic inside the engine counts as a failure too.
@@ -91,7 +97,7 @@ fn shrink(opts: &Options) -> (u64, String) {
 
 fn check_seed(seed: u64, steps: u64) -> Stats {
     check(Options {
-        open_bugs: open_bugs_from_env(),
+        shapes: shapes_from_env(),
         ..Options::new(seed, steps)
     })
 }
@@ -107,8 +113,8 @@ fn fail(opts: &Options, message: String) -> ! {
     let (smallest, shrunk) = shrink(opts);
     let detail = if shrunk.is_empty() { message } else { shrunk };
     let seed = opts.seed;
-    let open = if opts.open_bugs != 0 {
-        format!("SIM_OPEN_BUGS={} ", opts.open_bugs)
+    let open = if opts.shapes != sim::SHAPES_DEFAULT {
+        format!("SIM_SHAPES={} ", opts.shapes)
     } else {
         String::new()
     };
@@ -125,7 +131,7 @@ fn simulation_seeds() {
     if let Some(seed) = env_u64("SIM_SEED") {
         match run_once(&Options {
             verbose: true,
-            open_bugs: open_bugs_from_env(),
+            shapes: shapes_from_env(),
             ..Options::new(seed, steps)
         }) {
             Ok((summary, _)) => println!("seed {seed}: ok after {steps} steps: {summary}"),
@@ -150,11 +156,12 @@ fn simulation_seeds() {
         "simulation: {ran} seeds x {steps} steps passed in {:.1}s\ntotal: {total:?}",
         started.elapsed().as_secs_f64()
     );
-    if open_bugs_from_env() == 0 {
-        println!(
-            "shapes held back for open engine bugs: {}",
-            sim::OPEN_BUGS.join("; ")
-        );
+    let held: Vec<&str> = (0..sim::SHAPES.len())
+        .filter(|i| shapes_from_env() & (1 << i) == 0)
+        .map(|i| sim::SHAPES[i])
+        .collect();
+    if !held.is_empty() {
+        println!("shapes held back for open engine bugs: {}", held.join("; "));
     }
     assert!(ran > 0, "no seed ran");
 }
@@ -193,33 +200,33 @@ fn regression_settle_fast_path_stale_preimage() {
     check_seed(52, 498);
 }
 
-// ---- open engine bugs: the seed that shows each, with only the shape held
-// back for it generated again (bit i for sim::OPEN_BUGS[i]); un-ignore once
-// the engine is fixed, and stop holding the shape back.
+// ---- engine bugs found with shapes that were held back while open: each
+// runs its seed with the shape bits it was found with (sim::SHAPES), which
+// replays that run exactly. Un-ignore an open one with its fix and add its
+// bit to sim::SHAPES_DEFAULT.
 
 /// `UPDATE vals SET ... b = 0.0` of a row whose `b` held `-0.0` made a
-/// mutation without `b`: capture's trigger compares with `IS NOT`, which
-/// compares reals by value, so the writer shows `0.0` and every other device
-/// keeps `-0.0`. (First found as seed 26 at 221 steps.)
+/// mutation without `b`: capture's trigger compared with `IS NOT`, which
+/// compares reals by value, so the writer showed `0.0` and every other
+/// device kept `-0.0`. First found as seed 26 at 221 steps; fixed in 87c068e.
 #[test]
-#[ignore = "open engine bug: capture misses -0.0 <-> 0.0"]
 fn regression_negative_zero_capture() {
     check(Options {
-        open_bugs: 1 << 0,
+        shapes: 1 << 0,
         ..Options::new(17, 365)
     });
 }
 
-/// A device restored from a copy holding a pending write the server had
-/// already applied (`vals/6` inserted as 13#1) was rewound and sent it again
-/// under its new id; the clamp stamped the copy at the server's later clock,
-/// later than a write another device had made after seeing the original,
-/// which the copy overrode. (First found as seed 79 at 430 steps.)
+/// Open: a device restored from a copy holding a pending write the server
+/// had already applied (`vals/6` inserted as 13#1) was rewound and sent it
+/// again under its new id; the clamp stamped the copy at the server's later
+/// clock, later than a write another device had made after seeing the
+/// original, which the copy overrode. First found as seed 79 at 430 steps.
 #[test]
 #[ignore = "open engine bug: a restored device's applied pending write is applied again"]
 fn regression_restored_pending_write_applied_twice() {
     check(Options {
-        open_bugs: 1 << 1,
+        shapes: 1 << 1,
         ..Options::new(27, 318)
     });
 }
@@ -228,25 +235,25 @@ fn regression_restored_pending_write_applied_twice() {
 /// numbers of its lost tail; its Hello passed (its next number was past the
 /// server's), and the catch-up's entry of a lost mutation under the same
 /// number was taken as the acknowledgement of its new one: told applied, the
-/// write never reached the server. (First found as seed 406 at 396 steps,
-/// where the lost entry's effect was empty.)
+/// write never reached the server. First found as seed 406 at 396 steps
+/// (the lost entry's effect was empty); fixed in 87c068e (an ack carries the
+/// mutation's digest).
 #[test]
-#[ignore = "open engine bug: a restored device's first writes are taken as acknowledged"]
 fn regression_restored_write_taken_as_acknowledged() {
     check(Options {
-        open_bugs: 1 << 2,
+        shapes: 1 << 2,
         ..Options::new(23, 485)
     });
 }
 
-/// A device far ahead wrote `vals/3.b` after seeing another far-ahead
+/// Open: a device far ahead wrote `vals/3.b` after seeing another far-ahead
 /// device's write to it; the server's clock had stepped back, so the clamp
 /// stamped the later write below the one it had seen, which kept the cell.
 #[test]
 #[ignore = "open engine bug: a clamped write can stamp at or below one its device had seen"]
 fn regression_clamp_below_a_seen_stamp() {
     check(Options {
-        open_bugs: 1 << 3,
+        shapes: 1 << 3,
         ..Options::new(3, 338)
     });
 }

@@ -142,9 +142,9 @@ pub struct Options {
     pub steps: u64,
     /// Print every trace line as it happens (for replaying one seed).
     pub verbose: bool,
-    /// Generate the shapes held back while an engine bug they show is open:
-    /// bit `i` for `OPEN_BUGS[i]`.
-    pub open_bugs: u32,
+    /// Which of the [`SHAPES`] that showed engine bugs are generated: bit
+    /// `i` for `SHAPES[i]`. [`SHAPES_DEFAULT`] has those whose bug is fixed.
+    pub shapes: u32,
 }
 
 impl Options {
@@ -153,45 +153,48 @@ impl Options {
             seed,
             steps,
             verbose: false,
-            open_bugs: 0,
+            shapes: SHAPES_DEFAULT,
         }
     }
 }
 
-/// Engine bugs the simulator found that are not fixed yet, each with the
-/// shape the default run holds back until it is (`SIM_OPEN_BUGS=<mask>` or
-/// [`Options::open_bugs`], bit `i` for entry `i`, generates them again and
-/// replays the run in which each was found):
-/// - capture takes a real changed from `-0.0` to `0.0` (or back) for no
-///   change, because its trigger compares with `IS NOT`, which compares
-///   reals by value: the writer keeps its value, every other device the old
-///   one (held back: `-0.0` among the extreme values);
-/// - a device restored from a copy that had pending mutations, and then
-///   found rewound, sends those again under its new id even when the server
-///   already applied them; a far-ahead clock's clamp then stamps the copy
-///   later than writes other devices made after seeing the original, and it
-///   overrides them (held back: copies taken with pending mutations);
-/// - a device restored from a copy that writes before it reconnects reuses
-///   the numbers of its lost tail, so its Hello passes; the catch-up then
-///   carries the lost tail's entries under those numbers, and the device
-///   takes one whose effect is empty or touches the same rows as the
-///   acknowledgement of its new write: told applied, the write is lost
-///   (held back: a restored device writes only after it caught up);
-/// - the clamp lowers a far-ahead stamp to the server's clock + 5 minutes,
-///   which can be at or below a stamp the server already gave a write the
-///   device has seen (the same millisecond, or the server's clock stepped
-///   back): a write made after seeing another then ties with it (the client
-///   id decides) or loses to it (held back: the server's clock jumps).
-pub const OPEN_BUGS: [&str; 4] = [
-    "capture misses -0.0 <-> 0.0",
-    "a restored device's already-applied pending write is applied again and overrides later writes",
-    "a restored device's first writes are taken as acknowledged by its lost tail's log entries",
-    "a clamped write can stamp at or below a clamped write its device had seen",
+/// Shapes that showed engine bugs, each behind a bit of [`Options::shapes`]
+/// (`SIM_OPEN_BUGS=<mask>` adds bits): while a bug is open the default run
+/// holds its shape back; once it is fixed the shape joins [`SHAPES_DEFAULT`].
+/// A regression case runs the seed that found a bug with the bits it was
+/// found with, which replays that run exactly.
+/// - 0, fixed in 87c068e: capture took a real changed from `-0.0` to `0.0`
+///   (or back) for no change, its trigger comparing with `IS NOT` (by
+///   value): the writer kept its value, every other device the old one.
+///   Shape: `-0.0` among the extreme values.
+/// - 1, OPEN: a device restored from a copy that had pending mutations, and
+///   then found rewound, sends those again under its new id even when the
+///   server already applied them; a far-ahead clock's clamp then stamps the
+///   copy later than writes other devices made after seeing the original,
+///   and it overrides them. Shape: copies taken with pending mutations.
+/// - 2, fixed in 87c068e: a device restored from a copy that wrote before it
+///   reconnected reused the numbers of its lost tail, so its Hello passed;
+///   the catch-up then carried the lost tail's entries under those numbers,
+///   and the device took one whose effect was empty or touched the same rows
+///   as the acknowledgement of its new write: told applied, the write was
+///   lost. Shape: a restored device writes before it has caught up.
+/// - 3, OPEN: the clamp lowers a far-ahead stamp to the server's clock + 5
+///   minutes, which can be at or below a stamp the server already gave a
+///   write the device has seen (the same millisecond, or the server's clock
+///   stepped back): a write made after seeing another then ties with it (the
+///   client id decides) or loses to it. Shape: the server's clock jumps.
+pub const SHAPES: [&str; 4] = [
+    "-0.0 among the extreme values",
+    "copies of a device's database taken with pending mutations",
+    "a restored device writing before it has caught up",
+    "the server's clock stepping back",
 ];
 const BUG_NEGATIVE_ZERO: usize = 0;
 const BUG_PENDING_APPLIED_TWICE: usize = 1;
 const BUG_RESTORED_WRITE_TAKEN_AS_ACKED: usize = 2;
 const BUG_CLAMP_BELOW_SEEN: usize = 3;
+/// The shapes whose engine bug is fixed.
+pub const SHAPES_DEFAULT: u32 = 1 << BUG_NEGATIVE_ZERO | 1 << BUG_RESTORED_WRITE_TAKEN_AS_ACKED;
 
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
@@ -362,7 +365,7 @@ struct Ledger {
 pub struct World {
     rng: StdRng,
     verbose: bool,
-    open_bugs: u32,
+    shapes: u32,
     now_ms: u64,
     /// Holds the database files; removed when the world is dropped.
     _dir: tempfile::TempDir,
@@ -687,7 +690,7 @@ impl World {
         let world = World {
             rng,
             verbose,
-            open_bugs: opts.open_bugs,
+            shapes: opts.shapes,
             now_ms: START_MS,
             _dir: dir,
             schema,
@@ -1451,15 +1454,15 @@ impl World {
     fn server_clock_jump(&mut self) {
         let by = self.rng.gen_range(-10_000..=2_000);
         if !self.open(BUG_CLAMP_BELOW_SEEN) {
-            return; // Held back: see OPEN_BUGS.
+            return; // Held back: see SHAPES.
         }
         self.server_skew_ms += by;
         self.trace(format!("server clock jumps by {by}ms"));
     }
 
-    /// Whether the shape held back for `OPEN_BUGS[bug]` is generated.
+    /// Whether `SHAPES[bug]` is generated.
     fn open(&self, bug: usize) -> bool {
-        self.open_bugs & (1 << bug) != 0
+        self.shapes & (1 << bug) != 0
     }
 
     /// The server's wall clock.
@@ -1610,7 +1613,7 @@ impl World {
         }
         let work = self.random_sql(d)?;
         if self.devices[d].restored_unsynced && !self.open(BUG_RESTORED_WRITE_TAKEN_AS_ACKED) {
-            return Ok(()); // Held back: see OPEN_BUGS.
+            return Ok(()); // Held back: see SHAPES.
         }
         let now = self.wall_ms(d);
         let pending_before = self.devices[d].client.status().pending;
