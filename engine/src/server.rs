@@ -206,6 +206,8 @@ pub struct ServerCore {
     /// The server's wall clock as of the batch being applied, when the
     /// driver gives one (the simulator does not, to keep its skew model).
     now_ms: Option<u64>,
+    /// The latest stamp merged so far.
+    max_hlc: Hlc,
     conn: Connection,
     schema: Schema,
     head: u64,
@@ -289,8 +291,13 @@ impl ServerCore {
                 r.get(0)
             })?;
         let foreign_keys = fk::ForeignKeys::load(&conn, &schema)?;
+        let max_hlc: i64 =
+            conn.query_row("SELECT coalesce(max(hlc), 0) FROM _hearth_log", [], |r| {
+                r.get(0)
+            })?;
         Ok(ServerCore {
             now_ms: None,
+            max_hlc: Hlc(max_hlc as u64),
             conn,
             schema,
             head: head as u64,
@@ -312,9 +319,17 @@ impl ServerCore {
     /// with a stamp later than the device's previous one, so a device whose
     /// clock runs far ahead never has its later write lose to its own
     /// earlier one, and no two of its writes share a stamp.
+    ///
+    /// The limit never moves back, even when the server's own clock does:
+    /// it is at least one past the latest stamp the server has merged, so a
+    /// write made after seeing every other write still wins over them.
     fn effective_hlc(&self, previous: Hlc, hlc: Hlc) -> Hlc {
         let capped = match self.now_ms {
-            Some(now) => hlc.min(Hlc::new(now + CLOCK_AHEAD_MAX_MS, u16::MAX)),
+            Some(now) => {
+                let cap = Hlc::new(now + CLOCK_AHEAD_MAX_MS, u16::MAX)
+                    .max(Hlc(self.max_hlc.0.saturating_add(1)));
+                hlc.min(cap)
+            }
             None => hlc,
         };
         capped.max(Hlc(previous.0.saturating_add(1)))
@@ -351,6 +366,7 @@ impl ServerCore {
     /// one store transaction, each all or nothing.
     pub fn apply_batch(&mut self, batch: &[(u64, Mutation)]) -> Result<Vec<Outcome>> {
         let saved_head = self.head;
+        let saved_max_hlc = self.max_hlc;
         let saved_seqs = self.last_seqs.clone();
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = self.apply_batch_in_transaction(batch);
@@ -365,6 +381,7 @@ impl ServerCore {
         if committed.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.head = saved_head;
+            self.max_hlc = saved_max_hlc;
             self.last_seqs = saved_seqs;
         }
         committed
@@ -459,6 +476,7 @@ impl ServerCore {
                         ])?;
                     self.head = entry.server_seq;
                     merged_hlc = hlc;
+                    self.max_hlc = self.max_hlc.max(hlc);
                     outcomes.push(Outcome::Applied(entry));
                 }
                 Err(MergeError::Refused(refusal)) => {

@@ -978,3 +978,38 @@ fn a_restored_device_editing_the_same_row_again_keeps_its_edit() {
     assert_eq!(rows(&b, "SELECT body FROM notes"), want);
     assert_eq!(net.server_rows("SELECT body FROM notes"), want);
 }
+
+#[test]
+fn a_write_made_after_seeing_another_wins_when_the_servers_clock_steps_back() {
+    let todos =
+        "[tables.todos]\ncreate = \"CREATE TABLE todos (id TEXT PRIMARY KEY, title TEXT)\"\n";
+    let mut net = Net::new(todos);
+    let now = 1_764_000_000_000;
+    net.server.set_now_ms(now);
+    let mut a = net.device();
+    let mut b = net.device();
+    // A's clock runs an hour ahead: its write is lowered to now + 5 min.
+    a.exec(
+        "INSERT INTO todos VALUES ('t', 'from a')",
+        &[],
+        now + 3_600_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    net.sync(&mut b);
+    // The server's clock steps back ten minutes; B, which has seen A's
+    // write, writes the same cell.
+    net.server.set_now_ms(now - 600_000);
+    b.exec(
+        "UPDATE todos SET title = 'from b, later' WHERE id = 't'",
+        &[],
+        now - 600_000,
+    )
+    .unwrap();
+    net.sync(&mut b);
+    net.sync(&mut a);
+    let want = vec![vec![text("from b, later")]];
+    assert_eq!(rows(&a, "SELECT title FROM todos"), want);
+    assert_eq!(rows(&b, "SELECT title FROM todos"), want);
+    assert_eq!(net.server_rows("SELECT title FROM todos"), want);
+}
