@@ -158,7 +158,6 @@ impl Raw {
             client_id,
             cursor: 0,
             schema_version: None,
-            next_seq: 1,
         };
         ws.send(Message::Binary(encode_client(&hello).into()))
             .await
@@ -284,7 +283,6 @@ async fn stalled_reader() -> Vec<Figure> {
         client_id: 42,
         cursor: 0,
         schema_version: None,
-        next_seq: 1,
     };
     stalled
         .send(Message::Binary(encode_client(&hello).into()))

@@ -71,7 +71,6 @@ fn hello(client_id: u64) -> Message {
             client_id,
             cursor: 0,
             schema_version: None,
-            next_seq: 1,
         })
         .into(),
     )
@@ -501,6 +500,7 @@ async fn a_sync_against_a_server_that_stops_reading_ends_at_its_timeout() {
             schema_version: 1,
             schema: None,
             frame_bytes_max: hearth_engine::protocol::FRAME_BYTES_MAX as u64,
+            last_seq: 0,
         };
         ws.send(Message::Binary(encode_server(&welcome).into()))
             .await

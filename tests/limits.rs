@@ -36,7 +36,6 @@ async fn raw_session(url: &str, client_id: u64) -> native_client::Ws {
         client_id,
         cursor: 0,
         schema_version: None,
-        next_seq: 1,
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await

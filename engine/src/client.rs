@@ -182,6 +182,26 @@ struct Preimage {
     row: Option<Vec<Value>>,
 }
 
+/// What a connection learnt about the device having lost the end of its
+/// history (restored from an older copy, or storage that dropped its last
+/// commits). Such a device may hold pending mutations the server already
+/// has (their acks are in the catch-up) beside new ones under numbers the
+/// server has taken. So when the server has processed a number the device
+/// holds pending or would use next, the device sends nothing until it has
+/// caught up: the acks come first (matched by digest), and only then does it
+/// take a new identity for what is left under a reused number.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Rewind {
+    /// The device's next number is not past the server's last from it:
+    /// pushes wait until caught up.
+    suspected: bool,
+    /// A log entry under this device's id and a pending number applied
+    /// another mutation: take a new identity once caught up.
+    confirmed: bool,
+    /// The last number the server processed from this client id.
+    server_last_seq: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Session {
     Offline,
@@ -212,6 +232,8 @@ pub struct Client {
     session: Session,
     /// The largest frame the server accepts, from its last `Welcome`.
     server_frame_bytes_max: usize,
+    /// Whether this connection found the device rewound, see [`Rewind`].
+    rewind: Rewind,
     /// What the app's SQL may do in the call under way.
     gate: Arc<Mutex<Gate>>,
     /// (name, CREATE TRIGGER text) of the app's triggers on synced tables,
@@ -484,6 +506,7 @@ impl Client {
             inserted: Arc::new(Mutex::new(InsertLog::default())),
             session: Session::Offline,
             server_frame_bytes_max: crate::protocol::FRAME_BYTES_MAX,
+            rewind: Rewind::default(),
             app_triggers: Vec::new(),
             gate: Arc::new(Mutex::new(Gate::default())),
         };
@@ -1105,11 +1128,11 @@ impl Client {
     /// The connection to the server is up: what to say first.
     pub fn on_connected(&mut self) -> Vec<ClientMsg> {
         self.session = Session::AwaitingWelcome;
+        self.rewind = Rewind::default();
         vec![ClientMsg::Hello {
             client_id: self.client_id,
             cursor: self.cursor,
             schema_version: self.schema.as_ref().map(|s| s.version),
-            next_seq: self.next_seq,
         }]
     }
 
@@ -1155,6 +1178,9 @@ impl Client {
         else {
             return Ok(Vec::new());
         };
+        if self.rewind.suspected {
+            return Ok(Vec::new()); // Until caught up, see `Rewind`.
+        }
         let frame_room = self
             .server_frame_bytes_max
             .saturating_sub(Self::PUSH_FRAME_OVERHEAD_BYTES);
@@ -1225,9 +1251,22 @@ impl Client {
                 schema_version,
                 schema,
                 frame_bytes_max,
+                last_seq,
             } => {
                 self.server_frame_bytes_max =
                     usize::try_from(frame_bytes_max).unwrap_or(usize::MAX);
+                // The server has processed a number this device still holds
+                // pending (a lost ack, or a lost history) or would use next
+                // (a lost history): catch up before sending anything.
+                let first_unacked: Option<i64> =
+                    self.conn
+                        .query_row("SELECT min(seq) FROM _hearth_outbox", [], |r| r.get(0))?;
+                let first_unacked = first_unacked.map_or(self.next_seq, |s| s as u64);
+                self.rewind = Rewind {
+                    suspected: first_unacked <= last_seq,
+                    confirmed: false,
+                    server_last_seq: last_seq,
+                };
                 if self.session != Session::AwaitingWelcome {
                     return Err(ClientError::Protocol(
                         "Welcome outside the handshake".into(),
@@ -1271,14 +1310,27 @@ impl Client {
                 let Session::Ready { sent_upto, .. } = self.session else {
                     return Err(ClientError::Protocol("Changes before Welcome".into()));
                 };
-                self.apply_entries(&entries, now_ms, &mut out)?;
-                if self.session == Session::Offline {
-                    return Ok(out); // Rewound: this connection is over.
-                }
+                self.apply_entries(&entries, &mut out)?;
                 self.session = Session::Ready {
                     sent_upto,
                     caught_up,
                 };
+                if caught_up && self.rewind.suspected {
+                    // Every ack the server had for this device is in: what
+                    // is still pending under a taken number is not the
+                    // server's.
+                    if self.rewind.confirmed {
+                        let reason =
+                            "the server holds other mutations under numbers this device reused";
+                        out.events.push(self.rewind(now_ms, reason.into())?);
+                        return Ok(out);
+                    }
+                    // No reused number turned up: numbers from here on
+                    // start past the server's; pending ones it may have
+                    // refused are sent and answered from its record.
+                    self.skip_seqs_to(self.rewind.server_last_seq + 1)?;
+                    self.rewind = Rewind::default();
+                }
                 if caught_up {
                     out.events.push(Event::CaughtUp {
                         server_seq: self.cursor,
@@ -1304,6 +1356,16 @@ impl Client {
         out.send = sent.send;
         out.events.extend(sent.events);
         Ok(out)
+    }
+
+    /// Numbers the next mutation at least `next` (the numbers before it are
+    /// the server's, from a history this device lost).
+    fn skip_seqs_to(&mut self, next: u64) -> Result<()> {
+        if self.next_seq < next {
+            meta_set(&self.conn, "next_seq", to_i64(next))?;
+            self.next_seq = next;
+        }
+        Ok(())
     }
 
     /// The device lost the end of its history: it takes a new identity and
@@ -1515,7 +1577,7 @@ impl Client {
         Ok(still.len() as u64)
     }
 
-    fn apply_entries(&mut self, entries: &[LogEntry], now_ms: u64, out: &mut Output) -> Result<()> {
+    fn apply_entries(&mut self, entries: &[LogEntry], out: &mut Output) -> Result<()> {
         let fresh: Vec<&LogEntry> = entries
             .iter()
             .filter(|e| e.server_seq > self.cursor)
@@ -1591,9 +1653,8 @@ impl Client {
                 .push(Event::TablesChanged(tables.into_iter().collect()));
         }
         if impostor {
-            let reason =
-                "the server acknowledged a mutation number of this device with rows it did not write";
-            out.events.push(self.rewind(now_ms, reason.into())?);
+            self.rewind.suspected = true;
+            self.rewind.confirmed = true;
         }
         Ok(())
     }

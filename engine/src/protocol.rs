@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::{LogEntry, Mutation};
 
-/// 2: `Hello` says which mutation sequence number the device makes next, and
-/// `Welcome` names the largest frame the server accepts and builds.
+/// 2: `Welcome` names the largest frame the server accepts and builds and
+/// the last mutation number it processed from the device; a log entry
+/// carries the digest of the mutation it applied.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default largest frame either side accepts.
@@ -32,11 +33,6 @@ pub enum ClientMsg {
         cursor: u64,
         /// The schema version this device has, if any.
         schema_version: Option<u64>,
-        /// The sequence number this device gives its next mutation: one past
-        /// every mutation it ever made. A server that has seen that number or
-        /// later from this client id answers `DEVICE_REWOUND` (the device lost
-        /// its tail, or was restored from an older copy).
-        next_seq: u64,
     },
     Push {
         mutations: Vec<Mutation>,
@@ -53,6 +49,13 @@ pub enum ServerMsg {
         /// The largest frame, in bytes, the server accepts from this device
         /// and builds for it. A device keeps its pushes under it.
         frame_bytes_max: u64,
+        /// The last mutation sequence number the server has processed from
+        /// this client id. A device whose own next number is not past it has
+        /// lost the end of its history (restored from an older copy, or
+        /// storage that dropped its last commits): it catches up before it
+        /// sends anything, so that the acks of the mutations the server
+        /// already has reach it first.
+        last_seq: u64,
     },
     Changes {
         entries: Vec<LogEntry>,

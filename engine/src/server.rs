@@ -816,7 +816,6 @@ pub struct Hello {
     pub client_id: u64,
     pub cursor: u64,
     pub schema_version: Option<u64>,
-    pub next_seq: u64,
 }
 
 impl Hello {
@@ -827,12 +826,10 @@ impl Hello {
                 client_id,
                 cursor,
                 schema_version,
-                next_seq,
             } => Some(Hello {
                 client_id,
                 cursor,
                 schema_version,
-                next_seq,
             }),
             _ => None,
         }
@@ -850,14 +847,9 @@ pub fn last_client_seq(conn: &Connection, client_id: u64) -> Result<u64> {
 
 /// The answer to a device's `Hello` for a server at `head` with `schema`,
 /// reading the device's record through `conn`: `Welcome` (with the schema
-/// when the device does not have this version, and the frame limit), or a
-/// fatal `Error`:
-/// - `HANDSHAKE` for client id 0, which is reserved;
-/// - `DEVICE_REWOUND` when the store has processed the device's `next_seq`
-///   or a later one: the device lost the tail of its history (restored from
-///   an older copy, or storage that dropped its last commits), so its next
-///   mutations would reuse numbers the server has taken as done. The device
-///   then takes a new client id and renumbers its pending writes.
+/// when the device does not have this version, the frame limit, and the last
+/// mutation number processed from the device), or the fatal `Error`
+/// `HANDSHAKE` for client id 0, which is reserved.
 pub fn greet(
     conn: &Connection,
     schema: &Schema,
@@ -871,25 +863,16 @@ pub fn greet(
             message: "client id 0 is reserved".into(),
         });
     }
-    let last = last_client_seq(conn, hello.client_id)?;
-    if hello.next_seq <= last {
-        return Ok(ServerMsg::Error {
-            code: DEVICE_REWOUND.into(),
-            message: format!(
-                "this device's next mutation would be number {} but the server has already processed \
-                 number {last} from client {}: the device lost the end of its history (restored from an \
-                 older copy?) and must take a new client id",
-                hello.next_seq, hello.client_id
-            ),
-        });
-    }
     Ok(ServerMsg::Welcome {
         server_seq: head,
         schema_version: schema.version,
         schema: (hello.schema_version != Some(schema.version)).then(|| schema.source.clone()),
         frame_bytes_max: frame_bytes_max as u64,
+        last_seq: last_client_seq(conn, hello.client_id)?,
     })
 }
 
-/// The `Error` code a server sends to a device that lost its tail (see [`greet`]).
+/// The `Error` code a server sends to a device that re-sent a mutation
+/// number it has processed with other content: the device lost the end of
+/// its history and takes a new client id.
 pub const DEVICE_REWOUND: &str = "DEVICE_REWOUND";

@@ -1013,3 +1013,124 @@ fn a_write_made_after_seeing_another_wins_when_the_servers_clock_steps_back() {
     assert_eq!(rows(&b, "SELECT title FROM todos"), want);
     assert_eq!(net.server_rows("SELECT title FROM todos"), want);
 }
+
+/// Found by the simulator (seed 79): a restored device sent again, under its
+/// new id, a write the server already had, which then overrode a write made
+/// after it.
+#[test]
+fn a_write_sent_again_after_a_restore_does_not_override_writes_made_after_it() {
+    let todos =
+        "[tables.todos]\ncreate = \"CREATE TABLE todos (id TEXT PRIMARY KEY, title TEXT)\"\n";
+    let mut net = Net::new(todos);
+    let now = 1_764_000_000_000u64;
+    net.server.set_now_ms(now);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let mut a = Client::open(
+        Connection::open(&path).unwrap(),
+        77,
+        ClientConfig::default(),
+    )
+    .unwrap();
+    net.sync(&mut a);
+    let mut b = net.device();
+    a.exec("INSERT INTO todos VALUES ('t', 'v1')", &[], now + 3_600_000)
+        .unwrap();
+    let backup = dir.path().join("backup.db");
+    a.connection()
+        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap(); // A copy with #1 pending.
+    net.sync(&mut a);
+    a.exec(
+        "INSERT INTO todos VALUES ('u', 'tail')",
+        &[],
+        now + 3_600_001,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    net.server.set_now_ms(now + 60_000);
+    net.sync(&mut b);
+    b.exec(
+        "UPDATE todos SET title = 'v2' WHERE id = 't'",
+        &[],
+        now + 60_000,
+    )
+    .unwrap();
+    net.sync(&mut b);
+    drop(a);
+    let mut a = Client::open(
+        Connection::open(&backup).unwrap(),
+        99,
+        ClientConfig::default(),
+    )
+    .unwrap();
+    net.server.set_now_ms(now + 20 * 60_000);
+    net.sync(&mut a);
+    net.sync(&mut a);
+    net.sync(&mut b);
+    let want = vec![vec![text("v2")]];
+    assert_eq!(
+        net.server_rows("SELECT title FROM todos WHERE id = 't'"),
+        want
+    );
+    assert_eq!(rows(&b, "SELECT title FROM todos WHERE id = 't'"), want);
+    assert_eq!(rows(&a, "SELECT title FROM todos WHERE id = 't'"), want);
+    assert_eq!(
+        rows(&a, "SELECT title FROM todos WHERE id = 'u'"),
+        vec![vec![text("tail")]]
+    );
+    assert_eq!(a.status().pending, 0);
+    // The restored device's next write is numbered past the server's.
+    let (outcome, _) = a
+        .exec(
+            "INSERT INTO todos VALUES ('w', 'next')",
+            &[],
+            now + 3_600_002,
+        )
+        .unwrap();
+    assert_eq!(outcome.mutation, Some(3));
+    let events = net.sync(&mut a);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Applied { seq: 3, .. })),
+        "{events:?}"
+    );
+}
+
+/// Found by the simulator (seed 3): a clamped write could be stamped at or
+/// below a clamped write its device had seen.
+#[test]
+fn a_write_made_after_seeing_a_clamped_one_wins() {
+    let todos =
+        "[tables.todos]\ncreate = \"CREATE TABLE todos (id TEXT PRIMARY KEY, title TEXT)\"\n";
+    for step_back_ms in [0, 1_000] {
+        let mut net = Net::new(todos);
+        let now = 1_764_000_000_000u64;
+        net.server.set_now_ms(now);
+        // Y gets the smaller client id, so a tie would go to X.
+        let mut y = net.device();
+        let mut x = net.device();
+        x.exec("INSERT INTO todos VALUES ('t', 'x')", &[], now + 86_400_000)
+            .unwrap();
+        net.sync(&mut x);
+        net.sync(&mut y);
+        net.server.set_now_ms(now - step_back_ms);
+        y.exec(
+            "UPDATE todos SET title = 'y' WHERE id = 't'",
+            &[],
+            now + 86_400_000,
+        )
+        .unwrap();
+        net.sync(&mut y);
+        net.sync(&mut x);
+        let want = vec![vec![text("y")]];
+        assert_eq!(
+            net.server_rows("SELECT title FROM todos"),
+            want,
+            "step back {step_back_ms}"
+        );
+        assert_eq!(rows(&y, "SELECT title FROM todos"), want);
+        assert_eq!(rows(&x, "SELECT title FROM todos"), want);
+    }
+}

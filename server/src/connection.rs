@@ -452,16 +452,8 @@ impl Conn {
         .await
         .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
         .map_err(|e| fatal("STORE", e.to_string(), CloseReason::StoreError))?;
-        if let ServerMsg::Error { code, message } = answer {
-            return Err(if code == hearth_engine::server::DEVICE_REWOUND {
-                fatal(
-                    hearth_engine::server::DEVICE_REWOUND,
-                    message,
-                    CloseReason::Rewound,
-                )
-            } else {
-                fatal("HANDSHAKE", message, CloseReason::Handshake)
-            });
+        if let ServerMsg::Error { message, .. } = answer {
+            return Err(fatal("HANDSHAKE", message, CloseReason::Handshake));
         }
         self.queue_msg(&answer, false);
         self.last_sent = hello.cursor;
@@ -515,6 +507,18 @@ impl Conn {
                     }
                 }
                 reply = replies.recv() => match reply.expect("this task holds a sender") {
+                    // A fatal answer (`DEVICE_REWOUND`: the device re-sent a
+                    // number with other content) ends the connection; the
+                    // device comes back under a new client id.
+                    Reply::Refused(ServerMsg::Error { code, message })
+                        if code == hearth_engine::server::DEVICE_REWOUND =>
+                    {
+                        return Err(fatal(
+                            hearth_engine::server::DEVICE_REWOUND,
+                            message,
+                            CloseReason::Rewound,
+                        ));
+                    }
                     Reply::Refused(msg) => self.queue_msg(&msg, true),
                     Reply::Done { mutations, bytes } => {
                         self.in_flight_mutations -= mutations;
@@ -745,7 +749,6 @@ mod tests {
             client_id: 1,
             cursor: 0,
             schema_version: None,
-            next_seq: 1,
         });
         assert_eq!(push_len(&hello), None);
         assert_eq!(push_len(&[]), None);

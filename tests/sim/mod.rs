@@ -167,7 +167,8 @@ impl Options {
 ///   (or back) for no change, its trigger comparing with `IS NOT` (by
 ///   value): the writer kept its value, every other device the old one.
 ///   Shape: `-0.0` among the extreme values.
-/// - 1, OPEN: a device restored from a copy that had pending mutations, and
+/// - 1, fixed (the device catches up before sending when the server has
+///   processed a number it holds pending): a device restored from a copy that had pending mutations, and
 ///   then found rewound, sends those again under its new id even when the
 ///   server already applied them; a far-ahead clock's clamp then stamps the
 ///   copy later than writes other devices made after seeing the original,
@@ -178,7 +179,8 @@ impl Options {
 ///   and the device took one whose effect was empty or touched the same rows
 ///   as the acknowledgement of its new write: told applied, the write was
 ///   lost. Shape: a restored device writes before it has caught up.
-/// - 3, OPEN: the clamp lowers a far-ahead stamp to the server's clock + 5
+/// - 3, fixed (the limit is at least one past the latest merged stamp): the
+///   clamp lowers a far-ahead stamp to the server's clock + 5
 ///   minutes, which can be at or below a stamp the server already gave a
 ///   write the device has seen (the same millisecond, or the server's clock
 ///   stepped back): a write made after seeing another then ties with it (the
@@ -194,7 +196,10 @@ const BUG_PENDING_APPLIED_TWICE: usize = 1;
 const BUG_RESTORED_WRITE_TAKEN_AS_ACKED: usize = 2;
 const BUG_CLAMP_BELOW_SEEN: usize = 3;
 /// The shapes whose engine bug is fixed.
-pub const SHAPES_DEFAULT: u32 = 1 << BUG_NEGATIVE_ZERO | 1 << BUG_RESTORED_WRITE_TAKEN_AS_ACKED;
+pub const SHAPES_DEFAULT: u32 = 1 << BUG_NEGATIVE_ZERO
+    | 1 << BUG_PENDING_APPLIED_TWICE
+    | 1 << BUG_RESTORED_WRITE_TAKEN_AS_ACKED
+    | 1 << BUG_CLAMP_BELOW_SEEN;
 
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
@@ -2402,7 +2407,6 @@ impl World {
                     client_id: ROGUE_ID,
                     cursor: self.server.head(),
                     schema_version: Some(1),
-                    next_seq: u64::MAX,
                 };
                 self.send_up(id, vec![hello]);
                 id
@@ -2680,6 +2684,7 @@ fn log_at_most_once(w: &World) -> Result<(), String> {
     let log = read_whole_log(w.server.connection())?;
     let mut seen = BTreeSet::new();
     let mut last_stamp: HashMap<u64, Hlc> = HashMap::new();
+    let mut merged_max = Hlc(0);
     for (i, entry) in log.iter().enumerate() {
         if entry.server_seq != i as u64 + 1 {
             return Err(format!(
@@ -2700,15 +2705,18 @@ fn log_at_most_once(w: &World) -> Result<(), String> {
                 entry.server_seq
             ));
         };
-        // The merged stamp is the device's, lowered to the server's clock
-        // plus the allowance when it runs further ahead, and raised only to
-        // keep the device's writes in their order.
+        // The merged stamp is the device's, lowered when it runs further
+        // ahead than the server's clock plus the allowance (but never below
+        // one past the latest stamp merged before it, so a write made after
+        // seeing every other still wins), and raised only to keep the
+        // device's writes in their order.
         let prev = last_stamp.get(&entry.client_id).copied().unwrap_or(Hlc(0));
         let floor = Hlc(prev.0 + 1);
         let now = w.ledger.log_now[i];
+        let cap = Hlc::new(now + CLOCK_AHEAD_MAX_MS, u16::MAX).max(Hlc(merged_max.0 + 1));
         if entry.hlc < floor
             || entry.hlc > sent.hlc.max(floor)
-            || (entry.hlc != floor && entry.hlc.wall_ms() > now + CLOCK_AHEAD_MAX_MS)
+            || (entry.hlc != floor && entry.hlc > cap)
         {
             return Err(format!(
                 "log entry {} of client {} is stamped {:?}: the device said {:?}, its previous entry has {prev:?}, the server's clock was {now}",
@@ -2716,6 +2724,7 @@ fn log_at_most_once(w: &World) -> Result<(), String> {
             ));
         }
         last_stamp.insert(entry.client_id, entry.hlc);
+        merged_max = merged_max.max(entry.hlc);
     }
     if log.len() as u64 != w.server.head() || log.len() != w.ledger.log_hlc_max.len() {
         return Err(format!(

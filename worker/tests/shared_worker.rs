@@ -235,6 +235,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
                 schema_version: 1,
                 schema: Some(DEMO_SCHEMA.to_string()),
                 frame_bytes_max: FRAME_BYTES_MAX as u64,
+                last_seq: 0,
             },
             1,
         )
@@ -280,6 +281,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
                 schema_version: 1,
                 schema: None,
                 frame_bytes_max: FRAME_BYTES_MAX as u64,
+                last_seq: 0,
             },
             2,
         )
