@@ -155,7 +155,7 @@ pub async fn run_session(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Message>();
     let writer = async move {
         while let Some(frame) = rx.recv().await {
-            send_fragmented(&mut sink, frame)
+            hearth_server::send_fragmented(&mut sink, frame)
                 .await
                 .map_err(|e| SyncError::Closed(e.to_string()))?;
         }
@@ -220,39 +220,6 @@ pub async fn run_session(
         let _ = tokio::time::timeout(left.min(CLOSE_TIMEOUT), writer).await;
     }
     result
-}
-
-/// A binary message larger than this goes out as WebSocket fragments of this
-/// size, so the server's per-connection read buffer (which keeps the size of
-/// the largest frame it read) stays small whatever the push.
-const FRAGMENT_BYTES: usize = 256 * 1024;
-
-async fn send_fragmented<S>(
-    sink: &mut S,
-    message: Message,
-) -> Result<(), tokio_tungstenite::tungstenite::Error>
-where
-    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-    let bytes = match message {
-        Message::Binary(bytes) if bytes.len() > FRAGMENT_BYTES => bytes,
-        other => return sink.send(other).await,
-    };
-    let mut offset = 0;
-    while offset < bytes.len() {
-        let end = (offset + FRAGMENT_BYTES).min(bytes.len());
-        let opcode = if offset == 0 {
-            OpCode::Data(Data::Binary)
-        } else {
-            OpCode::Data(Data::Continue)
-        };
-        let frame = Frame::message(bytes.slice(offset..end), opcode, end == bytes.len());
-        sink.feed(Message::Frame(frame)).await?;
-        offset = end;
-    }
-    sink.flush().await
 }
 
 /// The longest a polite close may take after a session; past it (or past

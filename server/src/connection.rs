@@ -41,7 +41,7 @@ pub(crate) type WebSocket =
 /// largest size for the connection's life; fragments keep that buffer small
 /// however large the message (one 12 MiB value broadcast to a thousand
 /// devices would otherwise pin 12 GiB).
-const FRAGMENT_BYTES: usize = 256 * 1024;
+pub const FRAGMENT_BYTES: usize = 256 * 1024;
 
 use crate::metrics::CloseReason;
 use crate::store::{ApplyCmd, Reply, StoreCmd};
@@ -105,14 +105,19 @@ fn classify(e: tungstenite::Error, frame_bytes_max: usize) -> End {
     }
 }
 
-/// Sends one binary message, in fragments when it is large.
-async fn send_binary(
-    sink: &mut SplitSink<WebSocket, Message>,
-    bytes: Bytes,
-) -> Result<(), tungstenite::Error> {
-    if bytes.len() <= FRAGMENT_BYTES {
-        return sink.send(Message::Binary(bytes)).await;
-    }
+/// Sends one message; a binary one larger than [`FRAGMENT_BYTES`] goes out
+/// as WebSocket fragments of that size, so that the peer's read buffer (and
+/// the sender's write buffer, which keeps the size of the largest frame it
+/// wrote) stay small whatever the message. The server and the native client
+/// both send through it.
+pub async fn send_fragmented<S>(sink: &mut S, message: Message) -> Result<(), tungstenite::Error>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let bytes = match message {
+        Message::Binary(bytes) if bytes.len() > FRAGMENT_BYTES => bytes,
+        other => return sink.send(other).await,
+    };
     let mut offset = 0;
     while offset < bytes.len() {
         let end = (offset + FRAGMENT_BYTES).min(bytes.len());
@@ -233,7 +238,7 @@ async fn write_loop(
                 }
                 Some(Out::Frame { bytes, reply, _permit }) => {
                     let n = bytes.len();
-                    let sent = tokio::time::timeout(write_timeout, send_binary(&mut sink, bytes)).await;
+                    let sent = tokio::time::timeout(write_timeout, send_fragmented(&mut sink, Message::Binary(bytes))).await;
                     queue.release(n, reply);
                     sent
                 }

@@ -37,6 +37,7 @@ use axum::routing::get;
 use axum::Router;
 use hearth_engine::{Schema, ServerError};
 
+pub use connection::{send_fragmented, FRAGMENT_BYTES};
 pub use metrics::{CloseReason, Metrics};
 
 /// A static file the server serves: URL path, bytes, MIME type.
