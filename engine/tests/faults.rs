@@ -55,6 +55,19 @@ impl Net {
     }
 }
 
+/// A device on a database file, as a user's device keeps it.
+fn device_at(path: &std::path::Path, id: u64) -> Client {
+    Client::open(Connection::open(path).unwrap(), id, ClientConfig::default()).unwrap()
+}
+
+/// A copy of a device's database file as it is now, as a backup makes it.
+fn backup_of(c: &Client, path: &std::path::Path) -> std::path::PathBuf {
+    c.connection()
+        .execute("VACUUM INTO ?1", [path.to_str().unwrap()])
+        .unwrap();
+    path.to_path_buf()
+}
+
 fn rows(c: &Client, sql: &str) -> Vec<Vec<Value>> {
     c.query(sql, &[]).unwrap().rows
 }
@@ -652,33 +665,20 @@ fn a_device_restored_from_an_older_copy_takes_a_new_id_and_keeps_its_writes() {
     let dir = tempfile::tempdir().unwrap();
     let mut net = Net::new(NOTES);
     let path = dir.path().join("a.db");
-    let mut a = Client::open(
-        Connection::open(&path).unwrap(),
-        77,
-        ClientConfig::default(),
-    )
-    .unwrap();
+    let mut a = device_at(&path, 77);
     net.sync(&mut a);
     a.exec("INSERT INTO notes VALUES ('n1', 'first')", &[], 1_000)
         .unwrap();
     net.sync(&mut a);
     // A copy of the device as it was now.
-    let backup = dir.path().join("backup.db");
-    a.connection()
-        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
-        .unwrap();
+    let backup = backup_of(&a, &dir.path().join("backup.db"));
     a.exec("INSERT INTO notes VALUES ('n2', 'second')", &[], 2_000)
         .unwrap();
     net.sync(&mut a);
     drop(a);
     // The device comes back from the copy: it would number its next write 2,
     // which the server already has from it.
-    let mut a = Client::open(
-        Connection::open(&backup).unwrap(),
-        99,
-        ClientConfig::default(),
-    )
-    .unwrap();
+    let mut a = device_at(&backup, 99);
     let (outcome, _) = a
         .exec(
             "INSERT INTO notes VALUES ('n3', 'after restore')",
@@ -939,30 +939,17 @@ fn a_restored_device_editing_the_same_row_again_keeps_its_edit() {
     let dir = tempfile::tempdir().unwrap();
     let mut net = Net::new(NOTES);
     let path = dir.path().join("a.db");
-    let mut a = Client::open(
-        Connection::open(&path).unwrap(),
-        77,
-        ClientConfig::default(),
-    )
-    .unwrap();
+    let mut a = device_at(&path, 77);
     net.sync(&mut a);
     a.exec("INSERT INTO notes VALUES ('n1', 'orig')", &[], 1_000)
         .unwrap();
     net.sync(&mut a);
-    let backup = dir.path().join("backup.db");
-    a.connection()
-        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
-        .unwrap();
+    let backup = backup_of(&a, &dir.path().join("backup.db"));
     a.exec("UPDATE notes SET body = 'edit before restore'", &[], 2_000)
         .unwrap();
     net.sync(&mut a);
     drop(a);
-    let mut a = Client::open(
-        Connection::open(&backup).unwrap(),
-        99,
-        ClientConfig::default(),
-    )
-    .unwrap();
+    let mut a = device_at(&backup, 99);
     // The same row as the lost edit, under the same number (2).
     a.exec("UPDATE notes SET body = 'edit after restore'", &[], 3_000)
         .unwrap();
@@ -1026,20 +1013,12 @@ fn a_write_sent_again_after_a_restore_does_not_override_writes_made_after_it() {
     net.server.set_now_ms(now);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.db");
-    let mut a = Client::open(
-        Connection::open(&path).unwrap(),
-        77,
-        ClientConfig::default(),
-    )
-    .unwrap();
+    let mut a = device_at(&path, 77);
     net.sync(&mut a);
     let mut b = net.device();
     a.exec("INSERT INTO todos VALUES ('t', 'v1')", &[], now + 3_600_000)
         .unwrap();
-    let backup = dir.path().join("backup.db");
-    a.connection()
-        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
-        .unwrap(); // A copy with #1 pending.
+    let backup = backup_of(&a, &dir.path().join("backup.db")); // A copy with #1 pending.
     net.sync(&mut a);
     a.exec(
         "INSERT INTO todos VALUES ('u', 'tail')",
@@ -1058,12 +1037,7 @@ fn a_write_sent_again_after_a_restore_does_not_override_writes_made_after_it() {
     .unwrap();
     net.sync(&mut b);
     drop(a);
-    let mut a = Client::open(
-        Connection::open(&backup).unwrap(),
-        99,
-        ClientConfig::default(),
-    )
-    .unwrap();
+    let mut a = device_at(&backup, 99);
     net.server.set_now_ms(now + 20 * 60_000);
     net.sync(&mut a);
     net.sync(&mut a);
