@@ -276,6 +276,43 @@ async fn healthz_reports_a_store_that_cannot_write_and_recovers() {
     server.shutdown().await;
 }
 
+/// A store whose batches fail while a small probe would still succeed (a
+/// full disk with a few free pages) must not look healthy: the failed batch
+/// is reported until a batch commits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_reports_a_failed_batch_until_a_batch_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), FILES_SCHEMA).await;
+    let url = url(&server);
+    let mut a = device(dir.path(), "a");
+    sync(&mut a, &url).await;
+    exec(
+        &mut a,
+        "INSERT INTO files (id, data) VALUES ('f1', x'00')",
+        &[],
+    );
+    let lock = rusqlite::Connection::open(dir.path().join("server/hearth.db")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let failed = native_client::sync_once(&mut a, &url, Goal::Synced, TIMEOUT).await;
+    assert_eq!(
+        failed.as_ref().err().and_then(SyncError::server_code),
+        Some("STORE"),
+        "{failed:?}"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    // The store could write a probe now, but its last batch failed. Past the
+    // one second in which /healthz reuses the last write's result (so that it
+    // would probe), the failed batch must still be what it reports.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (status, body) = http(&server, "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("last batch"), "{body}");
+    assert_eq!(a.status().pending, 1, "the write waits in the outbox");
+    sync(&mut a, &url).await;
+    assert_eq!(http(&server, "/healthz").await, (200, "ok\n".to_string()));
+    server.shutdown().await;
+}
+
 /// Issue 8, item 8: a device whose pushes were applied but whose acks never
 /// arrived reconnects and re-sends a big outbox while the server sends it
 /// the same entries as a big catch-up. Both sides must keep reading while

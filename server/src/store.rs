@@ -117,10 +117,15 @@ impl Ring {
     }
 }
 
-/// What `/healthz` reports: the result of the store's last write.
+/// What `/healthz` reports: the result of the store's last write, and
+/// whether the last batch of devices' mutations failed.
 #[derive(Default)]
 struct Health {
     last: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// The error of the last batch, until a batch commits again. A probe's
+    /// small write can still fit where a batch no longer does (a full disk
+    /// with a few free pages), so its success does not clear this.
+    failed_batch: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -128,8 +133,19 @@ impl Health {
         *self.last.lock().expect("health lock") = Some((Instant::now(), result));
     }
 
-    /// The last write's result, when it is recent enough to speak for now.
+    fn record_batch(&self, result: Result<(), String>) {
+        *self.failed_batch.lock().expect("health lock") = result.clone().err();
+        self.record(result);
+    }
+
+    /// The last write's result, when it is recent enough to speak for now;
+    /// a failed batch speaks until a batch commits.
     fn recent(&self, within: Duration) -> Option<Result<(), String>> {
+        if let Some(error) = &*self.failed_batch.lock().expect("health lock") {
+            return Some(Err(format!(
+                "the last batch of mutations could not be stored: {error}"
+            )));
+        }
         let last = self.last.lock().expect("health lock");
         match &*last {
             Some((at, result)) if at.elapsed() < within => Some(result.clone()),
@@ -374,7 +390,7 @@ impl Store {
         match self.core.apply_batch(&batch) {
             Ok(outcomes) => {
                 drop(batch);
-                self.health.record(Ok(()));
+                self.health.record_batch(Ok(()));
                 let mut entries = Vec::new();
                 for (i, outcome) in outcomes.into_iter().enumerate() {
                     let counter = match &outcome {
@@ -400,7 +416,7 @@ impl Store {
                 drop(batch);
                 eprintln!("hearth: store error, batch of {count} mutations not applied: {e}");
                 Metrics::add(&self.metrics.store_errors, 1);
-                self.health.record(Err(e.to_string()));
+                self.health.record_batch(Err(e.to_string()));
                 for cmd in &cmds {
                     let _ = cmd.reply.send(Reply::Failed(format!(
                         "the server could not store your changes ({e}); they stay pending"
