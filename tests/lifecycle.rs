@@ -16,15 +16,6 @@ use hearth_engine::{Event, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-const FILES_SCHEMA: &str = r#"
-version = 1
-[tables.files]
-create = "CREATE TABLE files (id TEXT PRIMARY KEY, data BLOB NOT NULL)"
-merge = "lww"
-"#;
-
-const MIB: usize = 1024 * 1024;
-
 /// GET over plain HTTP/1.0: the status code and the body.
 async fn http(server: &hearth_server::Running, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();

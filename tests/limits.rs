@@ -16,15 +16,6 @@ use hearth_engine::protocol::{
 use hearth_engine::{ColumnOp, Event, Hlc, Mutation, RowChange, RowOp, Schema, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-const FILES_SCHEMA: &str = r#"
-version = 1
-[tables.files]
-create = "CREATE TABLE files (id TEXT PRIMARY KEY, data BLOB NOT NULL)"
-merge = "lww"
-"#;
-
-const MIB: usize = 1024 * 1024;
-
 fn blob(bytes: usize, fill: u8) -> Value {
     Value::Blob(vec![fill; bytes])
 }

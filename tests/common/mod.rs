@@ -26,6 +26,16 @@ CREATE TABLE accounts (
 merge = "lww"
 "#;
 
+/// One table of blobs, for tests that move many megabytes.
+pub const FILES_SCHEMA: &str = r#"
+version = 1
+[tables.files]
+create = "CREATE TABLE files (id TEXT PRIMARY KEY, data BLOB NOT NULL)"
+merge = "lww"
+"#;
+
+pub const MIB: usize = 1024 * 1024;
+
 pub async fn start_server(dir: &Path, schema: &str) -> hearth_server::Running {
     start_server_with(dir, schema, |_| {}).await
 }
