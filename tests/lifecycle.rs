@@ -13,29 +13,8 @@ use futures_util::SinkExt;
 use hearth::native_client::{self, Goal, SyncError};
 use hearth_engine::protocol::{encode_client, encode_server, ClientMsg, ServerMsg};
 use hearth_engine::{Event, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
-
-/// GET over plain HTTP/1.0: the status code and the body.
-async fn http(server: &hearth_server::Running, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 async fn closed(server: &hearth_server::Running, reason: &str) -> u64 {
     metric(

@@ -133,6 +133,20 @@ pub fn decode_server(frame: &[u8], max: usize) -> Result<ServerMsg, CodecError> 
     decode(frame, max)
 }
 
+/// The number of mutations a `Push` frame says it holds, read from its
+/// header without decoding it (so a server can refuse a push of millions of
+/// mutations before building them): the protocol version (varint), the
+/// message's variant index (a postcard varint; `Push` is 1), then the
+/// vector's length (varint). None for any other message or a short frame.
+pub fn push_len(frame: &[u8]) -> Option<u64> {
+    let (_, rest) = read_varint(frame)?;
+    let (variant, rest) = read_varint(rest)?;
+    if variant != 1 {
+        return None;
+    }
+    read_varint(rest).map(|(len, _)| len)
+}
+
 fn write_varint(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let byte = (v & 0x7f) as u8;
@@ -193,6 +207,31 @@ mod tests {
             decode_client(&frame, FRAME_BYTES_MAX).unwrap(),
             one_column_update()
         );
+    }
+
+    #[test]
+    fn push_len_reads_the_count_from_the_header() {
+        let push = |n: usize| {
+            encode_client(&ClientMsg::Push {
+                mutations: (0..n)
+                    .map(|i| Mutation {
+                        seq: i as u64 + 1,
+                        hlc: Hlc(7),
+                        changes: Vec::new(),
+                    })
+                    .collect(),
+            })
+        };
+        for n in [0, 1, 3, 127, 128, 300] {
+            assert_eq!(push_len(&push(n)), Some(n as u64));
+        }
+        let hello = encode_client(&ClientMsg::Hello {
+            client_id: 1,
+            cursor: 0,
+            schema_version: None,
+        });
+        assert_eq!(push_len(&hello), None);
+        assert_eq!(push_len(&[]), None);
     }
 
     #[test]

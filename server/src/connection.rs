@@ -133,30 +133,6 @@ where
     sink.flush().await
 }
 
-/// The number of mutations a push frame says it holds, read from its header
-/// without decoding it: the protocol version (varint), the message's variant
-/// index (a postcard varint; `Push` is 1), then the vector's length (varint).
-/// None for any other message.
-fn push_len(frame: &[u8]) -> Option<u64> {
-    let (_, rest) = varint(frame)?;
-    let (variant, rest) = varint(rest)?;
-    if variant != 1 {
-        return None;
-    }
-    varint(rest).map(|(len, _)| len)
-}
-
-fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let mut v = 0u64;
-    for (i, b) in bytes.iter().enumerate().take(10) {
-        v |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some((v, &bytes[i + 1..]));
-        }
-    }
-    None
-}
-
 /// `n` bytes as semaphore permits, never more than the budget holds (a push
 /// larger than the whole budget waits for all of it).
 fn permits(n: usize, budget: usize) -> u32 {
@@ -626,7 +602,7 @@ impl Conn {
         reply: &mpsc::UnboundedSender<Reply>,
     ) -> Result<(), End> {
         let config = &self.state.config;
-        let count = push_len(&bytes).unwrap_or(0);
+        let count = hearth_engine::protocol::push_len(&bytes).unwrap_or(0);
         if count > config.push_mutations_max as u64 {
             return Err(fatal(
                 "TOO_MANY_MUTATIONS",
@@ -726,36 +702,4 @@ fn first_entry_bytes(conn: &rusqlite::Connection, after: u64) -> rusqlite::Resul
         .query_row([after as i64], |r| r.get(0))
         .optional()?;
     Ok(len.unwrap_or(0).max(0) as usize)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use hearth_engine::protocol::encode_client;
-    use hearth_engine::Mutation;
-
-    #[test]
-    fn push_len_reads_the_count_from_the_header() {
-        let push = |n: usize| {
-            encode_client(&ClientMsg::Push {
-                mutations: (0..n)
-                    .map(|i| Mutation {
-                        seq: i as u64 + 1,
-                        hlc: hearth_engine::Hlc(7),
-                        changes: Vec::new(),
-                    })
-                    .collect(),
-            })
-        };
-        for n in [0, 1, 3, 127, 128, 300] {
-            assert_eq!(push_len(&push(n)), Some(n as u64));
-        }
-        let hello = encode_client(&ClientMsg::Hello {
-            client_id: 1,
-            cursor: 0,
-            schema_version: None,
-        });
-        assert_eq!(push_len(&hello), None);
-        assert_eq!(push_len(&[]), None);
-    }
 }

@@ -86,8 +86,8 @@ pub fn text(s: &str) -> Value {
     Value::Text(s.to_string())
 }
 
-/// GET a path from the server over plain HTTP/1.0; returns the body.
-pub async fn http_get(server: &hearth_server::Running, path: &str) -> String {
+/// GET over plain HTTP/1.0: the status code and the body.
+pub async fn http(server: &hearth_server::Running, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     stream
@@ -96,10 +96,21 @@ pub async fn http_get(server: &hearth_server::Running, path: &str) -> String {
         .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
-    response
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
         .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default()
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// GET a path from the server; returns the body.
+pub async fn http_get(server: &hearth_server::Running, path: &str) -> String {
+    http(server, path).await.1
 }
 
 /// Reads one counter from `/metrics`.

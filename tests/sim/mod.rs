@@ -3218,15 +3218,16 @@ fn refusals_explained(w: &World) -> Result<(), String> {
             .iter()
             .flat_map(|c| related_tables(&c.table))
             .collect();
-        let unseen_other =
-            writers
-                .iter()
-                .zip(&log_tables)
-                .skip(m.cursor as usize)
-                .any(|(o, tables)| {
-                    (o.device != m.device || (o.lost && o.epoch != m.epoch))
-                        && tables.iter().any(|t| touched.contains(t.as_str()))
-                });
+        let unseen_other = writers
+            .iter()
+            .zip(&log_tables)
+            .enumerate()
+            // Entries past the device's cursor: the ones it had not seen.
+            .filter(|(i, _)| *i >= m.cursor as usize)
+            .any(|(_, (o, tables))| {
+                (o.device != m.device || (o.lost && o.epoch != m.epoch))
+                    && tables.iter().any(|t| touched.contains(t.as_str()))
+            });
         let own_refused_later = w.ledger.refused.keys().any(|k| {
             w.ledger
                 .made
