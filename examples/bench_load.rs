@@ -197,6 +197,7 @@ impl Raw {
         let seq = self.next_seq;
         self.next_seq += 1;
         Mutation {
+            base: 0,
             seq,
             hlc: Hlc::new(native_client::now_ms(), 0),
             changes: vec![RowChange {

@@ -166,16 +166,19 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
     let t = |s: &str| Value::Text(s.into());
     let mutations = vec![
         Mutation {
+            base: 0,
             seq: 1,
             hlc: Hlc(1),
             changes: vec![change("nope", t("x"), vec![])],
         },
         Mutation {
+            base: 0,
             seq: 2,
             hlc: Hlc(2),
             changes: vec![change("todos", t("x"), vec![("colour", t("red"))])],
         },
         Mutation {
+            base: 0,
             seq: 3,
             hlc: Hlc(3),
             changes: vec![change(
@@ -185,6 +188,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
             )],
         },
         Mutation {
+            base: 0,
             seq: 4,
             hlc: Hlc(4),
             changes: vec![change(
@@ -194,6 +198,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
             )],
         },
         Mutation {
+            base: 0,
             seq: 5,
             hlc: Hlc(5),
             changes: vec![change(

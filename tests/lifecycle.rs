@@ -422,6 +422,7 @@ async fn one_connection_flooding_does_not_starve_another_device() {
                     .map(|_| {
                         seq += 1;
                         Mutation {
+                            base: 0,
                             seq,
                             hlc: Hlc::new(native_client::now_ms(), 0),
                             changes: vec![RowChange {

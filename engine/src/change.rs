@@ -11,11 +11,24 @@ use serde::{Deserialize, Serialize};
 use crate::hlc::Hlc;
 use crate::value::Value;
 
-/// What happened to one column.
+/// What happened to one column. Variants are only ever appended (postcard
+/// encodes the variant's index), so older encodings stay readable.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ColumnOp {
-    /// The column now holds this value (last-writer-wins columns).
+    /// The column now holds this value: a `lww` or `manual` column, any
+    /// column of an inserted row, and in the server's log the merged value
+    /// of `counter` and `set` columns.
     Set(Value),
+    /// A `counter` column changed by this much (from the device's view).
+    Add(i64),
+    /// A `set` column gained and lost these elements, each the canonical
+    /// JSON text of a scalar (see `merge::set`), against what the device saw.
+    SetOps {
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+    /// A `text` column's edit: a yrs v1 update (see `merge::text`).
+    Text(Vec<u8>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,17 +57,65 @@ pub struct Mutation {
     pub seq: u64,
     /// When it was made, by the device's hybrid logical clock.
     pub hlc: Hlc,
+    /// The server sequence number the device had applied when it made the
+    /// mutation (its cursor): what the device had seen of other devices'
+    /// writes. Observed-remove sets and manual-merge conflicts use it.
+    pub base: u64,
     pub changes: Vec<RowChange>,
 }
 
+/// A mutation as encoded before mutations carried `base` (format 1 of the
+/// outbox); it reads as a mutation with base 0.
+#[derive(Deserialize)]
+struct MutationV1 {
+    seq: u64,
+    hlc: Hlc,
+    changes: Vec<RowChange>,
+}
+
+/// The version of the encodings Hearth writes to its files (outbox
+/// mutations and pre-images, the log's changes, the server's row records).
+/// Each row holding such a blob records the format it was written in, and
+/// every format ever written stays readable.
+pub const FORMAT: i64 = 2;
+
 impl Mutation {
+    /// Encodes the mutation as the outbox and the wire hold it.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encode mutation")
+    }
+
+    /// Reads a mutation written in `format` (1: before `base`).
+    pub fn decode(bytes: &[u8], format: i64) -> Result<Mutation, String> {
+        match format {
+            1 => postcard::from_bytes::<MutationV1>(bytes)
+                .map(|m| Mutation {
+                    seq: m.seq,
+                    hlc: m.hlc,
+                    base: 0,
+                    changes: m.changes,
+                })
+                .map_err(|e| e.to_string()),
+            FORMAT => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+            other => Err(format!(
+                "written in format {other}, newer than this version of Hearth reads ({FORMAT})"
+            )),
+        }
+    }
+
     /// A 64-bit FNV-1a digest of the mutation's wire encoding: the server
     /// keeps it per processed mutation, so that a re-sent number with other
     /// content (a device that lost the end of its history and reused it) is
     /// told apart from a true re-send. Not a defence against a hostile device,
     /// which can only confuse the server about its own writes.
+    ///
+    /// It covers the number, the stamp and the changes, not `base`, so a
+    /// mutation has the same digest in every format: a device upgraded with a
+    /// mutation the server processed before the upgrade re-sends it and is
+    /// answered as a re-send.
     pub fn digest(&self) -> u64 {
-        let bytes = postcard::to_allocvec(self).expect("encode mutation");
+        let bytes =
+            postcard::to_allocvec(&(self.seq, self.hlc, &self.changes)).expect("encode mutation");
         bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
         })

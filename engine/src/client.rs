@@ -23,11 +23,16 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
+use std::cell::RefCell;
+
+use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp, FORMAT};
 use crate::hlc::{Clock, Hlc};
+use crate::merge::text::{TextDoc, TextEdit};
+use crate::merge::{counter, set};
 use crate::protocol::{ClientMsg, ServerMsg};
 use crate::rows;
-use crate::schema::{ident, Schema, SchemaError, Table};
+use crate::schema::{ident, MergePolicy, Schema, SchemaError, Table, CONFLICTS_TABLE};
+use crate::textcells::{Cell, TextCells, TextFailure};
 use crate::value::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,10 @@ pub enum ClientError {
     Protocol(String),
     #[error("server error {code}: {message}")]
     Server { code: String, message: String },
+    /// A call's arguments name something that is not there or does not fit
+    /// (an unknown conflict, a column of another policy, an edit past the end).
+    #[error("{0}")]
+    InvalidArgument(String),
 }
 
 impl ClientError {
@@ -65,6 +74,7 @@ impl ClientError {
             ClientError::MutationTooLarge { .. } => "TOO_LARGE",
             ClientError::Protocol(_) => "PROTOCOL",
             ClientError::Server { .. } => "SERVER",
+            ClientError::InvalidArgument(_) => "INVALID_ARGUMENT",
         }
     }
 }
@@ -239,6 +249,15 @@ pub struct Client {
     /// (name, CREATE TRIGGER text) of the app's triggers on synced tables,
     /// dropped and re-created around replicated writes.
     app_triggers: Vec<(String, String)>,
+    /// Documents of `text` cells as the server has them (confirmed).
+    text: RefCell<TextCells>,
+    /// Documents of `text` cells as this device shows them: the confirmed
+    /// document plus the pending edits. Rebuilt on demand; dropped on any
+    /// rollback and when a pending mutation is refused.
+    local_text: RefCell<HashMap<String, TextDoc>>,
+    /// While `edit_text` runs: the cell (its key) and the editor's edits,
+    /// which capture sends instead of a diff.
+    positional: RefCell<Option<(String, Vec<TextEdit>)>>,
 }
 
 const INTERNAL_TABLES: &str = "
@@ -247,7 +266,8 @@ CREATE TABLE IF NOT EXISTS _hearth_outbox (
   seq      INTEGER PRIMARY KEY,
   hlc      INTEGER NOT NULL,
   mutation BLOB NOT NULL,
-  undo     BLOB NOT NULL
+  undo     BLOB NOT NULL,
+  format   INTEGER NOT NULL DEFAULT 1
 );";
 
 fn meta_get<T: rusqlite::types::FromSql>(
@@ -408,6 +428,8 @@ struct Gate {
     refusal: Option<String>,
     /// Tables read by the statements prepared in `GateMode::Query`.
     read: BTreeSet<String>,
+    /// True while `resolve` writes: only then may `hearth_conflicts` be written.
+    resolving: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq)]
@@ -433,7 +455,18 @@ impl Client {
                     }
                     crate::authorize::query(&ctx)
                 }
-                GateMode::Exec => crate::authorize::exec(&ctx, &gate.synced),
+                GateMode::Exec => match ctx.action {
+                    AuthAction::Insert { table_name }
+                    | AuthAction::Delete { table_name }
+                    | AuthAction::Update { table_name, .. }
+                        if table_name == CONFLICTS_TABLE && !gate.resolving =>
+                    {
+                        Some(format!(
+                            "{CONFLICTS_TABLE} is written by the server: resolve a conflict with resolve(id, value)"
+                        ))
+                    }
+                    _ => crate::authorize::exec(&ctx, &gate.synced),
+                },
             };
             match why {
                 Some(why) => {
@@ -474,6 +507,18 @@ impl Client {
         // than rusqlite's default 16 cached statements.
         conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch(INTERNAL_TABLES)?;
+        conn.execute_batch(crate::textcells::TEXT_TABLE)?;
+        // Outboxes written before formats were kept hold format 1.
+        let has_format: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_outbox') WHERE name = 'format')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_format {
+            conn.execute_batch(
+                "ALTER TABLE _hearth_outbox ADD COLUMN format INTEGER NOT NULL DEFAULT 1",
+            )?;
+        }
         let client_id = match meta_get::<i64>(&conn, "client_id")? {
             Some(id) => id as u64,
             None => {
@@ -509,6 +554,9 @@ impl Client {
             rewind: Rewind::default(),
             app_triggers: Vec::new(),
             gate: Arc::new(Mutex::new(Gate::default())),
+            text: RefCell::new(TextCells::new(client_id)),
+            local_text: RefCell::new(HashMap::new()),
+            positional: RefCell::new(None),
         };
         Self::install_gate(&mut client.conn, client.gate.clone())?;
         if let Some(schema) = schema {
@@ -683,11 +731,141 @@ impl Client {
         self.exec_sets(sql, &sets, now_ms)
     }
 
+    /// Edits a `text` cell by position, the way an editor reports keystrokes
+    /// (no diff): at `index` (counted in Unicode scalar values), delete
+    /// `delete` of them, then insert `insert`; edits apply in order, each on
+    /// the text the previous one left. One pending mutation, like `exec`.
+    ///
+    /// Errors: `InvalidArgument` for an unknown table or column, a column
+    /// that is not `text`, a missing row, or an edit outside the text.
+    pub fn edit_text(
+        &mut self,
+        table: &str,
+        key: &Value,
+        column: &str,
+        edits: &[TextEdit],
+        now_ms: u64,
+    ) -> Result<(ExecOutcome, Output)> {
+        let schema = self.schema.clone().ok_or(ClientError::NoSchema)?;
+        let t = schema
+            .table(table)
+            .ok_or_else(|| ClientError::InvalidArgument(format!("no synced table '{table}'")))?;
+        let idx = t.column_index(column).ok_or_else(|| {
+            ClientError::InvalidArgument(format!("table '{table}' has no column '{column}'"))
+        })?;
+        if t.columns[idx].policy != MergePolicy::Text {
+            return Err(ClientError::InvalidArgument(format!(
+                "column '{column}' of table '{table}' merges as {}, not text: write it with exec",
+                t.columns[idx].policy.name()
+            )));
+        }
+        let row = rows::read_row(&self.conn, t, key)?.ok_or_else(|| {
+            ClientError::InvalidArgument(format!(
+                "table '{table}' has no row with key {}",
+                key.to_json()
+            ))
+        })?;
+        let mut text: Vec<char> = text_of(column, &row[idx])?.chars().collect();
+        for e in edits {
+            let (index, delete) = (e.index as usize, e.delete as usize);
+            if index.checked_add(delete).is_none_or(|end| end > text.len()) {
+                return Err(ClientError::InvalidArgument(format!(
+                    "edit at {} deleting {} is outside the text ({} characters)",
+                    e.index,
+                    e.delete,
+                    text.len()
+                )));
+            }
+            text.splice(index..index + delete, e.insert.chars());
+        }
+        let new_text: String = text.into_iter().collect();
+        let sql = format!(
+            "UPDATE {} SET {} = ?1 WHERE {} = ?2",
+            ident(table),
+            ident(column),
+            ident(t.pk_name())
+        );
+        *self.positional.borrow_mut() = Some((
+            Cell {
+                table,
+                pk: key,
+                column,
+            }
+            .key(),
+            edits.to_vec(),
+        ));
+        let result = self.exec(&sql, &[Value::Text(new_text), key.clone()], now_ms);
+        self.positional.borrow_mut().take();
+        result
+    }
+
+    /// Resolves an open manual-merge conflict (a row of `hearth_conflicts`)
+    /// by writing `value` to its cell: an ordinary pending mutation that
+    /// also removes the conflict's row here at once. The server closes the
+    /// conflict if this device had seen every candidate; if another write
+    /// raced it, the conflict comes back with one more candidate.
+    ///
+    /// Errors: `InvalidArgument` when no such conflict is open on this device.
+    pub fn resolve(
+        &mut self,
+        conflict_id: &str,
+        value: &Value,
+        now_ms: u64,
+    ) -> Result<(ExecOutcome, Output)> {
+        let schema = self.schema.clone().ok_or(ClientError::NoSchema)?;
+        let missing = || {
+            ClientError::InvalidArgument(format!(
+                "no open conflict with id '{conflict_id}' on this device"
+            ))
+        };
+        let conflicts = schema.table(CONFLICTS_TABLE).ok_or_else(missing)?;
+        let row = rows::read_row(&self.conn, conflicts, &Value::Text(conflict_id.to_string()))?
+            .ok_or_else(missing)?;
+        let at = |name: &str| row[conflicts.column_index(name).expect("conflicts column")].clone();
+        let (Value::Text(table), Value::Text(key), Value::Text(column)) =
+            (at("table_name"), at("row_key"), at("column_name"))
+        else {
+            return Err(missing());
+        };
+        let key = serde_json::from_str(&key)
+            .ok()
+            .and_then(|j| Value::from_json(&j).ok())
+            .ok_or_else(missing)?;
+        let t = schema.table(&table).ok_or_else(missing)?;
+        let sql = format!(
+            "UPDATE {} SET {} = ?1 WHERE {} = ?2",
+            ident(&table),
+            ident(&column),
+            ident(t.pk_name())
+        );
+        self.gate.lock().unwrap().resolving = true;
+        let result = self.exec_sets_with(
+            &sql,
+            &[&[value.clone(), key.clone()]],
+            now_ms,
+            Some((conflict_id, &table, &key, &column, value)),
+        );
+        self.gate.lock().unwrap().resolving = false;
+        result
+    }
+
     fn exec_sets(
         &mut self,
         sql: &str,
         params: &[&[Value]],
         now_ms: u64,
+    ) -> Result<(ExecOutcome, Output)> {
+        self.exec_sets_with(sql, params, now_ms, None)
+    }
+
+    /// `exec_sets`, for `resolve` with the conflict it resolves: (id,
+    /// table, key, column, value).
+    fn exec_sets_with(
+        &mut self,
+        sql: &str,
+        params: &[&[Value]],
+        now_ms: u64,
+        resolving: Option<(&str, &str, &Value, &str, &Value)>,
     ) -> Result<(ExecOutcome, Output)> {
         let schema = self.schema.clone().ok_or(ClientError::NoSchema)?;
         if self.pending as usize >= self.config.outbox_max {
@@ -696,7 +874,8 @@ impl Client {
             });
         }
         self.assert_idle("exec");
-        let result = self.atomically(|c| c.exec_in_transaction(&schema, sql, params, now_ms));
+        let result =
+            self.atomically(|c| c.exec_in_transaction(&schema, sql, params, now_ms, resolving));
         self.assert_idle("exec");
         let (outcome, tables) = result?;
         let mut out = Output::default();
@@ -719,6 +898,7 @@ impl Client {
                 Ok(()) => Ok(v),
                 Err(e) => {
                     let _ = self.conn.execute_batch("ROLLBACK");
+                    self.forget_text();
                     Err(e.into())
                 }
             },
@@ -726,9 +906,17 @@ impl Client {
                 let _ = self
                     .conn
                     .execute_batch("ROLLBACK TO hearth; RELEASE hearth");
+                self.forget_text();
                 Err(e)
             }
         }
+    }
+
+    /// Drops every decoded text document (after a rollback, the cached ones
+    /// may hold edits the database no longer has).
+    fn forget_text(&self) {
+        self.text.borrow_mut().clear_cache();
+        self.local_text.borrow_mut().clear();
     }
 
     /// Runs `f` in a transaction like [`Client::atomically`], for writes that
@@ -817,16 +1005,67 @@ impl Client {
         sql: &str,
         params: &[&[Value]],
         now_ms: u64,
+        resolving: Option<(&str, &str, &Value, &str, &Value)>,
     ) -> Result<(ExecOutcome, Vec<String>)> {
-        let rows_affected = self.run_app_sql(sql, params)?;
-        let (changes, undo, tables) = self.collect_capture(schema).map_err(|e| match e {
-            ClientError::Sql(rusqlite::Error::FromSqlConversionFailure(_, _, why)) => {
-                ClientError::Refused(format!(
-                    "this write gives a synced table a value that cannot travel exactly: {why}"
-                ))
+        let mut rows_affected = self.run_app_sql(sql, params)?;
+        if let Some((id, ..)) = resolving {
+            rows_affected += self.run_app_sql(
+                &format!("DELETE FROM {CONFLICTS_TABLE} WHERE id = ?1"),
+                &[&[Value::Text(id.to_string())]],
+            )?;
+        }
+        let (mut changes, mut undo, mut tables) =
+            self.collect_capture(schema).map_err(|e| match e {
+                ClientError::Sql(rusqlite::Error::FromSqlConversionFailure(_, _, why)) => {
+                    ClientError::Refused(format!(
+                        "this write gives a synced table a value that cannot travel exactly: {why}"
+                    ))
+                }
+                e => e,
+            })?;
+        if let Some((_, table, key, column, value)) = resolving {
+            // Picking the value the cell already shows is a resolution too:
+            // the server must see the write to close the conflict.
+            let found = changes
+                .iter_mut()
+                .find(|c| c.table == table && c.pk == *key);
+            match found {
+                Some(RowChange {
+                    op: RowOp::Upsert { columns, .. },
+                    ..
+                }) => {
+                    if !columns.iter().any(|(n, _)| n == column) {
+                        columns.push((column.to_string(), ColumnOp::Set(value.clone())));
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    let t = schema.table(table).expect("resolve checked the table");
+                    let Some(row) = rows::read_row(&self.conn, t, key)? else {
+                        return Err(ClientError::InvalidArgument(format!(
+                            "the row of this conflict ({table} {}) is gone",
+                            key.to_json()
+                        )));
+                    };
+                    undo.push(Preimage {
+                        table: table.to_string(),
+                        pk: key.clone(),
+                        row: Some(row),
+                    });
+                    changes.push(RowChange {
+                        table: table.to_string(),
+                        pk: key.clone(),
+                        op: RowOp::Upsert {
+                            insert: false,
+                            columns: vec![(column.to_string(), ColumnOp::Set(value.clone()))],
+                        },
+                    });
+                    if !tables.iter().any(|t| t == table) {
+                        tables.push(table.to_string());
+                    }
+                }
             }
-            e => e,
-        })?;
+        }
         if changes.is_empty() {
             return Ok((
                 ExecOutcome {
@@ -836,11 +1075,34 @@ impl Client {
                 Vec::new(),
             ));
         }
+        let seq = self.record_mutation(changes, undo, now_ms)?;
+        Ok((
+            ExecOutcome {
+                mutation: Some(seq),
+                rows_affected,
+            },
+            tables,
+        ))
+    }
+
+    /// Writes a new pending mutation to the outbox (inside the caller's
+    /// transaction); returns its sequence number.
+    fn record_mutation(
+        &mut self,
+        changes: Vec<RowChange>,
+        undo: Vec<Preimage>,
+        now_ms: u64,
+    ) -> Result<u64> {
         let seq = self.next_seq;
         let mut clock = self.clock.clone();
         let hlc = clock.now(now_ms);
-        let mutation = Mutation { seq, hlc, changes };
-        let blob = postcard::to_allocvec(&mutation).expect("encode mutation");
+        let mutation = Mutation {
+            seq,
+            hlc,
+            base: self.cursor,
+            changes,
+        };
+        let blob = mutation.encode();
         if blob.len() > self.config.mutation_bytes_max {
             return Err(ClientError::MutationTooLarge {
                 size: blob.len(),
@@ -850,9 +1112,9 @@ impl Client {
         let undo_blob = postcard::to_allocvec(&undo).expect("encode undo");
         self.conn
             .prepare_cached(
-                "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo, format) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![to_i64(seq), to_i64(hlc.0), blob, undo_blob])?;
+            .execute(params![to_i64(seq), to_i64(hlc.0), blob, undo_blob, FORMAT])?;
         meta_set(&self.conn, "next_seq", to_i64(seq + 1))?;
         meta_set(&self.conn, "hlc", to_i64(hlc.0))?;
         // In-memory state moves only with the commit: the caller's savepoint
@@ -860,13 +1122,7 @@ impl Client {
         self.next_seq = seq + 1;
         self.clock = clock;
         count_rows(&mut self.pending_rows, &mutation);
-        Ok((
-            ExecOutcome {
-                mutation: Some(seq),
-                rows_affected,
-            },
-            tables,
-        ))
+        Ok(seq)
     }
 
     /// Turns the capture notes of the current transaction into row changes
@@ -878,6 +1134,9 @@ impl Client {
         let mut changes = Vec::new();
         let mut undo = Vec::new();
         let mut tables = Vec::new();
+        // Cells whose stored text is not what every device will show (a
+        // set written in another order): (table, key, column, value).
+        let mut rewrites: Vec<(&Table, Value, usize, Value)> = Vec::new();
         for (n, table) in schema.numbered() {
             let width = table.columns.len();
             let cur: Vec<String> = table
@@ -976,31 +1235,24 @@ impl Client {
                     }
                     RowOp::Delete
                 } else if inserted || !existed {
-                    let columns = (0..width)
-                        .filter(|i| *i != table.pk)
-                        .map(|i| {
-                            (
-                                table.columns[i].name.clone(),
-                                ColumnOp::Set(current[i].clone()),
-                            )
-                        })
-                        .collect();
                     RowOp::Upsert {
                         insert: true,
-                        columns,
+                        columns: self.capture_insert(table, &pk, current, &mut rewrites)?,
                     }
                 } else {
-                    let columns: Vec<(String, ColumnOp)> = (0..width)
+                    let changed: Vec<usize> = (0..width)
                         .filter(|i| {
                             *i != table.pk && mask & (1 << i) != 0 && current[*i] != previous[*i]
                         })
-                        .map(|i| {
-                            (
-                                table.columns[i].name.clone(),
-                                ColumnOp::Set(current[i].clone()),
-                            )
-                        })
                         .collect();
+                    let columns = self.capture_update(
+                        table,
+                        &pk,
+                        &changed,
+                        &previous,
+                        &current,
+                        &mut rewrites,
+                    )?;
                     if columns.is_empty() {
                         continue; // Written back to the values it had.
                     }
@@ -1026,12 +1278,7 @@ impl Client {
                 if consumed[i] {
                     continue;
                 }
-                let columns = values
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(c, _)| *c != table.pk)
-                    .map(|(c, v)| (table.columns[c].name.clone(), ColumnOp::Set(v)))
-                    .collect();
+                let columns = self.capture_insert(table, &pk, values, &mut rewrites)?;
                 undo.push(Preimage {
                     table: table.name.clone(),
                     pk: pk.clone(),
@@ -1051,7 +1298,192 @@ impl Client {
             }
         }
         self.clear_capture()?;
+        for (table, pk, i, value) in rewrites {
+            rows::update_columns(&self.conn, table, &pk, &[(i, &value)])?;
+        }
         Ok((changes, undo, tables))
+    }
+
+    /// The column values of a row this transaction made, checked against
+    /// their policies: a counter holds an integer, a set a JSON array of
+    /// scalars (stored in canonical order), a text column starts its
+    /// document.
+    fn capture_insert<'t>(
+        &self,
+        table: &'t Table,
+        pk: &Value,
+        values: Vec<Value>,
+        rewrites: &mut Vec<(&'t Table, Value, usize, Value)>,
+    ) -> Result<Vec<(String, ColumnOp)>> {
+        let mut columns = Vec::with_capacity(values.len());
+        for (i, v) in values.into_iter().enumerate() {
+            if i == table.pk {
+                continue;
+            }
+            let column = &table.columns[i];
+            let v = match column.policy {
+                MergePolicy::Counter => {
+                    counter::capture(&column.name, &Value::Null, &v)
+                        .map_err(ClientError::Refused)?;
+                    v
+                }
+                MergePolicy::Set => {
+                    let (_, _, canonical) = set::capture(&column.name, &Value::Null, &v)
+                        .map_err(ClientError::Refused)?;
+                    if canonical != v {
+                        rewrites.push((table, pk.clone(), i, canonical.clone()));
+                    }
+                    canonical
+                }
+                MergePolicy::Text => {
+                    let text = text_of(&column.name, &v)?;
+                    let doc = TextDoc::from_text(&text, self.client_id);
+                    let cell = Cell {
+                        table: &table.name,
+                        pk,
+                        column: &column.name,
+                    };
+                    self.local_text.borrow_mut().insert(cell.key(), doc);
+                    v
+                }
+                MergePolicy::Lww | MergePolicy::Manual => v,
+            };
+            columns.push((column.name.clone(), ColumnOp::Set(v)));
+        }
+        Ok(columns)
+    }
+
+    /// The column changes of an update, each as its policy captures it.
+    fn capture_update<'t>(
+        &self,
+        table: &'t Table,
+        pk: &Value,
+        changed: &[usize],
+        previous: &[Value],
+        current: &[Value],
+        rewrites: &mut Vec<(&'t Table, Value, usize, Value)>,
+    ) -> Result<Vec<(String, ColumnOp)>> {
+        let mut columns = Vec::with_capacity(changed.len());
+        for &i in changed {
+            let column = &table.columns[i];
+            let op = match column.policy {
+                MergePolicy::Lww | MergePolicy::Manual => ColumnOp::Set(current[i].clone()),
+                MergePolicy::Counter => {
+                    match counter::capture(&column.name, &previous[i], &current[i])
+                        .map_err(ClientError::Refused)?
+                    {
+                        Some(delta) => ColumnOp::Add(delta),
+                        None => continue,
+                    }
+                }
+                MergePolicy::Set => {
+                    let (add, remove, canonical) =
+                        set::capture(&column.name, &previous[i], &current[i])
+                            .map_err(ClientError::Refused)?;
+                    if canonical != current[i] {
+                        rewrites.push((table, pk.clone(), i, canonical));
+                    }
+                    if add.is_empty() && remove.is_empty() {
+                        continue;
+                    }
+                    ColumnOp::SetOps { add, remove }
+                }
+                MergePolicy::Text => {
+                    let old = text_of(&column.name, &previous[i]).unwrap_or_default();
+                    let new = text_of(&column.name, &current[i])?;
+                    let cell = Cell {
+                        table: &table.name,
+                        pk,
+                        column: &column.name,
+                    };
+                    let positional = self
+                        .positional
+                        .borrow()
+                        .as_ref()
+                        .filter(|(key, _)| *key == cell.key())
+                        .map(|(_, edits)| edits.clone());
+                    let update = match positional {
+                        // `edit_text`: the editor's own positions, no diff.
+                        Some(edits) => self
+                            .with_local_doc(cell, &old, |doc| {
+                                let update = doc.edit(&edits);
+                                update.map(|u| (u, doc.text()))
+                            })?
+                            .map(|(u, text)| {
+                                if text != new {
+                                    rewrites.push((table, pk.clone(), i, Value::Text(text)));
+                                }
+                                u
+                            })
+                            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?,
+                        None => self.with_local_doc(cell, &old, |doc| doc.replace_with(&new))?,
+                    };
+                    if update.is_empty() {
+                        continue;
+                    }
+                    ColumnOp::Text(update)
+                }
+            };
+            columns.push((column.name.clone(), op));
+        }
+        Ok(columns)
+    }
+
+    /// Runs `f` on the cell's document as this device shows it: the
+    /// confirmed document with the pending edits replayed (built on first
+    /// use, then kept). `fallback` is the text to start from when the cell
+    /// has no document at all (a value that never went through Hearth).
+    fn with_local_doc<T>(
+        &self,
+        cell: Cell<'_>,
+        fallback: &str,
+        f: impl FnOnce(&mut TextDoc) -> T,
+    ) -> Result<T> {
+        let key = cell.key();
+        if !self.local_text.borrow().contains_key(&key) {
+            let confirmed = self
+                .text
+                .borrow_mut()
+                .get(&self.conn, cell)
+                .map_err(text_failure)?
+                .map(|d| d.state());
+            let mut doc = confirmed
+                .map(|state| TextDoc::load(&state, self.client_id).expect("a stored state"));
+            for (_, mutation, _) in self.load_pending()? {
+                for change in mutation
+                    .changes
+                    .iter()
+                    .filter(|c| c.table == cell.table && c.pk == *cell.pk)
+                {
+                    match &change.op {
+                        RowOp::Delete => doc = None,
+                        RowOp::Upsert { insert, columns } => {
+                            for (name, op) in columns.iter().filter(|(n, _)| n == cell.column) {
+                                match op {
+                                    ColumnOp::Set(v) if *insert => {
+                                        let text = text_of(name, v).unwrap_or_default();
+                                        doc = Some(TextDoc::from_text(&text, self.client_id));
+                                    }
+                                    ColumnOp::Text(u) => {
+                                        if let Some(d) = doc.as_mut() {
+                                            let _ = d.apply_update(u);
+                                        }
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let doc = doc.unwrap_or_else(|| {
+                let start = TextDoc::from_text(fallback, 0);
+                TextDoc::load(&start.state(), self.client_id).expect("a state just encoded")
+            });
+            self.local_text.borrow_mut().insert(key.clone(), doc);
+        }
+        let mut local = self.local_text.borrow_mut();
+        Ok(f(local.get_mut(&key).expect("inserted above")))
     }
 
     /// Runs a read-only query on the local (optimistic) database.
@@ -1196,7 +1628,7 @@ impl Client {
             return Ok(oversized);
         }
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, mutation FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, mutation, format FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let mut rows = stmt.query(params![to_i64(sent_upto), room as i64])?;
         let mut frames = Vec::new();
@@ -1205,10 +1637,17 @@ impl Client {
         let mut last = sent_upto;
         while let Some(row) = rows.next()? {
             let seq: i64 = row.get(0)?;
-            let blob: Vec<u8> = row.get(1)?;
-            let mutation: Mutation = postcard::from_bytes(&blob).map_err(|e| {
+            let stored: Vec<u8> = row.get(1)?;
+            let format: i64 = row.get(2)?;
+            let mutation = Mutation::decode(&stored, format).map_err(|e| {
                 ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
             })?;
+            // What goes on the wire is today's encoding.
+            let blob = if format == FORMAT {
+                stored
+            } else {
+                mutation.encode()
+            };
             if blob.len() > frame_room {
                 oversized.push((seq as u64, blob.len()));
                 last = seq as u64;
@@ -1402,15 +1841,16 @@ impl Client {
         self.atomically(|c| {
             c.conn.execute("DELETE FROM _hearth_outbox", [])?;
             let mut insert = c.conn.prepare_cached(
-                "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo, format) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for (i, (_, mut mutation, undo)) in pending.into_iter().enumerate() {
                 mutation.seq = i as u64 + 1;
                 insert.execute(params![
                     to_i64(mutation.seq),
                     to_i64(mutation.hlc.0),
-                    postcard::to_allocvec(&mutation).expect("encode mutation"),
+                    mutation.encode(),
                     postcard::to_allocvec(&undo).expect("encode undo"),
+                    FORMAT,
                 ])?;
             }
             drop(insert);
@@ -1420,6 +1860,9 @@ impl Client {
         })?;
         self.client_id = new_id;
         self.next_seq = next_seq;
+        // Text edits made from here on carry the new identity.
+        self.text.borrow_mut().set_own(new_id);
+        self.local_text.borrow_mut().clear();
         self.pending_rows.clear();
         for (_, mutation, _) in self.load_pending()? {
             count_rows(&mut self.pending_rows, &mutation);
@@ -1449,15 +1892,55 @@ impl Client {
         })
     }
 
-    /// Writes one transaction's changes (a log entry, or a pending mutation
-    /// being redone) as a whole, see [`rows::write_all`].
-    fn apply_changes(&self, changes: &[RowChange]) -> Result<()> {
-        let mut writes = Vec::with_capacity(changes.len());
+    /// Writes one transaction's changes as a whole, see
+    /// [`rows::write_all`]: a log entry written by `author` (`Some`), or a
+    /// pending mutation being redone (`None`). Operations of counters, sets
+    /// and text apply over the row as it is; text edits go to the cells'
+    /// documents (the confirmed one too, for a log entry), and the column
+    /// shows the device's document.
+    fn apply_changes(&self, changes: &[RowChange], author: Option<u64>) -> Result<()> {
+        struct Planned<'t> {
+            table: &'t Table,
+            pk: &'t Value,
+            /// None: delete; Some((insert, columns)).
+            op: Option<(bool, Vec<(usize, Value)>)>,
+        }
+        let mut planned = Vec::with_capacity(changes.len());
         for change in changes {
             let table = self.table(&change.table)?;
             let op = match &change.op {
-                RowOp::Delete => rows::WriteOp::Delete,
+                RowOp::Delete => {
+                    for column in table
+                        .columns
+                        .iter()
+                        .filter(|c| c.policy == MergePolicy::Text)
+                    {
+                        let cell = Cell {
+                            table: &table.name,
+                            pk: &change.pk,
+                            column: &column.name,
+                        };
+                        if author.is_some() {
+                            self.text.borrow().remove(&self.conn, cell)?;
+                        }
+                        self.local_text.borrow_mut().remove(&cell.key());
+                    }
+                    None
+                }
                 RowOp::Upsert { insert, columns } => {
+                    let needs_row = columns
+                        .iter()
+                        .any(|(_, op)| !matches!(op, ColumnOp::Set(_)));
+                    let row = if needs_row {
+                        match rows::read_row(&self.conn, table, &change.pk)? {
+                            Some(row) => Some(row),
+                            // An update of a row this device does not have.
+                            None if !*insert => continue,
+                            None => None,
+                        }
+                    } else {
+                        None
+                    };
                     let mut cols = Vec::with_capacity(columns.len());
                     for (name, op) in columns {
                         let idx = table.column_index(name).ok_or_else(|| {
@@ -1466,22 +1949,83 @@ impl Client {
                                 table.name
                             ))
                         })?;
-                        let ColumnOp::Set(v) = op;
-                        cols.push((idx, v));
+                        let current = row.as_ref().map(|r| &r[idx]).unwrap_or(&Value::Null);
+                        let cell = Cell {
+                            table: &table.name,
+                            pk: &change.pk,
+                            column: name,
+                        };
+                        let value = match op {
+                            ColumnOp::Set(v) => {
+                                if table.columns[idx].policy == MergePolicy::Text {
+                                    if let Some(author) = author {
+                                        // A whole text value from the server (a new
+                                        // row): every side starts the same document.
+                                        let text = text_of(name, v).unwrap_or_default();
+                                        self.text
+                                            .borrow_mut()
+                                            .reset(&self.conn, cell, &text, author)?;
+                                        self.local_text.borrow_mut().remove(&cell.key());
+                                    }
+                                }
+                                v.clone()
+                            }
+                            ColumnOp::Add(delta) => counter::apply(name, current, *delta)
+                                .map_err(ClientError::Refused)?,
+                            ColumnOp::SetOps { add, remove } => {
+                                set::apply(name, current, add, remove)
+                            }
+                            ColumnOp::Text(update) => {
+                                let now = text_of(name, current).unwrap_or_default();
+                                if author.is_some() {
+                                    self.text
+                                        .borrow_mut()
+                                        .apply(&self.conn, cell, update, &now)
+                                        .map_err(text_failure)?;
+                                }
+                                let cached = self.local_text.borrow().contains_key(&cell.key());
+                                let text = if cached || author.is_none() {
+                                    self.with_local_doc(cell, &now, |doc| {
+                                        doc.apply_update(update).map(|()| doc.text())
+                                    })?
+                                    .map_err(|e| {
+                                        ClientError::Refused(format!("text column '{name}': {e}"))
+                                    })?
+                                } else {
+                                    let mut cells = self.text.borrow_mut();
+                                    let doc = cells.get(&self.conn, cell).map_err(text_failure)?;
+                                    doc.map(|d| d.text()).unwrap_or(now)
+                                };
+                                Value::Text(text)
+                            }
+                        };
+                        cols.push((idx, value));
                     }
-                    if *insert {
-                        rows::WriteOp::Upsert(cols)
-                    } else {
-                        rows::WriteOp::Update(cols)
-                    }
+                    Some((*insert, cols))
                 }
             };
-            writes.push(rows::Write {
+            planned.push(Planned {
                 table,
                 pk: &change.pk,
                 op,
             });
         }
+        let writes: Vec<rows::Write<'_>> = planned
+            .iter()
+            .map(|p| rows::Write {
+                table: p.table,
+                pk: p.pk,
+                op: match &p.op {
+                    None => rows::WriteOp::Delete,
+                    Some((true, cols)) => {
+                        rows::WriteOp::Upsert(cols.iter().map(|(i, v)| (*i, v)).collect())
+                    }
+                    Some((false, cols)) => {
+                        rows::WriteOp::Update(cols.iter().map(|(i, v)| (*i, v)).collect())
+                    }
+                },
+            })
+            .collect();
         rows::write_all(&self.conn, &writes)?;
         Ok(())
     }
@@ -1505,23 +2049,16 @@ impl Client {
     }
 
     fn load_pending(&self) -> Result<Vec<(u64, Mutation, Vec<Preimage>)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, mutation, undo FROM _hearth_outbox ORDER BY seq")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, mutation, undo, format FROM _hearth_outbox ORDER BY seq",
+        )?;
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             let seq: i64 = row.get(0)?;
             let m: Vec<u8> = row.get(1)?;
             let u: Vec<u8> = row.get(2)?;
-            let bad = |e: postcard::Error| {
-                ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
-            };
-            out.push((
-                seq as u64,
-                postcard::from_bytes(&m).map_err(bad)?,
-                postcard::from_bytes(&u).map_err(bad)?,
-            ));
+            out.push(decode_pending(seq as u64, &m, &u, row.get(3)?)?);
         }
         Ok(out)
     }
@@ -1558,11 +2095,12 @@ impl Client {
             // UNIQUE clash with a row another device made) is left out of the
             // local view; the server will refuse or apply it and say so.
             self.conn.execute_batch("SAVEPOINT hearth_redo")?;
-            match self.apply_changes(&mutation.changes) {
+            match self.apply_changes(&mutation.changes, None) {
                 Ok(()) => self.conn.execute_batch("RELEASE hearth_redo")?,
                 Err(_) => {
                     self.conn
                         .execute_batch("ROLLBACK TO hearth_redo; RELEASE hearth_redo")?;
+                    self.forget_text();
                     undo.clear();
                 }
             }
@@ -1626,7 +2164,7 @@ impl Client {
         let mut tables = BTreeSet::new();
         let result = self.settle(&acked, fresh.iter().flat_map(|e| e.changes.iter()), |c| {
             for entry in &fresh {
-                c.apply_changes(&entry.changes)?;
+                c.apply_changes(&entry.changes, Some(entry.client_id))?;
                 tables.extend(entry.changes.iter().map(|change| change.table.clone()));
                 c.clock.observe(entry.hlc);
                 c.cursor = entry.server_seq;
@@ -1671,7 +2209,33 @@ impl Client {
             return Ok(()); // Already handled before a reconnect.
         };
         let tables: BTreeSet<String> = mutation.changes.iter().map(|c| c.table.clone()).collect();
-        self.settle(&rejected, std::iter::empty(), |_| Ok(()))?;
+        // The device's text documents hold the refused edits: rebuild them
+        // from the confirmed ones and what stays pending, and show that.
+        let text_cells: Vec<(String, Value, String)> = mutation
+            .changes
+            .iter()
+            .flat_map(|c| match &c.op {
+                RowOp::Upsert { columns, .. } => columns
+                    .iter()
+                    .filter(|(_, op)| matches!(op, ColumnOp::Text(_)))
+                    .map(|(n, _)| (c.table.clone(), c.pk.clone(), n.clone()))
+                    .collect(),
+                RowOp::Delete => Vec::new(),
+            })
+            .collect();
+        self.settle(&rejected, std::iter::empty(), |c| {
+            c.local_text.borrow_mut().clear();
+            for (table, pk, column) in &text_cells {
+                let t = c.table(table)?;
+                let Some(idx) = t.column_index(column) else {
+                    continue;
+                };
+                let cell = Cell { table, pk, column };
+                let text = c.with_local_doc(cell, "", |doc| doc.text())?;
+                rows::update_columns(&c.conn, t, pk, &[(idx, &Value::Text(text))])?;
+            }
+            Ok(())
+        })?;
         out.events.push(Event::Rejected {
             seq,
             code: code.to_string(),
@@ -1687,22 +2251,15 @@ impl Client {
         let mut out = Vec::new();
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT mutation, undo FROM _hearth_outbox WHERE seq = ?1")?;
+            .prepare_cached("SELECT mutation, undo, format FROM _hearth_outbox WHERE seq = ?1")?;
         let mut sorted = seqs.to_vec();
         sorted.sort_unstable();
         for seq in sorted {
-            let found: Option<(Vec<u8>, Vec<u8>)> = stmt
-                .query_row([to_i64(seq)], |r| Ok((r.get(0)?, r.get(1)?)))
+            let found: Option<(Vec<u8>, Vec<u8>, i64)> = stmt
+                .query_row([to_i64(seq)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
-            if let Some((m, u)) = found {
-                let bad = |e: postcard::Error| {
-                    ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
-                };
-                out.push((
-                    seq,
-                    postcard::from_bytes(&m).map_err(bad)?,
-                    postcard::from_bytes(&u).map_err(bad)?,
-                ));
+            if let Some((m, u, format)) = found {
+                out.push(decode_pending(seq, &m, &u, format)?);
             }
         }
         Ok(out)
@@ -1791,6 +2348,41 @@ impl Client {
         }
         self.pending_rows = remaining;
         Ok(())
+    }
+}
+
+/// Reads one outbox entry written in `format`.
+fn decode_pending(
+    seq: u64,
+    m: &[u8],
+    u: &[u8],
+    format: i64,
+) -> Result<(u64, Mutation, Vec<Preimage>)> {
+    let mutation = Mutation::decode(m, format)
+        .map_err(|e| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}")))?;
+    let undo = postcard::from_bytes(u)
+        .map_err(|e| ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}")))?;
+    Ok((seq, mutation, undo))
+}
+
+/// A text column's value as a string (NULL reads as empty).
+fn text_of(column: &str, v: &Value) -> Result<String> {
+    match v {
+        Value::Text(t) => Ok(t.clone()),
+        Value::Null => Ok(String::new()),
+        other => Err(ClientError::Refused(format!(
+            "text column '{column}' holds TEXT, not {}",
+            other.type_name()
+        ))),
+    }
+}
+
+fn text_failure(e: TextFailure) -> ClientError {
+    match e {
+        TextFailure::Sql(e) => ClientError::Sql(e),
+        TextFailure::Text(e) => ClientError::Protocol(format!(
+            "a text document is unreadable or an edit does not apply: {e}"
+        )),
     }
 }
 

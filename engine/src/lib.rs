@@ -12,17 +12,22 @@
 //! - [`protocol`]: client/server messages and their versioned binary codec.
 //! - [`client`]: the device: change capture, outbox, rebase and rollback.
 //! - [`server`]: the server's merge, dedup and change log over its store.
-//! - `rows`: row-level SQL shared by both halves.
+//! - [`merge`]: the merge policies (lww, counter, set, text, manual), pure functions
+//!   used by device capture and the server's merge.
+//! - `rows`: row-level SQL shared by both halves; `textcells`: where text
+//!   cells keep their CRDT documents.
 
 mod authorize;
 pub mod change;
 pub mod client;
 mod fk;
 pub mod hlc;
+pub mod merge;
 pub mod protocol;
 mod rows;
 pub mod schema;
 pub mod server;
+mod textcells;
 pub mod value;
 
 pub use change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
@@ -30,6 +35,7 @@ pub use client::{
     Client, ClientConfig, ClientError, Event, ExecOutcome, Output, QueryResult, Status,
 };
 pub use hlc::{Clock, Hlc, Stamp};
+pub use merge::text::TextEdit;
 pub use protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 pub use schema::{Schema, SchemaError, DEMO_SCHEMA};
 pub use server::{Outcome, ServerCore, ServerError};

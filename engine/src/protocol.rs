@@ -20,7 +20,10 @@ use crate::change::{LogEntry, Mutation};
 /// 2: `Welcome` names the largest frame the server accepts and builds and
 /// the last mutation number it processed from the device; a log entry
 /// carries the digest of the mutation it applied.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: a mutation carries its `base` (the device's cursor when made), and
+/// column changes may be counter deltas, set element adds and removes, and
+/// text edits.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Default largest frame either side accepts.
 pub const FRAME_BYTES_MAX: usize = 32 * 1024 * 1024;
@@ -181,6 +184,7 @@ mod tests {
     fn one_column_update() -> ClientMsg {
         ClientMsg::Push {
             mutations: vec![Mutation {
+                base: 0,
                 seq: 12_345,
                 hlc: Hlc::new(1_764_000_000_000, 3),
                 changes: vec![RowChange {
@@ -215,6 +219,7 @@ mod tests {
             encode_client(&ClientMsg::Push {
                 mutations: (0..n)
                     .map(|i| Mutation {
+                        base: 0,
                         seq: i as u64 + 1,
                         hlc: Hlc(7),
                         changes: Vec::new(),
@@ -331,7 +336,7 @@ mod tests {
 
         #[test]
         fn client_messages_round_trip(seq in any::<u64>(), h in any::<u64>(), changes in proptest::collection::vec(row_change(), 0..6)) {
-            let msg = ClientMsg::Push { mutations: vec![Mutation { seq, hlc: Hlc(h), changes }] };
+            let msg = ClientMsg::Push { mutations: vec![Mutation { seq, hlc: Hlc(h), base: 0, changes }] };
             prop_assert_eq!(decode_client(&encode_client(&msg), FRAME_BYTES_MAX).unwrap(), msg);
         }
 

@@ -49,11 +49,60 @@ impl MergePolicy {
         }
     }
 
-    /// Policies whose merge this version of Hearth implements.
-    fn implemented(self) -> bool {
-        matches!(self, MergePolicy::Lww)
+    /// Whether a column of this SQLite declared type can hold what the
+    /// policy merges (by SQLite's affinity rules: INT means INTEGER
+    /// affinity; CHAR, CLOB or TEXT mean TEXT affinity). `None` if it fits.
+    fn misfit(self, declared_type: &str) -> Option<&'static str> {
+        let t = declared_type.to_ascii_uppercase();
+        let integer = t.contains("INT");
+        let text = !integer && (t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT"));
+        match self {
+            MergePolicy::Counter if !integer => {
+                Some("a counter needs a column of INTEGER type (it adds whole numbers)")
+            }
+            MergePolicy::Set if !text => {
+                Some("a set needs a column of TEXT type (it holds a JSON array)")
+            }
+            MergePolicy::Text if !text => Some("text needs a column of TEXT type"),
+            _ => None,
+        }
     }
 }
+
+/// What a concurrent update does to a deleted row, per table.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum OnDelete {
+    /// An update made without having seen the delete does nothing.
+    #[default]
+    DeleteWins,
+    /// An update made without having seen the delete brings the row back,
+    /// with the updated columns and the last values of the others; a delete
+    /// made without having seen the row's latest update does nothing.
+    UpdateWins,
+}
+
+impl OnDelete {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnDelete::DeleteWins => "delete-wins",
+            OnDelete::UpdateWins => "update-wins",
+        }
+    }
+}
+
+/// The table the server records manual-merge conflicts in; every device
+/// receives it. Present in a schema exactly when a column is `manual`.
+pub const CONFLICTS_TABLE: &str = "hearth_conflicts";
+
+const CONFLICTS_CREATE: &str = "CREATE TABLE hearth_conflicts (
+  id          TEXT PRIMARY KEY,
+  table_name  TEXT NOT NULL,
+  row_key     TEXT NOT NULL,
+  column_name TEXT NOT NULL,
+  candidates  TEXT NOT NULL,
+  base_value  TEXT,
+  opened_at   INTEGER NOT NULL
+)";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SchemaError {
@@ -82,6 +131,9 @@ pub struct Column {
     /// SQLite's declared type, as written in the `CREATE` statement.
     pub declared_type: String,
     pub policy: MergePolicy,
+    /// Bounds of a `counter` column (inclusive); `None` is unbounded.
+    pub min: Option<i64>,
+    pub max: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -94,6 +146,7 @@ pub struct Table {
     pub columns: Vec<Column>,
     /// Index of the primary key column in `columns`.
     pub pk: usize,
+    pub on_delete: OnDelete,
 }
 
 impl Table {
@@ -103,6 +156,16 @@ impl Table {
 
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
+    }
+
+    /// Whether every synced column is last-writer-wins.
+    pub fn all_lww(&self) -> bool {
+        self.columns.iter().all(|c| c.policy == MergePolicy::Lww)
+    }
+
+    /// Whether this is Hearth's conflicts table, which only the server writes.
+    pub fn is_conflicts(&self) -> bool {
+        self.name == CONFLICTS_TABLE
     }
 }
 
@@ -131,7 +194,10 @@ struct RawTable {
     #[serde(default = "default_merge")]
     merge: String,
     #[serde(default)]
-    columns: BTreeMap<String, String>,
+    on_delete: Option<String>,
+    /// Per column: a policy name, or a table `{ merge = NAME, min, max }`.
+    #[serde(default)]
+    columns: BTreeMap<String, toml::Value>,
 }
 
 fn default_merge() -> String {
@@ -152,8 +218,29 @@ impl Schema {
         }
         let mut tables = BTreeMap::new();
         for (name, raw_table) in raw.tables {
+            if name == CONFLICTS_TABLE {
+                return Err(table_error(
+                    &name,
+                    "this name is reserved for the conflicts of manual-merge columns",
+                ));
+            }
             let table = check_table(&name, raw_table)?;
             tables.insert(name, table);
+        }
+        let manual = tables
+            .values()
+            .any(|t| t.columns.iter().any(|c| c.policy == MergePolicy::Manual));
+        if manual {
+            let raw = RawTable {
+                create: CONFLICTS_CREATE.to_string(),
+                merge: default_merge(),
+                on_delete: None,
+                columns: BTreeMap::new(),
+            };
+            tables.insert(
+                CONFLICTS_TABLE.to_string(),
+                check_table(CONFLICTS_TABLE, raw)?,
+            );
         }
         check_foreign_keys(&tables)?;
         Ok(Schema {
@@ -225,15 +312,16 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
             ),
         )
     })?;
-    if !policy.implemented() {
-        return Err(table_error(
-            name,
-            format!(
-                "merge policy '{}' is not implemented yet in this version of Hearth (use lww)",
-                policy.name()
-            ),
-        ));
-    }
+    let on_delete = match raw.on_delete.as_deref() {
+        None | Some("delete-wins") => OnDelete::DeleteWins,
+        Some("update-wins") => OnDelete::UpdateWins,
+        Some(other) => {
+            return Err(table_error(
+                name,
+                format!("unknown on_delete rule '{other}' (expected delete-wins or update-wins)"),
+            ))
+        }
+    };
 
     let scratch = Connection::open_in_memory().map_err(|e| table_error(name, e.to_string()))?;
     scratch
@@ -275,7 +363,9 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
             columns.push(Column {
                 name: col_name,
                 declared_type,
-                policy,
+                policy: if pk_pos > 0 { MergePolicy::Lww } else { policy },
+                min: None,
+                max: None,
             });
         }
     }
@@ -330,35 +420,99 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
         ));
     }
 
-    for (col_name, policy_name) in &raw.columns {
-        let col_policy = MergePolicy::parse(policy_name).ok_or_else(|| {
-            table_error(
-                name,
-                format!("column '{col_name}': unknown merge policy '{policy_name}' (expected one of {})", MergePolicy::NAMES),
-            )
-        })?;
+    for (col_name, entry) in &raw.columns {
         let Some(idx) = columns.iter().position(|c| &c.name == col_name) else {
             return Err(table_error(
                 name,
                 format!("columns names '{col_name}', which the table does not have"),
             ));
         };
+        let column_error =
+            |problem: String| table_error(name, format!("column '{col_name}': {problem}"));
+        let (policy_name, min, max) = match entry {
+            toml::Value::String(s) => (s.clone(), None, None),
+            toml::Value::Table(t) => {
+                let mut policy_name = None;
+                let (mut min, mut max) = (None, None);
+                for (key, value) in t {
+                    match (key.as_str(), value) {
+                        ("merge", toml::Value::String(s)) => policy_name = Some(s.clone()),
+                        ("min", toml::Value::Integer(i)) => min = Some(*i),
+                        ("max", toml::Value::Integer(i)) => max = Some(*i),
+                        ("merge" | "min" | "max", other) => {
+                            return Err(column_error(format!(
+                                "'{key}' must be {}, not {}",
+                                if key == "merge" {
+                                    "a policy name"
+                                } else {
+                                    "an integer"
+                                },
+                                other.type_str()
+                            )))
+                        }
+                        _ => {
+                            return Err(column_error(format!(
+                                "unknown option '{key}' (expected merge, min, max)"
+                            )))
+                        }
+                    }
+                }
+                let policy_name = policy_name
+                    .ok_or_else(|| column_error("a column table needs merge = NAME".into()))?;
+                (policy_name, min, max)
+            }
+            other => {
+                return Err(column_error(format!(
+                    "expected a policy name or {{ merge = NAME, ... }}, not {}",
+                    other.type_str()
+                )))
+            }
+        };
+        let col_policy = MergePolicy::parse(&policy_name).ok_or_else(|| {
+            column_error(format!(
+                "unknown merge policy '{policy_name}' (expected one of {})",
+                MergePolicy::NAMES
+            ))
+        })?;
         if idx == pk {
-            return Err(table_error(
-                name,
-                format!("column '{col_name}' is the primary key and cannot have a merge policy"),
+            return Err(column_error(
+                "it is the primary key, which cannot have a merge policy".into(),
             ));
         }
-        if !col_policy.implemented() {
+        if (min.is_some() || max.is_some()) && col_policy != MergePolicy::Counter {
+            return Err(column_error(format!(
+                "min and max apply to counters only, not to {}",
+                col_policy.name()
+            )));
+        }
+        if let (Some(lo), Some(hi)) = (min, max) {
+            if lo > hi {
+                return Err(column_error(format!("min {lo} is greater than max {hi}")));
+            }
+        }
+        columns[idx].policy = col_policy;
+        columns[idx].min = min;
+        columns[idx].max = max;
+    }
+    for (i, column) in columns.iter().enumerate() {
+        if i == pk {
+            continue;
+        }
+        if let Some(why) = column.policy.misfit(&column.declared_type) {
             return Err(table_error(
                 name,
                 format!(
-                    "column '{col_name}': merge policy '{}' is not implemented yet in this version of Hearth (use lww)",
-                    col_policy.name()
+                    "column '{}' ({}) cannot be {}: {why}",
+                    column.name,
+                    if column.declared_type.is_empty() {
+                        "no declared type"
+                    } else {
+                        &column.declared_type
+                    },
+                    column.policy.name()
                 ),
             ));
         }
-        columns[idx].policy = col_policy;
     }
 
     Ok(Table {
@@ -367,6 +521,7 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
         policy,
         columns,
         pk,
+        on_delete,
     })
 }
 
@@ -444,9 +599,6 @@ mod tests {
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"\ncolumns = { m = \"lww\" }\n");
         assert!(e.contains("'m'"), "{e}");
 
-        let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"\ncolumns = { n = \"counter\" }\n");
-        assert!(e.contains("not implemented yet"), "{e}");
-
         let e = err("version = 1\n[tables.t]\ncreate = \"CREATE TABLE t (id INTEGER PRIMARY KEY, o INTEGER REFERENCES other(id))\"\n");
         assert!(e.contains("table 't'") && e.contains("'other'"), "{e}");
 
@@ -460,5 +612,85 @@ mod tests {
         assert!(e.contains("collation NOCASE"), "{e}");
 
         assert_eq!(Schema::parse("version = 1\n"), Err(SchemaError::NoTables));
+    }
+
+    const CARDS: &str = "CREATE TABLE cards (id TEXT PRIMARY KEY, title TEXT NOT NULL, likes INTEGER NOT NULL DEFAULT 0, stock INTEGER NOT NULL DEFAULT 0, tags TEXT NOT NULL DEFAULT '[]', body TEXT NOT NULL DEFAULT '', price REAL)";
+
+    fn cards(extra: &str) -> Result<Schema, SchemaError> {
+        Schema::parse(&format!(
+            "version = 1\n[tables.cards]\ncreate = \"{CARDS}\"\n{extra}\n"
+        ))
+    }
+
+    #[test]
+    fn policies_are_declared_per_column_with_options() {
+        let s = cards("merge = \"lww\"\non_delete = \"update-wins\"\ncolumns = { likes = \"counter\", stock = { merge = \"counter\", min = 0 }, tags = \"set\", body = \"text\", price = \"manual\" }").unwrap();
+        let t = s.table("cards").unwrap();
+        let policy = |c: &str| t.columns[t.column_index(c).unwrap()].policy;
+        assert_eq!(policy("likes"), MergePolicy::Counter);
+        assert_eq!(policy("tags"), MergePolicy::Set);
+        assert_eq!(policy("body"), MergePolicy::Text);
+        assert_eq!(policy("price"), MergePolicy::Manual);
+        assert_eq!(policy("title"), MergePolicy::Lww);
+        let stock = &t.columns[t.column_index("stock").unwrap()];
+        assert_eq!((stock.min, stock.max), (Some(0), None));
+        assert_eq!(t.on_delete, OnDelete::UpdateWins);
+        // A manual column brings the conflicts table, which every device gets.
+        let conflicts = s.table(CONFLICTS_TABLE).unwrap();
+        assert!(conflicts.is_conflicts() && conflicts.pk_name() == "id");
+        assert!(cards("").unwrap().table(CONFLICTS_TABLE).is_none());
+    }
+
+    #[test]
+    fn policies_that_do_not_fit_name_table_column_and_problem() {
+        for (extra, want) in [
+            (
+                "columns = { title = \"counter\" }",
+                "column 'title' (TEXT) cannot be counter",
+            ),
+            (
+                "columns = { likes = \"set\" }",
+                "column 'likes' (INTEGER) cannot be set",
+            ),
+            (
+                "columns = { likes = \"text\" }",
+                "column 'likes' (INTEGER) cannot be text",
+            ),
+            (
+                "columns = { stock = { merge = \"counter\", min = 5, max = 1 } }",
+                "min 5 is greater than max 1",
+            ),
+            (
+                "columns = { id = \"counter\" }",
+                "column 'id': it is the primary key",
+            ),
+            (
+                "columns = { tags = { merge = \"set\", min = 0 } }",
+                "min and max apply to counters only",
+            ),
+            (
+                "columns = { stock = { merge = \"counter\", floor = 0 } }",
+                "unknown option 'floor'",
+            ),
+            ("columns = { stock = { min = 0 } }", "needs merge = NAME"),
+            ("columns = { stock = 3 }", "expected a policy name"),
+            (
+                "columns = { stock = \"sum\" }",
+                "unknown merge policy 'sum'",
+            ),
+            (
+                "merge = \"counter\"",
+                "column 'title' (TEXT) cannot be counter",
+            ),
+            ("on_delete = \"maybe\"", "unknown on_delete rule 'maybe'"),
+        ] {
+            let e = cards(extra).unwrap_err().to_string();
+            assert!(
+                e.contains("table 'cards'") && e.contains(want),
+                "{extra}: {e}"
+            );
+        }
+        let e = err("version = 1\n[tables.hearth_conflicts]\ncreate = \"CREATE TABLE hearth_conflicts (id TEXT PRIMARY KEY)\"\n");
+        assert!(e.contains("reserved"), "{e}");
     }
 }

@@ -24,12 +24,19 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
+use std::cell::RefCell;
+
+use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp, FORMAT};
 use crate::fk;
 use crate::hlc::{Hlc, Stamp};
+use crate::merge::manual::{self, Conflict, ManualState};
+use crate::merge::set::SetState;
+use crate::merge::text::TextError;
+use crate::merge::{counter, Dot, Refusal, Writer};
 use crate::protocol::{ClientMsg, ServerMsg};
 use crate::rows;
-use crate::schema::{Schema, Table};
+use crate::schema::{MergePolicy, OnDelete, Schema, Table, CONFLICTS_TABLE};
+use crate::textcells::{Cell, TextCells, TextFailure};
 use crate::value::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +127,14 @@ CREATE TABLE IF NOT EXISTS _hearth_log (
   client_seq INTEGER NOT NULL,
   hlc        INTEGER NOT NULL,
   changes    BLOB NOT NULL,
-  digest     INTEGER NOT NULL DEFAULT 0
+  digest     INTEGER NOT NULL DEFAULT 0,
+  format     INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS _hearth_rows (
-  tbl  TEXT NOT NULL,
-  pk   NOT NULL,
-  meta BLOB NOT NULL,
+  tbl    TEXT NOT NULL,
+  pk     NOT NULL,
+  meta   BLOB NOT NULL,
+  format INTEGER NOT NULL DEFAULT 1,
   PRIMARY KEY (tbl, pk)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _hearth_clients (
@@ -143,7 +152,15 @@ CREATE TABLE IF NOT EXISTS _hearth_rejections (
 ) WITHOUT ROWID;
 ";
 
-/// Per-row merge bookkeeping.
+/// Per-row merge bookkeeping, as written before merge policies (format 1).
+#[derive(Deserialize)]
+struct RowMetaV1 {
+    alive: bool,
+    stamp: Stamp,
+    columns: Vec<Stamp>,
+}
+
+/// Per-row merge bookkeeping (format 2).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct RowMeta {
     alive: bool,
@@ -151,6 +168,21 @@ struct RowMeta {
     stamp: Stamp,
     /// Last-writer stamp per column index; missing entries are zero.
     columns: Vec<Stamp>,
+    /// The last write to the row that changed it (creation, update or
+    /// delete): an `update-wins` table lets an update that had not seen a
+    /// delete bring the row back, and ignores a delete that had not seen
+    /// the latest update.
+    last_write: Dot,
+    /// `update-wins` tables: the row as it was deleted.
+    last_values: Option<Vec<Value>>,
+    /// State of `set` and `manual` cells, by column index.
+    cells: Vec<(u32, CellState)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum CellState {
+    Set(SetState),
+    Manual(ManualState),
 }
 
 impl RowMeta {
@@ -164,11 +196,38 @@ impl RowMeta {
         }
         self.columns[i] = stamp;
     }
+
+    fn cell(&self, i: usize) -> Option<&CellState> {
+        self.cells
+            .iter()
+            .find(|(c, _)| *c as usize == i)
+            .map(|(_, s)| s)
+    }
+
+    fn set_cell(&mut self, i: usize, state: CellState) {
+        match self.cells.iter_mut().find(|(c, _)| *c as usize == i) {
+            Some(slot) => slot.1 = state,
+            None => self.cells.push((i as u32, state)),
+        }
+    }
 }
 
-struct Refusal {
-    code: &'static str,
-    reason: String,
+/// A row write the merge of one mutation decided on, applied with the
+/// others once the whole mutation is merged.
+struct Plan<'t> {
+    table: &'t Table,
+    pk: Value,
+    op: PlanOp,
+}
+
+/// What merging a row's columns decided: the values to write (by column
+/// index) and the column changes for the log.
+type MergedColumns = (Vec<(usize, Value)>, Vec<(String, ColumnOp)>);
+
+enum PlanOp {
+    Upsert(Vec<(usize, Value)>),
+    Update(Vec<(usize, Value)>),
+    Delete,
 }
 
 fn refuse(code: &'static str, reason: impl Into<String>) -> Refusal {
@@ -178,16 +237,14 @@ fn refuse(code: &'static str, reason: impl Into<String>) -> Refusal {
     }
 }
 
-impl From<rusqlite::Error> for Refusal {
-    fn from(e: rusqlite::Error) -> Self {
-        let code = match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::ConstraintViolation) => "CONSTRAINT",
-            _ => "INVALID",
-        };
-        Refusal {
-            code,
-            reason: e.to_string(),
-        }
+fn sql_refusal(e: rusqlite::Error) -> Refusal {
+    let code = match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => "CONSTRAINT",
+        _ => "INVALID",
+    };
+    Refusal {
+        code,
+        reason: e.to_string(),
     }
 }
 
@@ -218,6 +275,8 @@ pub struct ServerCore {
     foreign_keys: fk::ForeignKeys,
     /// Client ids found rewound since start: their mutations are not taken.
     rewound: HashSet<u64>,
+    /// Documents of `text` cells.
+    text: RefCell<TextCells>,
 }
 
 impl ServerCore {
@@ -243,24 +302,32 @@ impl ServerCore {
                 "ALTER TABLE _hearth_clients ADD COLUMN last_hlc INTEGER NOT NULL DEFAULT 0",
             )?;
         }
-        // ... and mutation digests (0 for older entries: never compared).
-        for table in ["_hearth_log", "_hearth_rejections"] {
-            let has_digest: bool = conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = 'digest')",
-                [table],
+        // ... and mutation digests (0 for older entries: never compared),
+        // and the format their blobs were written in (1 before it was kept).
+        for (table, column, default) in [
+            ("_hearth_log", "digest", 0),
+            ("_hearth_rejections", "digest", 0),
+            ("_hearth_log", "format", 1),
+            ("_hearth_rows", "format", 1),
+        ] {
+            let has: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+                [table, column],
                 |r| r.get(0),
             )?;
-            if !has_digest {
+            if !has {
                 conn.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN digest INTEGER NOT NULL DEFAULT 0"
+                    "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT {default}"
                 ))?;
             }
         }
+        conn.execute_batch(crate::textcells::TEXT_TABLE)?;
         conn.execute_batch(
             "CREATE INDEX IF NOT EXISTS _hearth_log_by_client ON _hearth_log (client_id, client_seq)",
         )?;
         conn.execute_batch("BEGIN")?;
         let prepared = (|| -> Result<()> {
+            check_policy_changes(&conn, &schema)?;
             rows::ensure_tables(&conn, &schema).map_err(ServerError::Schema)?;
             let triggers: Vec<String> = conn
                 .prepare("SELECT name FROM main.sqlite_schema WHERE type = 'trigger'")?
@@ -304,6 +371,7 @@ impl ServerCore {
             last_seqs: HashMap::new(),
             foreign_keys,
             rewound: HashSet::new(),
+            text: RefCell::new(TextCells::new(0)),
         })
     }
 
@@ -380,6 +448,7 @@ impl ServerCore {
         };
         if committed.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
+            self.text.borrow_mut().clear_cache();
             self.head = saved_head;
             self.max_hlc = saved_max_hlc;
             self.last_seqs = saved_seqs;
@@ -448,7 +517,14 @@ impl ServerCore {
                 .execute([])?;
             let hlc = self.effective_hlc(last_hlc, mutation.hlc);
             let mut merged_hlc = last_hlc;
-            match self.merge(client_id, hlc, mutation) {
+            let writer = Writer {
+                client_id,
+                client_seq: mutation.seq,
+                // A device cannot have seen past the head.
+                base: mutation.base.min(self.head),
+                server_seq: self.head + 1,
+            };
+            match self.merge(&writer, hlc, mutation) {
                 Ok(changes) => {
                     self.conn
                         .prepare_cached("RELEASE hearth_mutation")?
@@ -464,7 +540,7 @@ impl ServerCore {
                     let blob = postcard::to_allocvec(&entry.changes).expect("encode changes");
                     self.conn
                         .prepare_cached(
-                            "INSERT INTO _hearth_log (seq, client_id, client_seq, hlc, changes, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                            "INSERT INTO _hearth_log (seq, client_id, client_seq, hlc, changes, digest, format) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                         )?
                         .execute(params![
                             to_i64(entry.server_seq),
@@ -472,7 +548,8 @@ impl ServerCore {
                             to_i64(mutation.seq),
                             to_i64(hlc.0),
                             blob,
-                            to_i64(digest)
+                            to_i64(digest),
+                            FORMAT
                         ])?;
                     self.head = entry.server_seq;
                     merged_hlc = hlc;
@@ -482,6 +559,7 @@ impl ServerCore {
                 Err(MergeError::Refused(refusal)) => {
                     self.conn
                         .execute_batch("ROLLBACK TO hearth_mutation; RELEASE hearth_mutation")?;
+                    self.text.borrow_mut().clear_cache();
                     self.conn
                         .prepare_cached(
                             "INSERT OR REPLACE INTO _hearth_rejections (client_id, client_seq, code, reason, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -516,15 +594,30 @@ impl ServerCore {
     }
 
     fn load_meta(&self, table: &Table, pk: &Value) -> Result<Option<RowMeta>, MergeError> {
-        let blob: Option<Vec<u8>> = self
+        let blob: Option<(Vec<u8>, i64)> = self
             .conn
-            .prepare_cached("SELECT meta FROM _hearth_rows WHERE tbl = ?1 AND pk = ?2")?
-            .query_row(params![table.name, pk], |r| r.get(0))
+            .prepare_cached("SELECT meta, format FROM _hearth_rows WHERE tbl = ?1 AND pk = ?2")?
+            .query_row(params![table.name, pk], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
+        let corrupt =
+            |e: String| MergeError::Store(ServerError::Corrupt(format!("row metadata: {e}")));
         match blob {
-            Some(b) => postcard::from_bytes(&b)
+            Some((b, 1)) => postcard::from_bytes::<RowMetaV1>(&b)
+                .map(|m| {
+                    Some(RowMeta {
+                        alive: m.alive,
+                        stamp: m.stamp,
+                        columns: m.columns,
+                        ..Default::default()
+                    })
+                })
+                .map_err(|e| corrupt(e.to_string())),
+            Some((b, FORMAT)) => postcard::from_bytes(&b)
                 .map(Some)
-                .map_err(|e| MergeError::Store(ServerError::Corrupt(format!("row metadata: {e}")))),
+                .map_err(|e| corrupt(e.to_string())),
+            Some((_, format)) => Err(corrupt(format!(
+                "written in format {format}, newer than this version of Hearth reads ({FORMAT})"
+            ))),
             // A row written to the table outside Hearth (say with sqlite3)
             // has no bookkeeping yet: it lives, and any stamp beats it.
             None if rows::row_exists(&self.conn, table, pk)? => Ok(Some(RowMeta {
@@ -539,23 +632,26 @@ impl ServerCore {
         let blob = postcard::to_allocvec(meta).expect("encode row meta");
         self.conn
             .prepare_cached(
-                "INSERT INTO _hearth_rows (tbl, pk, meta) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(tbl, pk) DO UPDATE SET meta = excluded.meta",
+                "INSERT INTO _hearth_rows (tbl, pk, meta, format) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(tbl, pk) DO UPDATE SET meta = excluded.meta, format = excluded.format",
             )?
-            .execute(params![table.name, pk, blob])?;
+            .execute(params![table.name, pk, blob, FORMAT])?;
         Ok(())
     }
 
-    /// Merges one mutation; returns its effective changes.
+    /// Merges one mutation written by `w`; returns its effective changes.
     fn merge(
         &self,
-        client_id: u64,
+        w: &Writer,
         hlc: Hlc,
         mutation: &Mutation,
     ) -> Result<Vec<RowChange>, MergeError> {
-        let stamp = Stamp { hlc, client_id };
+        let stamp = Stamp {
+            hlc,
+            client_id: w.client_id,
+        };
         let mut effects = Vec::new();
-        let mut writes: Vec<rows::Write<'_>> = Vec::with_capacity(mutation.changes.len());
+        let mut plans: Vec<Plan<'_>> = Vec::with_capacity(mutation.changes.len());
         // A device's capture yields one change per row; a mutation naming a
         // row twice is malformed, and merging it would silently drop the
         // second write (it carries the same stamp, which does not win).
@@ -564,6 +660,19 @@ impl ServerCore {
             let table = self.schema.table(&change.table).ok_or_else(|| {
                 refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table))
             })?;
+            if table.is_conflicts() {
+                // A device deletes a conflict's row when it resolves it, to
+                // show the resolution at once; whether the conflict closes
+                // is the server's call, from the write to the cell.
+                if change.op == RowOp::Delete {
+                    continue;
+                }
+                return Err(refuse(
+                    "INVALID",
+                    format!("{CONFLICTS_TABLE} is written by the server: resolve a conflict by writing its cell"),
+                )
+                .into());
+            }
             check_pk(table, &change.pk)?;
             let row_key = match &change.pk {
                 Value::Integer(i) => Ok(*i),
@@ -584,87 +693,177 @@ impl ServerCore {
             let alive = meta.as_ref().is_some_and(|m| m.alive);
             match &change.op {
                 RowOp::Upsert { insert, columns } => {
-                    let mut cols = Vec::with_capacity(columns.len());
-                    for (name, op) in columns {
-                        let idx = table.column_index(name).ok_or_else(|| {
-                            refuse(
-                                "UNKNOWN_COLUMN",
-                                format!("unknown column '{name}' in table '{}'", table.name),
-                            )
-                        })?;
-                        if idx == table.pk {
-                            return Err(refuse(
-                                "INVALID",
-                                format!("column '{name}' is the primary key: it cannot be set"),
-                            )
-                            .into());
-                        }
-                        if cols.iter().any(|(i, _, _)| *i == idx) {
-                            return Err(refuse(
-                                "INVALID",
-                                format!("column '{name}' is written twice in one change"),
-                            )
-                            .into());
-                        }
-                        let ColumnOp::Set(v) = op;
-                        cols.push((idx, name, v));
-                    }
+                    let cols = check_columns(table, *insert, columns)?;
                     if !alive {
-                        let deleted_later = meta.as_ref().is_some_and(|m| m.stamp > stamp);
-                        if !*insert || deleted_later {
-                            continue; // A delete wins over this write.
+                        let dead = meta.unwrap_or_default();
+                        let resurrect = !*insert
+                            && table.on_delete == OnDelete::UpdateWins
+                            && dead.last_values.is_some()
+                            && !dead.last_write.seen_by(w);
+                        if *insert {
+                            if dead.stamp > stamp {
+                                continue; // A later delete wins over this insert.
+                            }
+                            let mut fresh = RowMeta {
+                                alive: true,
+                                stamp,
+                                last_write: Dot::of(w),
+                                ..Default::default()
+                            };
+                            let blank = vec![Value::Null; table.columns.len()];
+                            let (values, _) = self.merge_columns(
+                                table,
+                                &change.pk,
+                                &blank,
+                                &mut fresh,
+                                &cols,
+                                w,
+                                stamp,
+                                true,
+                                &mut plans,
+                                &mut effects,
+                            )?;
+                            for i in 0..table.columns.len() {
+                                fresh.set_column(i, stamp);
+                            }
+                            self.store_meta(table, &change.pk, &fresh)?;
+                            effects.push(RowChange {
+                                table: change.table.clone(),
+                                pk: change.pk.clone(),
+                                op: RowOp::Upsert {
+                                    insert: true,
+                                    columns: values
+                                        .iter()
+                                        .map(|(i, v)| {
+                                            (
+                                                table.columns[*i].name.clone(),
+                                                ColumnOp::Set(v.clone()),
+                                            )
+                                        })
+                                        .collect(),
+                                },
+                            });
+                            plans.push(Plan {
+                                table,
+                                pk: change.pk.clone(),
+                                op: PlanOp::Upsert(values),
+                            });
+                        } else if resurrect {
+                            // An update that had not seen the delete brings
+                            // the row back: its columns over the last values.
+                            let mut back = dead;
+                            let last = back.last_values.take().expect("checked above");
+                            let (changed, _) = self.merge_columns(
+                                table,
+                                &change.pk,
+                                &last,
+                                &mut back,
+                                &cols,
+                                w,
+                                stamp,
+                                false,
+                                &mut plans,
+                                &mut effects,
+                            )?;
+                            let mut row = last;
+                            for (i, v) in changed {
+                                row[i] = v;
+                            }
+                            back.alive = true;
+                            back.stamp = stamp;
+                            back.last_write = Dot::of(w);
+                            for i in 0..table.columns.len() {
+                                back.set_column(i, stamp);
+                            }
+                            // Every side starts the row's text documents
+                            // anew from the values, as a device does on an
+                            // insert it receives.
+                            for (i, column) in table.columns.iter().enumerate() {
+                                if column.policy == MergePolicy::Text {
+                                    let text = match &row[i] {
+                                        Value::Text(t) => t.clone(),
+                                        _ => String::new(),
+                                    };
+                                    self.text.borrow_mut().reset(
+                                        &self.conn,
+                                        Cell {
+                                            table: &table.name,
+                                            pk: &change.pk,
+                                            column: &column.name,
+                                        },
+                                        &text,
+                                        w.client_id,
+                                    )?;
+                                }
+                            }
+                            self.store_meta(table, &change.pk, &back)?;
+                            let values: Vec<(usize, Value)> = row
+                                .into_iter()
+                                .enumerate()
+                                .filter(|(i, _)| *i != table.pk)
+                                .collect();
+                            effects.push(RowChange {
+                                table: change.table.clone(),
+                                pk: change.pk.clone(),
+                                op: RowOp::Upsert {
+                                    insert: true,
+                                    columns: values
+                                        .iter()
+                                        .map(|(i, v)| {
+                                            (
+                                                table.columns[*i].name.clone(),
+                                                ColumnOp::Set(v.clone()),
+                                            )
+                                        })
+                                        .collect(),
+                                },
+                            });
+                            plans.push(Plan {
+                                table,
+                                pk: change.pk.clone(),
+                                op: PlanOp::Upsert(values),
+                            });
+                        } else {
+                            continue; // A delete wins over this update.
                         }
-                        let values: Vec<(usize, &Value)> =
-                            cols.iter().map(|(i, _, v)| (*i, *v)).collect();
-                        writes.push(rows::Write {
-                            table,
-                            pk: &change.pk,
-                            op: rows::WriteOp::Upsert(values),
-                        });
-                        let mut fresh = RowMeta {
-                            alive: true,
-                            stamp,
-                            columns: Vec::new(),
-                        };
-                        for i in 0..table.columns.len() {
-                            fresh.set_column(i, stamp);
-                        }
-                        self.store_meta(table, &change.pk, &fresh)?;
-                        effects.push(change.clone());
                     } else {
                         let mut meta = meta.unwrap_or_default();
-                        let winners: Vec<(usize, &String, &Value)> = cols
-                            .into_iter()
-                            .filter(|(i, _, _)| stamp > meta.column(*i))
-                            .collect();
+                        let current = rows::read_row(&self.conn, table, &change.pk)?
+                            .unwrap_or_else(|| vec![Value::Null; table.columns.len()]);
                         if *insert && stamp > meta.stamp {
                             meta.stamp = stamp;
                         }
-                        if winners.is_empty() {
-                            self.store_meta(table, &change.pk, &meta)?;
-                            continue;
-                        }
-                        let values: Vec<(usize, &Value)> =
-                            winners.iter().map(|(i, _, v)| (*i, *v)).collect();
-                        writes.push(rows::Write {
+                        let (changed, column_effects) = self.merge_columns(
                             table,
-                            pk: &change.pk,
-                            op: rows::WriteOp::Update(values),
-                        });
-                        for (i, _, _) in &winners {
-                            meta.set_column(*i, stamp);
+                            &change.pk,
+                            &current,
+                            &mut meta,
+                            &cols,
+                            w,
+                            stamp,
+                            false,
+                            &mut plans,
+                            &mut effects,
+                        )?;
+                        if !changed.is_empty() {
+                            meta.last_write = Dot::of(w);
                         }
                         self.store_meta(table, &change.pk, &meta)?;
+                        if column_effects.is_empty() {
+                            continue;
+                        }
                         effects.push(RowChange {
                             table: change.table.clone(),
                             pk: change.pk.clone(),
                             op: RowOp::Upsert {
                                 insert: false,
-                                columns: winners
-                                    .into_iter()
-                                    .map(|(_, n, v)| (n.clone(), ColumnOp::Set(v.clone())))
-                                    .collect(),
+                                columns: column_effects,
                             },
+                        });
+                        plans.push(Plan {
+                            table,
+                            pk: change.pk.clone(),
+                            op: PlanOp::Update(changed),
                         });
                     }
                 }
@@ -674,15 +873,49 @@ impl ServerCore {
                         if meta.stamp > stamp {
                             continue; // The row was re-created later.
                         }
-                        writes.push(rows::Write {
+                        let update_wins = table.on_delete == OnDelete::UpdateWins;
+                        if update_wins && !meta.last_write.seen_by(w) {
+                            continue; // An update this device had not seen wins.
+                        }
+                        let last_values = if update_wins {
+                            rows::read_row(&self.conn, table, &change.pk)?
+                        } else {
+                            None
+                        };
+                        for column in &table.columns {
+                            if column.policy == MergePolicy::Text && !update_wins {
+                                self.text.borrow().remove(
+                                    &self.conn,
+                                    Cell {
+                                        table: &table.name,
+                                        pk: &change.pk,
+                                        column: &column.name,
+                                    },
+                                )?;
+                            }
+                            if column.policy == MergePolicy::Manual {
+                                let id = manual::conflict_id(&table.name, &change.pk, &column.name);
+                                if self.read_conflict(&id)?.is_some() {
+                                    self.close_conflict(id, &mut plans, &mut effects)?;
+                                }
+                            }
+                        }
+                        plans.push(Plan {
                             table,
-                            pk: &change.pk,
-                            op: rows::WriteOp::Delete,
+                            pk: change.pk.clone(),
+                            op: PlanOp::Delete,
                         });
                         meta = RowMeta {
                             alive: false,
                             stamp,
                             columns: Vec::new(),
+                            last_write: Dot::of(w),
+                            last_values,
+                            cells: if update_wins {
+                                std::mem::take(&mut meta.cells)
+                            } else {
+                                Vec::new()
+                            },
                         };
                         self.store_meta(table, &change.pk, &meta)?;
                         effects.push(change.clone());
@@ -696,6 +929,22 @@ impl ServerCore {
         // Rows are written only now, all together, so that the order they
         // are listed in cannot make a valid transaction fail (see
         // `rows::write_all`); foreign keys are then checked on the result.
+        let writes: Vec<rows::Write<'_>> = plans
+            .iter()
+            .map(|p| rows::Write {
+                table: p.table,
+                pk: &p.pk,
+                op: match &p.op {
+                    PlanOp::Upsert(v) => {
+                        rows::WriteOp::Upsert(v.iter().map(|(i, v)| (*i, v)).collect())
+                    }
+                    PlanOp::Update(v) => {
+                        rows::WriteOp::Update(v.iter().map(|(i, v)| (*i, v)).collect())
+                    }
+                    PlanOp::Delete => rows::WriteOp::Delete,
+                },
+            })
+            .collect();
         let parents_before = self.foreign_keys.read_parents(&self.conn, &writes)?;
         rows::write_all(&self.conn, &writes)?;
         self.foreign_keys
@@ -705,6 +954,277 @@ impl ServerCore {
                 fk::CheckError::Sql(e) => MergeError::from(e),
             })?;
         Ok(effects)
+    }
+
+    /// Merges one row's column operations over its `current` values (a
+    /// whole row; `creating` when the row is being made). Returns the column
+    /// values to write and the column changes for the log; conflict rows it
+    /// opens or closes go to `plans` and `effects`.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_columns<'t>(
+        &'t self,
+        table: &'t Table,
+        pk: &Value,
+        current: &[Value],
+        meta: &mut RowMeta,
+        cols: &[(usize, &ColumnOp)],
+        w: &Writer,
+        stamp: Stamp,
+        creating: bool,
+        plans: &mut Vec<Plan<'t>>,
+        effects: &mut Vec<RowChange>,
+    ) -> Result<MergedColumns, MergeError> {
+        let mut values = Vec::with_capacity(cols.len());
+        let mut column_effects = Vec::with_capacity(cols.len());
+        for (i, op) in cols {
+            let i = *i;
+            let column = &table.columns[i];
+            let wins = creating || stamp > meta.column(i);
+            let cell = Cell {
+                table: &table.name,
+                pk,
+                column: &column.name,
+            };
+            let (value, effect) = match (column.policy, op) {
+                (MergePolicy::Manual, ColumnOp::Set(v)) if !creating => {
+                    let state = match meta.cell(i) {
+                        Some(CellState::Manual(s)) => s.clone(),
+                        _ => ManualState {
+                            // A value the server holds without state (from
+                            // outside Hearth) counts as seen by everyone.
+                            last: Dot::default(),
+                            before: Value::Null,
+                        },
+                    };
+                    let mut state = state;
+                    let id = manual::conflict_id(&table.name, pk, &column.name);
+                    let open = self.read_conflict(&id)?;
+                    let was_open = open.is_some();
+                    let now = self.now_ms.unwrap_or(stamp.hlc.wall_ms());
+                    let decision = manual::merge(
+                        &mut state,
+                        open,
+                        &current[i],
+                        meta.column(i),
+                        v,
+                        stamp,
+                        w,
+                        now,
+                    );
+                    meta.set_cell(i, CellState::Manual(state));
+                    match decision.conflict {
+                        Some(c) => {
+                            self.write_conflict(id, table, pk, &column.name, &c, plans, effects)?
+                        }
+                        None if was_open => self.close_conflict(id, plans, effects)?,
+                        None => {}
+                    }
+                    if !decision.write {
+                        continue;
+                    }
+                    meta.set_column(i, stamp.max(meta.column(i)));
+                    ((*v).clone(), ColumnOp::Set((*v).clone()))
+                }
+                (policy, ColumnOp::Set(v)) => {
+                    if !wins {
+                        continue;
+                    }
+                    meta.set_column(i, stamp);
+                    match policy {
+                        MergePolicy::Counter => counter::check_initial(column, v)?,
+                        MergePolicy::Set => {
+                            let state = SetState::from_value(&column.name, v, Dot::of(w))
+                                .map_err(|why| refuse("INVALID", why))?;
+                            let canonical = state.value();
+                            meta.set_cell(i, CellState::Set(state));
+                            values.push((i, canonical.clone()));
+                            column_effects.push((column.name.clone(), ColumnOp::Set(canonical)));
+                            continue;
+                        }
+                        MergePolicy::Text => {
+                            let text = match v {
+                                Value::Text(t) => t.as_str(),
+                                Value::Null => "",
+                                other => {
+                                    return Err(refuse(
+                                        "INVALID",
+                                        format!(
+                                            "text column '{}' holds TEXT, not {}",
+                                            column.name,
+                                            other.type_name()
+                                        ),
+                                    )
+                                    .into())
+                                }
+                            };
+                            self.text
+                                .borrow_mut()
+                                .reset(&self.conn, cell, text, w.client_id)?;
+                        }
+                        MergePolicy::Manual => meta.set_cell(
+                            i,
+                            CellState::Manual(ManualState {
+                                last: Dot::of(w),
+                                before: Value::Null,
+                            }),
+                        ),
+                        MergePolicy::Lww => {}
+                    }
+                    ((*v).clone(), ColumnOp::Set((*v).clone()))
+                }
+                (MergePolicy::Counter, ColumnOp::Add(delta)) => {
+                    let total = counter::merge(column, &current[i], *delta)?;
+                    meta.set_column(i, stamp.max(meta.column(i)));
+                    (Value::Integer(total), ColumnOp::Set(Value::Integer(total)))
+                }
+                (MergePolicy::Set, ColumnOp::SetOps { add, remove }) => {
+                    let mut state = match meta.cell(i) {
+                        Some(CellState::Set(s)) => s.clone(),
+                        _ => SetState::from_value(&column.name, &current[i], Dot::default())
+                            .unwrap_or_default(),
+                    };
+                    state.merge(&column.name, add, remove, w)?;
+                    let value = state.value();
+                    meta.set_cell(i, CellState::Set(state));
+                    meta.set_column(i, stamp.max(meta.column(i)));
+                    if value == current[i] {
+                        continue;
+                    }
+                    (value.clone(), ColumnOp::Set(value))
+                }
+                (MergePolicy::Text, ColumnOp::Text(update)) => {
+                    let now = match &current[i] {
+                        Value::Text(t) => t.as_str(),
+                        _ => "",
+                    };
+                    let text = self.text.borrow_mut().apply(&self.conn, cell, update, now).map_err(|e| match e {
+                        TextFailure::Sql(e) => MergeError::from(e),
+                        TextFailure::Text(TextError::MissingBase) => refuse(
+                            "TEXT_BASE",
+                            format!(
+                                "the edit of text column '{}' builds on an edit the server does not have (one it refused)",
+                                column.name
+                            ),
+                        )
+                        .into(),
+                        TextFailure::Text(e) => refuse("INVALID", format!("text column '{}': {e}", column.name)).into(),
+                    })?;
+                    meta.set_column(i, stamp.max(meta.column(i)));
+                    (Value::Text(text), ColumnOp::Text(update.clone()))
+                }
+                (policy, op) => {
+                    return Err(refuse(
+                        "INVALID",
+                        format!(
+                            "column '{}' of table '{}' merges as {}: {} does not apply to it{}",
+                            column.name,
+                            table.name,
+                            policy.name(),
+                            op_name(op),
+                            if matches!(op, ColumnOp::Set(_)) {
+                                " in an update"
+                            } else {
+                                ""
+                            }
+                        ),
+                    )
+                    .into())
+                }
+            };
+            values.push((i, value));
+            column_effects.push((column.name.clone(), effect));
+        }
+        Ok((values, column_effects))
+    }
+
+    fn read_conflict(&self, id: &str) -> Result<Option<Conflict>, MergeError> {
+        let Some(table) = self.schema.table(CONFLICTS_TABLE) else {
+            return Ok(None);
+        };
+        let Some(row) = rows::read_row(&self.conn, table, &Value::Text(id.to_string()))? else {
+            return Ok(None);
+        };
+        let at = |name: &str| &row[table.column_index(name).expect("conflicts column")];
+        Ok(Conflict::from_columns(
+            at("candidates"),
+            at("base_value"),
+            at("opened_at"),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_conflict<'t>(
+        &'t self,
+        id: String,
+        table: &Table,
+        pk: &Value,
+        column: &str,
+        conflict: &Conflict,
+        plans: &mut Vec<Plan<'t>>,
+        effects: &mut Vec<RowChange>,
+    ) -> Result<(), MergeError> {
+        let conflicts = self
+            .schema
+            .table(CONFLICTS_TABLE)
+            .expect("a manual column brings the table");
+        let [candidates, base_value, opened_at] = conflict.columns();
+        let named = [
+            ("table_name", Value::Text(table.name.clone())),
+            ("row_key", Value::Text(manual::row_key(pk))),
+            ("column_name", Value::Text(column.to_string())),
+            ("candidates", candidates),
+            ("base_value", base_value),
+            ("opened_at", opened_at),
+        ];
+        let values: Vec<(usize, Value)> = named
+            .iter()
+            .map(|(n, v)| {
+                (
+                    conflicts.column_index(n).expect("conflicts column"),
+                    v.clone(),
+                )
+            })
+            .collect();
+        effects.push(RowChange {
+            table: CONFLICTS_TABLE.to_string(),
+            pk: Value::Text(id.clone()),
+            op: RowOp::Upsert {
+                insert: true,
+                columns: named
+                    .into_iter()
+                    .map(|(n, v)| (n.to_string(), ColumnOp::Set(v)))
+                    .collect(),
+            },
+        });
+        plans.push(Plan {
+            table: conflicts,
+            pk: Value::Text(id),
+            op: PlanOp::Upsert(values),
+        });
+        Ok(())
+    }
+
+    fn close_conflict<'t>(
+        &'t self,
+        id: String,
+        plans: &mut Vec<Plan<'t>>,
+        effects: &mut Vec<RowChange>,
+    ) -> Result<(), MergeError> {
+        let conflicts = self
+            .schema
+            .table(CONFLICTS_TABLE)
+            .expect("a manual column brings the table");
+        effects.push(RowChange {
+            table: CONFLICTS_TABLE.to_string(),
+            pk: Value::Text(id.clone()),
+            op: RowOp::Delete,
+        });
+        plans.push(Plan {
+            table: conflicts,
+            pk: Value::Text(id),
+            op: PlanOp::Delete,
+        });
+        Ok(())
     }
 
     /// Reads log entries after `after`, at most `limit` of them.
@@ -729,6 +1249,103 @@ impl ServerCore {
         }
         Ok(out)
     }
+}
+
+/// Refuses a schema that changes the merge policy of a column whose table
+/// already holds rows: the stored state of one policy means nothing to
+/// another (migrations come with schema changes).
+fn check_policy_changes(conn: &Connection, schema: &Schema) -> Result<()> {
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT value FROM _hearth_meta WHERE key = 'schema'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(old) = stored.and_then(|s| Schema::parse(&s).ok()) else {
+        return Ok(());
+    };
+    for table in schema.tables.values() {
+        let Some(before) = old.table(&table.name) else {
+            continue;
+        };
+        for column in &table.columns {
+            let Some(was) = before.columns.iter().find(|c| c.name == column.name) else {
+                continue;
+            };
+            if was.policy == column.policy {
+                continue;
+            }
+            let has_rows: bool = conn
+                .query_row(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM main.{})",
+                        crate::schema::ident(&table.name)
+                    ),
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap_or(false);
+            if has_rows {
+                return Err(ServerError::Schema(format!(
+                    "table '{}', column '{}': the schema changes its merge policy from {} to {}, but the store already holds rows of this table; \
+                     changing a policy needs a migration, which this version of Hearth does not do (keep {}, or start from an empty store)",
+                    table.name, column.name, was.policy.name(), column.policy.name(), was.policy.name()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn op_name(op: &ColumnOp) -> &'static str {
+    match op {
+        ColumnOp::Set(_) => "a whole value (Set)",
+        ColumnOp::Add(_) => "a counter delta (Add)",
+        ColumnOp::SetOps { .. } => "set element adds and removes (SetOps)",
+        ColumnOp::Text(_) => "a text edit (Text)",
+    }
+}
+
+/// The columns a change writes, by index: each known, not the primary key,
+/// written once, and for a new row given as values (Set).
+fn check_columns<'c>(
+    table: &Table,
+    insert: bool,
+    columns: &'c [(String, ColumnOp)],
+) -> Result<Vec<(usize, &'c ColumnOp)>, Refusal> {
+    let mut cols = Vec::with_capacity(columns.len());
+    for (name, op) in columns {
+        let idx = table.column_index(name).ok_or_else(|| {
+            refuse(
+                "UNKNOWN_COLUMN",
+                format!("unknown column '{name}' in table '{}'", table.name),
+            )
+        })?;
+        if idx == table.pk {
+            return Err(refuse(
+                "INVALID",
+                format!("column '{name}' is the primary key: it cannot be set"),
+            ));
+        }
+        if cols.iter().any(|(i, _)| *i == idx) {
+            return Err(refuse(
+                "INVALID",
+                format!("column '{name}' is written twice in one change"),
+            ));
+        }
+        if insert && !matches!(op, ColumnOp::Set(_)) {
+            return Err(refuse(
+                "INVALID",
+                format!(
+                    "a new row gives each column a value, but column '{name}' has {}",
+                    op_name(op)
+                ),
+            ));
+        }
+        cols.push((idx, op));
+    }
+    Ok(cols)
 }
 
 fn check_pk(table: &Table, pk: &Value) -> Result<(), Refusal> {
@@ -768,7 +1385,7 @@ impl From<rusqlite::Error> for MergeError {
         // else (I/O, corruption) is the store failing.
         match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation)
-            | Some(rusqlite::ErrorCode::TypeMismatch) => MergeError::Refused(Refusal::from(e)),
+            | Some(rusqlite::ErrorCode::TypeMismatch) => MergeError::Refused(sql_refusal(e)),
             _ => MergeError::Store(ServerError::Sql(e)),
         }
     }

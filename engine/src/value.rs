@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 /// Equality is exact too: same storage class and same bits (`Real(0.0)` and
 /// `Real(-0.0)` differ, `Integer(1)` and `Real(1.0)` differ), which is what
 /// "this column changed" means to a device and to the server.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub enum Value {
+    #[default]
     Null,
     Integer(i64),
     Real(f64),
@@ -66,6 +67,17 @@ impl InvalidText {
 pub struct InvalidJson(String);
 
 impl Value {
+    /// SQLite's name for the value's storage class (`typeof()`).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Integer(_) => "integer",
+            Value::Real(_) => "real",
+            Value::Text(_) => "text",
+            Value::Blob(_) => "blob",
+        }
+    }
+
     /// Reads a value from SQLite exactly; TEXT must be valid UTF-8.
     pub fn from_sql_ref(v: ValueRef<'_>) -> Result<Value, InvalidText> {
         Ok(match v {

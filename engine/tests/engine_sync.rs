@@ -342,6 +342,7 @@ fn a_clock_far_ahead_cannot_win_for_hours_and_cannot_crash_anyone() {
         .apply_batch(&[(
             99,
             hearth_engine::Mutation {
+                base: 0,
                 seq: 1,
                 hlc: far,
                 changes: vec![hearth_engine::RowChange {

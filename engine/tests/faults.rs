@@ -861,6 +861,7 @@ fn the_server_tells_a_reused_number_from_a_re_send() {
     use hearth_engine::{ColumnOp, Hlc, Mutation, Outcome, RowChange, RowOp, ServerMsg};
     let mut net = Net::new(NOTES);
     let write = |seq: u64, body: &str| Mutation {
+        base: 0,
         seq,
         hlc: Hlc(seq << 16),
         changes: vec![RowChange {

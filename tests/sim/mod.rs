@@ -1787,7 +1787,7 @@ impl World {
                     let cname = &self.columns[table][*col];
                     columns
                         .iter()
-                        .any(|(c, ColumnOp::Set(v))| c == cname && v == value)
+                        .any(|(c, op)| c == cname && *op == ColumnOp::Set(value.clone()))
                 }
                 _ => false,
             };
@@ -2425,6 +2425,7 @@ impl World {
             let skew = self.rng.gen_range(-HOUR_MS..=HOUR_MS);
             let hlc = Hlc::new((self.now_ms as i64 + skew) as u64, self.rng.gen_range(0..3));
             let m = Mutation {
+                base: 0,
                 seq: self.rogue_next_seq,
                 hlc,
                 changes,
@@ -2878,7 +2879,8 @@ fn lww_follows_clocks(w: &World) -> Result<(), String> {
                     if !row.born {
                         continue;
                     }
-                    for (name, ColumnOp::Set(v)) in columns {
+                    for (name, op) in columns {
+                        let ColumnOp::Set(v) = op else { continue };
                         let slot = row
                             .columns
                             .entry(name.clone())
@@ -3055,7 +3057,8 @@ fn applied_writes(w: &World) -> Result<(Vec<Writer>, CellWrites), String> {
                 }
                 RowOp::Upsert { columns, .. } => {
                     let slot = cells.entry(row).or_default();
-                    for (name, ColumnOp::Set(v)) in columns {
+                    for (name, op) in columns {
+                        let ColumnOp::Set(v) = op else { continue };
                         slot.entry(name.clone())
                             .or_default()
                             .push((writer.clone(), v.clone()));

@@ -1,0 +1,747 @@
+//! Merge policies as a user sees them (issue 9): devices write plain SQL
+//! offline, sync in some order, and every device and the server end with
+//! what the policy promises: counters add up, sets keep concurrent adds,
+//! text keeps both edits, manual columns show a conflict until someone
+//! resolves it, and a table's delete rule decides updates of deleted rows.
+
+use hearth_engine::{Client, ClientConfig, Event, Schema, ServerCore, TextEdit, Value};
+use rusqlite::Connection;
+
+mod common;
+
+const CARDS: &str = r#"
+[tables.cards]
+create = """CREATE TABLE cards (id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '',
+  likes INTEGER NOT NULL DEFAULT 0, stock INTEGER NOT NULL DEFAULT 0,
+  tags TEXT NOT NULL DEFAULT '[]', body TEXT NOT NULL DEFAULT '', price REAL)"""
+columns = { likes = "counter", stock = { merge = "counter", min = 0, max = 100 }, tags = "set", body = "text", price = "manual" }
+
+[tables.notes]
+create = "CREATE TABLE notes (id TEXT PRIMARY KEY, title TEXT, body TEXT, pinned INTEGER NOT NULL DEFAULT 0)"
+on_delete = "update-wins"
+
+[tables.memos]
+create = "CREATE TABLE memos (id TEXT PRIMARY KEY, title TEXT)"
+"#;
+
+struct Net {
+    server: ServerCore,
+    next_id: u64,
+}
+
+impl Net {
+    fn new() -> Net {
+        let schema = Schema::parse(&format!("version = 1\n{CARDS}")).unwrap();
+        Net {
+            server: ServerCore::open(Connection::open_in_memory().unwrap(), schema).unwrap(),
+            next_id: 1,
+        }
+    }
+
+    fn device(&mut self) -> Client {
+        let mut c = Client::open(
+            Connection::open_in_memory().unwrap(),
+            self.next_id,
+            ClientConfig::default(),
+        )
+        .unwrap();
+        self.next_id += 1;
+        self.sync(&mut c);
+        c
+    }
+
+    fn sync(&mut self, c: &mut Client) -> Vec<Event> {
+        common::sync(&mut self.server, c)
+    }
+
+    fn server_rows(&self, sql: &str) -> Vec<Vec<Value>> {
+        let mut stmt = self.server.connection().prepare(sql).unwrap();
+        let width = stmt.column_count();
+        stmt.query_map([], |r| (0..width).map(|i| r.get(i)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Syncs every device until none has anything pending and all have
+    /// seen everything.
+    fn settle(&mut self, devices: &mut [&mut Client]) {
+        for _ in 0..2 {
+            for d in devices.iter_mut() {
+                self.sync(d);
+            }
+        }
+    }
+}
+
+fn rows(c: &Client, sql: &str) -> Vec<Vec<Value>> {
+    c.query(sql, &[]).unwrap().rows
+}
+
+fn one(c: &Client, sql: &str) -> Value {
+    rows(c, sql).remove(0).remove(0)
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+fn rejected(events: &[Event]) -> Vec<(u64, String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Rejected { seq, code, reason } => Some((*seq, code.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The same query on every device and on the server gives `want`.
+fn everywhere(net: &Net, devices: &[&Client], sql: &str, want: Vec<Vec<Value>>) {
+    for (i, d) in devices.iter().enumerate() {
+        assert_eq!(rows(d, sql), want, "device {i}: {sql}");
+    }
+    assert_eq!(net.server_rows(sql), want, "server: {sql}");
+}
+
+fn new_card(net: &mut Net) -> (Client, Client, Client) {
+    let mut a = net.device();
+    a.exec(
+        "INSERT INTO cards (id, title) VALUES ('c1', 'Card')",
+        &[],
+        1_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    let b = net.device();
+    let c = net.device();
+    (a, b, c)
+}
+
+// ---- counter -------------------------------------------------------------
+
+#[test]
+fn concurrent_increments_add_up_on_every_device() {
+    let mut net = Net::new();
+    let (mut a, mut b, mut c) = new_card(&mut net);
+    // Offline, each device likes the card its own way.
+    a.exec(
+        "UPDATE cards SET likes = likes + 1 WHERE id = 'c1'",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    a.exec(
+        "UPDATE cards SET likes = likes + 2 WHERE id = 'c1'",
+        &[],
+        2_001,
+    )
+    .unwrap();
+    // "SET likes = 1" on a device that saw 0 is +1, not "make it 1".
+    b.exec("UPDATE cards SET likes = 1 WHERE id = 'c1'", &[], 2_002)
+        .unwrap();
+    c.exec(
+        "UPDATE cards SET likes = likes - 5 WHERE id = 'c1'",
+        &[],
+        2_003,
+    )
+    .unwrap();
+    assert_eq!(one(&a, "SELECT likes FROM cards"), Value::Integer(3));
+    net.sync(&mut c);
+    net.sync(&mut b);
+    net.sync(&mut a);
+    // Syncing again (a re-send) applies nothing twice.
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    everywhere(
+        &net,
+        &[&a, &b, &c],
+        "SELECT likes FROM cards",
+        vec![vec![Value::Integer(3 + 1 - 5)]],
+    );
+}
+
+#[test]
+fn a_bounded_counter_refuses_what_would_cross_its_bound_and_rolls_it_back() {
+    let mut net = Net::new();
+    let (mut a, mut b, mut c) = new_card(&mut net);
+    a.exec(
+        "UPDATE cards SET stock = stock + 1 WHERE id = 'c1'",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    net.sync(&mut b);
+    net.sync(&mut c);
+    // One item left; two devices take it offline.
+    b.exec(
+        "UPDATE cards SET stock = stock - 1 WHERE id = 'c1'",
+        &[],
+        3_000,
+    )
+    .unwrap();
+    c.exec(
+        "UPDATE cards SET stock = stock - 1 WHERE id = 'c1'",
+        &[],
+        3_001,
+    )
+    .unwrap();
+    assert_eq!(one(&c, "SELECT stock FROM cards"), Value::Integer(0));
+    assert!(rejected(&net.sync(&mut b)).is_empty());
+    let refused = rejected(&net.sync(&mut c));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].1, "BOUND");
+    assert!(
+        refused[0].2.contains("minimum 0") && refused[0].2.contains("current value 0"),
+        "{}",
+        refused[0].2
+    );
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    everywhere(
+        &net,
+        &[&a, &b, &c],
+        "SELECT stock FROM cards",
+        vec![vec![Value::Integer(0)]],
+    );
+    assert_eq!(c.status().pending, 0);
+    // The maximum too, and an initial value out of bounds.
+    a.exec("UPDATE cards SET stock = 101 WHERE id = 'c1'", &[], 4_000)
+        .unwrap();
+    a.exec(
+        "INSERT INTO cards (id, stock) VALUES ('c2', -1)",
+        &[],
+        4_001,
+    )
+    .unwrap();
+    let refused = rejected(&net.sync(&mut a));
+    assert_eq!(
+        refused.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        ["BOUND", "BOUND"]
+    );
+    assert!(refused[0].2.contains("maximum 100"), "{}", refused[0].2);
+    assert_eq!(
+        rows(&a, "SELECT id, stock FROM cards"),
+        vec![vec![text("c1"), Value::Integer(0)]]
+    );
+}
+
+#[test]
+fn a_counter_refuses_overflow_and_non_integers() {
+    let mut net = Net::new();
+    let (mut a, _, _) = new_card(&mut net);
+    a.exec(
+        "UPDATE cards SET likes = 9223372036854775807 WHERE id = 'c1'",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    let mut b = net.device();
+    b.exec(
+        "UPDATE cards SET likes = likes - 1 WHERE id = 'c1'",
+        &[],
+        3_000,
+    )
+    .unwrap();
+    a.exec(
+        "UPDATE cards SET likes = likes + 1 WHERE id = 'c1'",
+        &[],
+        2_001,
+    )
+    .unwrap_err();
+    net.sync(&mut b);
+    // b's -1 applied; a device that saw MAX-1 adding 2 overflows at the server.
+    net.sync(&mut a);
+    a.exec(
+        "UPDATE cards SET likes = likes + 1 WHERE id = 'c1'",
+        &[],
+        4_000,
+    )
+    .unwrap();
+    let mut c = net.device();
+    c.exec(
+        "UPDATE cards SET likes = likes + 1 WHERE id = 'c1'",
+        &[],
+        4_001,
+    )
+    .unwrap();
+    net.sync(&mut c);
+    let refused = rejected(&net.sync(&mut a));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].1, "OVERFLOW");
+    assert_eq!(one(&a, "SELECT likes FROM cards"), Value::Integer(i64::MAX));
+    let e = a
+        .exec(
+            "UPDATE cards SET likes = 'many' WHERE id = 'c1'",
+            &[],
+            5_000,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("whole numbers"), "{e}");
+    assert_eq!(a.status().pending, 0);
+}
+
+// ---- set -----------------------------------------------------------------
+
+#[test]
+fn a_set_keeps_concurrent_adds_and_removes_only_what_was_seen() {
+    let mut net = Net::new();
+    let (mut a, mut b, mut c) = new_card(&mut net);
+    a.exec(
+        r#"UPDATE cards SET tags = '["urgent","home"]' WHERE id = 'c1'"#,
+        &[],
+        2_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    net.sync(&mut b);
+    // The device stores the canonical order at once.
+    assert_eq!(
+        one(&a, "SELECT tags FROM cards"),
+        text(r#"["home","urgent"]"#)
+    );
+    // Offline: b removes "urgent" (it saw it); c, which never saw it, adds
+    // it itself, and adds "work"; a removes "home" and adds "work" too.
+    b.exec(
+        r#"UPDATE cards SET tags = '["home"]' WHERE id = 'c1'"#,
+        &[],
+        3_000,
+    )
+    .unwrap();
+    c.exec(
+        r#"UPDATE cards SET tags = json_insert(tags, '$[#]', 'urgent', '$[#]', 'work') WHERE id = 'c1'"#,
+        &[],
+        3_001,
+    )
+    .unwrap();
+    a.exec(
+        r#"UPDATE cards SET tags = '["work","urgent"]' WHERE id = 'c1'"#,
+        &[],
+        3_002,
+    )
+    .unwrap();
+    net.sync(&mut b);
+    net.sync(&mut c);
+    net.sync(&mut a);
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    // "urgent": b's remove took only the add it saw; c's concurrent add stays.
+    // "home": a removed it having seen it: gone. "work": added twice, once.
+    everywhere(
+        &net,
+        &[&a, &b, &c],
+        "SELECT tags FROM cards",
+        vec![vec![text(r#"["urgent","work"]"#)]],
+    );
+    // A remove by a device that has seen every add takes it away everywhere.
+    b.exec(
+        r#"UPDATE cards SET tags = '["work"]' WHERE id = 'c1'"#,
+        &[],
+        4_000,
+    )
+    .unwrap();
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    everywhere(
+        &net,
+        &[&a, &b, &c],
+        "SELECT tags FROM cards",
+        vec![vec![text(r#"["work"]"#)]],
+    );
+}
+
+#[test]
+fn a_set_refuses_values_that_are_not_arrays_of_scalars_locally() {
+    let mut net = Net::new();
+    let (mut a, _, _) = new_card(&mut net);
+    for bad in [r#"{"a":1}"#, r#"[["nested"]]"#, "not json", "7"] {
+        let e = a
+            .exec(
+                "UPDATE cards SET tags = ?1 WHERE id = 'c1'",
+                &[text(bad)],
+                2_000,
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), "SQL_ERROR");
+        assert!(e.to_string().contains("set column 'tags'"), "{bad}: {e}");
+    }
+    let too_many = format!(
+        "[{}]",
+        (0..1001)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let e = a
+        .exec(
+            "UPDATE cards SET tags = ?1 WHERE id = 'c1'",
+            &[text(&too_many)],
+            2_000,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("more than the 1000"), "{e}");
+    assert_eq!(a.status().pending, 0);
+    assert_eq!(one(&a, "SELECT tags FROM cards"), text("[]"));
+    // Mixed scalars in the documented order.
+    a.exec(
+        r#"UPDATE cards SET tags = '["b", 2, "a", null, true, 10, false, 1.5]' WHERE id = 'c1'"#,
+        &[],
+        3_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    let b = net.device();
+    assert_eq!(
+        one(&b, "SELECT tags FROM cards"),
+        text(r#"[null,false,true,1.5,2,10,"a","b"]"#)
+    );
+}
+
+// ---- text ----------------------------------------------------------------
+
+#[test]
+fn concurrent_text_edits_both_survive_character_by_character() {
+    let mut net = Net::new();
+    let (mut a, mut b, mut c) = new_card(&mut net);
+    a.exec(
+        "UPDATE cards SET body = 'The cat sat.' WHERE id = 'c1'",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    // Offline, a plain UPDATE on each: one changes the start, one the end.
+    a.exec(
+        "UPDATE cards SET body = 'The black cat sat.' WHERE id = 'c1'",
+        &[],
+        3_000,
+    )
+    .unwrap();
+    b.exec(
+        "UPDATE cards SET body = replace(body, 'sat.', 'sat on the mat.') WHERE id = 'c1'",
+        &[],
+        3_001,
+    )
+    .unwrap();
+    // c uses the editor API, with an emoji: positions count characters.
+    c.edit_text(
+        "cards",
+        &text("c1"),
+        "body",
+        &[TextEdit {
+            index: 0,
+            delete: 0,
+            insert: "🐈 ".into(),
+        }],
+        3_002,
+    )
+    .unwrap();
+    assert_eq!(one(&c, "SELECT body FROM cards"), text("🐈 The cat sat."));
+    c.edit_text(
+        "cards",
+        &text("c1"),
+        "body",
+        &[TextEdit {
+            index: 2,
+            delete: 3,
+            insert: "A".into(),
+        }],
+        3_003,
+    )
+    .unwrap();
+    net.sync(&mut b);
+    net.sync(&mut a);
+    net.sync(&mut c);
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    everywhere(
+        &net,
+        &[&a, &b, &c],
+        "SELECT body FROM cards",
+        vec![vec![text("🐈 A black cat sat on the mat.")]],
+    );
+    // The column is plain TEXT: LIKE works on it.
+    assert_eq!(
+        rows(&b, "SELECT id FROM cards WHERE body LIKE '%black cat%'"),
+        vec![vec![text("c1")]]
+    );
+    // Bad editor calls are refused with a clear error and change nothing.
+    for (table, column, edit, want) in [
+        (
+            "cards",
+            "body",
+            TextEdit {
+                index: 99,
+                delete: 0,
+                insert: "x".into(),
+            },
+            "outside the text",
+        ),
+        (
+            "cards",
+            "title",
+            TextEdit {
+                index: 0,
+                delete: 0,
+                insert: "x".into(),
+            },
+            "not text",
+        ),
+        (
+            "nope",
+            "body",
+            TextEdit {
+                index: 0,
+                delete: 0,
+                insert: "x".into(),
+            },
+            "no synced table",
+        ),
+    ] {
+        let e = a
+            .edit_text(table, &text("c1"), column, &[edit], 4_000)
+            .unwrap_err();
+        assert_eq!(e.code(), "INVALID_ARGUMENT");
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    assert_eq!(a.status().pending, 0);
+}
+
+#[test]
+fn a_refused_text_edit_is_undone_and_later_edits_still_sync() {
+    let mut net = Net::new();
+    let (mut a, mut b, _) = new_card(&mut net);
+    a.exec(
+        "UPDATE cards SET body = 'hello' WHERE id = 'c1'",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    net.sync(&mut b);
+    // One mutation edits the text and breaks the stock bound: refused whole.
+    a.exec(
+        "UPDATE cards SET body = 'hello world', stock = stock - 1 WHERE id = 'c1'",
+        &[],
+        3_000,
+    )
+    .unwrap();
+    let refused = rejected(&net.sync(&mut a));
+    assert_eq!(refused.len(), 1);
+    assert_eq!(one(&a, "SELECT body FROM cards"), text("hello"));
+    a.exec(
+        "UPDATE cards SET body = 'hello there' WHERE id = 'c1'",
+        &[],
+        4_000,
+    )
+    .unwrap();
+    assert!(rejected(&net.sync(&mut a)).is_empty());
+    net.sync(&mut b);
+    everywhere(
+        &net,
+        &[&a, &b],
+        "SELECT body FROM cards",
+        vec![vec![text("hello there")]],
+    );
+}
+
+// ---- manual --------------------------------------------------------------
+
+fn conflicts(c: &Client) -> Vec<Vec<Value>> {
+    rows(
+        c,
+        "SELECT id, table_name, row_key, column_name, base_value FROM hearth_conflicts",
+    )
+}
+
+#[test]
+fn concurrent_writes_to_a_manual_column_open_a_conflict_every_device_sees() {
+    let mut net = Net::new();
+    let (mut a, mut b, mut c) = new_card(&mut net);
+    // Sequential edits make no conflict.
+    a.exec("UPDATE cards SET price = 10 WHERE id = 'c1'", &[], 2_000)
+        .unwrap();
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    b.exec("UPDATE cards SET price = 12 WHERE id = 'c1'", &[], 3_000)
+        .unwrap();
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    assert!(conflicts(&a).is_empty());
+    // Concurrent: a and c change it offline.
+    a.exec("UPDATE cards SET price = 15 WHERE id = 'c1'", &[], 4_000)
+        .unwrap();
+    c.exec("UPDATE cards SET price = 9.5 WHERE id = 'c1'", &[], 4_001)
+        .unwrap();
+    net.sync(&mut a);
+    net.sync(&mut c);
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    let open = conflicts(&a);
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(
+        &open[0][1..],
+        &[text("cards"), text("\"c1\""), text("price"), text("12.0")]
+    );
+    for d in [&b, &c] {
+        assert_eq!(conflicts(d), open);
+    }
+    assert_eq!(net.server_rows("SELECT id FROM hearth_conflicts").len(), 1);
+    // The provisional winner is the later write, everywhere.
+    everywhere(
+        &net,
+        &[&a, &b, &c],
+        "SELECT price FROM cards",
+        vec![vec![Value::Real(9.5)]],
+    );
+    let candidates: serde_json::Value =
+        serde_json::from_str(match &one(&b, "SELECT candidates FROM hearth_conflicts") {
+            Value::Text(t) => t,
+            other => panic!("{other:?}"),
+        })
+        .unwrap();
+    let values: Vec<f64> = candidates
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, [15.0, 9.5]);
+    // The app may not write the conflicts table itself.
+    let e = b
+        .exec("DELETE FROM hearth_conflicts", &[], 5_000)
+        .unwrap_err();
+    assert!(e.to_string().contains("resolve"), "{e}");
+    // b resolves it: gone from b at once, then from every device.
+    let Value::Text(id) = open[0][0].clone() else {
+        panic!()
+    };
+    b.resolve(&id, &Value::Real(11.0), 5_001).unwrap();
+    assert!(conflicts(&b).is_empty());
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    everywhere(
+        &net,
+        &[&a, &b, &c],
+        "SELECT price FROM cards",
+        vec![vec![Value::Real(11.0)]],
+    );
+    for d in [&a, &b, &c] {
+        assert!(conflicts(d).is_empty());
+    }
+    assert!(net
+        .server_rows("SELECT id FROM hearth_conflicts")
+        .is_empty());
+    let e = a.resolve(&id, &Value::Real(1.0), 6_000).unwrap_err();
+    assert_eq!(e.code(), "INVALID_ARGUMENT");
+}
+
+#[test]
+fn a_resolution_raced_by_another_write_reopens_the_conflict() {
+    let mut net = Net::new();
+    let (mut a, mut b, mut c) = new_card(&mut net);
+    a.exec("UPDATE cards SET price = 1 WHERE id = 'c1'", &[], 2_000)
+        .unwrap();
+    b.exec("UPDATE cards SET price = 2 WHERE id = 'c1'", &[], 2_001)
+        .unwrap();
+    net.sync(&mut a);
+    net.sync(&mut b);
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    let Value::Text(id) = conflicts(&a)[0][0].clone() else {
+        panic!()
+    };
+    // a resolves, picking the value already shown; c, offline, writes 3.
+    let shown = one(&a, "SELECT price FROM cards");
+    a.resolve(&id, &shown, 3_000).unwrap();
+    c.exec("UPDATE cards SET price = 3 WHERE id = 'c1'", &[], 3_001)
+        .unwrap();
+    net.sync(&mut a);
+    assert!(net
+        .server_rows("SELECT id FROM hearth_conflicts")
+        .is_empty());
+    net.sync(&mut c);
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    // c had not seen the resolution: the conflict is open again, everywhere.
+    for d in [&a, &b, &c] {
+        assert_eq!(conflicts(d).len(), 1);
+    }
+    let Value::Text(id) = conflicts(&b)[0][0].clone() else {
+        panic!()
+    };
+    b.resolve(&id, &Value::Real(4.0), 4_000).unwrap();
+    net.settle(&mut [&mut a, &mut b, &mut c]);
+    everywhere(
+        &net,
+        &[&a, &b, &c],
+        "SELECT price FROM cards",
+        vec![vec![Value::Real(4.0)]],
+    );
+    assert!(conflicts(&c).is_empty());
+}
+
+// ---- delete rules --------------------------------------------------------
+
+#[test]
+fn update_wins_brings_a_concurrently_deleted_row_back_in_either_order() {
+    for delete_first in [true, false] {
+        let mut net = Net::new();
+        let mut a = net.device();
+        a.exec(
+            "INSERT INTO notes VALUES ('n1', 'Title', 'Body', 0)",
+            &[],
+            1_000,
+        )
+        .unwrap();
+        net.sync(&mut a);
+        let mut b = net.device();
+        a.exec("DELETE FROM notes WHERE id = 'n1'", &[], 2_000)
+            .unwrap();
+        b.exec("UPDATE notes SET pinned = 1 WHERE id = 'n1'", &[], 2_001)
+            .unwrap();
+        if delete_first {
+            net.sync(&mut a);
+            net.sync(&mut b);
+        } else {
+            net.sync(&mut b);
+            net.sync(&mut a);
+        }
+        net.settle(&mut [&mut a, &mut b]);
+        everywhere(
+            &net,
+            &[&a, &b],
+            "SELECT * FROM notes",
+            vec![vec![
+                text("n1"),
+                text("Title"),
+                text("Body"),
+                Value::Integer(1),
+            ]],
+        );
+        // A delete made after seeing the update deletes it for good.
+        a.exec("DELETE FROM notes WHERE id = 'n1'", &[], 3_000)
+            .unwrap();
+        net.settle(&mut [&mut a, &mut b]);
+        everywhere(&net, &[&a, &b], "SELECT * FROM notes", vec![]);
+    }
+}
+
+#[test]
+fn delete_wins_by_default_and_an_update_never_creates_a_row() {
+    let mut net = Net::new();
+    let mut a = net.device();
+    a.exec("INSERT INTO memos VALUES ('m1', 'x')", &[], 1_000)
+        .unwrap();
+    net.sync(&mut a);
+    let mut b = net.device();
+    a.exec("DELETE FROM memos WHERE id = 'm1'", &[], 2_000)
+        .unwrap();
+    b.exec("UPDATE memos SET title = 'y' WHERE id = 'm1'", &[], 2_001)
+        .unwrap();
+    net.sync(&mut a);
+    net.sync(&mut b);
+    net.settle(&mut [&mut a, &mut b]);
+    everywhere(&net, &[&a, &b], "SELECT * FROM memos", vec![]);
+    // An INSERT made later recreates the key.
+    b.exec("INSERT INTO memos VALUES ('m1', 'again')", &[], 3_000)
+        .unwrap();
+    net.settle(&mut [&mut a, &mut b]);
+    everywhere(
+        &net,
+        &[&a, &b],
+        "SELECT * FROM memos",
+        vec![vec![text("m1"), text("again")]],
+    );
+}
