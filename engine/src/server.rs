@@ -277,6 +277,9 @@ pub struct ServerCore {
     rewound: HashSet<u64>,
     /// Documents of `text` cells.
     text: RefCell<TextCells>,
+    /// The largest log entry (encoded) a merge may produce, see
+    /// [`ServerCore::set_entry_bytes_max`].
+    entry_bytes_max: usize,
 }
 
 impl ServerCore {
@@ -372,7 +375,17 @@ impl ServerCore {
             foreign_keys,
             rewound: HashSet::new(),
             text: RefCell::new(TextCells::new(0)),
+            entry_bytes_max: crate::protocol::FRAME_BYTES_MAX / 4 * 3,
         })
+    }
+
+    /// Sets the largest encoded log entry a mutation may merge into (the
+    /// driver's frame budget). A merged effect can be larger than its
+    /// mutation (a set's whole array for one added element, a conflict's
+    /// candidates, a revived row): such a mutation is refused `TOO_LARGE`
+    /// rather than making an entry no frame can carry.
+    pub fn set_entry_bytes_max(&mut self, bytes: usize) {
+        self.entry_bytes_max = bytes;
     }
 
     /// Tells the core the server's wall clock, before applying a batch.
@@ -524,7 +537,29 @@ impl ServerCore {
                 base: mutation.base.min(self.head),
                 server_seq: self.head + 1,
             };
-            match self.merge(&writer, hlc, mutation) {
+            let merged = self.merge(&writer, hlc, mutation).and_then(|changes| {
+                let size = postcard::experimental::serialized_size(&(
+                    self.head + 1,
+                    client_id,
+                    mutation.seq,
+                    hlc,
+                    &changes,
+                    digest,
+                ))
+                .expect("sizing an entry");
+                if size > self.entry_bytes_max {
+                    return Err(refuse(
+                        "TOO_LARGE",
+                        format!(
+                            "merged, this mutation makes a log entry of {size} bytes (a whole set, a conflict's candidates or a revived row travel), over the limit of {} bytes",
+                            self.entry_bytes_max
+                        ),
+                    )
+                    .into());
+                }
+                Ok(changes)
+            });
+            match merged {
                 Ok(changes) => {
                     self.conn
                         .prepare_cached("RELEASE hearth_mutation")?

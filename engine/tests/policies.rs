@@ -745,3 +745,53 @@ fn delete_wins_by_default_and_an_update_never_creates_a_row() {
         vec![vec![text("m1"), text("again")]],
     );
 }
+
+#[test]
+fn a_merge_whose_log_entry_would_outgrow_a_frame_is_refused_too_large() {
+    let mut net = Net::new();
+    net.server.set_entry_bytes_max(4_096);
+    let (mut a, _, _) = new_card(&mut net);
+    let elements = |from: usize| {
+        format!(
+            "[{}]",
+            (from..from + 200)
+                .map(|i| format!("\"tag-{i:05}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    // 200 tags: the mutation and its entry fit.
+    a.exec(
+        "UPDATE cards SET tags = ?1 WHERE id = 'c1'",
+        &[text(&elements(0))],
+        2_000,
+    )
+    .unwrap();
+    assert!(rejected(&net.sync(&mut a)).is_empty());
+    // 200 more: the mutation (the added tags) fits, but its entry carries
+    // the whole array of 400, which does not.
+    a.exec(
+        "UPDATE cards SET tags = json_insert(tags, '$[#]', 'x') WHERE id = 'c1'",
+        &[],
+        3_000,
+    )
+    .unwrap();
+    let all: Vec<String> = (0..400).map(|i| format!("tag-{i:05}")).collect();
+    a.exec(
+        "UPDATE cards SET tags = ?1 WHERE id = 'c1'",
+        &[text(&serde_json::to_string(&all).unwrap())],
+        3_001,
+    )
+    .unwrap();
+    let refused = rejected(&net.sync(&mut a));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].1, "TOO_LARGE");
+    assert!(
+        refused[0].2.contains("over the limit of 4096"),
+        "{}",
+        refused[0].2
+    );
+    // The first (small) write went through; the refused one is undone.
+    let tags = one(&a, "SELECT json_array_length(tags) FROM cards");
+    assert_eq!(tags, Value::Integer(201));
+}

@@ -224,7 +224,8 @@ pub(crate) fn open(
     metrics: Arc<Metrics>,
 ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StartError> {
     let path = config.data_dir.join("hearth.db");
-    let core = ServerCore::open(open_connection(&path)?, config.schema.clone())?;
+    let mut core = ServerCore::open(open_connection(&path)?, config.schema.clone())?;
+    core.set_entry_bytes_max(config.log_entry_bytes_max);
     let reader = open_connection(&path)?;
     reader.execute_batch("PRAGMA query_only = ON;")?;
     metrics.server_seq.store(core.head(), Ordering::Relaxed);
