@@ -795,3 +795,60 @@ fn a_merge_whose_log_entry_would_outgrow_a_frame_is_refused_too_large() {
     let tags = one(&a, "SELECT json_array_length(tags) FROM cards");
     assert_eq!(tags, Value::Integer(201));
 }
+
+#[test]
+fn a_text_cell_whose_insert_lost_keeps_editing_from_the_winner() {
+    let mut net = Net::new();
+    let mut a = net.device();
+    let mut b = net.device();
+    // Both make card c9 offline; b's insert is later and wins whole.
+    a.exec(
+        "INSERT INTO cards (id, body) VALUES ('c9', 'from a')",
+        &[],
+        1_000,
+    )
+    .unwrap();
+    b.exec(
+        "INSERT INTO cards (id, body) VALUES ('c9', 'from b')",
+        &[],
+        9_000,
+    )
+    .unwrap();
+    net.sync(&mut b);
+    net.sync(&mut a);
+    net.settle(&mut [&mut a, &mut b]);
+    everywhere(
+        &net,
+        &[&a, &b],
+        "SELECT body FROM cards WHERE id = 'c9'",
+        vec![vec![text("from b")]],
+    );
+    // Edits made on the losing device after that build on the winner's text.
+    a.exec(
+        "UPDATE cards SET body = 'from b, edited by a' WHERE id = 'c9'",
+        &[],
+        10_000,
+    )
+    .unwrap();
+    b.edit_text(
+        "cards",
+        &text("c9"),
+        "body",
+        &[TextEdit {
+            index: 0,
+            delete: 0,
+            insert: "[b] ".into(),
+        }],
+        10_001,
+    )
+    .unwrap();
+    let refused = rejected(&net.sync(&mut a));
+    assert!(refused.is_empty(), "{refused:?}");
+    net.settle(&mut [&mut a, &mut b]);
+    everywhere(
+        &net,
+        &[&a, &b],
+        "SELECT body FROM cards WHERE id = 'c9'",
+        vec![vec![text("[b] from b, edited by a")]],
+    );
+}

@@ -1,0 +1,489 @@
+//! The sync state machine: the session with the server, pushes, and what
+//! arrives (log entries, acks, refusals, a rewound device's new identity).
+
+use super::*;
+
+impl Client {
+    /// The connection to the server is up: what to say first.
+    pub fn on_connected(&mut self) -> Vec<ClientMsg> {
+        self.session = Session::AwaitingWelcome;
+        self.rewind = Rewind::default();
+        vec![ClientMsg::Hello {
+            client_id: self.client_id,
+            cursor: self.cursor,
+            schema_version: self.schema.as_ref().map(|s| s.version),
+        }]
+    }
+
+    /// The connection is gone. Everything unanswered will be sent again.
+    pub fn on_disconnected(&mut self) {
+        self.session = Session::Offline;
+    }
+
+    /// Pending mutations not yet sent on this connection, in order, within
+    /// the in-flight window, in frames that fit the server's frame limit.
+    ///
+    /// A mutation too large for one frame of this server (its `Welcome` says
+    /// how large a frame it takes) could never be delivered: it is refused
+    /// here, undone like a refusal from the server, and reported as
+    /// [`Event::Rejected`] with code `TOO_LARGE`.
+    pub fn poll_send(&mut self) -> Result<Output> {
+        let mut out = Output::default();
+        let oversized = self.poll_send_into(&mut out.send)?;
+        for (seq, size) in oversized {
+            let reason = format!(
+                "the mutation takes {size} bytes, more than one frame of this server carries ({} bytes): split the transaction",
+                self.server_frame_bytes_max
+            );
+            self.apply_rejection(seq, "TOO_LARGE", &reason, &mut out)?;
+        }
+        if !out.events.is_empty() {
+            let more = self.poll_send_into(&mut out.send)?;
+            debug_assert!(more.is_empty(), "oversized mutations were refused");
+        }
+        Ok(out)
+    }
+
+    /// Room a push frame leaves for mutations: its header and framing.
+    const PUSH_FRAME_OVERHEAD_BYTES: usize = 64;
+
+    /// Appends push frames to `send`; returns the (sequence number, size) of
+    /// mutations too large to send.
+    pub(super) fn poll_send_into(
+        &mut self,
+        send: &mut Vec<ClientMsg>,
+    ) -> Result<Vec<(u64, usize)>> {
+        let Session::Ready {
+            sent_upto,
+            caught_up,
+        } = self.session
+        else {
+            return Ok(Vec::new());
+        };
+        if self.rewind.suspected {
+            return Ok(Vec::new()); // Until caught up, see `Rewind`.
+        }
+        let frame_room = self
+            .server_frame_bytes_max
+            .saturating_sub(Self::PUSH_FRAME_OVERHEAD_BYTES);
+        let batch_max = self.config.push_bytes_max.min(frame_room);
+        let mut oversized = Vec::new();
+        let in_flight: i64 = self.conn.query_row(
+            "SELECT count(*) FROM _hearth_outbox WHERE seq <= ?1",
+            [to_i64(sent_upto)],
+            |r| r.get(0),
+        )?;
+        let room = self.config.in_flight_max.saturating_sub(in_flight as usize);
+        if room == 0 {
+            return Ok(oversized);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, mutation, format FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(params![to_i64(sent_upto), room as i64])?;
+        let mut frames = Vec::new();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let mut last = sent_upto;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            let stored: Vec<u8> = row.get(1)?;
+            let format: i64 = row.get(2)?;
+            let mutation = Mutation::decode(&stored, format).map_err(|e| {
+                ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
+            })?;
+            // What goes on the wire is today's encoding.
+            let blob = if format == FORMAT {
+                stored
+            } else {
+                mutation.encode()
+            };
+            if blob.len() > frame_room {
+                oversized.push((seq as u64, blob.len()));
+                last = seq as u64;
+                continue;
+            }
+            if !batch.is_empty() && batch_bytes + blob.len() > batch_max {
+                frames.push(ClientMsg::Push {
+                    mutations: std::mem::take(&mut batch),
+                });
+                batch_bytes = 0;
+            }
+            batch_bytes += blob.len();
+            batch.push(mutation);
+            last = seq as u64;
+        }
+        if !batch.is_empty() {
+            frames.push(ClientMsg::Push { mutations: batch });
+        }
+        self.session = Session::Ready {
+            sent_upto: last,
+            caught_up,
+        };
+        send.extend(frames);
+        Ok(oversized)
+    }
+
+    /// Handles one message from the server.
+    pub fn handle(&mut self, msg: ServerMsg, now_ms: u64) -> Result<Output> {
+        self.assert_idle("handle");
+        let result = self.handle_message(msg, now_ms);
+        self.assert_idle("handle");
+        result
+    }
+
+    pub(super) fn handle_message(&mut self, msg: ServerMsg, now_ms: u64) -> Result<Output> {
+        let mut out = Output::default();
+        match msg {
+            ServerMsg::Welcome {
+                server_seq,
+                schema_version,
+                schema,
+                frame_bytes_max,
+                last_seq,
+            } => {
+                self.server_frame_bytes_max =
+                    usize::try_from(frame_bytes_max).unwrap_or(usize::MAX);
+                // The server has processed a number this device still holds
+                // pending (a lost ack, or a lost history) or would use next
+                // (a lost history): catch up before sending anything.
+                let first_unacked: Option<i64> =
+                    self.conn
+                        .query_row("SELECT min(seq) FROM _hearth_outbox", [], |r| r.get(0))?;
+                let first_unacked = first_unacked.map_or(self.next_seq, |s| s as u64);
+                self.rewind = Rewind {
+                    suspected: first_unacked <= last_seq,
+                    confirmed: false,
+                    server_last_seq: last_seq,
+                };
+                if self.session != Session::AwaitingWelcome {
+                    return Err(ClientError::Protocol(
+                        "Welcome outside the handshake".into(),
+                    ));
+                }
+                if self.cursor > server_seq {
+                    return Err(ClientError::SchemaMismatch(format!(
+                        "this device has seen server sequence {} but the server's head is {server_seq}: \
+                         it is a different server, or the server lost data",
+                        self.cursor
+                    )));
+                }
+                match schema {
+                    Some(source) => {
+                        let schema = Schema::parse(&source)?;
+                        if schema.version != schema_version {
+                            return Err(ClientError::Protocol(
+                                "Welcome's schema version disagrees with its schema".into(),
+                            ));
+                        }
+                        if self.schema.as_ref() != Some(&schema) {
+                            self.install_schema(schema)?;
+                            out.events.push(Event::SchemaInstalled {
+                                version: schema_version,
+                            });
+                        }
+                    }
+                    None if self.schema.is_none() => {
+                        return Err(ClientError::Protocol(
+                            "server sent no schema to a device without one".into(),
+                        ));
+                    }
+                    None => {}
+                }
+                self.session = Session::Ready {
+                    sent_upto: 0,
+                    caught_up: false,
+                };
+            }
+            ServerMsg::Changes { entries, caught_up } => {
+                let Session::Ready { sent_upto, .. } = self.session else {
+                    return Err(ClientError::Protocol("Changes before Welcome".into()));
+                };
+                self.apply_entries(&entries, &mut out)?;
+                self.session = Session::Ready {
+                    sent_upto,
+                    caught_up,
+                };
+                if caught_up && self.rewind.suspected {
+                    // Every ack the server had for this device is in: what
+                    // is still pending under a taken number is not the
+                    // server's.
+                    if self.rewind.confirmed {
+                        let reason =
+                            "the server holds other mutations under numbers this device reused";
+                        out.events.push(self.rewind(now_ms, reason.into())?);
+                        return Ok(out);
+                    }
+                    // No reused number turned up: numbers from here on
+                    // start past the server's; pending ones it may have
+                    // refused are sent and answered from its record.
+                    self.skip_seqs_to(self.rewind.server_last_seq + 1)?;
+                    self.rewind = Rewind::default();
+                }
+                if caught_up {
+                    out.events.push(Event::CaughtUp {
+                        server_seq: self.cursor,
+                    });
+                }
+            }
+            ServerMsg::Rejected {
+                client_seq,
+                code,
+                reason,
+            } => {
+                self.apply_rejection(client_seq, &code, &reason, &mut out)?;
+            }
+            ServerMsg::Error { code, message } if code == crate::server::DEVICE_REWOUND => {
+                out.events.push(self.rewind(now_ms, message)?);
+                return Ok(out);
+            }
+            ServerMsg::Error { code, message } => {
+                return Err(ClientError::Server { code, message })
+            }
+        }
+        let sent = self.poll_send()?;
+        out.send = sent.send;
+        out.events.extend(sent.events);
+        Ok(out)
+    }
+
+    /// Numbers the next mutation at least `next` (the numbers before it are
+    /// the server's, from a history this device lost).
+    pub(super) fn skip_seqs_to(&mut self, next: u64) -> Result<()> {
+        if self.next_seq < next {
+            meta_set(&self.conn, "next_seq", to_i64(next))?;
+            self.next_seq = next;
+        }
+        Ok(())
+    }
+
+    /// The device lost the end of its history: it takes a new identity and
+    /// this connection is over (see [`Event::Rewound`]).
+    pub(super) fn rewind(&mut self, now_ms: u64, reason: String) -> Result<Event> {
+        let old_client_id = self.client_id;
+        let renumbered = self.take_new_identity(now_ms)?;
+        self.session = Session::Offline;
+        Ok(Event::Rewound {
+            old_client_id,
+            new_client_id: self.client_id,
+            renumbered,
+            reason,
+        })
+    }
+
+    /// Takes a new client id and renumbers the pending mutations 1, 2, ...
+    /// in their order, in one transaction (see [`Event::Rewound`]). The new
+    /// id is derived from the old one, the next sequence number and the
+    /// time, so the engine needs no randomness of its own.
+    pub(super) fn take_new_identity(&mut self, now_ms: u64) -> Result<Vec<(u64, u64)>> {
+        let mut new_id =
+            splitmix64(self.client_id ^ splitmix64(self.next_seq ^ now_ms.rotate_left(32)));
+        if new_id == 0 || new_id == self.client_id {
+            new_id = splitmix64(new_id.wrapping_add(1)).max(1);
+        }
+        let pending = self.load_pending()?;
+        let next_seq = pending.len() as u64 + 1;
+        let renumbered: Vec<(u64, u64)> = pending
+            .iter()
+            .enumerate()
+            .map(|(i, (seq, _, _))| (*seq, i as u64 + 1))
+            .collect();
+        self.atomically(|c| {
+            c.conn.execute("DELETE FROM _hearth_outbox", [])?;
+            let mut insert = c.conn.prepare_cached(
+                "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo, format) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (i, (_, mut mutation, undo)) in pending.into_iter().enumerate() {
+                mutation.seq = i as u64 + 1;
+                insert.execute(params![
+                    to_i64(mutation.seq),
+                    to_i64(mutation.hlc.0),
+                    mutation.encode(),
+                    postcard::to_allocvec(&undo).expect("encode undo"),
+                    FORMAT,
+                ])?;
+            }
+            drop(insert);
+            meta_set(&c.conn, "client_id", to_i64(new_id))?;
+            meta_set(&c.conn, "next_seq", to_i64(next_seq))?;
+            Ok(())
+        })?;
+        self.client_id = new_id;
+        self.next_seq = next_seq;
+        // Text edits made from here on carry the new identity.
+        self.text.borrow_mut().set_own(new_id);
+        self.local_text.borrow_mut().clear();
+        self.pending_rows.clear();
+        for (_, mutation, _) in self.load_pending()? {
+            count_rows(&mut self.pending_rows, &mutation);
+        }
+        Ok(renumbered)
+    }
+
+    pub(super) fn apply_entries(&mut self, entries: &[LogEntry], out: &mut Output) -> Result<()> {
+        let fresh: Vec<&LogEntry> = entries
+            .iter()
+            .filter(|e| e.server_seq > self.cursor)
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mine: Vec<u64> = fresh
+            .iter()
+            .filter(|e| e.client_id == self.client_id)
+            .map(|e| e.client_seq)
+            .collect();
+        let mut acked = self.load_pending_subset(&mine)?;
+        // An entry under this device's id and a pending sequence number is
+        // its ack only if it applied that very mutation: the digests agree
+        // (entries stored before digests were kept carry 0, and then the
+        // rows it wrote must be rows the mutation wrote). Anything else means
+        // the server holds another mutation under that number: this device
+        // lost the end of its history without the server noticing at Hello.
+        // The entry is applied as another device's, and the device takes a
+        // new identity so its own write is not taken for done.
+        let mut impostor = false;
+        acked.retain(|(seq, mutation, _)| {
+            let entry = fresh
+                .iter()
+                .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
+                .expect("acked mutations come from fresh entries");
+            let matches = if entry.digest != 0 {
+                entry.digest == mutation.digest()
+            } else {
+                let written: HashSet<RowKey> = mutation
+                    .changes
+                    .iter()
+                    .map(|c| row_key(&c.table, &c.pk))
+                    .collect();
+                entry
+                    .changes
+                    .iter()
+                    .all(|c| written.contains(&row_key(&c.table, &c.pk)))
+            };
+            impostor |= !matches;
+            matches
+        });
+        // A text cell whose acked edit the server did not apply as sent (an
+        // insert that lost to a later one, say) has a local document that
+        // no longer matches: rebuild it from the confirmed one.
+        for (seq, mutation, _) in &acked {
+            let entry = fresh
+                .iter()
+                .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
+                .expect("acked mutations come from fresh entries");
+            for change in &mutation.changes {
+                let RowOp::Upsert { columns, .. } = &change.op else {
+                    continue;
+                };
+                let table = self.table(&change.table)?;
+                for (name, op) in columns {
+                    let is_text = table
+                        .column_index(name)
+                        .is_some_and(|i| table.columns[i].policy == MergePolicy::Text);
+                    if !is_text {
+                        continue;
+                    }
+                    let same = entry.changes.iter().any(|c| {
+                        c.table == change.table
+                            && c.pk == change.pk
+                            && matches!(&c.op, RowOp::Upsert { columns, .. } if columns.iter().any(|(n, o)| n == name && o == op))
+                    });
+                    if !same {
+                        let cell = Cell {
+                            table: &change.table,
+                            pk: &change.pk,
+                            column: name,
+                        };
+                        self.local_text.borrow_mut().remove(&cell.key());
+                    }
+                }
+            }
+        }
+        let saved_cursor = self.cursor;
+        let saved_clock = self.clock.clone();
+        let mut tables = BTreeSet::new();
+        let result = self.settle(&acked, fresh.iter().flat_map(|e| e.changes.iter()), |c| {
+            for entry in &fresh {
+                c.apply_changes(&entry.changes, Some(entry.client_id))?;
+                tables.extend(entry.changes.iter().map(|change| change.table.clone()));
+                c.clock.observe(entry.hlc);
+                c.cursor = entry.server_seq;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            self.cursor = saved_cursor;
+            self.clock = saved_clock;
+            return Err(e);
+        }
+        let acked_seqs: HashSet<u64> = acked.iter().map(|(s, _, _)| *s).collect();
+        for entry in fresh
+            .iter()
+            .filter(|e| e.client_id == self.client_id && acked_seqs.contains(&e.client_seq))
+        {
+            out.events.push(Event::Applied {
+                seq: entry.client_seq,
+                server_seq: entry.server_seq,
+            });
+        }
+        if !tables.is_empty() {
+            out.events
+                .push(Event::TablesChanged(tables.into_iter().collect()));
+        }
+        if impostor {
+            self.rewind.suspected = true;
+            self.rewind.confirmed = true;
+        }
+        Ok(())
+    }
+
+    pub(super) fn apply_rejection(
+        &mut self,
+        seq: u64,
+        code: &str,
+        reason: &str,
+        out: &mut Output,
+    ) -> Result<()> {
+        let rejected = self.load_pending_subset(&[seq])?;
+        let Some((_, mutation, _)) = rejected.first() else {
+            return Ok(()); // Already handled before a reconnect.
+        };
+        let tables: BTreeSet<String> = mutation.changes.iter().map(|c| c.table.clone()).collect();
+        // The device's text documents hold the refused edits: rebuild them
+        // from the confirmed ones and what stays pending, and show that.
+        let text_cells: Vec<(String, Value, String)> = mutation
+            .changes
+            .iter()
+            .flat_map(|c| match &c.op {
+                RowOp::Upsert { columns, .. } => columns
+                    .iter()
+                    .filter(|(_, op)| matches!(op, ColumnOp::Text(_)))
+                    .map(|(n, _)| (c.table.clone(), c.pk.clone(), n.clone()))
+                    .collect(),
+                RowOp::Delete => Vec::new(),
+            })
+            .collect();
+        self.settle(&rejected, std::iter::empty(), |c| {
+            c.local_text.borrow_mut().clear();
+            for (table, pk, column) in &text_cells {
+                let t = c.table(table)?;
+                let Some(idx) = t.column_index(column) else {
+                    continue;
+                };
+                let cell = Cell { table, pk, column };
+                let text = c.with_local_doc(cell, "", |doc| doc.text())?;
+                rows::update_columns(&c.conn, t, pk, &[(idx, &Value::Text(text))])?;
+            }
+            Ok(())
+        })?;
+        out.events.push(Event::Rejected {
+            seq,
+            code: code.to_string(),
+            reason: reason.to_string(),
+        });
+        out.events
+            .push(Event::TablesChanged(tables.into_iter().collect()));
+        Ok(())
+    }
+}
