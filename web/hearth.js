@@ -9,12 +9,15 @@
 //
 //   const db = await Hearth.open({ server, name })   // resolves once the schema is there
 //   await db.exec(sql, params)        -> { mutation, rowsAffected }, once durable on the device
+//   await db.editText(table, key, column, [{ index, delete, insert }])
+//                                     -> like exec; positions in code points, not UTF-16 units
+//   await db.resolve(conflictId, value) -> like exec; closes a hearth_conflicts row
 //   await db.query(sql, params)       -> [{ column: value, ... }, ...]
 //   const stop = db.live(sql, params, rows => ..., error => ...)
 //   db.status()                       -> { online, pending, serverSeq, caughtUp, schemaVersion }
 //   const off = db.on("status" | "change" | "rejected", callback)
 //   await db.sync({ timeoutMs })      -> status; rejects with code OFFLINE after the timeout
-// Errors are `Error`s with a stable `code`: SQL_ERROR, OFFLINE, REJECTED, NO_SCHEMA, ...
+// Errors are `Error`s with a stable `code`: SQL_ERROR, INVALID_ARGUMENT, OFFLINE, REJECTED, ...
 (function () {
   "use strict";
 

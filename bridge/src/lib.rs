@@ -21,7 +21,9 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bump on any change to the messages below that an older peer would misread.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: `Request::EditText` and `Request::Resolve`, `ErrorCode` learns `INVALID_ARGUMENT`
+/// from the engine.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest frame either side accepts. A bound keeps one runaway query result from
 /// exhausting a tab's memory; hitting it is a clear error, never a silent truncation.
@@ -42,6 +44,17 @@ pub enum Value {
 pub struct Rows {
     pub columns: Vec<String>,
     pub rows: Vec<Vec<Value>>,
+}
+
+/// One positional edit of a `text` column, as an editor reports it: at `index`, delete
+/// `delete` characters, then insert `insert`. Positions and counts are in Unicode scalar
+/// values (code points), not UTF-16 units nor bytes; each edit applies to the text the
+/// previous one left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextEdit {
+    pub index: u64,
+    pub delete: u64,
+    pub insert: String,
 }
 
 /// A message from a tab to the worker.
@@ -84,6 +97,20 @@ pub enum Request {
     Sync { timeout_ms: u32 },
     /// The current [`SyncStatus`].
     Status,
+    /// Edit the `text` column `column` of the row of `table` whose primary key is `key`,
+    /// by position. Like [`Request::Exec`]: one local transaction, answered with
+    /// [`Reply::Exec`] once durable; `InvalidArgument` for an unknown table, column or row,
+    /// a column that is not `text`, or an edit outside the text.
+    EditText {
+        table: String,
+        key: Value,
+        column: String,
+        edits: Vec<TextEdit>,
+    },
+    /// Resolve the open manual-merge conflict `conflict_id` (a row of `hearth_conflicts`)
+    /// by writing `value` to its cell. Like [`Request::Exec`]: answered with
+    /// [`Reply::Exec`] once durable; `InvalidArgument` when no such conflict is open.
+    Resolve { conflict_id: String, value: Value },
 }
 
 /// A message from the worker to a tab.
@@ -179,7 +206,8 @@ pub enum ErrorCode {
     /// The database is not open (opening failed or it was closed).
     Closed,
     /// The page passed something the API cannot take, such as an object as an SQL
-    /// parameter.
+    /// parameter, or `editText`/`resolve` named a table, column, row or conflict that is
+    /// not there (or a column of another merge policy, an edit outside the text).
     InvalidArgument,
     /// The server could not be reached in time (`sync`).
     Offline,
@@ -229,6 +257,7 @@ impl ErrorCode {
             "TOO_LARGE" => ErrorCode::TooLarge,
             "SCHEMA" => ErrorCode::Schema,
             "SERVER" => ErrorCode::Server,
+            "INVALID_ARGUMENT" => ErrorCode::InvalidArgument,
             _ => ErrorCode::Protocol,
         }
     }
@@ -355,6 +384,41 @@ mod tests {
     }
 
     #[test]
+    fn edit_text_and_resolve_round_trip() {
+        let edit = PageMessage::Request {
+            id: 3,
+            request: Request::EditText {
+                table: "todos".into(),
+                key: Value::Text("t1".into()),
+                column: "notes".into(),
+                edits: vec![
+                    TextEdit {
+                        index: 2,
+                        delete: 1,
+                        insert: "é🦀".into(),
+                    },
+                    TextEdit {
+                        index: 0,
+                        delete: 0,
+                        insert: String::new(),
+                    },
+                ],
+            },
+        };
+        let resolve = PageMessage::Request {
+            id: 4,
+            request: Request::Resolve {
+                conflict_id: "c1".into(),
+                value: Value::Text("2026-01-01".into()),
+            },
+        };
+        for message in [edit, resolve] {
+            let frame = encode(&message).unwrap();
+            assert_eq!(decode::<PageMessage>(&frame).unwrap(), message);
+        }
+    }
+
+    #[test]
     fn response_round_trips() {
         let ok = WorkerMessage::Response {
             id: 1,
@@ -423,5 +487,9 @@ mod tests {
         assert_eq!(ErrorCode::Rejected.as_str(), "REJECTED");
         assert_eq!(ErrorCode::from_engine("NO_SCHEMA"), ErrorCode::NoSchema);
         assert_eq!(ErrorCode::from_engine("SQL_ERROR"), ErrorCode::SqlError);
+        assert_eq!(
+            ErrorCode::from_engine("INVALID_ARGUMENT"),
+            ErrorCode::InvalidArgument
+        );
     }
 }

@@ -527,7 +527,9 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
 
 /// The demo app's schema, built into the `hearth` binary.
 pub const DEMO_SCHEMA: &str = r#"# Hearth demo schema: shared todo lists.
-version = 1
+# Version 2: todos gained likes (a counter), tags (a set), notes (text edited together)
+# and due (merged by hand: concurrent edits open a conflict).
+version = 2
 
 [tables.lists]
 create = """
@@ -545,11 +547,15 @@ CREATE TABLE todos (
   list_id TEXT NOT NULL,
   title   TEXT NOT NULL CHECK (length(title) BETWEEN 1 AND 200),
   done    INTEGER NOT NULL DEFAULT 0,
-  position REAL NOT NULL DEFAULT 0
+  position REAL NOT NULL DEFAULT 0,
+  likes   INTEGER NOT NULL DEFAULT 0,
+  tags    TEXT NOT NULL DEFAULT '[]',
+  notes   TEXT NOT NULL DEFAULT '',
+  due     TEXT
 );
 CREATE INDEX todos_by_list ON todos (list_id, position)"""
 merge = "lww"
-columns = {}
+columns = { likes = { merge = "counter", min = 0 }, tags = "set", notes = "text", due = "manual" }
 "#;
 
 #[cfg(test)]
@@ -563,10 +569,10 @@ mod tests {
     #[test]
     fn demo_schema_parses() {
         let s = Schema::parse(DEMO_SCHEMA).unwrap();
-        assert_eq!(s.version, 1);
+        assert_eq!(s.version, 2);
         let todos = s.table("todos").unwrap();
         assert_eq!(todos.pk_name(), "id");
-        assert_eq!(todos.columns.len(), 5);
+        assert_eq!(todos.columns.len(), 9);
         assert_eq!(todos.columns[3].name, "done");
     }
 

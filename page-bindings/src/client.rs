@@ -2,8 +2,8 @@
 //!
 //! [`Client::open`] connects (starting the worker if this is the first tab), waits until
 //! the database has a schema and returns a handle with the same operations the JS API
-//! has: [`Client::exec`], [`Client::query`], [`Client::live`], [`Client::status`],
-//! [`Client::on`], [`Client::sync`].
+//! has: [`Client::exec`], [`Client::edit_text`], [`Client::resolve`], [`Client::query`],
+//! [`Client::live`], [`Client::status`], [`Client::on`], [`Client::sync`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use std::rc::{Rc, Weak};
 
 use hearth_bridge::{
     decode, encode, DecodeError, ErrorCode, ErrorReply, Notice, PageMessage, Reply, Request, Rows,
-    SyncStatus, Value, WorkerMessage,
+    SyncStatus, TextEdit, Value, WorkerMessage,
 };
 use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
 use tokio::sync::oneshot;
@@ -203,6 +203,45 @@ impl Client {
             sql: sql.to_owned(),
             params,
         };
+        self.write(request).await
+    }
+
+    /// Edits the `text` column `column` of the row of `table` with primary key `key` by
+    /// position (see [`TextEdit`]: positions count Unicode scalar values); each edit applies
+    /// to the text the previous one left. Like [`Client::exec`]: one local transaction,
+    /// resolved once durable on this device. Fails with INVALID_ARGUMENT for an unknown
+    /// table, column or row, a column that does not merge as `text`, or an edit outside
+    /// the text.
+    pub async fn edit_text(
+        &self,
+        table: &str,
+        key: Value,
+        column: &str,
+        edits: Vec<TextEdit>,
+    ) -> Result<ExecResult, ErrorReply> {
+        let request = Request::EditText {
+            table: table.to_owned(),
+            key,
+            column: column.to_owned(),
+            edits,
+        };
+        self.write(request).await
+    }
+
+    /// Resolves the open manual-merge conflict `conflict_id` (the `id` of a row of
+    /// `hearth_conflicts`) by writing `value` to its cell. Like [`Client::exec`]: resolved
+    /// once durable on this device; the server closes the conflict, or reopens it with one
+    /// more candidate if a write this device had not seen raced it. Fails with
+    /// INVALID_ARGUMENT when no such conflict is open on this device.
+    pub async fn resolve(&self, conflict_id: &str, value: Value) -> Result<ExecResult, ErrorReply> {
+        let request = Request::Resolve {
+            conflict_id: conflict_id.to_owned(),
+            value,
+        };
+        self.write(request).await
+    }
+
+    async fn write(&self, request: Request) -> Result<ExecResult, ErrorReply> {
         match self.call(request).await? {
             Reply::Exec {
                 mutation,

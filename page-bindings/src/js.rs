@@ -3,13 +3,13 @@
 //! Values cross as plain JS values: numbers, strings, `null`, `Uint8Array` for blobs and
 //! `BigInt` for integers beyond 2^53. Errors are JS `Error`s with a stable `code`.
 
-use hearth_bridge::{ErrorCode, ErrorReply, Notice, Rows, SyncStatus, Value};
+use hearth_bridge::{ErrorCode, ErrorReply, Notice, Rows, SyncStatus, TextEdit, Value};
 use js_sys::{Array, BigInt, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::future_to_promise;
 
-use crate::client::{Client, SYNC_TIMEOUT_MS_DEFAULT};
+use crate::client::{Client, ExecResult, SYNC_TIMEOUT_MS_DEFAULT};
 
 /// The largest integer a JS number holds exactly; beyond it integers cross as `BigInt`.
 const JS_SAFE_INTEGER_MAX: i64 = (1 << 53) - 1;
@@ -50,18 +50,64 @@ impl Database {
         future_to_promise(async move {
             let params = params_from_js(&params).map_err(js_error)?;
             let done = client.exec(&sql, params).await.map_err(js_error)?;
-            let result = Object::new();
-            let mutation = done
-                .mutation
-                .map_or(JsValue::NULL, |m| JsValue::from(m as f64));
-            Reflect::set(&result, &"mutation".into(), &mutation)?;
-            // Row counts never approach 2^53, so a plain number is exact.
-            Reflect::set(
-                &result,
-                &"rowsAffected".into(),
-                &(done.rows_affected as f64).into(),
-            )?;
-            Ok(result.into())
+            exec_result_to_js(&done)
+        })
+    }
+
+    /// `editText(table, key, column, edits)`: edits the `text` column `column` of the row
+    /// whose primary key is `key`, by position. `edits` is an array of
+    /// `{index, delete, insert}`: at `index` delete `delete` characters (default 0), then
+    /// insert the string `insert` (default ""); each edit applies to the text the previous
+    /// one left. **Positions and counts are Unicode code points**, not UTF-16 units (a JS
+    /// string index): "🦀" is one. Resolves like `exec`, to `{mutation, rowsAffected}`
+    /// once durable on this device; INVALID_ARGUMENT for an unknown table, column or row,
+    /// a column that does not merge as `text`, or an edit outside the text.
+    #[wasm_bindgen(js_name = editText)]
+    pub fn edit_text(
+        &self,
+        table: JsValue,
+        key: JsValue,
+        column: JsValue,
+        edits: JsValue,
+    ) -> Promise {
+        let client = self.client.clone();
+        future_to_promise(async move {
+            let table = string_arg("table", &table).map_err(js_error)?;
+            let column = string_arg("column", &column).map_err(js_error)?;
+            let key = value_from_js(&key).map_err(|why| {
+                js_error(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    format!("key: {why}"),
+                ))
+            })?;
+            let edits = edits_from_js(&edits).map_err(js_error)?;
+            let done = client
+                .edit_text(&table, key, &column, edits)
+                .await
+                .map_err(js_error)?;
+            exec_result_to_js(&done)
+        })
+    }
+
+    /// `resolve(conflictId, value)`: resolves the open manual-merge conflict `conflictId`
+    /// (the `id` of a `hearth_conflicts` row) by writing `value` to its cell. Resolves like
+    /// `exec`, to `{mutation, rowsAffected}` once durable on this device; INVALID_ARGUMENT
+    /// when no such conflict is open here.
+    pub fn resolve(&self, conflict_id: JsValue, value: JsValue) -> Promise {
+        let client = self.client.clone();
+        future_to_promise(async move {
+            let conflict_id = string_arg("conflictId", &conflict_id).map_err(js_error)?;
+            let value = value_from_js(&value).map_err(|why| {
+                js_error(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    format!("value: {why}"),
+                ))
+            })?;
+            let done = client
+                .resolve(&conflict_id, value)
+                .await
+                .map_err(js_error)?;
+            exec_result_to_js(&done)
         })
     }
 
@@ -195,6 +241,94 @@ impl Database {
     pub fn server(&self) -> String {
         self.server.clone()
     }
+}
+
+fn exec_result_to_js(done: &ExecResult) -> Result<JsValue, JsValue> {
+    let result = Object::new();
+    let mutation = done
+        .mutation
+        .map_or(JsValue::NULL, |m| JsValue::from(m as f64));
+    Reflect::set(&result, &"mutation".into(), &mutation)?;
+    // Row counts never approach 2^53, so a plain number is exact.
+    Reflect::set(
+        &result,
+        &"rowsAffected".into(),
+        &(done.rows_affected as f64).into(),
+    )?;
+    Ok(result.into())
+}
+
+/// A string argument, or INVALID_ARGUMENT naming it.
+fn string_arg(name: &str, value: &JsValue) -> Result<String, ErrorReply> {
+    match value.dyn_ref::<js_sys::JsString>() {
+        Some(s) if s.is_valid_utf16() => Ok(String::from(s)),
+        Some(_) => Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            format!("{name} holds a lone UTF-16 surrogate"),
+        )),
+        None => Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            format!("{name} must be a string"),
+        )),
+    }
+}
+
+/// A count or position of an edit: a non-negative integral number (default 0 when
+/// absent, for `delete`).
+fn count_arg(
+    edit: usize,
+    name: &str,
+    value: &JsValue,
+    default: Option<u64>,
+) -> Result<u64, ErrorReply> {
+    if value.is_undefined() {
+        if let Some(default) = default {
+            return Ok(default);
+        }
+    }
+    match value.as_f64() {
+        Some(n) if n >= 0.0 && n.fract() == 0.0 && n <= JS_SAFE_INTEGER_MAX as f64 => Ok(n as u64),
+        _ => Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            format!("edit {edit}: {name} must be a non-negative integer (code points)"),
+        )),
+    }
+}
+
+fn edits_from_js(edits: &JsValue) -> Result<Vec<TextEdit>, ErrorReply> {
+    let Some(array) = edits.dyn_ref::<Array>() else {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            "edits must be an array of {index, delete, insert}",
+        ));
+    };
+    array
+        .iter()
+        .enumerate()
+        .map(|(n, edit)| {
+            let n = n + 1;
+            if !edit.is_object() {
+                return Err(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    format!("edit {n} must be an object {{index, delete, insert}}"),
+                ));
+            }
+            let field = |name: &str| Reflect::get(&edit, &name.into()).unwrap_or_default();
+            let index = count_arg(n, "index", &field("index"), None)?;
+            let delete = count_arg(n, "delete", &field("delete"), Some(0))?;
+            let insert = field("insert");
+            let insert = if insert.is_undefined() {
+                String::new()
+            } else {
+                string_arg(&format!("edit {n}: insert"), &insert)?
+            };
+            Ok(TextEdit {
+                index,
+                delete,
+                insert,
+            })
+        })
+        .collect()
 }
 
 fn status_to_js(status: &SyncStatus) -> JsValue {

@@ -212,6 +212,124 @@ async function main() {
       await tab2.close();
     });
 
+    // --- Merge policies through the page API: text edits, manual conflicts. ---
+    let deviceC, deviceD, tabC, tabD;
+    const sameOnBoth = async (sql, params, what) => {
+      await withTimeout(Promise.all([tabC.evaluate(() => db.sync({ timeoutMs: 25000 })), tabD.evaluate(() => db.sync({ timeoutMs: 25000 }))]), `${what}: both synced`, 30000);
+      const [c, d] = await Promise.all([call(tabC, "query", sql, params), call(tabD, "query", sql, params)]);
+      check(c.ok && d.ok && JSON.stringify(c.value) === JSON.stringify(d.value), `${what}: C ${JSON.stringify(c)}, D ${JSON.stringify(d)}`);
+      return c.value;
+    };
+    await test("text: two devices edit the same note with the server stopped (editText by code point, and a plain UPDATE); both edits survive on both", async () => {
+      deviceC = await newDevice(browser, server.origin);
+      deviceD = await newDevice(browser, server.origin);
+      cleanups.push(() => deviceC.close(), () => deviceD.close());
+      tabC = await openTab(deviceC, server.origin);
+      tabD = await openTab(deviceD, server.origin);
+      const list = uid("list");
+      const todo = uid("todo");
+      let r = await call(tabC, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "notes"]);
+      check(r.ok, JSON.stringify(r));
+      // The crab is one code point but two UTF-16 units: positions after it tell the two apart.
+      r = await call(tabC, "exec", "INSERT INTO todos (id, list_id, title, notes) VALUES (?, ?, ?, ?)", [todo, list, "note", "a🦀b"]);
+      check(r.ok, JSON.stringify(r));
+      await sameOnBoth("SELECT notes FROM todos WHERE id = ?", [todo], "the note on both");
+      const tabC2 = await openTab(deviceC, server.origin);
+      await startLive(tabC2, "note", "SELECT notes FROM todos WHERE id = ?", [todo]);
+      await server.stop();
+      await waitFor(tabC, () => !db.status().online, null, "C sees the server gone");
+      await waitFor(tabD, () => !db.status().online, null, "D sees the server gone");
+      const edited = await withTimeout(
+        tabC.evaluate((todo) => db.editText("todos", todo, "notes", [{ index: 2, delete: 0, insert: "C" }]), todo),
+        "C's editText",
+      );
+      check(typeof edited.mutation === "number" && edited.rowsAffected === 1, `editText's result: ${JSON.stringify(edited)}`);
+      r = await call(tabC, "query", "SELECT notes FROM todos WHERE id = ?", [todo]);
+      check(r.ok && r.value[0].notes === "a🦀Cb", `C's note after its edit: ${JSON.stringify(r)}`);
+      await waitLive(tabC2, "note", (rows) => rows[0]?.notes === "a🦀Cb", "C's other tab sees the edit");
+      r = await call(tabD, "exec", "UPDATE todos SET notes = ? WHERE id = ?", ["a🦀bD", todo]);
+      check(r.ok && r.value.rowsAffected === 1, JSON.stringify(r));
+      const pending = await Promise.all([tabC, tabD].map((t) => t.evaluate(() => db.status().pending)));
+      check(pending[0] >= 1 && pending[1] >= 1, `both edits queued: ${pending}`);
+      server = await server.restart();
+      const [row] = await sameOnBoth("SELECT notes FROM todos WHERE id = ?", [todo], "the note after reconnecting");
+      check(row.notes === "a🦀CbD", `both edits survive: ${JSON.stringify(row)}`);
+      await waitLive(tabC2, "note", (rows) => rows[0]?.notes === "a🦀CbD", "C's other tab sees the merge");
+      await tabC2.close();
+    });
+
+    await test("manual merge: concurrent writes open a conflict on both devices; resolving on one closes it on both", async () => {
+      check(tabC && tabD, "needs the two devices of the previous test");
+      const list = uid("list");
+      const todo = uid("todo");
+      let r = await call(tabC, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "due"]);
+      r = await call(tabC, "exec", "INSERT INTO todos (id, list_id, title, due) VALUES (?, ?, ?, ?)", [todo, list, "taxes", "2026-03-01"]);
+      check(r.ok, JSON.stringify(r));
+      await sameOnBoth("SELECT due FROM todos WHERE id = ?", [todo], "the todo on both");
+      const conflictsSql = "SELECT id, column_name, candidates FROM hearth_conflicts WHERE table_name = 'todos' AND row_key = ?";
+      const key = JSON.stringify(todo);
+      for (const tab of [tabC, tabD]) await startLive(tab, "conflicts", conflictsSql, [key]);
+      await deviceC.setOffline(true);
+      await deviceD.setOffline(true);
+      await waitFor(tabC, () => !db.status().online, null, "C offline");
+      await waitFor(tabD, () => !db.status().online, null, "D offline");
+      r = await call(tabC, "exec", "UPDATE todos SET due = ? WHERE id = ?", ["2026-04-01", todo]);
+      check(r.ok, JSON.stringify(r));
+      r = await call(tabD, "exec", "UPDATE todos SET due = ? WHERE id = ?", ["2026-05-01", todo]);
+      check(r.ok, JSON.stringify(r));
+      await deviceC.setOffline(false);
+      await withTimeout(tabC.evaluate(() => db.sync({ timeoutMs: 20000 })), "C synced first", 25000);
+      await deviceD.setOffline(false);
+      const open = (rows) => rows.length === 1 && rows[0].column_name === "due";
+      await waitLive(tabC, "conflicts", open, "the conflict on C");
+      await waitLive(tabD, "conflicts", open, "the conflict on D");
+      const [conflict] = await sameOnBoth(conflictsSql, [key], "the conflict");
+      const candidates = JSON.parse(conflict.candidates).map((c) => c.value);
+      check(candidates.includes("2026-04-01") && candidates.includes("2026-05-01"), `both candidates: ${conflict.candidates}`);
+      // A value of one's own, not one of the candidates.
+      const resolved = await withTimeout(tabD.evaluate((id) => db.resolve(id, "2026-06-01"), conflict.id), "D resolves");
+      check(typeof resolved.mutation === "number" && resolved.rowsAffected >= 1, `resolve's result: ${JSON.stringify(resolved)}`);
+      await waitLive(tabD, "conflicts", (rows) => rows.length === 0, "the conflict gone on D at once");
+      await waitLive(tabC, "conflicts", (rows) => rows.length === 0, "the conflict gone on C");
+      const [row] = await sameOnBoth("SELECT due FROM todos WHERE id = ?", [todo], "the resolved value");
+      check(row.due === "2026-06-01", `resolved value on both: ${JSON.stringify(row)}`);
+      const again = await tabC.evaluate((id) => db.resolve(id, "x").then(() => "ok", (e) => e.code), conflict.id);
+      check(again === "INVALID_ARGUMENT", `resolving a closed conflict: ${again}`);
+    });
+
+    await test("editText and resolve with bad arguments: Errors coded INVALID_ARGUMENT; the worker keeps serving", async () => {
+      check(tabC, "needs device C");
+      const list = uid("list");
+      const todo = uid("todo");
+      await call(tabC, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "bad"]);
+      await call(tabC, "exec", "INSERT INTO todos (id, list_id, title, notes) VALUES (?, ?, ?, ?)", [todo, list, "t", "abc"]);
+      const codes = await tabC.evaluate(async (todo) => {
+        const code = (p) => p.then(() => "ok", (e) => (e instanceof Error ? e.code : `not an Error: ${e}`));
+        return {
+          badColumn: await code(db.editText("todos", todo, "no_such_column", [{ index: 0, delete: 0, insert: "x" }])),
+          notText: await code(db.editText("todos", todo, "title", [{ index: 0, delete: 0, insert: "x" }])),
+          badTable: await code(db.editText("nope", todo, "notes", [{ index: 0, insert: "x" }])),
+          noRow: await code(db.editText("todos", "no-such-row", "notes", [{ index: 0, insert: "x" }])),
+          pastEnd: await code(db.editText("todos", todo, "notes", [{ index: 2, delete: 5 }])),
+          notArray: await code(db.editText("todos", todo, "notes", { index: 0 })),
+          negative: await code(db.editText("todos", todo, "notes", [{ index: -1, insert: "x" }])),
+          notString: await code(db.editText("todos", todo, "notes", [{ index: 0, insert: 5 }])),
+          noConflict: await code(db.resolve("no-such-conflict", "x")),
+          badValue: await code(db.resolve("no-such-conflict", { an: "object" })),
+          direct: await code(db.exec("DELETE FROM hearth_conflicts")),
+        };
+      }, todo);
+      const { direct, ...invalid } = codes;
+      check(Object.values(invalid).every((c) => c === "INVALID_ARGUMENT"), `codes: ${JSON.stringify(codes)}`);
+      check(direct === "SQL_ERROR", `writing hearth_conflicts directly: ${direct}`);
+      const r = await call(tabC, "query", "SELECT notes FROM todos WHERE id = ?", [todo]);
+      check(r.ok && r.value[0].notes === "abc", `nothing changed: ${JSON.stringify(r)}`);
+      const ok = await tabC.evaluate((todo) => db.editText("todos", todo, "notes", [{ index: 3, delete: 0, insert: "d" }, { index: 0, delete: 1, insert: "" }]), todo);
+      check(ok.rowsAffected === 1, JSON.stringify(ok));
+      const [row] = await sameOnBoth("SELECT notes FROM todos WHERE id = ?", [todo], "after the errors");
+      check(row.notes === "bcd", `edits apply in order: ${JSON.stringify(row)}`);
+    });
+
     await test("a tab that closes mid-request leaves nothing stuck; its live queries go with it", async () => {
       const doomed = await openTab(deviceA, server.origin);
       await startLive(doomed, "doomed", "SELECT count(*) AS n FROM todos");

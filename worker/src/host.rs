@@ -433,25 +433,31 @@ impl Host {
             }
             Request::Exec { sql, params } => {
                 let params = to_engine_values(params);
-                match client.exec(&sql, &params, now_ms()) {
-                    Ok((outcome, output)) => {
-                        let ticket = self.barrier();
-                        self.park(
-                            ticket,
-                            Parked::Reply {
-                                port: port_id,
-                                id,
-                                result: Ok(Reply::Exec {
-                                    mutation: outcome.mutation,
-                                    rows_affected: outcome.rows_affected,
-                                }),
-                            },
-                        );
-                        self.park_send(ticket, output.send);
-                        self.on_events(output.events);
-                    }
-                    Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
-                }
+                let written = client.exec(&sql, &params, now_ms());
+                self.after_write(port_id, id, written);
+            }
+            Request::EditText {
+                table,
+                key,
+                column,
+                edits,
+            } => {
+                let key = to_engine_value(key);
+                let edits: Vec<hearth_engine::TextEdit> = edits
+                    .into_iter()
+                    .map(|e| hearth_engine::TextEdit {
+                        index: e.index,
+                        delete: e.delete,
+                        insert: e.insert,
+                    })
+                    .collect();
+                let written = client.edit_text(&table, &key, &column, &edits, now_ms());
+                self.after_write(port_id, id, written);
+            }
+            Request::Resolve { conflict_id, value } => {
+                let value = to_engine_value(value);
+                let written = client.resolve(&conflict_id, &value, now_ms());
+                self.after_write(port_id, id, written);
             }
             Request::Query { sql, params } => {
                 let result = client
@@ -509,6 +515,36 @@ impl Host {
                 self.connect();
                 self.check_sync_waiters();
             }
+        }
+    }
+
+    /// What every local write (`exec`, `editText`, `resolve`) does next: its reply and
+    /// the pushes it made wait for a flush barrier; tabs and live queries hear of it now
+    /// (they read the same worker's database, so they need not wait for the flush).
+    fn after_write(
+        &mut self,
+        port_id: PortId,
+        id: u32,
+        written: Result<(hearth_engine::ExecOutcome, hearth_engine::Output), ClientError>,
+    ) {
+        match written {
+            Ok((outcome, output)) => {
+                let ticket = self.barrier();
+                self.park(
+                    ticket,
+                    Parked::Reply {
+                        port: port_id,
+                        id,
+                        result: Ok(Reply::Exec {
+                            mutation: outcome.mutation,
+                            rows_affected: outcome.rows_affected,
+                        }),
+                    },
+                );
+                self.park_send(ticket, output.send);
+                self.on_events(output.events);
+            }
+            Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
         }
     }
 
@@ -998,16 +1034,17 @@ pub fn engine_error(err: &ClientError) -> ErrorReply {
 }
 
 pub fn to_engine_values(values: Vec<Value>) -> Vec<hearth_engine::Value> {
-    values
-        .into_iter()
-        .map(|value| match value {
-            Value::Null => hearth_engine::Value::Null,
-            Value::Integer(i) => hearth_engine::Value::Integer(i),
-            Value::Real(f) => hearth_engine::Value::Real(f),
-            Value::Text(s) => hearth_engine::Value::Text(s),
-            Value::Blob(b) => hearth_engine::Value::Blob(b),
-        })
-        .collect()
+    values.into_iter().map(to_engine_value).collect()
+}
+
+pub fn to_engine_value(value: Value) -> hearth_engine::Value {
+    match value {
+        Value::Null => hearth_engine::Value::Null,
+        Value::Integer(i) => hearth_engine::Value::Integer(i),
+        Value::Real(f) => hearth_engine::Value::Real(f),
+        Value::Text(s) => hearth_engine::Value::Text(s),
+        Value::Blob(b) => hearth_engine::Value::Blob(b),
+    }
 }
 
 pub fn to_rows(result: hearth_engine::QueryResult) -> Rows {

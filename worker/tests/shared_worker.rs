@@ -223,6 +223,11 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
     use hearth_engine::{Client, ClientConfig, ServerMsg, Value as EngineValue, DEMO_SCHEMA};
     use hearth_worker::store::open_connection;
 
+    const DEMO_VERSION: u64 = 2;
+    assert_eq!(
+        hearth_engine::Schema::parse(DEMO_SCHEMA).unwrap().version,
+        DEMO_VERSION
+    );
     let file = "engine-reopen.sqlite3";
     let (conn, durability) = open_connection(file).await.unwrap();
     let mut client = Client::open(conn, 7, ClientConfig::default()).unwrap();
@@ -232,7 +237,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
         .handle(
             ServerMsg::Welcome {
                 server_seq: 0,
-                schema_version: 1,
+                schema_version: DEMO_VERSION,
                 schema: Some(DEMO_SCHEMA.to_string()),
                 frame_bytes_max: FRAME_BYTES_MAX as u64,
                 last_seq: 0,
@@ -263,7 +268,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
     assert_eq!(client.client_id(), 7, "the client id is the stored one");
     let status = client.status();
     assert_eq!(status.pending, 20, "the outbox survived");
-    assert_eq!(status.schema_version, Some(1));
+    assert_eq!(status.schema_version, Some(DEMO_VERSION));
     assert_eq!(
         client.pending_seqs().unwrap(),
         (1..=20).collect::<Vec<u64>>()
@@ -278,7 +283,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
         .handle(
             ServerMsg::Welcome {
                 server_seq: 0,
-                schema_version: 1,
+                schema_version: DEMO_VERSION,
                 schema: None,
                 frame_bytes_max: FRAME_BYTES_MAX as u64,
                 last_seq: 0,
