@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hearth::native_client::{self, Goal, SyncError};
-use hearth_engine::{ClientConfig, Event, Schema, Value, DEMO_SCHEMA};
+use hearth_engine::{
+    Client, ClientConfig, ClientError, Event, ExecOutcome, Output, Schema, TextEdit, Value,
+    DEMO_SCHEMA,
+};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +70,26 @@ enum ClientAction {
     Sync,
     /// Read the local database. Prints one JSON object per row.
     Query { sql: String, params: Option<String> },
+    /// Resolve an open manual-merge conflict (a row of hearth_conflicts) by
+    /// writing VALUE_JSON to its cell, then sync it. Prints one JSON line
+    /// like exec, with the same exit codes.
+    Resolve {
+        /// The conflict's id (hearth_conflicts.id).
+        id: String,
+        /// The value to keep, as JSON: 4.5, "text", null, ...
+        value_json: String,
+    },
+    /// Edit a text column by position, then sync it. EDITS_JSON:
+    /// '[{"index":0,"delete":0,"insert":"x"}]' (positions in Unicode
+    /// characters, each edit on the text the previous one left). Prints one
+    /// JSON line like exec, with the same exit codes.
+    EditText {
+        table: String,
+        /// The row's primary key as JSON: '"c1"' or 7.
+        key_json: String,
+        column: String,
+        edits_json: String,
+    },
 }
 
 const EXIT_UNREACHABLE: u8 = 2;
@@ -155,6 +178,135 @@ fn parse_params(params: Option<&str>) -> anyhow::Result<Vec<Value>> {
     }
 }
 
+/// A write's arguments that cannot be used: reported like the engine's own
+/// `INVALID_ARGUMENT`, before anything is written.
+fn invalid(message: String) -> anyhow::Error {
+    anyhow::anyhow!("INVALID_ARGUMENT: {message}")
+}
+
+/// One JSON value given on the command line (`what` names the argument).
+fn parse_value(what: &str, example: &str, text: &str) -> anyhow::Result<Value> {
+    let json: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        invalid(format!(
+            "{what} is not valid JSON ({e}); text needs quotes, e.g. {example}"
+        ))
+    })?;
+    Value::from_json(&json).map_err(|e| invalid(format!("{what}: {e}")))
+}
+
+/// `[{"index": 0, "delete": 0, "insert": "x"}, ...]`; `delete` defaults to
+/// 0 and `insert` to "".
+fn parse_edits(text: &str) -> anyhow::Result<Vec<TextEdit>> {
+    let json: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| invalid(format!("EDITS_JSON is not valid JSON ({e})")))?;
+    let serde_json::Value::Array(items) = json else {
+        return Err(invalid(
+            "EDITS_JSON must be a JSON array, e.g. '[{\"index\":0,\"delete\":0,\"insert\":\"x\"}]'"
+                .to_string(),
+        ));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let bad = |why: &str| invalid(format!("EDITS_JSON edit {}: {why}", i + 1));
+            let serde_json::Value::Object(fields) = item else {
+                return Err(bad("must be an object {\"index\", \"delete\", \"insert\"}"));
+            };
+            if let Some(other) = fields
+                .keys()
+                .find(|k| !matches!(k.as_str(), "index" | "delete" | "insert"))
+            {
+                return Err(bad(&format!(
+                    "unknown field \"{other}\" (expected index, delete, insert)"
+                )));
+            }
+            let count = |name: &str, default: Option<u64>| match fields.get(name) {
+                None => default.ok_or_else(|| bad(&format!("\"{name}\" is missing"))),
+                Some(n) => n
+                    .as_u64()
+                    .ok_or_else(|| bad(&format!("\"{name}\" must be a whole number >= 0"))),
+            };
+            let insert = match fields.get("insert") {
+                None => String::new(),
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(_) => return Err(bad("\"insert\" must be a string")),
+            };
+            Ok(TextEdit {
+                index: count("index", None)?,
+                delete: count("delete", Some(0))?,
+                insert,
+            })
+        })
+        .collect()
+}
+
+/// A fresh device learns the schema from the server before its first
+/// write. `None`: go on; `Some(code)`: the server could not be reached.
+async fn ensure_schema(device: &mut Client, url: &str, timeout: Duration) -> Option<ExitCode> {
+    if device.schema().is_some() {
+        return None;
+    }
+    match native_client::sync_once(device, url, Goal::Synced, timeout).await {
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("hearth: this database has no schema yet and the first sync failed: {e}");
+            Some(ExitCode::from(EXIT_UNREACHABLE))
+        }
+    }
+}
+
+/// Makes one local write (`exec`, `resolve`, `edit-text`), then syncs it and
+/// prints its JSON line. A write that fails on the device is an error
+/// (`hearth: CODE: reason`, exit 1): nothing was written.
+async fn write_then_sync(
+    device: &mut Client,
+    url: &str,
+    timeout: Duration,
+    write: impl FnOnce(&mut Client) -> Result<(ExecOutcome, Output), ClientError>,
+) -> anyhow::Result<ExitCode> {
+    let (outcome, _) = write(device).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+    let Some(seq) = outcome.mutation else {
+        println!(
+            "{}",
+            serde_json::json!({"mutation": null, "status": "applied", "rowsAffected": outcome.rows_affected, "reason": null, "code": null})
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let line = |seq: u64, status: &str, reason: Option<String>, code: Option<String>| serde_json::json!({"mutation": seq, "status": status, "rowsAffected": outcome.rows_affected, "reason": reason, "code": code});
+    match native_client::sync_once(device, url, Goal::Resolved(seq), timeout).await {
+        Ok(events) => {
+            let seq = native_client::renumbered(seq, &events);
+            let rejected = events.iter().find_map(|e| match e {
+                Event::Rejected {
+                    seq: s,
+                    code,
+                    reason,
+                } if *s == seq => Some((code.clone(), reason.clone())),
+                _ => None,
+            });
+            match rejected {
+                Some((code, reason)) => {
+                    println!("{}", line(seq, "rejected", Some(reason), Some(code)));
+                    Ok(ExitCode::from(EXIT_REJECTED))
+                }
+                None => {
+                    println!("{}", line(seq, "applied", None, None));
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        // Whatever stopped the sync (no server, a timeout, a closed
+        // connection, a server that could not store it), the write is
+        // committed locally and waits in the outbox.
+        Err(e) => {
+            let code = e.server_code().map(str::to_string);
+            println!("{}", line(seq, "queued", Some(e.to_string()), code));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_secs(args.timeout_s);
     let mut device = native_client::open_device(&args.db, ClientConfig::default())
@@ -206,60 +358,41 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         ClientAction::Exec { sql, params } => {
             let url = need_server("exec")?;
             let params = parse_params(params.as_deref())?;
-            if device.schema().is_none() {
-                // A fresh device learns the schema from the server first.
-                if let Err(e) =
-                    native_client::sync_once(&mut device, &url, Goal::Synced, timeout).await
-                {
-                    eprintln!(
-                        "hearth: this database has no schema yet and the first sync failed: {e}"
-                    );
-                    return Ok(ExitCode::from(EXIT_UNREACHABLE));
-                }
+            if let Some(code) = ensure_schema(&mut device, &url, timeout).await {
+                return Ok(code);
             }
-            let (outcome, _) = device
-                .exec(&sql, &params, native_client::now_ms())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
-            let Some(seq) = outcome.mutation else {
-                println!(
-                    "{}",
-                    serde_json::json!({"mutation": null, "status": "applied", "rowsAffected": outcome.rows_affected, "reason": null})
-                );
-                return Ok(ExitCode::SUCCESS);
-            };
-            let line = |status: &str, reason: Option<String>, code: Option<String>| serde_json::json!({"mutation": seq, "status": status, "rowsAffected": outcome.rows_affected, "reason": reason, "code": code});
-            match native_client::sync_once(&mut device, &url, Goal::Resolved(seq), timeout).await {
-                Ok(events) => {
-                    let seq = native_client::renumbered(seq, &events);
-                    let line = |status: &str, reason: Option<String>, code: Option<String>| serde_json::json!({"mutation": seq, "status": status, "rowsAffected": outcome.rows_affected, "reason": reason, "code": code});
-                    let rejected = events.iter().find_map(|e| match e {
-                        Event::Rejected {
-                            seq: s,
-                            code,
-                            reason,
-                        } if *s == seq => Some((code.clone(), reason.clone())),
-                        _ => None,
-                    });
-                    match rejected {
-                        Some((code, reason)) => {
-                            println!("{}", line("rejected", Some(reason), Some(code)));
-                            Ok(ExitCode::from(EXIT_REJECTED))
-                        }
-                        None => {
-                            println!("{}", line("applied", None, None));
-                            Ok(ExitCode::SUCCESS)
-                        }
-                    }
-                }
-                // Whatever stopped the sync (no server, a timeout, a closed
-                // connection, a server that could not store it), the write
-                // is committed locally and waits in the outbox.
-                Err(e) => {
-                    let code = e.server_code().map(str::to_string);
-                    println!("{}", line("queued", Some(e.to_string()), code));
-                    Ok(ExitCode::SUCCESS)
-                }
+            write_then_sync(&mut device, &url, timeout, |d| {
+                d.exec(&sql, &params, native_client::now_ms())
+            })
+            .await
+        }
+        ClientAction::Resolve { id, value_json } => {
+            let url = need_server("resolve")?;
+            let value = parse_value("VALUE_JSON", r#"'"red"' or 4.5"#, &value_json)?;
+            if let Some(code) = ensure_schema(&mut device, &url, timeout).await {
+                return Ok(code);
             }
+            write_then_sync(&mut device, &url, timeout, |d| {
+                d.resolve(&id, &value, native_client::now_ms())
+            })
+            .await
+        }
+        ClientAction::EditText {
+            table,
+            key_json,
+            column,
+            edits_json,
+        } => {
+            let url = need_server("edit-text")?;
+            let key = parse_value("KEY_JSON", r#"'"c1"'"#, &key_json)?;
+            let edits = parse_edits(&edits_json)?;
+            if let Some(code) = ensure_schema(&mut device, &url, timeout).await {
+                return Ok(code);
+            }
+            write_then_sync(&mut device, &url, timeout, |d| {
+                d.edit_text(&table, &key, &column, &edits, native_client::now_ms())
+            })
+            .await
         }
     }
 }
