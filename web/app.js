@@ -1,10 +1,23 @@
 // Hearth Todos: the demo app. Plain JS on the page API (window.Hearth from hearth.js):
-// every write is one `db.exec`, every view a `db.live` query, so each tab and each device
-// shows the same data as soon as it changes, online or not.
+// every write is one `db.exec` (or `db.editText` / `db.resolve`), every view a `db.live`
+// query, so each tab and each device shows the same data as soon as it changes, online
+// or not. Each todo's columns show one merge policy each (see DEMO_SCHEMA): `likes`
+// counts every device's likes (counter), `tags` keeps every device's additions (set),
+// `notes` merges edits letter by letter (text: the textarea sends each change as a
+// positional `db.editText`), and `due` is merged by hand (manual: two devices changing
+// it at once open a conflict, shown as a banner where a person picks or types the value).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { db: null, lists: [], listId: localStorage.getItem("hearth.list") || null, stopTodos: null };
+const state = {
+  db: null,
+  lists: [],
+  listId: localStorage.getItem("hearth.list") || null,
+  stopTodos: null,
+  conflicts: [],
+  // The todo open in the detail dialog: {id, stop, shadow, inflight, latest}.
+  detail: null,
+};
 
 function uuid() {
   return crypto.randomUUID ? crypto.randomUUID() : `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
@@ -75,6 +88,17 @@ function renderLists(lists) {
   document.querySelector("#new-todo button").disabled = !current;
 }
 
+function parseTags(json) {
+  try {
+    const tags = JSON.parse(json);
+    return Array.isArray(tags) ? tags : [];
+  } catch {
+    return [];
+  }
+}
+
+const like = (id) => write("UPDATE todos SET likes = likes + 1 WHERE id = ?", [id]);
+
 function renderTodos(todos) {
   const open = todos.filter((t) => !t.done).length;
   $("empty").hidden = todos.length > 0;
@@ -82,6 +106,14 @@ function renderTodos(todos) {
   $("todos").replaceChildren(
     ...todos.map((todo) => {
       const title = el("span", { class: "title", title: "Double-click to edit", ondblclick: () => editTodo(item, todo) }, todo.title);
+      const tags = parseTags(todo.tags);
+      const meta = el(
+        "button",
+        { class: "meta", "aria-label": `Details of ${todo.title}`, onclick: () => openDetail(todo.id) },
+        ...tags.map((tag) => el("span", { class: "tag" }, `#${tag}`)),
+        todo.due ? el("span", { class: todo.conflict ? "chip conflicted" : "chip" }, `due ${todo.due}${todo.conflict ? " · conflict" : ""}`) : "",
+        todo.has_notes ? el("span", { class: "chip" }, "✎ notes") : "",
+      );
       const item = el(
         "li",
         { class: todo.done ? "todo done" : "todo" },
@@ -91,13 +123,171 @@ function renderTodos(todos) {
           "aria-label": `Done: ${todo.title}`,
           onchange: (e) => write("UPDATE todos SET done = ? WHERE id = ?", [e.target.checked ? 1 : 0, todo.id]),
         }),
-        title,
+        el("div", { class: "body" }, title, meta.childElementCount ? meta : ""),
+        el("button", { class: todo.likes ? "like liked" : "like", "aria-label": `Like ${todo.title}`, onclick: () => like(todo.id) }, `♥ ${todo.likes}`),
+        el("button", { class: "icon open", "aria-label": `Open ${todo.title}`, title: "Tags, due date, notes", onclick: () => openDetail(todo.id) }, "›"),
         el("button", { class: "icon edit", "aria-label": `Edit ${todo.title}`, onclick: () => editTodo(item, todo) }, "✎"),
         el("button", { class: "icon delete", "aria-label": `Delete ${todo.title}`, onclick: () => write("DELETE FROM todos WHERE id = ?", [todo.id]) }, "✕"),
       );
       return item;
     }),
   );
+}
+
+// --- Manual merge: open conflicts on todos, as banners with the candidates. ---
+
+const COLUMN_LABELS = { due: "Due date" };
+
+async function resolve(conflictId, value) {
+  try {
+    await state.db.resolve(conflictId, value);
+    toast("Conflict resolved");
+  } catch (error) {
+    toast(`${error.code}: ${error.message}`, "error");
+  }
+}
+
+function renderConflicts(container, conflicts) {
+  container.hidden = conflicts.length === 0;
+  container.replaceChildren(
+    ...conflicts.map((conflict) => {
+      let candidates = [];
+      try {
+        candidates = JSON.parse(conflict.candidates);
+      } catch {}
+      const values = [...new Set(candidates.map((c) => JSON.stringify(c.value)))].map((v) => JSON.parse(v));
+      const typed = el("input", { type: "date", "aria-label": "Another value" });
+      const label = COLUMN_LABELS[conflict.column_name] || conflict.column_name;
+      return el(
+        "div",
+        { class: "conflict", role: "alert" },
+        el("p", {}, "⚠ ", el("b", {}, label), ` of “${conflict.title ?? "a deleted todo"}” was changed on two devices at once. Keep:`),
+        el(
+          "div",
+          { class: "choices" },
+          ...values.map((value) => el("button", { class: "choice", onclick: () => resolve(conflict.id, value) }, value ?? "no date")),
+          el(
+            "form",
+            {
+              class: "other",
+              onsubmit: (e) => {
+                e.preventDefault();
+                resolve(conflict.id, typed.value || null);
+              },
+            },
+            typed,
+            el("button", { type: "submit", class: "choice" }, "Set"),
+          ),
+        ),
+      );
+    }),
+  );
+}
+
+function showConflicts(conflicts) {
+  state.conflicts = conflicts;
+  renderConflicts($("conflicts"), conflicts);
+  if (state.detail) renderConflicts($("detail-conflicts"), conflicts.filter((c) => c.todo_id === state.detail.id));
+}
+
+// --- The detail dialog: likes, tags, due date and the shared notes of one todo. ---
+
+// The edit from `before` to `after` as {index, delete, insert} in code points (what
+// db.editText counts), or null when they are equal. One input event is one contiguous
+// change, so a common prefix and suffix find it.
+function codePointEdit(before, after) {
+  if (before === after) return null;
+  const a = Array.from(before);
+  const b = Array.from(after);
+  let start = 0;
+  while (start < a.length && start < b.length && a[start] === b[start]) start++;
+  let end = 0;
+  while (end < a.length - start && end < b.length - start && a[a.length - 1 - end] === b[b.length - 1 - end]) end++;
+  return { index: start, delete: a.length - start - end, insert: b.slice(start, b.length - end).join("") };
+}
+
+// Puts another device's version of the notes in the textarea, keeping the caret where
+// it was relative to the text around it (positions here are UTF-16 units, as the DOM's).
+function applyNotes(notes) {
+  const d = state.detail;
+  const area = $("detail-notes");
+  if (!d || notes == null) return;
+  d.shadow = notes;
+  if (area.value === notes) return;
+  const before = area.value;
+  let start = 0;
+  while (start < before.length && start < notes.length && before[start] === notes[start]) start++;
+  let end = 0;
+  while (end < before.length - start && end < notes.length - start && before[before.length - 1 - end] === notes[notes.length - 1 - end]) end++;
+  const map = (pos) => (pos <= start ? pos : pos >= before.length - end ? pos + notes.length - before.length : notes.length - end);
+  const [selStart, selEnd] = [map(area.selectionStart), map(area.selectionEnd)];
+  area.value = notes;
+  if (document.activeElement === area) area.setSelectionRange(selStart, selEnd);
+}
+
+function onNotesInput() {
+  const d = state.detail;
+  if (!d) return;
+  const value = $("detail-notes").value;
+  const edit = codePointEdit(d.shadow, value);
+  if (!edit) return;
+  d.shadow = value;
+  d.inflight++;
+  state.db
+    .editText("todos", d.id, "notes", [edit])
+    .catch((error) => toast(`${error.code}: ${error.message}`, "error"))
+    .finally(() => {
+      d.inflight--;
+      // Results of the live query that arrived meanwhile waited: they may predate a
+      // keystroke still on its way. Now the latest one holds every edit of ours.
+      if (d.inflight === 0 && state.detail === d) applyNotes(d.latest);
+    });
+}
+
+function renderDetail(rows) {
+  const d = state.detail;
+  if (!d) return;
+  const todo = rows[0];
+  if (!todo) {
+    $("detail").close();
+    return;
+  }
+  $("detail-title").textContent = todo.title;
+  $("detail-like").textContent = `♥ ${todo.likes}`;
+  $("detail-like").classList.toggle("liked", todo.likes > 0);
+  const due = $("detail-due");
+  // A date input reports a value only once it is a whole date, so this never cuts typing.
+  if (due.value !== (todo.due || "")) due.value = todo.due || "";
+  const tags = parseTags(todo.tags);
+  d.tags = tags;
+  $("detail-tags").replaceChildren(
+    ...tags.map((tag) =>
+      el(
+        "span",
+        { class: "tag" },
+        `#${tag}`,
+        el("button", { class: "untag", "aria-label": `Remove tag ${tag}`, onclick: () => write("UPDATE todos SET tags = ? WHERE id = ?", [JSON.stringify(tags.filter((t) => t !== tag)), d.id]) }, "×"),
+      ),
+    ),
+  );
+  d.latest = todo.notes;
+  if (d.inflight === 0) applyNotes(todo.notes);
+}
+
+function openDetail(id) {
+  closeDetail();
+  const d = { id, stop: null, shadow: "", inflight: 0, latest: null, tags: [] };
+  state.detail = d;
+  $("detail-notes").value = "";
+  $("detail-due").value = "";
+  d.stop = state.db.live("SELECT id, title, likes, tags, due, notes FROM todos WHERE id = ?", [id], renderDetail, (error) => toast(error.message, "error"));
+  renderConflicts($("detail-conflicts"), state.conflicts.filter((c) => c.todo_id === id));
+  if (!$("detail").open) $("detail").showModal();
+}
+
+function closeDetail() {
+  if (state.detail && state.detail.stop) state.detail.stop();
+  state.detail = null;
 }
 
 function editTodo(item, todo) {
@@ -129,7 +319,10 @@ function selectList(id) {
   state.stopTodos = null;
   if (!id) return renderTodos([]);
   state.stopTodos = state.db.live(
-    "SELECT id, title, done FROM todos WHERE list_id = ? ORDER BY done, position, title",
+    `SELECT id, title, done, likes, tags, due, notes <> '' AS has_notes,
+            EXISTS (SELECT 1 FROM hearth_conflicts c
+                     WHERE c.table_name = 'todos' AND c.row_key = json_quote(todos.id)) AS conflict
+       FROM todos WHERE list_id = ? ORDER BY done, position, title`,
     [id],
     renderTodos,
     (error) => toast(error.message, "error"),
@@ -160,6 +353,30 @@ async function main() {
     renderLists,
     (error) => toast(error.message, "error"),
   );
+
+  db.live(
+    `SELECT c.id, c.column_name, c.candidates, json_extract(c.row_key, '$') AS todo_id, t.title
+       FROM hearth_conflicts c LEFT JOIN todos t ON t.id = json_extract(c.row_key, '$')
+      WHERE c.table_name = 'todos' ORDER BY c.opened_at, c.id`,
+    [],
+    showConflicts,
+    (error) => toast(error.message, "error"),
+  );
+
+  $("detail").addEventListener("close", closeDetail);
+  $("detail-notes").addEventListener("input", onNotesInput);
+  $("detail-like").addEventListener("click", () => state.detail && like(state.detail.id));
+  $("detail-due").addEventListener("change", (e) => {
+    if (state.detail) write("UPDATE todos SET due = ? WHERE id = ?", [e.target.value || null, state.detail.id]);
+  });
+  $("detail-tag-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const tag = $("detail-tag").value.trim().replace(/^#/, "");
+    const d = state.detail;
+    if (!tag || !d) return;
+    write("UPDATE todos SET tags = ? WHERE id = ?", [JSON.stringify([...d.tags, tag]), d.id]);
+    $("detail-tag").value = "";
+  });
 
   $("new-list").addEventListener("submit", async (e) => {
     e.preventDefault();

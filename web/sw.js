@@ -3,7 +3,7 @@
 // Network first, so a running server always serves the newest files; the cache answers
 // only when the network cannot. The data itself never goes through here: it lives in
 // the device's database, and sync uses the WebSocket.
-const CACHE = "hearth-shell-v1";
+const CACHE = "hearth-shell-v2";
 const SHELL = [
   "/",
   "/index.html",

@@ -18,6 +18,7 @@ import {
   CHROMIUM_ARGS,
   call,
   check,
+  demoFromWebDir,
   launchBrowser,
   metric,
   openTab,
@@ -36,7 +37,10 @@ let counter = 0;
 const uid = (prefix) => `${prefix}-${process.pid}-${++counter}`;
 
 const results = [];
+// E2E_ONLY=text runs only the tests whose name holds that text (some build on the one
+// before them), to iterate on one.
 async function test(name, body) {
+  if (process.env.E2E_ONLY && !name.includes(process.env.E2E_ONLY)) return;
   const started = performance.now();
   try {
     await body();
@@ -480,6 +484,73 @@ async function main() {
       await one.fill("#new-todo-title", "Bread");
       await one.press("#new-todo-title", "Enter");
       await waitFor(one, () => document.querySelector("#pending:not([hidden])")?.textContent === "1 pending", null, "pending count shown");
+    });
+
+    await test("demo app: notes typed on one device show letter by letter on another; a due-date conflict is a banner on both, and a click resolves it", async () => {
+      const demo = await startServer();
+      cleanups.push(() => demo.cleanup());
+      const x = await browser.newContext();
+      const y = await browser.newContext();
+      cleanups.push(() => x.close(), () => y.close());
+      await demoFromWebDir(x);
+      await demoFromWebDir(y);
+      const open = async (device) => {
+        const page = await device.newPage();
+        page.on("pageerror", (error) => console.error(`  [demo error] ${error.message}`));
+        await page.goto(demo.origin + "/");
+        await waitFor(page, () => window.db && document.querySelector("#sync.online"), null, "demo online");
+        return page;
+      };
+      const px = await open(x);
+      const py = await open(y);
+      await px.fill("#new-list-name", "Trip");
+      await px.press("#new-list-name", "Enter");
+      await waitFor(px, () => !document.querySelector("#new-todo-title").disabled, null, "list selected");
+      await px.fill("#new-todo-title", "Book the cabin");
+      await px.press("#new-todo-title", "Enter");
+      for (const page of [px, py]) {
+        await waitFor(page, () => document.querySelector(".todo .title")?.textContent === "Book the cabin", null, "the todo on both");
+        await page.click(".todo .icon.open");
+        await waitFor(page, () => document.querySelector("#detail").open, null, "the detail dialog");
+      }
+      // Typed key by key: each input event is one db.editText.
+      await px.click("#detail-notes");
+      await px.keyboard.type("Hi 🦀!");
+      await waitFor(py, () => document.querySelector("#detail-notes").value === "Hi 🦀!", null, "X's notes on Y");
+      await py.click("#detail-notes");
+      await py.keyboard.press("End");
+      await py.keyboard.type(" ok");
+      await waitFor(px, () => document.querySelector("#detail-notes").value === "Hi 🦀! ok", null, "Y's notes on X");
+      await px.click("#detail-like");
+      await py.click("#detail-like");
+      await waitFor(px, () => document.querySelector("#detail-like").textContent === "♥ 2", null, "both likes counted on X");
+      await waitFor(py, () => document.querySelector("#detail-like").textContent === "♥ 2", null, "both likes counted on Y");
+      // Both devices change the due date offline: a conflict for a person to resolve.
+      await x.setOffline(true);
+      await y.setOffline(true);
+      await waitFor(px, () => document.querySelector("#sync.offline"), null, "X offline");
+      await waitFor(py, () => document.querySelector("#sync.offline"), null, "Y offline");
+      await px.fill("#detail-due", "2026-07-03");
+      await py.fill("#detail-due", "2026-07-10");
+      await waitFor(px, () => db.status().pending > 0, null, "X's due date queued");
+      await waitFor(py, () => db.status().pending > 0, null, "Y's due date queued");
+      await x.setOffline(false);
+      await withTimeout(px.evaluate(() => db.sync({ timeoutMs: 20000 })), "X synced", 25000);
+      await y.setOffline(false);
+      for (const page of [px, py]) {
+        const choices = () => [...document.querySelectorAll("#detail-conflicts .choice")].map((b) => b.textContent).sort().join();
+        await waitFor(page, `(${choices})() === "2026-07-03,2026-07-10,Set"`, null, "the banner with both dates").catch(async (error) => {
+          const seen = await page.evaluate(async (choices) => ({ choices: eval(choices)(), conflicts: await db.query("SELECT * FROM hearth_conflicts"), todo: await db.query("SELECT due FROM todos"), status: db.status() }), choices.toString());
+          throw new Error(`${error.message}: ${JSON.stringify(seen)}`);
+        });
+      }
+      await py.click("#detail-conflicts .choice:has-text('2026-07-10')");
+      for (const page of [px, py]) {
+        await waitFor(page, () => !document.querySelector(".conflict") && document.querySelector("#detail-due").value === "2026-07-10", null, "the conflict gone, the date chosen").catch(async (error) => {
+          const seen = await page.evaluate(async () => ({ banners: document.querySelectorAll(".conflict").length, input: document.querySelector("#detail-due").value, conflicts: await db.query("SELECT * FROM hearth_conflicts"), todo: await db.query("SELECT due FROM todos") }));
+          throw new Error(`${error.message}: ${JSON.stringify(seen)}`);
+        });
+      }
     });
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});

@@ -6,7 +6,7 @@ import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { existsSync } from "node:fs";
 import http from "node:http";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -137,6 +137,24 @@ export async function startStaticStandIn(addr, assets) {
       await new Promise((resolve) => server.close(resolve));
     },
   };
+}
+
+// With WEB_DIR set (e.g. WEB_DIR=web), pages of `context` get the demo app's own files
+// (index.html, app.js, app.css) from that directory instead of the server, so a change
+// to the app can be looked at without rebuilding the binary. Call before any page loads.
+const DEMO_FILES = { "/": "index.html", "/index.html": "index.html", "/app.js": "app.js", "/app.css": "app.css" };
+const DEMO_TYPES = { ".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css" };
+export async function demoFromWebDir(context) {
+  const webDir = process.env.WEB_DIR;
+  if (!webDir) return;
+  await context.route(
+    (url) => url.pathname in DEMO_FILES,
+    async (route) => {
+      const name = DEMO_FILES[new URL(route.request().url()).pathname];
+      const body = await readFile(path.join(webDir, name));
+      await route.fulfill({ status: 200, contentType: DEMO_TYPES[path.extname(name)], body, headers: { "cache-control": "no-store" } });
+    },
+  );
 }
 
 // Reads one counter from the server's Prometheus text.
