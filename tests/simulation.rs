@@ -8,8 +8,9 @@
 //!   the step count (for replaying a shrunk failure).
 //! - `SIM_OPEN_BUGS=M` also generates the shapes held back while an engine
 //!   bug they show is open: bit `i` of the mask `M` for `sim::SHAPES[i]`
-//!   (`SIM_OPEN_BUGS=15` for all four); `SIM_SHAPES=M` generates exactly
-//!   those (what a failure's replay line says).
+//!   (`SIM_OPEN_BUGS=64` for the one open now, a number skipped by a failed
+//!   exec); `SIM_SHAPES=M` generates exactly those (what a failure's replay
+//!   line says). Bits 4 and 5 are the merge-policy workloads (default on).
 //!
 //! A failing seed is shrunk to the smallest step count that still fails, and
 //! both are printed. Every bug the simulator found stays below as a named
