@@ -322,7 +322,9 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
             if device.schema().is_none() {
                 anyhow::bail!("this database has no schema yet: run `hearth client --db ... --server URL sync` first");
             }
-            let result = device.query(&sql, &params)?;
+            let result = device
+                .query(&sql, &params)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
             for row in result.to_json_objects() {
                 println!("{row}");
             }

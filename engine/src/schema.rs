@@ -218,7 +218,7 @@ impl Schema {
         }
         let mut tables = BTreeMap::new();
         for (name, raw_table) in raw.tables {
-            if name == CONFLICTS_TABLE {
+            if name.eq_ignore_ascii_case(CONFLICTS_TABLE) {
                 return Err(table_error(
                     &name,
                     "this name is reserved for the conflicts of manual-merge columns",
@@ -296,7 +296,9 @@ fn check_foreign_keys(tables: &BTreeMap<String, Table>) -> Result<(), SchemaErro
 }
 
 fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
-    if name.starts_with("_hearth") || name.starts_with("sqlite_") {
+    // SQLite's table names ignore ASCII case.
+    let lower = name.to_ascii_lowercase();
+    if lower.starts_with("_hearth") || lower.starts_with("sqlite_") {
         return Err(table_error(
             name,
             "names starting with '_hearth' or 'sqlite_' are reserved",
@@ -421,7 +423,11 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
     }
 
     for (col_name, entry) in &raw.columns {
-        let Some(idx) = columns.iter().position(|c| &c.name == col_name) else {
+        // SQLite's column names ignore ASCII case.
+        let Some(idx) = columns
+            .iter()
+            .position(|c| c.name.eq_ignore_ascii_case(col_name))
+        else {
             return Err(table_error(
                 name,
                 format!("columns names '{col_name}', which the table does not have"),
@@ -457,8 +463,11 @@ fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
                         }
                     }
                 }
-                let policy_name = policy_name
-                    .ok_or_else(|| column_error("a column table needs merge = NAME".into()))?;
+                let policy_name = policy_name.ok_or_else(|| {
+                    column_error(
+                        "options need a policy too, e.g. { merge = \"counter\", min = 0 }".into(),
+                    )
+                })?;
                 (policy_name, min, max)
             }
             other => {
@@ -678,7 +687,10 @@ mod tests {
                 "columns = { stock = { merge = \"counter\", floor = 0 } }",
                 "unknown option 'floor'",
             ),
-            ("columns = { stock = { min = 0 } }", "needs merge = NAME"),
+            (
+                "columns = { stock = { min = 0 } }",
+                "options need a policy too",
+            ),
             ("columns = { stock = 3 }", "expected a policy name"),
             (
                 "columns = { stock = \"sum\" }",
@@ -696,7 +708,24 @@ mod tests {
                 "{extra}: {e}"
             );
         }
-        let e = err("version = 1\n[tables.hearth_conflicts]\ncreate = \"CREATE TABLE hearth_conflicts (id TEXT PRIMARY KEY)\"\n");
-        assert!(e.contains("reserved"), "{e}");
+        // Reserved names, in any case (SQLite's names ignore ASCII case).
+        for name in [
+            "hearth_conflicts",
+            "HEARTH_CONFLICTS",
+            "_HEARTH_TEXT",
+            "Sqlite_x",
+        ] {
+            let e = err(&format!(
+                "version = 1\n[tables.{name}]\ncreate = \"CREATE TABLE {name} (id TEXT PRIMARY KEY)\"\n"
+            ));
+            assert!(e.contains("reserved"), "{name}: {e}");
+        }
+        // Column names too ignore case.
+        let s = cards("columns = { LIKES = \"counter\" }").unwrap();
+        let t = s.table("cards").unwrap();
+        assert_eq!(
+            t.columns[t.column_index("likes").unwrap()].policy,
+            MergePolicy::Counter
+        );
     }
 }

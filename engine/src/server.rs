@@ -1079,7 +1079,6 @@ impl ServerCore {
                         MergePolicy::Text => {
                             let text = match v {
                                 Value::Text(t) => t.as_str(),
-                                Value::Null => "",
                                 other => {
                                     return Err(refuse(
                                         "INVALID",
@@ -1309,6 +1308,31 @@ fn check_policy_changes(conn: &Connection, schema: &Schema) -> Result<()> {
                 continue;
             };
             if was.policy == column.policy {
+                // New or tighter bounds must hold for the stored values, or
+                // those rows could never change again.
+                if column.policy == MergePolicy::Counter
+                    && (was.min, was.max) != (column.min, column.max)
+                {
+                    let c = crate::schema::ident(&column.name);
+                    let outside: i64 = conn.query_row(
+                        &format!(
+                            "SELECT count(*) FROM main.{} WHERE coalesce({c}, 0) < ?1 OR coalesce({c}, 0) > ?2",
+                            crate::schema::ident(&table.name)
+                        ),
+                        params![column.min.unwrap_or(i64::MIN), column.max.unwrap_or(i64::MAX)],
+                        |r| r.get(0),
+                    )?;
+                    if outside > 0 {
+                        return Err(ServerError::Schema(format!(
+                            "table '{}', column '{}': the schema changes the counter's bounds to min {} / max {}, but {outside} stored row(s) hold a value outside them; \
+                             widen the bounds or change those values first",
+                            table.name,
+                            column.name,
+                            column.min.map_or("none".to_string(), |m| m.to_string()),
+                            column.max.map_or("none".to_string(), |m| m.to_string()),
+                        )));
+                    }
+                }
                 continue;
             }
             let has_rows: bool = conn

@@ -22,6 +22,10 @@ on_delete = "update-wins"
 
 [tables.memos]
 create = "CREATE TABLE memos (id TEXT PRIMARY KEY, title TEXT)"
+
+[tables.docs]
+create = "CREATE TABLE docs (id TEXT PRIMARY KEY, body TEXT)"
+columns = { body = "text" }
 "#;
 
 struct Net {
@@ -851,4 +855,108 @@ fn a_text_cell_whose_insert_lost_keeps_editing_from_the_winner() {
         "SELECT body FROM cards WHERE id = 'c9'",
         vec![vec![text("[b] from b, edited by a")]],
     );
+}
+
+#[test]
+fn a_text_column_refuses_null_and_a_counter_says_overflow() {
+    let mut net = Net::new();
+    let (mut a, _, _) = new_card(&mut net);
+    // A nullable text column still holds text: NULL is refused, on insert
+    // and on update, rather than turning into '' later.
+    let e = a
+        .exec("INSERT INTO docs (id) VALUES ('d1')", &[], 2_000)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("text column 'body' holds TEXT, not null"),
+        "{e}"
+    );
+    a.exec("INSERT INTO docs VALUES ('d1', 'x')", &[], 2_000)
+        .unwrap();
+    let e = a
+        .exec("UPDATE docs SET body = NULL WHERE id = 'd1'", &[], 2_000)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("text column 'body' holds TEXT, not null"),
+        "{e}"
+    );
+    a.exec(
+        "UPDATE cards SET likes = 9223372036854775807 WHERE id = 'c1'",
+        &[],
+        2_001,
+    )
+    .unwrap();
+    // SQLite turns the overflowing sum into a real; the device says why.
+    let e = a
+        .exec(
+            "UPDATE cards SET likes = likes + 1 WHERE id = 'c1'",
+            &[],
+            2_002,
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("past what a 64-bit integer holds"),
+        "{e}"
+    );
+    assert_eq!(a.status().pending, 2);
+    // A new row out of bounds says what it would start at, not a "current" value.
+    a.exec(
+        "INSERT INTO cards (id, stock) VALUES ('c2', 500)",
+        &[],
+        2_003,
+    )
+    .unwrap();
+    let refused = rejected(&net.sync(&mut a));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0]
+            .2
+            .contains("a new row's counter 'stock' would start at 500, above its maximum 100"),
+        "{}",
+        refused[0].2
+    );
+}
+
+#[test]
+fn tighter_counter_bounds_are_refused_while_stored_values_break_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    let schema = |bounds: &str| {
+        Schema::parse(&format!(
+            "version = 1\n[tables.x]\ncreate = \"CREATE TABLE x (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)\"\ncolumns = {{ n = {bounds} }}\n"
+        ))
+        .unwrap()
+    };
+    {
+        let mut server =
+            ServerCore::open(Connection::open(&store).unwrap(), schema("\"counter\"")).unwrap();
+        let mut a = Client::open(
+            Connection::open_in_memory().unwrap(),
+            1,
+            ClientConfig::default(),
+        )
+        .unwrap();
+        common::sync(&mut server, &mut a);
+        a.exec("INSERT INTO x VALUES ('p', 5)", &[], 1_000).unwrap();
+        common::sync(&mut server, &mut a);
+    }
+    let e = ServerCore::open(
+        Connection::open(&store).unwrap(),
+        schema("{ merge = \"counter\", min = 100 }"),
+    )
+    .err()
+    .expect("refused");
+    let e = e.to_string();
+    assert!(
+        e.contains("table 'x', column 'n'")
+            && e.contains("1 stored row(s) hold a value outside them"),
+        "{e}"
+    );
+    // Bounds every stored value meets are fine.
+    ServerCore::open(
+        Connection::open(&store).unwrap(),
+        schema("{ merge = \"counter\", min = 0, max = 10 }"),
+    )
+    .unwrap();
 }

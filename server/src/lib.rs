@@ -246,20 +246,34 @@ impl ServerConfig {
 pub enum StartError {
     #[error("the server's limits do not fit together: {0}")]
     Limits(String),
-    #[error("cannot use data directory {path}: {source}")]
+    // The causes are part of each message and deliberately not `source()`:
+    // `{:#}` would print them twice.
+    #[error("cannot use data directory {path}: {error}")]
     DataDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot open the store: {0}")]
-    Store(#[from] ServerError),
+    Store(ServerError),
     #[error("cannot open the store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("cannot listen on {addr}: {source}")]
+    Sqlite(rusqlite::Error),
+    #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+impl From<ServerError> for StartError {
+    fn from(e: ServerError) -> Self {
+        StartError::Store(e)
+    }
+}
+
+impl From<rusqlite::Error> for StartError {
+    fn from(e: rusqlite::Error) -> Self {
+        StartError::Sqlite(e)
+    }
 }
 
 pub(crate) struct AppState {
@@ -337,21 +351,21 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
                 .max(1);
         }
     }
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+    std::fs::create_dir_all(&config.data_dir).map_err(|error| StartError::DataDir {
         path: config.data_dir.clone(),
-        source,
+        error,
     })?;
     let metrics = Arc::new(Metrics::default());
     let (store, store_thread) = store::open(&config, metrics.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| StartError::Listen {
+        .map_err(|error| StartError::Listen {
             addr: config.listen,
-            source,
+            error,
         })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+    let addr = listener.local_addr().map_err(|error| StartError::Listen {
         addr: config.listen,
-        source,
+        error,
     })?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connections_max = config.connections_max;

@@ -547,6 +547,11 @@ impl Client {
         let idx = t.column_index(column).ok_or_else(|| {
             ClientError::InvalidArgument(format!("table '{table}' has no column '{column}'"))
         })?;
+        if idx == t.pk {
+            return Err(ClientError::InvalidArgument(format!(
+                "column '{column}' is the primary key of table '{table}', not a text column"
+            )));
+        }
         if t.columns[idx].policy != MergePolicy::Text {
             return Err(ClientError::InvalidArgument(format!(
                 "column '{column}' of table '{table}' merges as {}, not text: write it with exec",
@@ -559,7 +564,10 @@ impl Client {
                 key.to_json()
             ))
         })?;
-        let mut text: Vec<char> = text_of(column, &row[idx])?.chars().collect();
+        let mut text: Vec<char> = text_of(column, &row[idx])
+            .unwrap_or_default()
+            .chars()
+            .collect();
         for e in edits {
             let (index, delete) = (e.index as usize, e.delete as usize);
             if index.checked_add(delete).is_none_or(|end| end > text.len()) {
@@ -848,12 +856,14 @@ fn decode_pending(
 }
 
 /// A text column's value as a string (NULL reads as empty).
+/// A text column's value as a string. A `text` column holds TEXT: NULL is
+/// refused like any other non-text value (readers that must cope with a
+/// value from outside Hearth take the error as empty text).
 fn text_of(column: &str, v: &Value) -> Result<String> {
     match v {
         Value::Text(t) => Ok(t.clone()),
-        Value::Null => Ok(String::new()),
         other => Err(ClientError::Refused(format!(
-            "text column '{column}' holds TEXT, not {}",
+            "text column '{column}' holds TEXT, not {} (write '' for an empty text)",
             other.type_name()
         ))),
     }

@@ -14,6 +14,10 @@ fn integer(column: &str, v: &Value) -> Result<i64, String> {
     match v {
         Value::Null => Ok(0),
         Value::Integer(i) => Ok(*i),
+        // SQLite turns integer arithmetic that overflows into a real.
+        Value::Real(r) if r.abs() >= 9.223_372_036_854_775e18 => Err(format!(
+            "counter column '{column}' would go past what a 64-bit integer holds"
+        )),
         other => Err(format!(
             "counter column '{column}' holds whole numbers, not {}",
             other.type_name()
@@ -35,7 +39,21 @@ pub fn capture(column: &str, old: &Value, new: &Value) -> Result<Option<i64>, St
 /// Checks the value a new row starts with.
 pub fn check_initial(column: &Column, v: &Value) -> Result<(), Refusal> {
     let n = integer(&column.name, v).map_err(|why| refusal("INVALID", why))?;
-    check_bounds(column, n, n)
+    let outside = match (column.min, column.max) {
+        (Some(min), _) if n < min => Some(format!("below its minimum {min}")),
+        (_, Some(max)) if n > max => Some(format!("above its maximum {max}")),
+        _ => None,
+    };
+    match outside {
+        Some(why) => Err(refusal(
+            "BOUND",
+            format!(
+                "a new row's counter '{}' would start at {n}, {why}",
+                column.name
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn check_bounds(column: &Column, current: i64, new: i64) -> Result<(), Refusal> {
