@@ -1705,7 +1705,17 @@ impl World {
             self.ledger.rejected_events.remove(&key);
             let mut m = self.ledger.made.remove(&key).unwrap();
             m.lost = true;
-            self.ledger.gone.insert(key, m);
+            // A key lost twice (restored from the same copy again) keeps the
+            // write the server received under it, if it received one.
+            let received = |g: &Made| {
+                self.ledger
+                    .received
+                    .get(&key)
+                    .is_some_and(|r| r.hlc == g.mutation.hlc && r.changes == g.mutation.changes)
+            };
+            if !self.ledger.gone.get(&key).is_some_and(received) {
+                self.ledger.gone.insert(key, m);
+            }
         }
         // What was pending in the copy is pending again: its fate is told
         // again, and a renumbered copy may reach the server once more.
