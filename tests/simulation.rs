@@ -8,9 +8,9 @@
 //!   the step count (for replaying a shrunk failure).
 //! - `SIM_OPEN_BUGS=M` also generates the shapes held back while an engine
 //!   bug they show is open: bit `i` of the mask `M` for `sim::SHAPES[i]`
-//!   (`SIM_OPEN_BUGS=64` for the one open now, a number skipped by a failed
-//!   exec); `SIM_SHAPES=M` generates exactly those (what a failure's replay
-//!   line says). Bits 4 and 5 are the merge-policy workloads (default on).
+//!   (none is open now); `SIM_SHAPES=M` generates exactly those (what a
+//!   failure's replay line says). Bits 4 and 5 are the merge-policy
+//!   workloads (default on).
 //!
 //! A failing seed is shrunk to the smallest step count that still fails, and
 //! both are printed. Every bug the simulator found stays below as a named
@@ -257,5 +257,17 @@ fn regression_clamp_below_a_seen_stamp() {
     check(Options {
         shapes: 1 << 3,
         ..Options::new(3, 338)
+    });
+}
+
+/// A failed exec skipped a number and a restored device reused it: the
+/// server took it for a duplicate and never answered (sim::SHAPES[6]).
+/// Found as seed 27 at 468 steps with the policy workloads on.
+#[test]
+fn regression_skipped_number_reused_after_restore() {
+    check(Options {
+        // Every shape of that run (0 to 6), so that it replays exactly.
+        shapes: 0x7f,
+        ..Options::new(27, 468)
     });
 }

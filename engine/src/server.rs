@@ -513,7 +513,10 @@ impl ServerCore {
                 // the device lost the end of its history. Nothing more of
                 // this client id is taken; the device starts over under a new
                 // one (see `greet`).
-                if stored.is_some_and(|d| d != 0 && d != to_i64(digest)) {
+                // A number the server has no record of at all, below its last
+                // one, was skipped by the device: its history has a gap the
+                // server cannot answer from, so it is treated the same way.
+                if stored.is_none_or(|d| d != 0 && d != to_i64(digest)) {
                     self.rewound.insert(client_id);
                     outcomes.push(rewound(client_id, mutation.seq));
                     continue;

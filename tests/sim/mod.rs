@@ -212,15 +212,16 @@ impl Options {
 ///   text through SQL and the editor API, a manual column and its
 ///   resolutions), see [`policies`].
 /// - 5: the update-wins table `keeps`.
-/// - 6, open: an exec that fails when its transaction commits (a deferred
-///   foreign key) still moves the device's next sequence number in memory,
-///   not in its file; a copy of the file taken then, once restored, numbers
-///   its next write with the skipped number, below the server's last one for
-///   the device: the server takes it for a duplicate and never answers, the
-///   write is never applied and the device stays pending for ever (the
-///   catch-up shows no entry under that number, so the device does not find
-///   itself rewound). Shape: a device restored from a copy taken before a
-///   failed exec and its next write.
+/// - 6, fixed (the next number and the clock move only once the exec's
+///   transaction commits; the server answers a number below its last that
+///   it has no record of with `DEVICE_REWOUND`): an exec that failed when
+///   its transaction committed (a deferred foreign key) still moved the
+///   device's next sequence number in memory, not in its file; a copy of the
+///   file taken then, once restored, numbered its next write with the
+///   skipped number, which the server took for a duplicate and never
+///   answered: the write was never applied and the device stayed pending for
+///   ever. Shape: a device restored from a copy taken before a failed exec
+///   and its next write.
 pub const SHAPES: [&str; 7] = [
     "-0.0 among the extreme values",
     "copies of a device's database taken with pending mutations",
@@ -244,7 +245,8 @@ pub const SHAPES_DEFAULT: u32 = 1 << BUG_NEGATIVE_ZERO
     | 1 << BUG_RESTORED_WRITE_TAKEN_AS_ACKED
     | 1 << BUG_CLAMP_BELOW_SEEN
     | 1 << SHAPE_POLICIES
-    | 1 << SHAPE_UPDATE_WINS;
+    | 1 << SHAPE_UPDATE_WINS
+    | 1 << BUG_SKIPPED_SEQ_REUSED;
 
 #[derive(Clone, Debug, Default)]
 pub struct Stats {

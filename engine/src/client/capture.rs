@@ -390,12 +390,21 @@ impl Client {
             .execute(params![to_i64(seq), to_i64(hlc.0), blob, undo_blob, FORMAT])?;
         meta_set(&self.conn, "next_seq", to_i64(seq + 1))?;
         meta_set(&self.conn, "hlc", to_i64(hlc.0))?;
-        // In-memory state moves only with the commit: the caller's savepoint
-        // is released right after this returns Ok.
-        self.next_seq = seq + 1;
-        self.clock = clock;
-        count_rows(&mut self.pending_rows, &mutation);
+        // In-memory state moves only once the transaction commits (the
+        // release itself can fail, say on a deferred foreign key): the
+        // caller applies this with `commit_staged`.
+        self.staged = Some((clock, mutation));
         Ok(seq)
+    }
+
+    /// Moves the in-memory state past the mutation `record_mutation` wrote,
+    /// now that its transaction committed.
+    pub(super) fn commit_staged(&mut self) {
+        if let Some((clock, mutation)) = self.staged.take() {
+            self.next_seq = mutation.seq + 1;
+            self.clock = clock;
+            count_rows(&mut self.pending_rows, &mutation);
+        }
     }
 
     /// Turns the capture notes of the current transaction into row changes

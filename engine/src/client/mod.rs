@@ -266,6 +266,9 @@ pub struct Client {
     /// While `edit_text` runs: the cell (its key) and the editor's edits,
     /// which capture sends instead of a diff.
     positional: RefCell<Option<(String, Vec<TextEdit>)>>,
+    /// The clock and mutation of an exec whose transaction has not committed
+    /// yet (see `record_mutation`).
+    staged: Option<(Clock, Mutation)>,
 }
 
 const INTERNAL_TABLES: &str = "
@@ -444,6 +447,7 @@ impl Client {
             text: RefCell::new(TextCells::new(client_id)),
             local_text: RefCell::new(HashMap::new()),
             positional: RefCell::new(None),
+            staged: None,
         };
         Self::install_gate(&mut client.conn, client.gate.clone())?;
         if let Some(schema) = schema {
@@ -679,6 +683,10 @@ impl Client {
         let result =
             self.atomically(|c| c.exec_in_transaction(&schema, sql, params, now_ms, resolving));
         self.assert_idle("exec");
+        match &result {
+            Ok(_) => self.commit_staged(),
+            Err(_) => self.staged = None,
+        }
         let (outcome, tables) = result?;
         let mut out = Output::default();
         if outcome.mutation.is_some() {
