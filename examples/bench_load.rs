@@ -198,6 +198,7 @@ impl Raw {
         self.next_seq += 1;
         Mutation {
             base: 0,
+            also_seen: Vec::new(),
             seq,
             hlc: Hlc::new(native_client::now_ms(), 0),
             changes: vec![RowChange {

@@ -167,18 +167,21 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
     let mutations = vec![
         Mutation {
             base: 0,
+            also_seen: Vec::new(),
             seq: 1,
             hlc: Hlc(1),
             changes: vec![change("nope", t("x"), vec![])],
         },
         Mutation {
             base: 0,
+            also_seen: Vec::new(),
             seq: 2,
             hlc: Hlc(2),
             changes: vec![change("todos", t("x"), vec![("colour", t("red"))])],
         },
         Mutation {
             base: 0,
+            also_seen: Vec::new(),
             seq: 3,
             hlc: Hlc(3),
             changes: vec![change(
@@ -189,6 +192,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
         },
         Mutation {
             base: 0,
+            also_seen: Vec::new(),
             seq: 4,
             hlc: Hlc(4),
             changes: vec![change(
@@ -199,6 +203,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
         },
         Mutation {
             base: 0,
+            also_seen: Vec::new(),
             seq: 5,
             hlc: Hlc(5),
             changes: vec![change(

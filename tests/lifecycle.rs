@@ -423,6 +423,7 @@ async fn one_connection_flooding_does_not_starve_another_device() {
                         seq += 1;
                         Mutation {
                             base: 0,
+                            also_seen: Vec::new(),
                             seq,
                             hlc: Hlc::new(native_client::now_ms(), 0),
                             changes: vec![RowChange {

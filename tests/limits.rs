@@ -157,6 +157,7 @@ async fn a_mutation_too_large_to_travel_is_refused_and_every_device_still_syncs(
     let mut ws = raw_session(&url, 77).await;
     let mutation = |data: usize| Mutation {
         base: 0,
+        also_seen: Vec::new(),
         seq: 1,
         hlc: Hlc::new(1_000, 0),
         changes: vec![RowChange {

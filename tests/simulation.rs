@@ -260,6 +260,21 @@ fn regression_clamp_below_a_seen_stamp() {
     });
 }
 
+/// A device restored from a copy holding its own pending insert deleted
+/// that row, then found itself rewound and renumbered the delete under a new
+/// client id: the server took the delete for one made without having seen
+/// the insert (another id, an older cursor) and, the table being
+/// update-wins, kept the row the user deleted. Renumbered mutations now
+/// carry the old id's numbers they had seen (`Mutation::also_seen`).
+/// Found as seed 111 at 373 steps.
+#[test]
+fn regression_renumbered_delete_had_seen_its_own_insert() {
+    check(Options {
+        shapes: 0x7f,
+        ..Options::new(111, 373)
+    });
+}
+
 /// A failed exec skipped a number and a restored device reused it: the
 /// server took it for a duplicate and never answered (sim::SHAPES[6]).
 /// Found as seed 27 at 468 steps with the policy workloads on.

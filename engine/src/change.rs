@@ -61,6 +61,12 @@ pub struct Mutation {
     /// mutation (its cursor): what the device had seen of other devices'
     /// writes. Observed-remove sets and manual-merge conflicts use it.
     pub base: u64,
+    /// Earlier identities of this device whose writes it had seen, as
+    /// (client id, last sequence number): a device that lost the end of its
+    /// history takes a new client id and renumbers its pending mutations
+    /// (see `Event::Rewound`); they were made after its own writes under the
+    /// old id up to that number, which their new id alone would not say.
+    pub also_seen: Vec<(u64, u64)>,
     pub changes: Vec<RowChange>,
 }
 
@@ -93,6 +99,7 @@ impl Mutation {
                     seq: m.seq,
                     hlc: m.hlc,
                     base: 0,
+                    also_seen: Vec::new(),
                     changes: m.changes,
                 })
                 .map_err(|e| e.to_string()),

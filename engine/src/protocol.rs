@@ -185,6 +185,7 @@ mod tests {
         ClientMsg::Push {
             mutations: vec![Mutation {
                 base: 0,
+                also_seen: Vec::new(),
                 seq: 12_345,
                 hlc: Hlc::new(1_764_000_000_000, 3),
                 changes: vec![RowChange {
@@ -220,6 +221,7 @@ mod tests {
                 mutations: (0..n)
                     .map(|i| Mutation {
                         base: 0,
+                        also_seen: Vec::new(),
                         seq: i as u64 + 1,
                         hlc: Hlc(7),
                         changes: Vec::new(),
@@ -336,7 +338,7 @@ mod tests {
 
         #[test]
         fn client_messages_round_trip(seq in any::<u64>(), h in any::<u64>(), changes in proptest::collection::vec(row_change(), 0..6)) {
-            let msg = ClientMsg::Push { mutations: vec![Mutation { seq, hlc: Hlc(h), base: 0, changes }] };
+            let msg = ClientMsg::Push { mutations: vec![Mutation { seq, hlc: Hlc(h), base: 0, also_seen: Vec::new(), changes }] };
             prop_assert_eq!(decode_client(&encode_client(&msg), FRAME_BYTES_MAX).unwrap(), msg);
         }
 

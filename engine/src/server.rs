@@ -539,6 +539,7 @@ impl ServerCore {
                 // A device cannot have seen past the head.
                 base: mutation.base.min(self.head),
                 server_seq: self.head + 1,
+                also_seen: &mutation.also_seen,
             };
             let merged = self.merge(&writer, hlc, mutation).and_then(|changes| {
                 let size = postcard::experimental::serialized_size(&(

@@ -343,6 +343,7 @@ fn a_clock_far_ahead_cannot_win_for_hours_and_cannot_crash_anyone() {
             99,
             hearth_engine::Mutation {
                 base: 0,
+                also_seen: Vec::new(),
                 seq: 1,
                 hlc: far,
                 changes: vec![hearth_engine::RowChange {

@@ -862,6 +862,7 @@ fn the_server_tells_a_reused_number_from_a_re_send() {
     let mut net = Net::new(NOTES);
     let write = |seq: u64, body: &str| Mutation {
         base: 0,
+        also_seen: Vec::new(),
         seq,
         hlc: Hlc(seq << 16),
         changes: vec![RowChange {
@@ -1163,6 +1164,7 @@ fn a_number_the_server_has_no_record_of_is_answered() {
     let mut net = Net::new(ORDERS);
     let write = |seq: u64, id: &str| hearth_engine::Mutation {
         base: 0,
+        also_seen: Vec::new(),
         seq,
         hlc: hearth_engine::Hlc::new(1_000 + seq, 0),
         changes: vec![hearth_engine::RowChange {

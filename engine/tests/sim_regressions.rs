@@ -167,6 +167,7 @@ fn a_mutation_writing_one_row_twice_is_refused_whole() {
     };
     let m = Mutation {
         base: 0,
+        also_seen: Vec::new(),
         seq: 1,
         hlc: Hlc(10),
         changes: vec![insert("e1"), insert("e2")],

@@ -2597,6 +2597,7 @@ impl World {
             let hlc = Hlc::new((self.now_ms as i64 + skew) as u64, self.rng.gen_range(0..3));
             let m = Mutation {
                 base: 0,
+                also_seen: Vec::new(),
                 seq: self.rogue_next_seq,
                 hlc,
                 changes,

@@ -99,6 +99,7 @@ pub(super) fn setup_mutation() -> Mutation {
         .collect();
     Mutation {
         base: 0,
+        also_seen: Vec::new(),
         seq: 1,
         hlc: Hlc::new(START_MS, 0),
         changes,

@@ -373,6 +373,7 @@ impl Client {
             seq,
             hlc,
             base: self.cursor,
+            also_seen: Vec::new(),
             changes,
         };
         let blob = mutation.encode();
@@ -619,7 +620,7 @@ impl Client {
                 }
                 MergePolicy::Text => {
                     let text = text_of(&column.name, &v)?;
-                    let doc = TextDoc::from_text(&text, self.client_id);
+                    let doc = self.editable(TextDoc::from_text(&text, self.client_id));
                     let cell = Cell {
                         table: &table.name,
                         pk,
@@ -711,6 +712,11 @@ impl Client {
         Ok(columns)
     }
 
+    /// The same document, its own edits carrying this session's text id.
+    fn editable(&self, doc: TextDoc) -> TextDoc {
+        TextDoc::load(&doc.state(), self.text_session).expect("a state just encoded")
+    }
+
     /// Runs `f` on the cell's document as this device shows it: the
     /// confirmed document with the pending edits replayed (built on first
     /// use, then kept). `fallback` is the text to start from when the cell
@@ -730,7 +736,7 @@ impl Client {
                 .map_err(text_failure)?
                 .map(|d| d.state());
             let mut doc = confirmed
-                .map(|state| TextDoc::load(&state, self.client_id).expect("a stored state"));
+                .map(|state| TextDoc::load(&state, self.text_session).expect("a stored state"));
             for (_, mutation, _) in self.load_pending()? {
                 for change in mutation
                     .changes
@@ -744,7 +750,11 @@ impl Client {
                                 match op {
                                     ColumnOp::Set(v) if *insert => {
                                         let text = text_of(name, v).unwrap_or_default();
-                                        doc = Some(TextDoc::from_text(&text, self.client_id));
+                                        doc =
+                                            Some(self.editable(TextDoc::from_text(
+                                                &text,
+                                                self.client_id,
+                                            )));
                                     }
                                     ColumnOp::Text(u) => {
                                         if let Some(d) = doc.as_mut() {
@@ -760,7 +770,7 @@ impl Client {
             }
             let doc = doc.unwrap_or_else(|| {
                 let start = TextDoc::from_text(fallback, 0);
-                TextDoc::load(&start.state(), self.client_id).expect("a state just encoded")
+                self.editable(start)
             });
             self.local_text.borrow_mut().insert(key.clone(), doc);
         }

@@ -266,6 +266,10 @@ pub struct Client {
     /// While `edit_text` runs: the cell (its key) and the editor's edits,
     /// which capture sends instead of a diff.
     positional: RefCell<Option<(String, Vec<TextEdit>)>>,
+    /// The id this session's text edits carry in their CRDT documents: new
+    /// on every open (from `open`'s random number), so that a device
+    /// restored from a copy never edits under ids its lost future used.
+    text_session: u64,
     /// The clock and mutation of an exec whose transaction has not committed
     /// yet (see `record_mutation`).
     staged: Option<(Clock, Mutation)>,
@@ -385,8 +389,10 @@ impl Client {
 }
 
 impl Client {
-    /// Opens (or initialises) a device database. `new_client_id` is used only
-    /// when the database has no client id yet; pass a random nonzero number.
+    /// Opens (or initialises) a device database. `new_client_id`, a random
+    /// nonzero number, becomes the device's id when the database has none
+    /// yet; it also seeds the id this session's text edits carry, so pass a
+    /// fresh one on every open.
     pub fn open(conn: Connection, new_client_id: u64, config: ClientConfig) -> Result<Client> {
         // Foreign keys are enforced for the app's own writes on every device
         // (SQLite builds differ in their default, so it is set here).
@@ -448,6 +454,7 @@ impl Client {
             local_text: RefCell::new(HashMap::new()),
             positional: RefCell::new(None),
             staged: None,
+            text_session: splitmix64(client_id ^ new_client_id.rotate_left(29)).max(1),
         };
         Self::install_gate(&mut client.conn, client.gate.clone())?;
         if let Some(schema) = schema {

@@ -283,6 +283,11 @@ impl Client {
         }
         let pending = self.load_pending()?;
         let next_seq = pending.len() as u64 + 1;
+        // Every number of the old id below the first still pending is this
+        // device's own write (it lost only the end of its history), so the
+        // renumbered mutations, made after them, had seen them.
+        let old_id = self.client_id;
+        let seen_upto = pending.first().map_or(0, |(seq, _, _)| seq - 1);
         let renumbered: Vec<(u64, u64)> = pending
             .iter()
             .enumerate()
@@ -295,6 +300,9 @@ impl Client {
             )?;
             for (i, (_, mut mutation, undo)) in pending.into_iter().enumerate() {
                 mutation.seq = i as u64 + 1;
+                if seen_upto > 0 {
+                    mutation.also_seen.push((old_id, seen_upto));
+                }
                 insert.execute(params![
                     to_i64(mutation.seq),
                     to_i64(mutation.hlc.0),
@@ -312,6 +320,7 @@ impl Client {
         self.next_seq = next_seq;
         // Text edits made from here on carry the new identity.
         self.text.borrow_mut().set_own(new_id);
+        self.text_session = splitmix64(new_id ^ self.text_session).max(1);
         self.local_text.borrow_mut().clear();
         self.pending_rows.clear();
         for (_, mutation, _) in self.load_pending()? {

@@ -70,7 +70,7 @@ pub fn merge(
     current_stamp: Stamp,
     incoming: &Value,
     stamp: Stamp,
-    w: &Writer,
+    w: &Writer<'_>,
     now_ms: u64,
 ) -> Decision {
     let never_written = state.last == Dot::default();
@@ -243,12 +243,13 @@ mod tests {
     use super::*;
     use crate::hlc::Hlc;
 
-    fn w(client_id: u64, client_seq: u64, base: u64, server_seq: u64) -> Writer {
+    fn w(client_id: u64, client_seq: u64, base: u64, server_seq: u64) -> Writer<'static> {
         Writer {
             client_id,
             client_seq,
             base,
             server_seq,
+            also_seen: &[],
         }
     }
 

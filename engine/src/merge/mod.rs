@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 /// Who wrote an operation, and what they had seen: the context the server
 /// merges a cell's operation in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Writer {
+pub struct Writer<'a> {
     pub client_id: u64,
     /// The device's number for the mutation.
     pub client_seq: u64,
@@ -32,6 +32,9 @@ pub struct Writer {
     pub base: u64,
     /// The server sequence number this mutation's log entry gets.
     pub server_seq: u64,
+    /// Earlier identities of the device, (client id, last number seen), see
+    /// `Mutation::also_seen`.
+    pub also_seen: &'a [(u64, u64)],
 }
 
 /// One write the server merged, as set and manual cells remember it.
@@ -43,7 +46,7 @@ pub struct Dot {
 }
 
 impl Dot {
-    pub fn of(w: &Writer) -> Dot {
+    pub fn of(w: &Writer<'_>) -> Dot {
         Dot {
             server_seq: w.server_seq,
             client_id: w.client_id,
@@ -54,9 +57,12 @@ impl Dot {
     /// Whether the writer had seen this write when it wrote: it was in the
     /// log prefix the writer had applied, or it was the writer's own earlier
     /// mutation (a device applies its own writes before sending them).
-    pub fn seen_by(&self, w: &Writer) -> bool {
+    pub fn seen_by(&self, w: &Writer<'_>) -> bool {
         self.server_seq <= w.base
             || (self.client_id == w.client_id && self.client_seq < w.client_seq)
+            || w.also_seen
+                .iter()
+                .any(|(id, upto)| self.client_id == *id && self.client_seq <= *upto)
     }
 }
 

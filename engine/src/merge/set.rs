@@ -173,7 +173,7 @@ impl SetState {
         column: &str,
         add: &[Element],
         remove: &[Element],
-        w: &Writer,
+        w: &Writer<'_>,
     ) -> Result<(), Refusal> {
         for e in add.iter().chain(remove) {
             let ok = serde_json::from_str::<serde_json::Value>(e)
@@ -232,12 +232,13 @@ mod tests {
         Value::Text(s.into())
     }
 
-    fn w(client_id: u64, client_seq: u64, base: u64, server_seq: u64) -> Writer {
+    fn w(client_id: u64, client_seq: u64, base: u64, server_seq: u64) -> Writer<'static> {
         Writer {
             client_id,
             client_seq,
             base,
             server_seq,
+            also_seen: &[],
         }
     }
 
