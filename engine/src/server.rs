@@ -1268,11 +1268,14 @@ impl ServerCore {
     /// Reads log entries after `after`, at most `limit` of them.
     pub fn read_log(conn: &Connection, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, client_id, client_seq, hlc, changes, digest FROM _hearth_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, client_id, client_seq, hlc, changes, digest FROM _hearth_log WHERE seq > ?1 ORDER BY seq",
         )?;
-        let mut rows = stmt.query(params![to_i64(after), limit as i64])?;
+        // No `LIMIT ?`: SQLite re-prepares a statement whenever a bound
+        // LIMIT changes; stopping the scan early costs nothing.
+        let mut rows = stmt.query(params![to_i64(after)])?;
         let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
+        while out.len() < limit {
+            let Some(row) = rows.next()? else { break };
             let blob: Vec<u8> = row.get(4)?;
             let changes = postcard::from_bytes(&blob)
                 .map_err(|e| ServerError::Corrupt(format!("log entry: {e}")))?;
@@ -1473,12 +1476,13 @@ impl ServerCore {
         bytes_max: usize,
     ) -> Result<Vec<LogEntry>> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, length(changes) FROM _hearth_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, length(changes) FROM _hearth_log WHERE seq > ?1 ORDER BY seq",
         )?;
-        let mut rows = stmt.query(params![to_i64(after), limit as i64])?;
+        let mut rows = stmt.query(params![to_i64(after)])?;
         let mut count = 0;
         let mut bytes = 0usize;
-        while let Some(row) = rows.next()? {
+        while count < limit {
+            let Some(row) = rows.next()? else { break };
             let len: i64 = row.get(1)?;
             if count > 0 && bytes + len as usize > bytes_max {
                 break;

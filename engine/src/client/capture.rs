@@ -187,6 +187,15 @@ impl Client {
                 self.app_triggers.extend(found);
             }
         }
+        self.foreign_keys = false;
+        for table in schema.tables.values() {
+            let has: bool = self.conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_foreign_key_list(?1))",
+                [&table.name],
+                |r| r.get(0),
+            )?;
+            self.foreign_keys |= has;
+        }
         self.cross_row_tables.clear();
         for table in schema.tables.values() {
             let unique_index: bool = self.conn.query_row(
@@ -405,6 +414,7 @@ impl Client {
             self.next_seq = mutation.seq + 1;
             self.clock = clock;
             count_rows(&mut self.pending_rows, &mutation);
+            self.outbox_seqs.insert(mutation.seq);
         }
     }
 
@@ -438,7 +448,7 @@ impl Client {
                  FROM temp._hearth_capture c
                  LEFT JOIN main.{} t ON t.{pk} = c.pk
                  LEFT JOIN {} o ON o.{pk} = c.pk
-                 WHERE c.tbl = ?1",
+                 WHERE c.tbl = {n}",
                 cur.join(", "),
                 old.join(", "),
                 ident(&table.name),
@@ -493,7 +503,9 @@ impl Client {
             }
             let mut consumed = vec![false; made.len()];
             let mut stmt = self.conn.prepare_cached(&sql)?;
-            let mut rows = stmt.query([n as i64])?;
+            // The table's number is written into the SQL, not bound: SQLite
+            // re-prepares a join with a bound parameter on every run.
+            let mut rows = stmt.query([])?;
             let before = changes.len();
             while let Some(row) = rows.next()? {
                 let pk: Value = row.get(0)?;
@@ -619,14 +631,18 @@ impl Client {
                     canonical
                 }
                 MergePolicy::Text => {
-                    let text = text_of(&column.name, &v)?;
-                    let doc = self.editable(TextDoc::from_text(&text, self.client_id));
-                    let cell = Cell {
-                        table: &table.name,
-                        pk,
-                        column: &column.name,
-                    };
-                    self.local_text.borrow_mut().insert(cell.key(), doc);
+                    text_of(&column.name, &v)?;
+                    // The cell's document is built when first needed, from
+                    // this pending insert (see `with_local_doc`); one cached
+                    // for an earlier row under this key is stale.
+                    if !self.local_text.borrow().is_empty() {
+                        let cell = Cell {
+                            table: &table.name,
+                            pk,
+                            column: &column.name,
+                        };
+                        self.local_text.borrow_mut().remove(&cell.key());
+                    }
                     v
                 }
                 MergePolicy::Lww | MergePolicy::Manual => v,

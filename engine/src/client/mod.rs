@@ -238,6 +238,11 @@ pub struct Client {
     pending: u64,
     /// How many pending mutations touch each row.
     pending_rows: HashMap<RowKey, u32>,
+    /// Whether any synced table has a foreign key (see `replicated`).
+    foreign_keys: bool,
+    /// The sequence numbers in the outbox (kept in memory: counting the
+    /// ones in flight must not read every pending mutation's row).
+    outbox_seqs: BTreeSet<u64>,
     /// Synced tables where one row's values can clash with another's (a
     /// UNIQUE index besides the primary key, or app triggers): acks touching
     /// them always take the full rebase, see [`Client::settle`].
@@ -442,6 +447,8 @@ impl Client {
             next_seq,
             pending: pending as u64,
             pending_rows: HashMap::new(),
+            outbox_seqs: BTreeSet::new(),
+            foreign_keys: false,
             cross_row_tables: HashSet::new(),
             capturing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             inserted: Arc::new(Mutex::new(InsertLog::default())),
@@ -461,8 +468,9 @@ impl Client {
             client.install_capture(&schema)?;
             client.schema = Some(schema);
         }
-        for (_, mutation, _) in client.load_pending()? {
+        for (seq, mutation, _) in client.load_pending()? {
             count_rows(&mut client.pending_rows, &mutation);
+            client.outbox_seqs.insert(seq);
         }
         Ok(client)
     }
@@ -745,7 +753,13 @@ impl Client {
     /// pending mutation's undo only removes for a moment.
     fn replicated<T>(&mut self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
         // The pragma is a no-op inside a transaction; none is open here.
-        self.conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+        // Setting it expires every prepared statement (SQLite recompiles
+        // them for the new setting), so it is left alone when no synced
+        // table has a foreign key.
+        let toggle = self.foreign_keys;
+        if toggle {
+            self.conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+        }
         let triggers = self.app_triggers.clone();
         let result = self.atomically(|c| {
             for (name, _) in &triggers {
@@ -758,7 +772,9 @@ impl Client {
             }
             Ok(value)
         });
-        self.conn.execute_batch("PRAGMA foreign_keys = ON")?;
+        if toggle {
+            self.conn.execute_batch("PRAGMA foreign_keys = ON")?;
+        }
         result
     }
 

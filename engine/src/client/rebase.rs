@@ -332,6 +332,9 @@ impl Client {
             })?;
         }
         self.pending_rows = remaining;
+        for (seq, _, _) in done {
+            self.outbox_seqs.remove(seq);
+        }
         Ok(())
     }
 }

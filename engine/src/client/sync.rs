@@ -68,24 +68,33 @@ impl Client {
             .saturating_sub(Self::PUSH_FRAME_OVERHEAD_BYTES);
         let batch_max = self.config.push_bytes_max.min(frame_room);
         let mut oversized = Vec::new();
-        let in_flight: i64 = self.conn.query_row(
-            "SELECT count(*) FROM _hearth_outbox WHERE seq <= ?1",
-            [to_i64(sent_upto)],
-            |r| r.get(0),
-        )?;
-        let room = self.config.in_flight_max.saturating_sub(in_flight as usize);
+        let in_flight = self.outbox_seqs.range(..=sent_upto).count();
+        debug_assert_eq!(
+            in_flight as i64,
+            self.conn.query_row(
+                "SELECT count(*) FROM _hearth_outbox WHERE seq <= ?1",
+                [to_i64(sent_upto)],
+                |r| r.get::<_, i64>(0),
+            )?
+        );
+        let room = self.config.in_flight_max.saturating_sub(in_flight);
         if room == 0 {
             return Ok(oversized);
         }
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, mutation, format FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, mutation, format FROM _hearth_outbox WHERE seq > ?1 ORDER BY seq",
         )?;
-        let mut rows = stmt.query(params![to_i64(sent_upto), room as i64])?;
+        // No `LIMIT ?`: SQLite re-prepares a statement whenever a bound
+        // LIMIT changes; the loop stops after `room` rows instead.
+        let mut rows = stmt.query(params![to_i64(sent_upto)])?;
+        let mut taken = 0;
         let mut frames = Vec::new();
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         let mut last = sent_upto;
-        while let Some(row) = rows.next()? {
+        while taken < room {
+            let Some(row) = rows.next()? else { break };
+            taken += 1;
             let seq: i64 = row.get(0)?;
             let stored: Vec<u8> = row.get(1)?;
             let format: i64 = row.get(2)?;
@@ -323,8 +332,10 @@ impl Client {
         self.text_session = splitmix64(new_id ^ self.text_session).max(1);
         self.local_text.borrow_mut().clear();
         self.pending_rows.clear();
-        for (_, mutation, _) in self.load_pending()? {
+        self.outbox_seqs.clear();
+        for (seq, mutation, _) in self.load_pending()? {
             count_rows(&mut self.pending_rows, &mutation);
+            self.outbox_seqs.insert(seq);
         }
         Ok(renumbered)
     }
@@ -373,6 +384,9 @@ impl Client {
             impostor |= !matches;
             matches
         });
+        if !impostor && self.acked_as_sent(&fresh, &acked)? {
+            return self.confirm_as_sent(&fresh, &acked, out);
+        }
         // A text cell whose acked edit the server did not apply as sent (an
         // insert that lost to a later one, say) has a local document that
         // no longer matches: rebuild it from the confirmed one.
@@ -443,6 +457,155 @@ impl Client {
         if impostor {
             self.rewind.suspected = true;
             self.rewind.confirmed = true;
+        }
+        Ok(())
+    }
+
+    /// Whether these entries are all acks of this device's oldest pending
+    /// mutations, each applied exactly as sent: then the confirmed state
+    /// plus the remaining pending mutations is what the device already
+    /// shows, and their pre-images still hold.
+    fn acked_as_sent(
+        &self,
+        fresh: &[&LogEntry],
+        acked: &[(u64, Mutation, Vec<Preimage>)],
+    ) -> Result<bool> {
+        if acked.len() != fresh.len() {
+            return Ok(false);
+        }
+        let same = acked.iter().all(|(seq, mutation, _)| {
+            fresh
+                .iter()
+                .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
+                .is_some_and(|e| e.changes == mutation.changes)
+        });
+        if !same {
+            return Ok(false);
+        }
+        // A text edit confirms onto the cell's confirmed document; without
+        // one (a row from before the policy) the full path rebuilds it.
+        for (_, mutation, _) in acked {
+            for change in &mutation.changes {
+                let RowOp::Upsert { columns, .. } = &change.op else {
+                    continue;
+                };
+                for (name, op) in columns {
+                    if matches!(op, ColumnOp::Text(_)) {
+                        let cell = Cell {
+                            table: &change.table,
+                            pk: &change.pk,
+                            column: name,
+                        };
+                        if self
+                            .text
+                            .borrow_mut()
+                            .get(&self.conn, cell)
+                            .map_err(text_failure)?
+                            .is_none()
+                        {
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+        }
+        let last = acked.iter().map(|(s, _, _)| *s).max().unwrap_or(0);
+        Ok(self.outbox_seqs.range(..=last).count() == acked.len())
+    }
+
+    /// Takes acks applied as sent (see `acked_as_sent`) in O(their
+    /// changes): the mutations leave the outbox, the confirmed text
+    /// documents take their edits, the cursor moves; no row changes.
+    fn confirm_as_sent(
+        &mut self,
+        fresh: &[&LogEntry],
+        acked: &[(u64, Mutation, Vec<Preimage>)],
+        out: &mut Output,
+    ) -> Result<()> {
+        let saved_cursor = self.cursor;
+        let saved_clock = self.clock.clone();
+        let result = self.atomically(|c| {
+            for entry in fresh {
+                for change in &entry.changes {
+                    let table = c.table(&change.table)?;
+                    let texts = table
+                        .columns
+                        .iter()
+                        .filter(|col| col.policy == MergePolicy::Text);
+                    for column in texts {
+                        let cell = Cell {
+                            table: &table.name,
+                            pk: &change.pk,
+                            column: &column.name,
+                        };
+                        match &change.op {
+                            RowOp::Delete => c.text.borrow().remove(&c.conn, cell)?,
+                            RowOp::Upsert { columns, .. } => {
+                                for (_, op) in columns.iter().filter(|(n, _)| *n == column.name) {
+                                    match op {
+                                        ColumnOp::Text(u) => {
+                                            c.text
+                                                .borrow_mut()
+                                                .apply(&c.conn, cell, u, "")
+                                                .map_err(text_failure)?;
+                                        }
+                                        ColumnOp::Set(v) => {
+                                            let text = text_of(&column.name, v).unwrap_or_default();
+                                            c.text.borrow_mut().reset(
+                                                &c.conn,
+                                                cell,
+                                                &text,
+                                                entry.client_id,
+                                            )?;
+                                        }
+                                        _ => {}
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut stmt = c
+                    .conn
+                    .prepare_cached("DELETE FROM _hearth_outbox WHERE seq = ?1")?;
+                stmt.execute([to_i64(entry.client_seq)])?;
+                c.clock.observe(entry.hlc);
+                c.cursor = entry.server_seq;
+            }
+            meta_set(&c.conn, "cursor", to_i64(c.cursor))?;
+            meta_set(&c.conn, "hlc", to_i64(c.clock.last().0))?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            self.cursor = saved_cursor;
+            self.clock = saved_clock;
+            return Err(e);
+        }
+        self.pending -= acked.len() as u64;
+        for (seq, mutation, _) in acked {
+            self.outbox_seqs.remove(seq);
+            for change in &mutation.changes {
+                for key in keys_of(change) {
+                    if let Some(n) = self.pending_rows.get_mut(&key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.pending_rows.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        let mut tables = BTreeSet::new();
+        for entry in fresh {
+            out.events.push(Event::Applied {
+                seq: entry.client_seq,
+                server_seq: entry.server_seq,
+            });
+            tables.extend(entry.changes.iter().map(|c| c.table.clone()));
+        }
+        if !tables.is_empty() {
+            out.events
+                .push(Event::TablesChanged(tables.into_iter().collect()));
         }
         Ok(())
     }
