@@ -12,7 +12,7 @@
 //! target and writes target/bench/merge.json.
 //!
 //! The text trace is `automerge-paper` from josephg/editing-traces (CC BY 4.0),
-//! copied in `../shared/data/editing-traces/`.
+//! copied in `tests/fixtures/editing-traces/`.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use hearth_engine::server::Hello;
 use hearth_engine::{Client, ClientConfig, Event, Outcome, Schema, ServerCore, TextEdit, Value};
 use rusqlite::Connection;
 
-const TRACES: &str = "../shared/data/editing-traces";
+const TRACES: &str = "tests/fixtures/editing-traces";
 
 const TEXT_SCHEMA: &str = r#"
 version = 1

@@ -960,3 +960,85 @@ fn tighter_counter_bounds_are_refused_while_stored_values_break_them() {
     )
     .unwrap();
 }
+
+#[test]
+fn a_policy_change_over_stored_rows_is_refused_naming_table_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    let schema = |policy: &str| {
+        Schema::parse(&format!(
+            "version = 1\n[tables.x]\ncreate = \"CREATE TABLE x (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)\"\ncolumns = {{ n = \"{policy}\" }}\n"
+        ))
+        .unwrap()
+    };
+    // An empty store takes any change.
+    drop(ServerCore::open(Connection::open(&store).unwrap(), schema("lww")).unwrap());
+    {
+        let mut server =
+            ServerCore::open(Connection::open(&store).unwrap(), schema("counter")).unwrap();
+        let mut a = Client::open(
+            Connection::open_in_memory().unwrap(),
+            1,
+            ClientConfig::default(),
+        )
+        .unwrap();
+        common::sync(&mut server, &mut a);
+        a.exec("INSERT INTO x VALUES ('p', 5)", &[], 1_000).unwrap();
+        common::sync(&mut server, &mut a);
+    }
+    for policy in ["lww", "manual"] {
+        let e = ServerCore::open(Connection::open(&store).unwrap(), schema(policy))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("table 'x', column 'n'") && e.contains(&format!("from counter to {policy}")),
+            "{e}"
+        );
+    }
+    // The store is untouched: the old schema still opens and holds the row.
+    let server = ServerCore::open(Connection::open(&store).unwrap(), schema("counter")).unwrap();
+    let n: i64 = server
+        .connection()
+        .query_row("SELECT n FROM x", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 5);
+}
+
+#[test]
+fn writes_that_each_fit_a_set_are_refused_bound_when_merged_past_its_limit() {
+    let mut net = Net::new();
+    let (mut a, mut b, _) = new_card(&mut net);
+    let tags = |prefix: &str| {
+        let all: Vec<String> = (0..600).map(|i| format!("{prefix}{i}")).collect();
+        text(&serde_json::to_string(&all).unwrap())
+    };
+    a.exec(
+        "UPDATE cards SET tags = ?1 WHERE id = 'c1'",
+        &[tags("a")],
+        2_000,
+    )
+    .unwrap();
+    b.exec(
+        "UPDATE cards SET tags = ?1 WHERE id = 'c1'",
+        &[tags("b")],
+        2_001,
+    )
+    .unwrap();
+    assert!(rejected(&net.sync(&mut a)).is_empty());
+    let refused = rejected(&net.sync(&mut b));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].1, "BOUND");
+    assert!(
+        refused[0].2.contains("1200 elements, more than the 1000"),
+        "{}",
+        refused[0].2
+    );
+    net.settle(&mut [&mut a, &mut b]);
+    everywhere(
+        &net,
+        &[&a, &b],
+        "SELECT json_array_length(tags) FROM cards",
+        vec![vec![Value::Integer(600)]],
+    );
+}

@@ -4,7 +4,7 @@
 //! to their recorded end.
 //!
 //! The traces are josephg/editing-traces (CC BY 4.0), in
-//! `/work/shared/data/editing-traces/` (see its README.md).
+//! `tests/fixtures/editing-traces/` (see its README.md).
 
 #[path = "../src/merge/text.rs"]
 mod text;
@@ -550,7 +550,10 @@ fn random_concurrent_edits_converge_in_any_delivery_order() {
 
 // ---------- editing traces ----------
 
-const TRACES: &str = "/work/shared/data/editing-traces";
+const TRACES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/editing-traces"
+);
 
 /// A patch: at `pos` (chars) delete `del` chars, then insert `ins`.
 type Patch = (u64, u64, String);

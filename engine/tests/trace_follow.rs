@@ -4,7 +4,7 @@
 //! end with the trace's text.
 //!
 //! The trace is from josephg/editing-traces (CC BY 4.0), copied in
-//! `../shared/data/editing-traces/`.
+//! `tests/fixtures/editing-traces/`.
 
 use std::io::Read;
 use std::path::Path;
@@ -14,7 +14,7 @@ use rusqlite::Connection;
 
 mod common;
 
-const TRACE: &str = "../../shared/data/editing-traces/automerge-paper.json.gz";
+const TRACE: &str = "../tests/fixtures/editing-traces/automerge-paper.json.gz";
 
 const SCHEMA: &str = r#"
 version = 1

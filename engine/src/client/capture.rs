@@ -291,7 +291,8 @@ impl Client {
     ) -> Result<(ExecOutcome, Vec<String>)> {
         let mut rows_affected = self.run_app_sql(sql, params)?;
         if let Some((id, ..)) = resolving {
-            rows_affected += self.run_app_sql(
+            // The conflict's own row is not one of the app's rows.
+            self.run_app_sql(
                 &format!("DELETE FROM {CONFLICTS_TABLE} WHERE id = ?1"),
                 &[&[Value::Text(id.to_string())]],
             )?;
