@@ -289,7 +289,7 @@ impl Client {
         now_ms: u64,
         resolving: Option<(&str, &str, &Value, &str, &Value)>,
     ) -> Result<(ExecOutcome, Vec<String>)> {
-        let mut rows_affected = self.run_app_sql(sql, params)?;
+        let rows_affected = self.run_app_sql(sql, params)?;
         if let Some((id, ..)) = resolving {
             // The conflict's own row is not one of the app's rows.
             self.run_app_sql(

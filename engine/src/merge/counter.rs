@@ -118,6 +118,28 @@ mod tests {
         }
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Unbounded deltas from any number of devices add up to the same
+        /// total in every delivery order.
+        #[test]
+        fn deltas_sum_in_every_delivery_order(
+            deltas in proptest::collection::vec(-1_000_000i64..1_000_000, 0..20),
+            rotate in any::<usize>(),
+        ) {
+            let c = col(None, None);
+            let apply = |ds: &[i64]| ds.iter().try_fold(Value::Integer(0), |v, d| merge(&c, &v, *d).map(Value::Integer));
+            let mut other = deltas.clone();
+            other.reverse();
+            let k = if other.is_empty() { 0 } else { rotate % other.len() };
+            other.rotate_left(k);
+            let want = Value::Integer(deltas.iter().sum());
+            prop_assert_eq!(apply(&deltas).unwrap(), want.clone());
+            prop_assert_eq!(apply(&other).unwrap(), want);
+        }
+    }
+
     #[test]
     fn a_write_is_the_difference_from_what_the_device_saw() {
         assert_eq!(

@@ -279,6 +279,67 @@ mod tests {
         );
     }
 
+    use proptest::prelude::*;
+
+    /// Each writer's operations in its own order: (add?, element 0..4).
+    fn writers() -> impl Strategy<Value = Vec<Vec<(bool, u8)>>> {
+        proptest::collection::vec(
+            proptest::collection::vec((any::<bool>(), 0u8..4), 1..6),
+            2..4,
+        )
+    }
+
+    proptest! {
+        /// Writers that saw none of each other's writes (base 0), each
+        /// applying its own operations in order: the set the server ends
+        /// with does not depend on how their operations interleave, and an
+        /// element is present exactly when some writer's last operation on
+        /// it was an add (add wins over a concurrent remove).
+        #[test]
+        fn concurrent_writers_end_the_same_in_every_delivery_order(
+            ops in writers(),
+            order_seed in any::<u64>(),
+        ) {
+            let run = |interleave: &[usize]| {
+                let mut state = SetState::default();
+                let mut next = vec![0usize; ops.len()];
+                for (server_seq, &writer) in interleave.iter().enumerate() {
+                    let (add, e) = ops[writer][next[writer]];
+                    next[writer] += 1;
+                    let elem = vec![format!("\"e{e}\"")];
+                    let w = Writer {
+                        client_id: writer as u64 + 1,
+                        client_seq: next[writer] as u64,
+                        base: 0,
+                        server_seq: server_seq as u64 + 1,
+                        also_seen: &[],
+                    };
+                    let (a, r): (&[String], &[String]) = if add { (&elem, &[]) } else { (&[], &elem) };
+                    state.merge("t", a, r, &w).unwrap();
+                }
+                state.value()
+            };
+            // One interleaving writer by writer, and one shuffled by the seed.
+            let in_turn: Vec<usize> = ops.iter().enumerate().flat_map(|(i, o)| std::iter::repeat_n(i, o.len())).collect();
+            let mut shuffled = in_turn.clone();
+            let mut x = order_seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let a = run(&in_turn);
+            prop_assert_eq!(&a, &run(&shuffled));
+            let mut want: Vec<String> = (0u8..4)
+                .filter(|e| ops.iter().any(|o| o.iter().rev().find(|(_, x)| x == e).is_some_and(|(add, _)| *add)))
+                .map(|e| format!("\"e{e}\""))
+                .collect();
+            want.sort();
+            prop_assert_eq!(a, Value::Text(to_text(&want)));
+        }
+    }
+
     #[test]
     fn a_concurrent_add_survives_a_remove_and_a_seen_one_does_not() {
         let x = vec![r#""x""#.to_string()];
