@@ -766,27 +766,7 @@ impl ServerCore {
                                 fresh.set_column(i, stamp);
                             }
                             self.store_meta(table, &change.pk, &fresh)?;
-                            effects.push(RowChange {
-                                table: change.table.clone(),
-                                pk: change.pk.clone(),
-                                op: RowOp::Upsert {
-                                    insert: true,
-                                    columns: values
-                                        .iter()
-                                        .map(|(i, v)| {
-                                            (
-                                                table.columns[*i].name.clone(),
-                                                ColumnOp::Set(v.clone()),
-                                            )
-                                        })
-                                        .collect(),
-                                },
-                            });
-                            plans.push(Plan {
-                                table,
-                                pk: change.pk.clone(),
-                                op: PlanOp::Upsert(values),
-                            });
+                            write_whole_row(table, &change.pk, values, &mut plans, &mut effects);
                         } else if resurrect {
                             // An update that had not seen the delete brings
                             // the row back: its columns over the last values.
@@ -841,27 +821,7 @@ impl ServerCore {
                                 .enumerate()
                                 .filter(|(i, _)| *i != table.pk)
                                 .collect();
-                            effects.push(RowChange {
-                                table: change.table.clone(),
-                                pk: change.pk.clone(),
-                                op: RowOp::Upsert {
-                                    insert: true,
-                                    columns: values
-                                        .iter()
-                                        .map(|(i, v)| {
-                                            (
-                                                table.columns[*i].name.clone(),
-                                                ColumnOp::Set(v.clone()),
-                                            )
-                                        })
-                                        .collect(),
-                                },
-                            });
-                            plans.push(Plan {
-                                table,
-                                pk: change.pk.clone(),
-                                op: PlanOp::Upsert(values),
-                            });
+                            write_whole_row(table, &change.pk, values, &mut plans, &mut effects);
                         } else {
                             continue; // A delete wins over this update.
                         }
@@ -1290,6 +1250,33 @@ impl ServerCore {
         }
         Ok(out)
     }
+}
+
+/// Plans a row written whole (created, or revived by an update) and logs it
+/// as an insert giving every column its value.
+fn write_whole_row<'t>(
+    table: &'t Table,
+    pk: &Value,
+    values: Vec<(usize, Value)>,
+    plans: &mut Vec<Plan<'t>>,
+    effects: &mut Vec<RowChange>,
+) {
+    effects.push(RowChange {
+        table: table.name.clone(),
+        pk: pk.clone(),
+        op: RowOp::Upsert {
+            insert: true,
+            columns: values
+                .iter()
+                .map(|(i, v)| (table.columns[*i].name.clone(), ColumnOp::Set(v.clone())))
+                .collect(),
+        },
+    });
+    plans.push(Plan {
+        table,
+        pk: pk.clone(),
+        op: PlanOp::Upsert(values),
+    });
 }
 
 /// Refuses a schema that changes the merge policy of a column whose table

@@ -7,53 +7,11 @@
 //! Every check states what a user expects to read back, not how Hearth
 //! gets there.
 
-use hearth_engine::{Client, ClientConfig, Event, Schema, ServerCore, Value};
+use hearth_engine::{Client, ClientConfig, Event, ServerCore, Value};
 use rusqlite::Connection;
 
 mod common;
-
-/// A server and any number of devices on one schema.
-struct Net {
-    server: ServerCore,
-    next_id: u64,
-}
-
-impl Net {
-    fn new(tables: &str) -> Net {
-        let schema = Schema::parse(&format!("version = 1\n{tables}")).unwrap();
-        Net {
-            server: ServerCore::open(Connection::open_in_memory().unwrap(), schema).unwrap(),
-            next_id: 1,
-        }
-    }
-
-    /// A fresh device that has synced once (so it has the schema).
-    fn device(&mut self) -> Client {
-        let mut c = Client::open(
-            Connection::open_in_memory().unwrap(),
-            self.next_id,
-            ClientConfig::default(),
-        )
-        .unwrap();
-        self.next_id += 1;
-        self.sync(&mut c);
-        c
-    }
-
-    fn sync(&mut self, c: &mut Client) -> Vec<Event> {
-        common::sync(&mut self.server, c)
-    }
-
-    /// What the server's store holds, read the way a user reads a device.
-    fn server_rows(&self, sql: &str) -> Vec<Vec<Value>> {
-        let mut stmt = self.server.connection().prepare(sql).unwrap();
-        let width = stmt.column_count();
-        stmt.query_map([], |r| (0..width).map(|i| r.get(i)).collect())
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
-}
+use common::{rejected, rows, text, Net};
 
 /// A device on a database file, as a user's device keeps it.
 fn device_at(path: &std::path::Path, id: u64) -> Client {
@@ -66,24 +24,6 @@ fn backup_of(c: &Client, path: &std::path::Path) -> std::path::PathBuf {
         .execute("VACUUM INTO ?1", [path.to_str().unwrap()])
         .unwrap();
     path.to_path_buf()
-}
-
-fn rows(c: &Client, sql: &str) -> Vec<Vec<Value>> {
-    c.query(sql, &[]).unwrap().rows
-}
-
-fn text(s: &str) -> Value {
-    Value::Text(s.into())
-}
-
-fn rejected(events: &[Event]) -> Vec<(u64, String, String)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Rejected { seq, code, reason } => Some((*seq, code.clone(), reason.clone())),
-            _ => None,
-        })
-        .collect()
 }
 
 // ---- 1. values round-trip exactly ---------------------------------------

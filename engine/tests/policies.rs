@@ -4,10 +4,11 @@
 //! text keeps both edits, manual columns show a conflict until someone
 //! resolves it, and a table's delete rule decides updates of deleted rows.
 
-use hearth_engine::{Client, ClientConfig, Event, Schema, ServerCore, TextEdit, Value};
+use hearth_engine::{Client, ClientConfig, Schema, ServerCore, TextEdit, Value};
 use rusqlite::Connection;
 
 mod common;
+use common::{rejected, rows, text, Net};
 
 const CARDS: &str = r#"
 [tables.cards]
@@ -28,76 +29,8 @@ create = "CREATE TABLE docs (id TEXT PRIMARY KEY, body TEXT)"
 columns = { body = "text" }
 "#;
 
-struct Net {
-    server: ServerCore,
-    next_id: u64,
-}
-
-impl Net {
-    fn new() -> Net {
-        let schema = Schema::parse(&format!("version = 1\n{CARDS}")).unwrap();
-        Net {
-            server: ServerCore::open(Connection::open_in_memory().unwrap(), schema).unwrap(),
-            next_id: 1,
-        }
-    }
-
-    fn device(&mut self) -> Client {
-        let mut c = Client::open(
-            Connection::open_in_memory().unwrap(),
-            self.next_id,
-            ClientConfig::default(),
-        )
-        .unwrap();
-        self.next_id += 1;
-        self.sync(&mut c);
-        c
-    }
-
-    fn sync(&mut self, c: &mut Client) -> Vec<Event> {
-        common::sync(&mut self.server, c)
-    }
-
-    fn server_rows(&self, sql: &str) -> Vec<Vec<Value>> {
-        let mut stmt = self.server.connection().prepare(sql).unwrap();
-        let width = stmt.column_count();
-        stmt.query_map([], |r| (0..width).map(|i| r.get(i)).collect())
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
-
-    /// Syncs every device until none has anything pending and all have
-    /// seen everything.
-    fn settle(&mut self, devices: &mut [&mut Client]) {
-        for _ in 0..2 {
-            for d in devices.iter_mut() {
-                self.sync(d);
-            }
-        }
-    }
-}
-
-fn rows(c: &Client, sql: &str) -> Vec<Vec<Value>> {
-    c.query(sql, &[]).unwrap().rows
-}
-
 fn one(c: &Client, sql: &str) -> Value {
     rows(c, sql).remove(0).remove(0)
-}
-
-fn text(s: &str) -> Value {
-    Value::Text(s.into())
-}
-
-fn rejected(events: &[Event]) -> Vec<(u64, String, String)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Rejected { seq, code, reason } => Some((*seq, code.clone(), reason.clone())),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The same query on every device and on the server gives `want`.
@@ -126,7 +59,7 @@ fn new_card(net: &mut Net) -> (Client, Client, Client) {
 
 #[test]
 fn concurrent_increments_add_up_on_every_device() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, mut b, mut c) = new_card(&mut net);
     // Offline, each device likes the card its own way.
     a.exec(
@@ -166,7 +99,7 @@ fn concurrent_increments_add_up_on_every_device() {
 
 #[test]
 fn a_bounded_counter_refuses_what_would_cross_its_bound_and_rolls_it_back() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, mut b, mut c) = new_card(&mut net);
     a.exec(
         "UPDATE cards SET stock = stock + 1 WHERE id = 'c1'",
@@ -231,7 +164,7 @@ fn a_bounded_counter_refuses_what_would_cross_its_bound_and_rolls_it_back() {
 
 #[test]
 fn a_counter_refuses_overflow_and_non_integers() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, _, _) = new_card(&mut net);
     a.exec(
         "UPDATE cards SET likes = 9223372036854775807 WHERE id = 'c1'",
@@ -289,7 +222,7 @@ fn a_counter_refuses_overflow_and_non_integers() {
 
 #[test]
 fn a_set_keeps_concurrent_adds_and_removes_only_what_was_seen() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, mut b, mut c) = new_card(&mut net);
     a.exec(
         r#"UPDATE cards SET tags = '["urgent","home"]' WHERE id = 'c1'"#,
@@ -354,7 +287,7 @@ fn a_set_keeps_concurrent_adds_and_removes_only_what_was_seen() {
 
 #[test]
 fn a_set_refuses_values_that_are_not_arrays_of_scalars_locally() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, _, _) = new_card(&mut net);
     for bad in [r#"{"a":1}"#, r#"[["nested"]]"#, "not json", "7"] {
         let e = a
@@ -403,7 +336,7 @@ fn a_set_refuses_values_that_are_not_arrays_of_scalars_locally() {
 
 #[test]
 fn concurrent_text_edits_both_survive_character_by_character() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, mut b, mut c) = new_card(&mut net);
     a.exec(
         "UPDATE cards SET body = 'The cat sat.' WHERE id = 'c1'",
@@ -510,7 +443,7 @@ fn concurrent_text_edits_both_survive_character_by_character() {
 
 #[test]
 fn a_refused_text_edit_is_undone_and_later_edits_still_sync() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, mut b, _) = new_card(&mut net);
     a.exec(
         "UPDATE cards SET body = 'hello' WHERE id = 'c1'",
@@ -557,7 +490,7 @@ fn conflicts(c: &Client) -> Vec<Vec<Value>> {
 
 #[test]
 fn concurrent_writes_to_a_manual_column_open_a_conflict_every_device_sees() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, mut b, mut c) = new_card(&mut net);
     // Sequential edits make no conflict.
     a.exec("UPDATE cards SET price = 10 WHERE id = 'c1'", &[], 2_000)
@@ -635,7 +568,7 @@ fn concurrent_writes_to_a_manual_column_open_a_conflict_every_device_sees() {
 
 #[test]
 fn a_resolution_raced_by_another_write_reopens_the_conflict() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, mut b, mut c) = new_card(&mut net);
     a.exec("UPDATE cards SET price = 1 WHERE id = 'c1'", &[], 2_000)
         .unwrap();
@@ -681,7 +614,7 @@ fn a_resolution_raced_by_another_write_reopens_the_conflict() {
 #[test]
 fn update_wins_brings_a_concurrently_deleted_row_back_in_either_order() {
     for delete_first in [true, false] {
-        let mut net = Net::new();
+        let mut net = Net::new(CARDS);
         let mut a = net.device();
         a.exec(
             "INSERT INTO notes VALUES ('n1', 'Title', 'Body', 0)",
@@ -724,7 +657,7 @@ fn update_wins_brings_a_concurrently_deleted_row_back_in_either_order() {
 
 #[test]
 fn delete_wins_by_default_and_an_update_never_creates_a_row() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let mut a = net.device();
     a.exec("INSERT INTO memos VALUES ('m1', 'x')", &[], 1_000)
         .unwrap();
@@ -752,7 +685,7 @@ fn delete_wins_by_default_and_an_update_never_creates_a_row() {
 
 #[test]
 fn a_merge_whose_log_entry_would_outgrow_a_frame_is_refused_too_large() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     net.server.set_entry_bytes_max(4_096);
     let (mut a, _, _) = new_card(&mut net);
     let elements = |from: usize| {
@@ -802,7 +735,7 @@ fn a_merge_whose_log_entry_would_outgrow_a_frame_is_refused_too_large() {
 
 #[test]
 fn a_text_cell_whose_insert_lost_keeps_editing_from_the_winner() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let mut a = net.device();
     let mut b = net.device();
     // Both make card c9 offline; b's insert is later and wins whole.
@@ -859,7 +792,7 @@ fn a_text_cell_whose_insert_lost_keeps_editing_from_the_winner() {
 
 #[test]
 fn a_text_column_refuses_null_and_a_counter_says_overflow() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, _, _) = new_card(&mut net);
     // A nullable text column still holds text: NULL is refused, on insert
     // and on update, rather than turning into '' later.
@@ -1007,7 +940,7 @@ fn a_policy_change_over_stored_rows_is_refused_naming_table_and_column() {
 
 #[test]
 fn writes_that_each_fit_a_set_are_refused_bound_when_merged_past_its_limit() {
-    let mut net = Net::new();
+    let mut net = Net::new(CARDS);
     let (mut a, mut b, _) = new_card(&mut net);
     let tags = |prefix: &str| {
         let all: Vec<String> = (0..600).map(|i| format!("{prefix}{i}")).collect();

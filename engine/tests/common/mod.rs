@@ -4,7 +4,86 @@
 //! `Rejected` for refused ones).
 
 use hearth_engine::protocol::{ClientMsg, ServerMsg};
-use hearth_engine::{Client, Event, Outcome, ServerCore};
+use hearth_engine::{Client, ClientConfig, Event, Outcome, Schema, ServerCore, Value};
+use rusqlite::Connection;
+
+/// A server and any number of devices on one schema, in memory.
+#[allow(dead_code)] // Not every test file uses it.
+pub struct Net {
+    pub server: ServerCore,
+    next_id: u64,
+}
+
+#[allow(dead_code)]
+impl Net {
+    /// A server on the schema whose `[tables...]` sections are `tables`.
+    pub fn new(tables: &str) -> Net {
+        let schema = Schema::parse(&format!("version = 1\n{tables}")).unwrap();
+        Net {
+            server: ServerCore::open(Connection::open_in_memory().unwrap(), schema).unwrap(),
+            next_id: 1,
+        }
+    }
+
+    /// A fresh device that has synced once (so it has the schema).
+    pub fn device(&mut self) -> Client {
+        let mut c = Client::open(
+            Connection::open_in_memory().unwrap(),
+            self.next_id,
+            ClientConfig::default(),
+        )
+        .unwrap();
+        self.next_id += 1;
+        self.sync(&mut c);
+        c
+    }
+
+    pub fn sync(&mut self, c: &mut Client) -> Vec<Event> {
+        sync(&mut self.server, c)
+    }
+
+    /// Syncs every device twice over, so that each has sent what it had
+    /// pending and seen what the others sent.
+    pub fn settle(&mut self, devices: &mut [&mut Client]) {
+        for _ in 0..2 {
+            for d in devices.iter_mut() {
+                self.sync(d);
+            }
+        }
+    }
+
+    /// What the server's store holds, read the way a user reads a device.
+    pub fn server_rows(&self, sql: &str) -> Vec<Vec<Value>> {
+        let mut stmt = self.server.connection().prepare(sql).unwrap();
+        let width = stmt.column_count();
+        stmt.query_map([], |r| (0..width).map(|i| r.get(i)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+}
+
+#[allow(dead_code)]
+pub fn rows(c: &Client, sql: &str) -> Vec<Vec<Value>> {
+    c.query(sql, &[]).unwrap().rows
+}
+
+#[allow(dead_code)]
+pub fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+/// The refusals among `events`: (mutation, code, reason).
+#[allow(dead_code)]
+pub fn rejected(events: &[Event]) -> Vec<(u64, String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Rejected { seq, code, reason } => Some((*seq, code.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
 
 /// One full sync, routed as the network driver routes: Welcome and catch-up,
 /// then each push's outcomes back to the device.
