@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`value`], [`hlc`]: SQL values and hybrid logical clock stamps.
 //! - [`schema`]: the app's schema file, checked by SQLite itself.
+//! - [`filter`]: stream conditions (`where`), evaluated as SQLite would.
 //! - [`change`]: the change model (mutations, row and column changes, log entries).
 //! - [`protocol`]: client/server messages and their versioned binary codec.
 //! - [`client`]: the device: change capture, outbox, rebase and rollback.
@@ -20,6 +21,7 @@
 mod authorize;
 pub mod change;
 pub mod client;
+pub mod filter;
 mod fk;
 pub mod hlc;
 pub mod merge;
@@ -34,6 +36,7 @@ pub use change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
 pub use client::{
     Client, ClientConfig, ClientError, Event, ExecOutcome, Output, QueryResult, Status,
 };
+pub use filter::{Filter, Param};
 pub use hlc::{Clock, Hlc, Stamp};
 pub use merge::text::TextEdit;
 pub use protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
