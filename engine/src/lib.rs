@@ -40,6 +40,6 @@ pub use filter::{Filter, Param};
 pub use hlc::{Clock, Hlc, Stamp};
 pub use merge::text::TextEdit;
 pub use protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
-pub use schema::{Schema, SchemaError, DEMO_SCHEMA};
+pub use schema::{Schema, SchemaError, Stream, DEMO_SCHEMA};
 pub use server::{Outcome, ServerCore, ServerError};
 pub use value::Value;

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, OptionalExtension};
 use serde::Deserialize;
 
+use crate::filter::Filter;
+
 /// How concurrent writes to one column are merged.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum MergePolicy {
@@ -112,7 +114,23 @@ pub enum SchemaError {
     NoTables,
     #[error("table '{table}': {problem}")]
     Table { table: String, problem: String },
+    #[error("stream '{stream}': {message}")]
+    Stream { stream: String, message: String },
+    #[error("schema has {count} streams; at most {max} are allowed", max = STREAMS_MAX)]
+    TooManyStreams { count: usize },
 }
+
+fn stream_error(stream: &str, message: impl Into<String>) -> SchemaError {
+    SchemaError::Stream {
+        stream: stream.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The most streams a schema may declare.
+pub const STREAMS_MAX: usize = 64;
+/// The longest stream name, in bytes.
+pub const STREAM_NAME_MAX: usize = 64;
 
 fn table_error(table: &str, problem: impl Into<String>) -> SchemaError {
     SchemaError::Table {
@@ -169,11 +187,25 @@ impl Table {
     }
 }
 
+/// A named, parameterised subscription to some rows of one table
+/// (`[streams.NAME]` in the schema file).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stream {
+    pub name: String,
+    /// The table's name as the schema's `tables` spells it.
+    pub table: String,
+    /// Which rows: the stream's `where` (every row when it has none).
+    pub filter: Filter,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schema {
     pub version: u64,
     /// Tables by name; the map's order is the order capture numbers them in.
     pub tables: BTreeMap<String, Table>,
+    /// Streams by name. A table that a stream names syncs only through
+    /// subscriptions ([`Schema::streamed`]).
+    pub streams: BTreeMap<String, Stream>,
     /// The TOML text this schema was parsed from; it is what the server sends
     /// to a device that needs the schema.
     pub source: String,
@@ -185,6 +217,17 @@ struct RawSchema {
     version: u64,
     #[serde(default)]
     tables: BTreeMap<String, RawTable>,
+    /// Read per stream, so that an error names the stream.
+    #[serde(default)]
+    streams: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    table: String,
+    #[serde(default, rename = "where")]
+    condition: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -243,11 +286,33 @@ impl Schema {
             );
         }
         check_foreign_keys(&tables)?;
+        if raw.streams.len() > STREAMS_MAX {
+            return Err(SchemaError::TooManyStreams {
+                count: raw.streams.len(),
+            });
+        }
+        let mut streams = BTreeMap::new();
+        for (name, raw_stream) in raw.streams {
+            let stream = check_stream(&name, raw_stream, &tables)?;
+            streams.insert(name, stream);
+        }
         Ok(Schema {
             version: raw.version,
             tables,
+            streams,
             source: source.to_string(),
         })
+    }
+
+    /// Whether a stream names the table: such a table syncs only through
+    /// subscriptions to its streams.
+    pub fn streamed(&self, table: &str) -> bool {
+        self.streams_of(table).next().is_some()
+    }
+
+    /// The streams over a table, by name.
+    pub fn streams_of<'a>(&'a self, table: &'a str) -> impl Iterator<Item = &'a Stream> + 'a {
+        self.streams.values().filter(move |s| s.table == table)
     }
 
     pub fn table(&self, name: &str) -> Option<&Table> {
@@ -293,6 +358,61 @@ fn check_foreign_keys(tables: &BTreeMap<String, Table>) -> Result<(), SchemaErro
             .map_err(|e| table_error(&table.name, format!("bad foreign key: {e}")))?;
     }
     Ok(())
+}
+
+fn check_stream(
+    name: &str,
+    raw: toml::Value,
+    tables: &BTreeMap<String, Table>,
+) -> Result<Stream, SchemaError> {
+    let name_ok = (1..=STREAM_NAME_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-:.".contains(&b));
+    if !name_ok {
+        return Err(stream_error(
+            name,
+            format!("a stream name is 1 to {STREAM_NAME_MAX} ASCII letters, digits, '_', '-', ':' or '.'"),
+        ));
+    }
+    let raw: RawStream = raw
+        .try_into()
+        .map_err(|e: toml::de::Error| stream_error(name, e.message().trim().to_string()))?;
+    let lower = raw.table.to_ascii_lowercase();
+    if lower == CONFLICTS_TABLE || lower.starts_with("_hearth") || lower.starts_with("sqlite_") {
+        return Err(stream_error(
+            name,
+            format!(
+                "table '{}' is Hearth's own (every device gets all of it): it cannot be streamed",
+                raw.table
+            ),
+        ));
+    }
+    // SQLite's table names ignore ASCII case.
+    let Some(table) = tables
+        .values()
+        .find(|t| t.name.eq_ignore_ascii_case(&raw.table))
+    else {
+        return Err(stream_error(
+            name,
+            format!(
+                "unknown table '{}' (the schema's tables are {})",
+                raw.table,
+                tables
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    };
+    let filter = Filter::compile(raw.condition.as_deref().unwrap_or("TRUE"), table)
+        .map_err(|e| stream_error(name, format!("where: {e}")))?;
+    Ok(Stream {
+        name: name.to_string(),
+        table: table.name.clone(),
+        filter,
+    })
 }
 
 fn check_table(name: &str, raw: RawTable) -> Result<Table, SchemaError> {
