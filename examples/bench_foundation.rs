@@ -259,9 +259,11 @@ fn wire() -> serde_json::Value {
         hlc: mutations[1].hlc,
         changes: mutations[1].changes.clone(),
         digest: mutations[1].digest(),
+        images: Vec::new(),
     };
     let down = encode_server(&ServerMsg::Changes {
         entries: vec![entry],
+        cursor: 123_456,
         caught_up: true,
     })
     .len();

@@ -158,6 +158,7 @@ impl Raw {
             client_id,
             cursor: 0,
             schema_version: None,
+            subscriptions: Vec::new(),
         };
         ws.send(Message::Binary(encode_client(&hello).into()))
             .await
@@ -285,6 +286,7 @@ async fn stalled_reader() -> Vec<Figure> {
         client_id: 42,
         cursor: 0,
         schema_version: None,
+        subscriptions: Vec::new(),
     };
     stalled
         .send(Message::Binary(encode_client(&hello).into()))

@@ -167,6 +167,7 @@ fn connect(server: &ServerCore, c: &mut Client) -> Vec<ClientMsg> {
         c.handle(
             ServerMsg::Changes {
                 entries,
+                cursor: 0,
                 caught_up: true,
             },
             0,
@@ -212,6 +213,7 @@ fn deliver(
         .collect();
     let changes = ServerMsg::Changes {
         entries,
+        cursor: 0,
         caught_up: true,
     };
     let bytes = encode_server(&changes).len();
@@ -671,6 +673,7 @@ fn increments_store_only(dir: &std::path::Path, policy: &str) -> f64 {
         .handle(
             ServerMsg::Changes {
                 entries,
+                cursor: 0,
                 caught_up: true,
             },
             2,

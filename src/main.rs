@@ -79,6 +79,26 @@ enum ClientAction {
         /// The value to keep, as JSON: 4.5, "text", null, ...
         value_json: String,
     },
+    /// Follow a stream of the schema (`[streams.NAME]`) with PARAMS_JSON
+    /// ('{"list":"groceries"}'), then sync until its rows are here. Prints
+    /// one JSON line. Later `sync` calls keep the stream's rows current.
+    /// Exit 2: server unreachable (the subscription is kept and loads on the
+    /// next sync); 3: refused by the server.
+    Subscribe {
+        stream: String,
+        #[arg(default_value = "{}")]
+        params_json: String,
+    },
+    /// Stop following a stream: its rows that no other subscription holds
+    /// leave this device (rows with pending writes stay until they settle).
+    /// Works offline. Prints one JSON line.
+    Unsubscribe {
+        stream: String,
+        #[arg(default_value = "{}")]
+        params_json: String,
+    },
+    /// List this device's subscriptions, one JSON object per line.
+    Subscriptions,
     /// Edit a text column by position, then sync it. EDITS_JSON:
     /// '[{"index":0,"delete":0,"insert":"x"}]' (positions in Unicode
     /// characters, each edit on the text the previous one left). Prints one
@@ -180,6 +200,35 @@ fn parse_params(params: Option<&str>) -> anyhow::Result<Vec<Value>> {
 
 /// A write's arguments that cannot be used: reported like the engine's own
 /// `INVALID_ARGUMENT`, before anything is written.
+/// A stream's parameters from the command line's JSON, checked against the
+/// stream's declaration in the device's schema.
+fn stream_params(
+    device: &Client,
+    stream: &str,
+    params_json: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, hearth_engine::filter::Param>> {
+    let schema = device.schema().context("this database has no schema yet")?;
+    let s = schema.streams.get(stream).ok_or_else(|| {
+        let names: Vec<&str> = schema.streams.keys().map(String::as_str).collect();
+        invalid(format!(
+            "the schema has no stream '{stream}' (its streams: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ))
+    })?;
+    let json: serde_json::Value = serde_json::from_str(params_json).map_err(|e| {
+        invalid(format!(
+            "PARAMS_JSON is not JSON ({e}): give '{{\"list\":\"groceries\"}}'"
+        ))
+    })?;
+    s.filter
+        .params_from_json(&json)
+        .map_err(|e| invalid(format!("stream '{stream}': {e}")))
+}
+
 fn invalid(message: String) -> anyhow::Error {
     anyhow::anyhow!("INVALID_ARGUMENT: {message}")
 }
@@ -378,6 +427,81 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                 d.resolve(&id, &value, native_client::now_ms())
             })
             .await
+        }
+        ClientAction::Subscribe {
+            stream,
+            params_json,
+        } => {
+            let url = need_server("subscribe")?;
+            if let Some(code) = ensure_schema(&mut device, &url, timeout).await {
+                return Ok(code);
+            }
+            let params = stream_params(&device, &stream, &params_json)?;
+            let (id, _) = device
+                .subscribe(&stream, params)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+            let result = native_client::sync_once(&mut device, &url, Goal::Synced, timeout).await;
+            let info = device.subscriptions()?.into_iter().find(|s| s.id == id);
+            let refused = result.as_ref().ok().and_then(|events| {
+                events.iter().find_map(|e| match e {
+                    Event::SubscriptionRefused {
+                        id: r,
+                        code,
+                        reason,
+                    } if *r == id => Some((code.clone(), reason.clone())),
+                    _ => None,
+                })
+            });
+            if let Some((code, reason)) = refused {
+                eprintln!("hearth: {code}: {reason}");
+                println!(
+                    "{}",
+                    serde_json::json!({"subscription": id, "stream": stream, "status": "refused", "code": code, "reason": reason})
+                );
+                return Ok(ExitCode::from(EXIT_REJECTED));
+            }
+            let (rows, loaded) = info.map_or((0, false), |s| (s.rows, s.loaded));
+            match result {
+                Ok(_) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"subscription": id, "stream": stream, "status": "loaded", "rows": rows, "loaded": loaded})
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ (SyncError::Unreachable { .. } | SyncError::Timeout(_))) => {
+                    eprintln!("hearth: {e}; the subscription is kept and loads on the next sync");
+                    println!(
+                        "{}",
+                        serde_json::json!({"subscription": id, "stream": stream, "status": "pending", "rows": rows, "loaded": loaded})
+                    );
+                    Ok(ExitCode::from(EXIT_UNREACHABLE))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        ClientAction::Unsubscribe {
+            stream,
+            params_json,
+        } => {
+            if device.schema().is_none() {
+                anyhow::bail!("this database has no schema yet: it has no subscriptions");
+            }
+            let params = stream_params(&device, &stream, &params_json)?;
+            let id = hearth_engine::client::subscription_id(&stream, &params);
+            let found = device.subscriptions()?.iter().any(|s| s.id == id);
+            device.unsubscribe(id)?;
+            println!(
+                "{}",
+                serde_json::json!({"subscription": id, "stream": stream, "unsubscribed": found})
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ClientAction::Subscriptions => {
+            for s in device.subscriptions()? {
+                println!("{}", serde_json::to_string(&s)?);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         ClientAction::EditText {
             table,

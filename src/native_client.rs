@@ -79,7 +79,8 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Ws, SyncError> {
 /// What a sync session should reach before it returns.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Goal {
-    /// The outbox is empty and every change the server had is applied.
+    /// The outbox is empty, every change the server had is applied, and
+    /// every subscription's initial load is complete.
     Synced,
     /// This mutation has been applied or refused by the server.
     Resolved(u64),
@@ -126,7 +127,11 @@ fn reached(client: &Client, goal: Goal, events: &[Event]) -> Result<bool, Client
         return Ok(false);
     }
     Ok(match goal {
-        Goal::Synced => status.caught_up && status.pending == 0,
+        Goal::Synced => {
+            status.caught_up
+                && status.pending == 0
+                && client.subscriptions()?.iter().all(|s| s.loaded)
+        }
         Goal::Resolved(seq) => {
             events.iter().any(|e| {
                 matches!(e, Event::Applied { seq: s, .. } | Event::Rejected { seq: s, .. } if *s == seq)

@@ -41,6 +41,7 @@ fn hello() -> Message {
             client_id: 7,
             cursor: 0,
             schema_version: None,
+            subscriptions: Vec::new(),
         })
         .into(),
     )
@@ -91,6 +92,7 @@ async fn malformed_frames_get_an_error_and_others_are_unaffected() {
         client_id: 7,
         cursor: 0,
         schema_version: None,
+        subscriptions: Vec::new(),
     });
     future_version[0] = 9;
     let (code, msg) = error_for(&url, vec![Message::Binary(future_version.into())]).await;

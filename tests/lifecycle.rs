@@ -41,6 +41,7 @@ fn hello(client_id: u64) -> Message {
             client_id,
             cursor: 0,
             schema_version: None,
+            subscriptions: Vec::new(),
         })
         .into(),
     )

@@ -27,6 +27,7 @@ async fn raw_session(url: &str, client_id: u64) -> native_client::Ws {
         client_id,
         cursor: 0,
         schema_version: None,
+        subscriptions: Vec::new(),
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await

@@ -41,6 +41,12 @@ pub enum RowOp {
     },
     /// The row was deleted.
     Delete,
+    /// Server to device only: the row left this device's subscriptions (a
+    /// write moved it out of every stream the device follows, or the device's
+    /// own write put it outside them). The device removes its copy locally;
+    /// this is never a delete, never captured, never sent back. A device
+    /// that still has pending writes to the row keeps it until they settle.
+    Evict,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,4 +150,30 @@ pub struct LogEntry {
     /// entries stored before digests were kept). Its device takes the entry
     /// as the ack of a pending mutation only when the digests agree.
     pub digest: u64,
+    /// Server-side only, never on the wire: for each change to a table that
+    /// streams name, what the row looked like around it (see [`RowImage`]).
+    /// Each connection decides from these which of its subscriptions held
+    /// the row before and hold it after.
+    #[serde(skip)]
+    pub images: Vec<RowImage>,
+}
+
+/// A row of a streamed table around one change of a log entry, kept in the
+/// server's log beside the entry (never sent): enough to evaluate every
+/// stream's condition on the row before and after the change.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RowImage {
+    /// The change this describes: its index in the entry's `changes`.
+    pub change: u32,
+    /// The row before the change, full width in the table's column order,
+    /// with only the columns some stream reads filled (the others Null);
+    /// None when the row did not exist.
+    pub before: Option<Vec<Value>>,
+    /// The row after the change, the same way; None when it is gone.
+    pub after: Option<Vec<Value>>,
+    /// The whole row after the change, as the columns of an inserting
+    /// upsert (text columns as their document's full state), kept when a
+    /// column some stream reads changed and the change itself does not carry
+    /// every column: a device that gains the row receives it whole.
+    pub whole: Option<Vec<(String, ColumnOp)>>,
 }

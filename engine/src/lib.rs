@@ -24,6 +24,7 @@ pub mod client;
 pub mod filter;
 mod fk;
 pub mod hlc;
+pub mod link;
 pub mod merge;
 pub mod protocol;
 mod rows;

@@ -12,10 +12,23 @@
 //! made. The device sends `Push` with its pending mutations, in order, at any
 //! time after `Welcome`. An applied mutation comes back as a log entry naming
 //! its origin; a refused one as `Rejected`.
+//!
+//! Selective sync: `Hello` lists the device's subscriptions (named streams
+//! of the schema with their parameters, and how far each one's initial load
+//! got); `Subscribe` and `Unsubscribe` change them later. The server sends a
+//! device only the changes to rows its subscriptions hold (tables no stream
+//! names go to everyone), a row that moves in whole, a row that moves out as
+//! [`crate::RowOp::Evict`], and each subscription's initial load as `Rows`
+//! chunks. Because filtered entries are not sent, `Changes` says the cursor
+//! the device has reached explicitly.
 
 use serde::{Deserialize, Serialize};
 
-use crate::change::{LogEntry, Mutation};
+use std::collections::BTreeMap;
+
+use crate::change::{LogEntry, Mutation, RowChange};
+use crate::filter::Param;
+use crate::value::Value;
 
 /// 2: `Welcome` names the largest frame the server accepts and builds and
 /// the last mutation number it processed from the device; a log entry
@@ -23,7 +36,35 @@ use crate::change::{LogEntry, Mutation};
 /// 3: a mutation carries its `base` (the device's cursor when made), and
 /// column changes may be counter deltas, set element adds and removes, and
 /// text edits.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: subscriptions (`Hello.subscriptions`, `Subscribe`, `Unsubscribe`,
+/// `Rows`, `SubscriptionRefused`), `Changes.cursor`, `RowOp::Evict`.
+pub const PROTOCOL_VERSION: u16 = 4;
+
+/// A device's subscription to a stream of the schema, as it tells the
+/// server (in `Hello`, and in `Subscribe`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// The device's own number for it (the same stream and parameters
+    /// always get the same number on a device).
+    pub id: u64,
+    /// The stream's name in the schema (`[streams.NAME]`).
+    pub stream: String,
+    /// The stream's parameters by name.
+    pub params: BTreeMap<String, Param>,
+    /// How far its initial load got.
+    pub load: Load,
+}
+
+/// The progress of a subscription's initial load, which reads the
+/// stream's rows in primary-key order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Load {
+    /// Rows with a key after this one (all rows, for None) are still to
+    /// come; the ones up to it are on the device and kept current.
+    After(Option<Value>),
+    /// Every row is on the device and kept current.
+    Done,
+}
 
 /// Default largest frame either side accepts.
 pub const FRAME_BYTES_MAX: usize = 32 * 1024 * 1024;
@@ -36,9 +77,18 @@ pub enum ClientMsg {
         cursor: u64,
         /// The schema version this device has, if any.
         schema_version: Option<u64>,
+        /// The device's subscriptions: the server sends their rows' changes
+        /// from `cursor` on, and continues their initial loads.
+        subscriptions: Vec<Subscription>,
     },
     Push {
         mutations: Vec<Mutation>,
+    },
+    /// Starts (or resumes) a subscription.
+    Subscribe(Subscription),
+    /// Ends a subscription; the device evicts the rows no other one holds.
+    Unsubscribe {
+        id: u64,
     },
 }
 
@@ -62,6 +112,9 @@ pub enum ServerMsg {
     },
     Changes {
         entries: Vec<LogEntry>,
+        /// The server sequence number the device has reached with these
+        /// entries: past the last one when later entries held nothing for it.
+        cursor: u64,
         /// True when these entries reach the server's head as of sending.
         caught_up: bool,
     },
@@ -72,6 +125,25 @@ pub enum ServerMsg {
     },
     /// A fatal error; the server closes the connection after it.
     Error { code: String, message: String },
+    /// A chunk of a subscription's initial load: rows of the stream as of
+    /// `cursor` (the device has every change up to it), each an inserting
+    /// upsert with every column, in primary-key order.
+    Rows {
+        id: u64,
+        cursor: u64,
+        rows: Vec<RowChange>,
+        /// The key of the last row read (None when the chunk is empty).
+        last: Option<Value>,
+        /// True when the load is complete.
+        done: bool,
+    },
+    /// The server refused a subscription (`BAD_SUBSCRIPTION`, `LIMIT`):
+    /// the device drops it.
+    SubscriptionRefused {
+        id: u64,
+        code: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -236,6 +308,7 @@ mod tests {
             client_id: 1,
             cursor: 0,
             schema_version: None,
+            subscriptions: Vec::new(),
         });
         assert_eq!(push_len(&hello), None);
         assert_eq!(push_len(&[]), None);
@@ -326,11 +399,13 @@ mod tests {
                 (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), proptest::collection::vec(row_change(), 0..4)),
                 0..4),
             caught_up in any::<bool>(),
+            s_max in any::<u64>(),
         ) {
             let msg = ServerMsg::Changes {
                 entries: entries.into_iter().map(|(s, c, cs, h, changes)| LogEntry {
-                    server_seq: s, client_id: c, client_seq: cs, hlc: Hlc(h), changes, digest: h ^ s,
+                    server_seq: s, client_id: c, client_seq: cs, hlc: Hlc(h), changes, digest: h ^ s, images: Vec::new(),
                 }).collect(),
+                cursor: s_max,
                 caught_up,
             };
             prop_assert_eq!(decode_server(&encode_server(&msg), FRAME_BYTES_MAX).unwrap(), msg);

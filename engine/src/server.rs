@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use std::cell::RefCell;
 
-use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp, FORMAT};
+use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowImage, RowOp, FORMAT};
 use crate::fk;
 use crate::hlc::{Hlc, Stamp};
 use crate::merge::manual::{self, Conflict, ManualState};
@@ -128,7 +128,8 @@ CREATE TABLE IF NOT EXISTS _hearth_log (
   hlc        INTEGER NOT NULL,
   changes    BLOB NOT NULL,
   digest     INTEGER NOT NULL DEFAULT 0,
-  format     INTEGER NOT NULL DEFAULT 1
+  format     INTEGER NOT NULL DEFAULT 1,
+  images     BLOB
 );
 CREATE TABLE IF NOT EXISTS _hearth_rows (
   tbl    TEXT NOT NULL,
@@ -280,6 +281,40 @@ pub struct ServerCore {
     /// The largest log entry (encoded) a merge may produce, see
     /// [`ServerCore::set_entry_bytes_max`].
     entry_bytes_max: usize,
+    /// Per table that streams name: the columns their conditions read
+    /// (sorted). Changes to these tables keep [`RowImage`]s in the log.
+    stream_columns: HashMap<String, Vec<usize>>,
+}
+
+/// A row of a streamed table before a mutation merges: (table, key, the
+/// row as stream conditions read it; None when it did not exist).
+type Before = (String, Value, Option<Vec<Value>>);
+
+/// Per streamed table, the columns its streams' conditions read.
+pub fn stream_columns(schema: &Schema) -> HashMap<String, Vec<usize>> {
+    let mut out: HashMap<String, Vec<usize>> = HashMap::new();
+    for stream in schema.streams.values() {
+        let cols = out.entry(stream.table.clone()).or_default();
+        cols.extend_from_slice(stream.filter.columns());
+        cols.sort_unstable();
+        cols.dedup();
+    }
+    out
+}
+
+/// A row with only `columns` kept (the others Null): what a stream's
+/// condition reads of it.
+fn project(row: Vec<Value>, columns: &[usize]) -> Vec<Value> {
+    let mut row = row;
+    let mut keep = columns.iter().peekable();
+    for (i, v) in row.iter_mut().enumerate() {
+        if keep.peek() == Some(&&i) {
+            keep.next();
+        } else {
+            *v = Value::Null;
+        }
+    }
+    row
 }
 
 impl ServerCore {
@@ -323,6 +358,14 @@ impl ServerCore {
                     "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT {default}"
                 ))?;
             }
+        }
+        let has_images: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_log') WHERE name = 'images')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_images {
+            conn.execute_batch("ALTER TABLE _hearth_log ADD COLUMN images BLOB")?;
         }
         conn.execute_batch(crate::textcells::TEXT_TABLE)?;
         conn.execute_batch(
@@ -369,13 +412,14 @@ impl ServerCore {
             now_ms: None,
             max_hlc: Hlc(max_hlc as u64),
             conn,
-            schema,
             head: head as u64,
             last_seqs: HashMap::new(),
             foreign_keys,
             rewound: HashSet::new(),
             text: RefCell::new(TextCells::new(0)),
             entry_bytes_max: crate::protocol::FRAME_BYTES_MAX / 4 * 3,
+            stream_columns: stream_columns(&schema),
+            schema,
         })
     }
 
@@ -541,7 +585,14 @@ impl ServerCore {
                 server_seq: self.head + 1,
                 also_seen: &mutation.also_seen,
             };
+            let before = self.images_before(mutation)?;
             let merged = self.merge(&writer, hlc, mutation).and_then(|changes| {
+                let images = self.images_after(&changes, before)?;
+                let whole_bytes: usize = images
+                    .iter()
+                    .filter_map(|i| i.whole.as_ref())
+                    .map(|w| postcard::experimental::serialized_size(w).expect("sizing a row"))
+                    .sum();
                 let size = postcard::experimental::serialized_size(&(
                     self.head + 1,
                     client_id,
@@ -550,7 +601,8 @@ impl ServerCore {
                     &changes,
                     digest,
                 ))
-                .expect("sizing an entry");
+                .expect("sizing an entry")
+                    + whole_bytes;
                 if size > self.entry_bytes_max {
                     return Err(refuse(
                         "TOO_LARGE",
@@ -561,10 +613,10 @@ impl ServerCore {
                     )
                     .into());
                 }
-                Ok(changes)
+                Ok((changes, images))
             });
             match merged {
-                Ok(changes) => {
+                Ok((changes, images)) => {
                     self.conn
                         .prepare_cached("RELEASE hearth_mutation")?
                         .execute([])?;
@@ -575,11 +627,14 @@ impl ServerCore {
                         hlc,
                         changes,
                         digest,
+                        images,
                     };
                     let blob = postcard::to_allocvec(&entry.changes).expect("encode changes");
+                    let images = (!entry.images.is_empty())
+                        .then(|| postcard::to_allocvec(&entry.images).expect("encode images"));
                     self.conn
                         .prepare_cached(
-                            "INSERT INTO _hearth_log (seq, client_id, client_seq, hlc, changes, digest, format) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            "INSERT INTO _hearth_log (seq, client_id, client_seq, hlc, changes, digest, format, images) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                         )?
                         .execute(params![
                             to_i64(entry.server_seq),
@@ -588,7 +643,8 @@ impl ServerCore {
                             to_i64(hlc.0),
                             blob,
                             to_i64(digest),
-                            FORMAT
+                            FORMAT,
+                            images
                         ])?;
                     self.head = entry.server_seq;
                     merged_hlc = hlc;
@@ -630,6 +686,92 @@ impl ServerCore {
                 ])?;
         }
         Ok(outcomes)
+    }
+
+    /// The rows of streamed tables a mutation names, as stream conditions
+    /// read them, before it merges: (table, key) → projected row.
+    fn images_before(
+        &self,
+        mutation: &Mutation,
+    ) -> rusqlite::Result<Vec<Before>> {
+        let mut out = Vec::new();
+        if self.stream_columns.is_empty() {
+            return Ok(out);
+        }
+        for change in &mutation.changes {
+            let (Some(columns), Some(table)) = (
+                self.stream_columns.get(&change.table),
+                self.schema.table(&change.table),
+            ) else {
+                continue;
+            };
+            let row = rows::read_row(&self.conn, table, &change.pk)?;
+            out.push((
+                change.table.clone(),
+                change.pk.clone(),
+                row.map(|r| project(r, columns)),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The [`RowImage`]s of a merged mutation's effects on streamed tables.
+    fn images_after(
+        &self,
+        effects: &[RowChange],
+        before: Vec<Before>,
+    ) -> Result<Vec<RowImage>, MergeError> {
+        let mut images = Vec::new();
+        if self.stream_columns.is_empty() {
+            return Ok(images);
+        }
+        for (i, change) in effects.iter().enumerate() {
+            let (Some(columns), Some(table)) = (
+                self.stream_columns.get(&change.table),
+                self.schema.table(&change.table),
+            ) else {
+                continue;
+            };
+            let was = before
+                .iter()
+                .find(|(t, pk, _)| *t == change.table && *pk == change.pk)
+                .and_then(|(_, _, row)| row.clone());
+            let now = rows::read_row(&self.conn, table, &change.pk)?;
+            let inserting = matches!(change.op, RowOp::Upsert { insert: true, .. });
+            let after = now.as_ref().map(|r| project(r.clone(), columns));
+            let whole = match (&now, &was, &after) {
+                (Some(row), Some(was), Some(after)) if !inserting && was != after => {
+                    Some(self.whole_row(table, &change.pk, row.clone())?)
+                }
+                _ => None,
+            };
+            images.push(RowImage {
+                change: i as u32,
+                before: was,
+                after,
+                whole,
+            });
+        }
+        Ok(images)
+    }
+
+    /// A row as the columns of an inserting upsert: text columns carry
+    /// their document's whole state (a device that starts the row from it
+    /// shares the document's history, so later edits apply), the others
+    /// their value.
+    fn whole_row(
+        &self,
+        table: &Table,
+        pk: &Value,
+        row: Vec<Value>,
+    ) -> Result<Vec<(String, ColumnOp)>, MergeError> {
+        whole_row(&self.conn, &mut self.text.borrow_mut(), table, pk, row).map_err(|e| match e {
+            TextFailure::Sql(e) => MergeError::Store(ServerError::Sql(e)),
+            TextFailure::Text(e) => MergeError::Store(ServerError::Corrupt(format!(
+                "text document of a row of '{}': {e}",
+                table.name
+            ))),
+        })
     }
 
     fn load_meta(&self, table: &Table, pk: &Value) -> Result<Option<RowMeta>, MergeError> {
@@ -865,6 +1007,16 @@ impl ServerCore {
                             op: PlanOp::Update(changed),
                         });
                     }
+                }
+                RowOp::Evict => {
+                    return Err(refuse(
+                        "INVALID",
+                        format!(
+                            "row {:?} of table '{}': Evict is a server's message, not a device's write",
+                            change.pk, table.name
+                        ),
+                    )
+                    .into());
                 }
                 RowOp::Delete => {
                     let mut meta = meta.unwrap_or_default();
@@ -1228,7 +1380,7 @@ impl ServerCore {
     /// Reads log entries after `after`, at most `limit` of them.
     pub fn read_log(conn: &Connection, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, client_id, client_seq, hlc, changes, digest FROM _hearth_log WHERE seq > ?1 ORDER BY seq",
+            "SELECT seq, client_id, client_seq, hlc, changes, digest, images FROM _hearth_log WHERE seq > ?1 ORDER BY seq",
         )?;
         // No `LIMIT ?`: SQLite re-prepares a statement whenever a bound
         // LIMIT changes; stopping the scan early costs nothing.
@@ -1246,10 +1398,48 @@ impl ServerCore {
                 hlc: crate::hlc::Hlc(row.get::<_, i64>(3)? as u64),
                 changes,
                 digest: row.get::<_, i64>(5)? as u64,
+                images: match row.get::<_, Option<Vec<u8>>>(6)? {
+                    None => Vec::new(),
+                    Some(blob) => postcard::from_bytes(&blob)
+                        .map_err(|e| ServerError::Corrupt(format!("log entry images: {e}")))?,
+                },
             });
         }
         Ok(out)
     }
+}
+
+/// A stored row as the columns of an inserting upsert, see
+/// [`ServerCore::whole_row`]; `text` reads documents through `conn`.
+fn whole_row(
+    conn: &Connection,
+    text: &mut TextCells,
+    table: &Table,
+    pk: &Value,
+    row: Vec<Value>,
+) -> std::result::Result<Vec<(String, ColumnOp)>, TextFailure> {
+    let mut columns = Vec::with_capacity(row.len());
+    for (i, value) in row.into_iter().enumerate() {
+        if i == table.pk {
+            continue;
+        }
+        let column = &table.columns[i];
+        let op = if column.policy == MergePolicy::Text {
+            let cell = Cell {
+                table: &table.name,
+                pk,
+                column: &column.name,
+            };
+            match text.get(conn, cell)? {
+                Some(doc) => ColumnOp::Text(doc.state()),
+                None => ColumnOp::Set(value),
+            }
+        } else {
+            ColumnOp::Set(value)
+        };
+        columns.push((column.name.clone(), op));
+    }
+    Ok(columns)
 }
 
 /// Plans a row written whole (created, or revived by an update) and logs it
@@ -1497,6 +1687,7 @@ impl Hello {
                 client_id,
                 cursor,
                 schema_version,
+                ..
             } => Some(Hello {
                 client_id,
                 cursor,
@@ -1547,3 +1738,114 @@ pub fn greet(
 /// number it has processed with other content: the device lost the end of
 /// its history and takes a new client id.
 pub const DEVICE_REWOUND: &str = "DEVICE_REWOUND";
+
+/// A chunk of a subscription's initial load to read from the store: the
+/// stream's rows with a key after `after`, in key order, at most `rows_max`
+/// of them and about `bytes_max` bytes (always at least one row).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadRead {
+    pub id: u64,
+    pub stream: String,
+    pub params: std::collections::BTreeMap<String, crate::filter::Param>,
+    pub after: Option<Value>,
+    pub rows_max: usize,
+    pub bytes_max: usize,
+}
+
+/// What a [`LoadRead`] found, as of log sequence `as_of` (read in one
+/// transaction with the rows).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadChunk {
+    pub id: u64,
+    pub as_of: u64,
+    /// Inserting upserts with every column (text columns as their
+    /// document's state).
+    pub rows: Vec<RowChange>,
+    /// The key of the last row read.
+    pub last: Option<Value>,
+    /// No row of the stream comes after `last`.
+    pub done: bool,
+}
+
+/// Reads one chunk of a subscription's initial load from the store through
+/// `conn` (the store's connection, or a reader of it), in one read
+/// transaction, so the rows are exactly the state at the log head it reports.
+pub fn read_load(conn: &Connection, schema: &Schema, read: &LoadRead) -> Result<LoadChunk> {
+    let stream = schema
+        .streams
+        .get(&read.stream)
+        .ok_or_else(|| ServerError::Schema(format!("no stream '{}'", read.stream)))?;
+    let table = schema
+        .table(&stream.table)
+        .ok_or_else(|| ServerError::Schema(format!("no table '{}'", stream.table)))?;
+    let (cond, mut values) = stream.filter.to_sql(&read.params);
+    let pk = crate::schema::ident(table.pk_name());
+    let mut sql = format!(
+        "SELECT {} FROM main.{} WHERE ({cond})",
+        table
+            .columns
+            .iter()
+            .map(|c| crate::schema::ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", "),
+        crate::schema::ident(&table.name)
+    );
+    if let Some(after) = &read.after {
+        values.push(after.clone());
+        sql.push_str(&format!(" AND {pk} > ?{}", values.len()));
+    }
+    // The limit is inlined: a bound LIMIT makes SQLite re-prepare.
+    sql.push_str(&format!(
+        " ORDER BY {pk} LIMIT {}",
+        read.rows_max.max(1) + 1
+    ));
+    conn.execute_batch("BEGIN")?;
+    let result = (|| -> Result<LoadChunk> {
+        let as_of: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
+                r.get(0)
+            })?;
+        let mut text = TextCells::new(0);
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(values.iter()))?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut done = true;
+        let width = table.columns.len();
+        while let Some(row) = rows.next()? {
+            if out.len() >= read.rows_max.max(1) || (!out.is_empty() && bytes >= read.bytes_max) {
+                done = false;
+                break;
+            }
+            let values: Vec<Value> = (0..width)
+                .map(|i| row.get::<_, Value>(i))
+                .collect::<rusqlite::Result<_>>()?;
+            let key = values[table.pk].clone();
+            let columns = whole_row(conn, &mut text, table, &key, values).map_err(|e| match e {
+                TextFailure::Sql(e) => ServerError::Sql(e),
+                TextFailure::Text(e) => {
+                    ServerError::Corrupt(format!("text document of a row of '{}': {e}", table.name))
+                }
+            })?;
+            let change = RowChange {
+                table: table.name.clone(),
+                pk: key,
+                op: RowOp::Upsert {
+                    insert: true,
+                    columns,
+                },
+            };
+            bytes += postcard::experimental::serialized_size(&change).expect("sizing a row");
+            out.push(change);
+        }
+        Ok(LoadChunk {
+            id: read.id,
+            as_of: as_of as u64,
+            last: out.last().map(|c| c.pk.clone()),
+            rows: out,
+            done,
+        })
+    })();
+    conn.execute_batch("COMMIT")?;
+    result
+}

@@ -21,8 +21,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hearth_engine::protocol::{decode_client, encode_server, ClientMsg, CodecError, ServerMsg};
-use hearth_engine::server::Hello;
+use hearth_engine::link::{Link, LinkConfig, Step};
+use hearth_engine::protocol::{decode_client, encode_server, CodecError, ServerMsg};
+use hearth_engine::server::{LoadChunk, LoadRead};
 use hearth_engine::{LogEntry, ServerCore};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
@@ -56,7 +57,7 @@ const MUTATION_MEMORY_BYTES: usize = 64;
 
 /// Why a connection ends early, said to the device before closing.
 struct Fatal {
-    code: &'static str,
+    code: String,
     message: String,
     reason: CloseReason,
 }
@@ -68,9 +69,9 @@ enum End {
     Quiet(CloseReason),
 }
 
-fn fatal(code: &'static str, message: impl Into<String>, reason: CloseReason) -> End {
+fn fatal(code: impl Into<String>, message: impl Into<String>, reason: CloseReason) -> End {
     End::Fatal(Fatal {
-        code,
+        code: code.into(),
         message: message.into(),
         reason,
     })
@@ -257,7 +258,17 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
         writer,
         writer_done: false,
         state: state.clone(),
-        last_sent: 0,
+        link: Link::new(
+            state.store.schema.clone(),
+            LinkConfig {
+                mutation_bytes_max: config.mutation_bytes_max,
+                push_mutations_max: config.push_mutations_max,
+                subscriptions_max: config.subscriptions_max,
+                load_rows_max: config.load_rows_max,
+                load_bytes_max: config.chunk_bytes_max,
+                chunk_bytes_max: config.chunk_bytes_max,
+            },
+        ),
         in_flight_mutations: 0,
         in_flight_bytes: 0,
         last_rx: Instant::now(),
@@ -319,17 +330,21 @@ struct Conn {
     /// The writer task has ended (its handle must not be polled again).
     writer_done: bool,
     state: Arc<AppState>,
-    /// The newest log entry queued for this device.
-    last_sent: u64,
+    /// What this connection sends, filters or refuses (the engine's
+    /// sans-io rules); this task does the I/O around it.
+    link: Link,
     in_flight_mutations: usize,
     in_flight_bytes: usize,
     /// When something last arrived (or reading last resumed).
     last_rx: Instant,
 }
 
-/// A catch-up read in progress: the entries after `last_sent`, with the
-/// catch-up budget they hold.
+/// A catch-up read in progress: the entries after the link's cursor, with
+/// the catch-up budget they hold.
 type CatchUpRead = JoinHandle<Result<(Vec<LogEntry>, OwnedSemaphorePermit), String>>;
+
+/// A chunk of an initial load being read from the store.
+type LoadReading = JoinHandle<Result<LoadChunk, String>>;
 
 enum Received {
     Frame(Bytes),
@@ -412,13 +427,10 @@ impl Conn {
             Err(reason) => return Ok(reason),
             Ok(bytes) => decode_client(&bytes, config.frame_bytes_max).map_err(bad_input)?,
         };
-        let hello = Hello::of(&first).ok_or_else(|| {
-            fatal(
-                "HANDSHAKE",
-                "the first message must be Hello",
-                CloseReason::Handshake,
-            )
-        })?;
+        let hello = self
+            .link
+            .on_hello(first)
+            .map_err(|r| fatal(r.code, r.message, CloseReason::Handshake))?;
         let client_id = hello.client_id;
         let ring = self.state.store.ring.clone();
         let mut head = ring.subscribe();
@@ -436,21 +448,14 @@ impl Conn {
         if let ServerMsg::Error { message, .. } = answer {
             return Err(fatal("HANDSHAKE", message, CloseReason::Handshake));
         }
-        self.queue_msg(&answer, false);
-        self.last_sent = hello.cursor;
-        if self.last_sent >= known_head {
-            self.queue_msg(
-                &ServerMsg::Changes {
-                    entries: Vec::new(),
-                    caught_up: true,
-                },
-                false,
-            );
+        for msg in self.link.on_welcome(answer, known_head) {
+            self.queue_msg(&msg, false);
         }
 
         let (reply_tx, mut replies) = mpsc::unbounded_channel();
         let mut shutdown = self.state.shutdown.clone();
         let mut catch_up: Option<CatchUpRead> = None;
+        let mut loading: Option<LoadReading> = None;
         let peer_timeout = Duration::from_millis(config.peer_timeout_ms);
         let send_max = config.send_queue_bytes_max;
         let mut was_reading = true;
@@ -464,7 +469,12 @@ impl Conn {
                 self.last_rx = Instant::now();
             }
             was_reading = can_read;
-            let want_changes = self.last_sent < known_head && catch_up.is_none();
+            if loading.is_none() {
+                if let Some(read) = self.link.next_read() {
+                    loading = Some(self.read_load(read));
+                }
+            }
+            let want_changes = self.link.wants_entries(known_head) && catch_up.is_none();
             let room = queue.bytes() < send_max;
             let idle_deadline = self.last_rx + peer_timeout;
             let reply_full = queue.reply_bytes() >= send_max;
@@ -491,17 +501,14 @@ impl Conn {
                     // A fatal answer (`DEVICE_REWOUND`: the device re-sent a
                     // number with other content) ends the connection; the
                     // device comes back under a new client id.
-                    Reply::Refused(ServerMsg::Error { code, message })
-                        if code == hearth_engine::server::DEVICE_REWOUND =>
-                    {
-                        return Err(fatal(
-                            hearth_engine::server::DEVICE_REWOUND,
-                            message,
-                            CloseReason::Rewound,
-                        ));
-                    }
-                    Reply::Refused(msg) => self.queue_msg(&msg, true),
-                    Reply::Done { mutations, bytes } => {
+                    Reply::Refused(msg) => match self.link.on_refusal(msg) {
+                        Step::Close { code, message } => {
+                            return Err(fatal(code, message, CloseReason::Rewound));
+                        }
+                        Step::Send(msg) => self.queue_msg(&msg, true),
+                        Step::Apply(_) => unreachable!("a refusal applies nothing"),
+                    },
+                Reply::Done { mutations, bytes } => {
                         self.in_flight_mutations -= mutations;
                         self.in_flight_bytes -= bytes;
                     }
@@ -518,19 +525,20 @@ impl Conn {
                 _ = queue.wait(|q| q.bytes() < send_max && q.reply_bytes() < send_max),
                     if (want_changes && !room) || reply_full => {}
                 _ = std::future::ready(()), if want_changes && room => {
-                    match ring.find(self.last_sent + 1) {
-                        Some(chunk) => {
-                            self.last_sent = chunk.last;
-                            self.queue_frame(chunk.frame.clone(), false, None);
-                            if self.last_sent >= known_head {
-                                // Shared frames never say caught_up; this
-                                // device has reached the head, so say it.
-                                self.queue_msg(
-                                    &ServerMsg::Changes { entries: Vec::new(), caught_up: true },
-                                    false,
-                                );
+                    match ring.find(self.link.cursor() + 1) {
+                        Some(chunk) => match &chunk.entries {
+                            Some(entries) if !self.link.passes_whole(entries) => {
+                                for msg in self.link.on_entries(entries, known_head) {
+                                    self.queue_msg(&msg, false);
+                                }
                             }
-                        }
+                            _ => {
+                                self.queue_frame(chunk.frame.clone(), false, None);
+                                for msg in self.link.sent_whole(chunk.last, known_head) {
+                                    self.queue_msg(&msg, false);
+                                }
+                            }
+                        },
                         None => catch_up = Some(self.read_log()),
                     }
                 }
@@ -541,14 +549,24 @@ impl Conn {
                         .map_err(|e| fatal("STORE", e, CloseReason::StoreError))?;
                     match entries.last().map(|e| e.server_seq) {
                         // The log has nothing past what was sent: wait for the head to move.
-                        None => known_head = self.last_sent,
+                        None => known_head = self.link.cursor(),
                         Some(last) => {
-                            self.last_sent = last;
-                            let msg = ServerMsg::Changes { entries, caught_up: last >= known_head };
-                            let frame = Bytes::from(encode_server(&msg));
-                            drop(msg);
-                            self.queue_frame(frame, false, Some(permit));
+                            known_head = known_head.max(last);
+                            let mut permit = Some(permit);
+                            for msg in self.link.on_entries(&entries, known_head) {
+                                let frame = Bytes::from(encode_server(&msg));
+                                self.queue_frame(frame, false, permit.take());
+                            }
                         }
+                    }
+                }
+                chunk = async { loading.as_mut().expect("guarded").await }, if loading.is_some() => {
+                    loading = None;
+                    let chunk = chunk
+                        .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
+                        .map_err(|e| fatal("STORE", e, CloseReason::StoreError))?;
+                    for msg in self.link.on_read(chunk) {
+                        self.queue_msg(&msg, false);
                     }
                 }
                 _ = tokio::time::sleep_until(idle_deadline), if can_read => {
@@ -566,7 +584,7 @@ impl Conn {
         let budget = self.state.catch_up_budget.clone();
         let budget_max = self.state.config.catch_up_bytes_max;
         let reader = self.state.store.reader.clone();
-        let after = self.last_sent;
+        let after = self.link.cursor();
         let chunk_bytes_max = self.state.config.chunk_bytes_max;
         tokio::spawn(async move {
             let sizing = reader.clone();
@@ -590,6 +608,16 @@ impl Conn {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
             Ok((entries, permit))
+        })
+    }
+
+    /// Starts reading a chunk of an initial load on the store's reader.
+    fn read_load(&self, read: LoadRead) -> LoadReading {
+        let reader = self.state.store.reader.clone();
+        let schema = self.state.store.schema.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().expect("reader lock");
+            hearth_engine::server::read_load(&conn, &schema, &read).map_err(|e| e.to_string())
         })
     }
 
@@ -629,37 +657,25 @@ impl Conn {
             })?;
         let msg = decode_client(&bytes, config.frame_bytes_max).map_err(bad_input)?;
         drop(bytes);
-        let mutations = match msg {
-            ClientMsg::Hello { .. } => {
-                return Err(fatal(
-                    "HANDSHAKE",
-                    "Hello sent twice on one connection",
-                    CloseReason::Handshake,
-                ))
+        let mut keep = Vec::new();
+        for step in self.link.on_message(msg) {
+            match step {
+                Step::Send(msg) => {
+                    if matches!(msg, ServerMsg::Rejected { .. }) {
+                        Metrics::add(&self.state.metrics.mutations_rejected, 1);
+                    }
+                    self.queue_msg(&msg, true);
+                }
+                Step::Apply(mutations) => keep = mutations,
+                Step::Close { code, message } => {
+                    let reason = if code == "HANDSHAKE" {
+                        CloseReason::Handshake
+                    } else {
+                        CloseReason::BadInput
+                    };
+                    return Err(fatal(code, message, reason));
+                }
             }
-            ClientMsg::Push { mutations } => mutations,
-        };
-        let mutation_bytes_max = config.mutation_bytes_max;
-        let mut keep = Vec::with_capacity(mutations.len());
-        let mut refusals = Vec::new();
-        for m in mutations {
-            let size = postcard::experimental::serialized_size(&m).unwrap_or(usize::MAX);
-            if size > mutation_bytes_max {
-                refusals.push(ServerMsg::Rejected {
-                    client_seq: m.seq,
-                    code: "TOO_LARGE".into(),
-                    reason: format!(
-                        "the mutation is {size} bytes; the server takes at most {mutation_bytes_max} \
-                         (its effect must reach every device in one frame)"
-                    ),
-                });
-            } else {
-                keep.push(m);
-            }
-        }
-        for refusal in refusals {
-            Metrics::add(&self.state.metrics.mutations_rejected, 1);
-            self.queue_msg(&refusal, true);
         }
         if keep.is_empty() {
             return Ok(());

@@ -65,6 +65,11 @@ pub struct ServerConfig {
     /// entries (live broadcast and catch-up alike); an entry larger than this
     /// travels alone.
     pub chunk_bytes_max: usize,
+    /// Most subscriptions one device may hold (`TOO_MANY_SUBSCRIPTIONS`).
+    pub subscriptions_max: usize,
+    /// Most rows in one chunk of a subscription's initial load (which also
+    /// stops at `chunk_bytes_max` bytes, after at least one row).
+    pub load_rows_max: usize,
     /// Most mutations applied in one store transaction.
     pub batch_mutations_max: usize,
     /// Most mutation bytes applied in one store transaction.
@@ -128,6 +133,8 @@ impl ServerConfig {
             log_entry_bytes_max: 0,
             mutation_bytes_max: 0,
             chunk_bytes_max: 0,
+            subscriptions_max: 256,
+            load_rows_max: 1_000,
             batch_mutations_max: 2_000,
             batch_bytes_max: 32 * MIB,
             push_mutations_max: 4_096,

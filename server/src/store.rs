@@ -64,6 +64,17 @@ pub(crate) struct Chunk {
     pub first: u64,
     pub last: u64,
     pub frame: Bytes,
+    /// The entries themselves, with their row images, when some touch a
+    /// streamed table (each connection then filters them).
+    pub entries: Option<Vec<LogEntry>>,
+}
+
+impl Chunk {
+    /// What the chunk holds in memory, about: its frame, and its decoded
+    /// entries counted at twice the frame.
+    fn bytes(&self) -> usize {
+        self.frame.len() * if self.entries.is_some() { 3 } else { 1 }
+    }
 }
 
 /// The recent broadcast chunks, bounded in bytes and count. Connections look
@@ -103,14 +114,14 @@ impl Ring {
         {
             let mut inner = self.inner.lock().expect("ring lock");
             for chunk in chunks {
-                inner.bytes += chunk.frame.len();
+                inner.bytes += chunk.bytes();
                 inner.chunks.push_back(Arc::new(chunk));
             }
             while inner.chunks.len() > 1
                 && (inner.bytes > inner.bytes_max || inner.chunks.len() > RING_CHUNKS_MAX)
             {
                 let old = inner.chunks.pop_front().expect("not empty");
-                inner.bytes -= old.frame.len();
+                inner.bytes -= old.bytes();
             }
         }
         self.head.send_replace(head);
@@ -163,7 +174,7 @@ pub(crate) struct StoreHandle {
     /// A read-only connection for catch-up reads (WAL lets it read while
     /// the store thread writes).
     pub reader: Arc<Mutex<Connection>>,
-    pub schema: Schema,
+    pub schema: Arc<Schema>,
     health: Arc<Health>,
 }
 
@@ -246,7 +257,7 @@ pub(crate) fn open(
         budget: Arc::new(Semaphore::new(config.store_queue_bytes_max)),
         ring: ring.clone(),
         reader: Arc::new(Mutex::new(reader)),
-        schema: config.schema.clone(),
+        schema: Arc::new(config.schema.clone()),
         health: health.clone(),
     };
     let limits = Limits {
@@ -469,10 +480,20 @@ impl Store {
     fn encode(&self, entries: Vec<LogEntry>) -> Chunk {
         let first = entries.first().expect("a chunk has entries").server_seq;
         let last = entries.last().expect("a chunk has entries").server_seq;
-        let frame = hearth_engine::protocol::encode_server(&ServerMsg::Changes {
+        // Entries that touch streamed tables are filtered per connection
+        // (see `hearth_engine::link`), which needs their row images; the
+        // frame, encoded once, serves every connection they pass whole.
+        let filtered = entries.iter().any(|e| !e.images.is_empty());
+        let msg = ServerMsg::Changes {
             entries,
+            cursor: last,
             caught_up: false,
-        });
+        };
+        let frame = hearth_engine::protocol::encode_server(&msg);
+        let ServerMsg::Changes { entries, .. } = msg else {
+            unreachable!("built above")
+        };
+        let entries = filtered.then_some(entries);
         assert!(
             frame.len() <= self.limits.frame_bytes_max,
             "a broadcast frame of {} bytes exceeds frame_bytes_max {} (chunk limit + {FRAME_OVERHEAD_BYTES})",
@@ -484,6 +505,7 @@ impl Store {
             first,
             last,
             frame: Bytes::from(frame),
+            entries,
         }
     }
 }

@@ -27,10 +27,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use hearth_engine::link::{Link as ServerLink, LinkConfig, Step};
 use hearth_engine::protocol::{
     decode_client, decode_server, encode_client, encode_server, FRAME_BYTES_MAX,
 };
-use hearth_engine::server::Hello;
 use hearth_engine::{
     Client, ClientConfig, ClientMsg, ColumnOp, Event, Hlc, LogEntry, Mutation, Outcome, RowChange,
     RowOp, Schema, ServerCore, ServerMsg, Value,
@@ -319,6 +319,9 @@ struct Link {
     server_open: bool,
     /// Set when the server has processed Hello: the client id it named.
     hello: Option<u64>,
+    /// The server's side of the connection: the engine's rules, which the
+    /// real server drives the same way.
+    conn: ServerLink,
     latency_max_ms: u64,
     up: VecDeque<(u64, Vec<u8>)>,
     down: VecDeque<(u64, Vec<u8>)>,
@@ -699,16 +702,34 @@ fn decode_outbox(blob: &[u8]) -> Result<Mutation, String> {
 fn short(msg: &ServerMsg) -> String {
     match msg {
         ServerMsg::Welcome { server_seq, .. } => format!("Welcome(head {server_seq})"),
-        ServerMsg::Changes { entries, caught_up } => {
+        ServerMsg::Changes {
+            entries,
+            cursor,
+            caught_up,
+        } => {
             let seqs: Vec<String> = entries
                 .iter()
                 .map(|e| format!("{}={}#{}", e.server_seq, e.client_id, e.client_seq))
                 .collect();
             format!(
-                "Changes[{}]{}",
+                "Changes[{}] to {cursor}{}",
                 seqs.join(" "),
                 if *caught_up { " caught_up" } else { "" }
             )
+        }
+        ServerMsg::Rows {
+            id,
+            cursor,
+            rows,
+            done,
+            ..
+        } => format!(
+            "Rows(sub {id} at {cursor}: {} rows{})",
+            rows.len(),
+            if *done { ", done" } else { "" }
+        ),
+        ServerMsg::SubscriptionRefused { id, code, .. } => {
+            format!("SubscriptionRefused({id} {code})")
         }
         ServerMsg::Rejected {
             client_seq, code, ..
@@ -726,6 +747,8 @@ fn short_client(msg: &ClientMsg) -> String {
             let seqs: Vec<String> = mutations.iter().map(|m| format!("#{}", m.seq)).collect();
             format!("Push[{}]", seqs.join(" "))
         }
+        ClientMsg::Subscribe(sub) => format!("Subscribe({} {} {:?})", sub.id, sub.stream, sub.load),
+        ClientMsg::Unsubscribe { id } => format!("Unsubscribe({id})"),
     }
 }
 
@@ -954,6 +977,7 @@ impl World {
         let id = self.next_link;
         self.next_link += 1;
         let latency_max_ms = [1, 5, 30, 200, 1000][self.rng.gen_range(0..5)];
+        let conn = self.server_link();
         self.links.insert(
             id,
             Link {
@@ -961,6 +985,7 @@ impl World {
                 client_open: true,
                 server_open: true,
                 hello: None,
+                conn,
                 latency_max_ms,
                 up: VecDeque::new(),
                 down: VecDeque::new(),
@@ -1067,6 +1092,18 @@ impl World {
 
     // ---- the server, routed as the network driver routes ----------------
 
+    /// A new connection's server side, with small load chunks so that
+    /// initial loads span many frames (and get cut by dropped links).
+    fn server_link(&mut self) -> ServerLink {
+        ServerLink::new(
+            std::sync::Arc::new(self.schema.clone()),
+            LinkConfig {
+                load_rows_max: self.rng.gen_range(1..=7),
+                ..LinkConfig::default()
+            },
+        )
+    }
+
     fn server_receive(&mut self, id: u64, due: &[(u64, bool)]) -> Result<(), String> {
         let link = self.links.get_mut(&id).unwrap();
         let frame = link.up.pop_front().unwrap().1;
@@ -1074,90 +1111,142 @@ impl World {
         let msg = decode_client(&frame, FRAME_BYTES_MAX)
             .map_err(|e| format!("server got a bad frame: {e}"))?;
         self.retire_link(id);
-        match msg {
-            ClientMsg::Hello {
-                client_id, cursor, ..
-            } => {
-                self.trace(format!(
-                    "server: link {id} Hello from {client_id}, cursor {cursor}"
-                ));
-                let hello = Hello::of(&msg).expect("a Hello");
-                let welcome = self
-                    .server
-                    .greet(&hello, FRAME_BYTES_MAX)
-                    .map_err(|e| format!("greet: {e}"))?;
-                let refused = matches!(welcome, ServerMsg::Error { .. });
-                self.send_down(id, &welcome);
-                if refused {
-                    return Ok(());
+        if hello.is_none() {
+            let Some(link) = self.links.get_mut(&id) else {
+                return Ok(());
+            };
+            let hello = match link.conn.on_hello(msg) {
+                Ok(hello) => hello,
+                Err(refused) => {
+                    return Err(format!("the server refused a Hello: {refused:?}"));
                 }
-                // Catch-up in chunks of random size, the last marked caught_up;
-                // from then on the link gets every new entry as it is made.
-                let chunk = self.rng.gen_range(1..=40);
-                let mut after = cursor;
-                loop {
-                    let entries = ServerCore::read_log(self.server.connection(), after, chunk)
-                        .map_err(|e| format!("read_log: {e}"))?;
-                    let last = entries.last().map(|e| e.server_seq);
-                    let caught_up = last.is_none_or(|s| s >= self.server.head());
-                    self.send_down(id, &ServerMsg::Changes { entries, caught_up });
-                    match last {
-                        Some(s) if !caught_up => after = s,
-                        _ => break,
-                    }
-                }
-                if let Some(link) = self.links.get_mut(&id) {
-                    link.hello = Some(client_id);
-                }
+            };
+            self.trace(format!(
+                "server: link {id} Hello from {}, cursor {}",
+                hello.client_id, hello.cursor
+            ));
+            let welcome = self
+                .server
+                .greet(&hello, FRAME_BYTES_MAX)
+                .map_err(|e| format!("greet: {e}"))?;
+            let refused = matches!(welcome, ServerMsg::Error { .. });
+            let head = self.server.head();
+            let msgs = self
+                .links
+                .get_mut(&id)
+                .unwrap()
+                .conn
+                .on_welcome(welcome, head);
+            for msg in &msgs {
+                self.send_down(id, msg);
             }
-            ClientMsg::Push { mutations } => {
-                let origin = hello.ok_or("Push before Hello")?;
-                let mut streams: Vec<(u64, u64, VecDeque<Mutation>)> =
-                    vec![(id, origin, mutations.into())];
-                // Sometimes the driver applies pushes from several connections
-                // in one batch, interleaved but in order per connection.
-                if self.rng.gen_bool(0.3) {
-                    for &(other, other_up) in due {
-                        if other == id || !other_up || self.rng.gen_bool(0.5) {
-                            continue;
-                        }
-                        let Some(link) = self.links.get(&other) else {
-                            continue;
-                        };
-                        let Some(client_id) = link.hello else {
-                            continue;
-                        };
-                        let Some((_, frame)) = link.up.front() else {
-                            continue;
-                        };
-                        let Ok(ClientMsg::Push { mutations }) =
-                            decode_client(frame, FRAME_BYTES_MAX)
-                        else {
-                            continue;
-                        };
-                        self.links.get_mut(&other).unwrap().up.pop_front();
-                        self.retire_link(other);
-                        streams.push((other, client_id, mutations.into()));
-                    }
+            if refused {
+                return Ok(());
+            }
+            if let Some(link) = self.links.get_mut(&id) {
+                link.hello = Some(hello.client_id);
+            }
+            return self.pump(id);
+        }
+        let origin = hello.expect("checked");
+        let mutations = match self.steps(id, msg)? {
+            Some(mutations) => mutations,
+            None => return self.pump(id),
+        };
+        let mut streams: Vec<(u64, u64, VecDeque<Mutation>)> = vec![(id, origin, mutations.into())];
+        // Sometimes the driver applies pushes from several connections
+        // in one batch, interleaved but in order per connection.
+        if self.rng.gen_bool(0.3) {
+            for &(other, other_up) in due {
+                if other == id || !other_up || self.rng.gen_bool(0.5) {
+                    continue;
                 }
-                let mut batch = Vec::new();
-                let mut origins = Vec::new();
-                while !streams.is_empty() {
-                    let i = self.rng.gen_range(0..streams.len());
-                    match streams[i].2.pop_front() {
-                        Some(m) => {
-                            origins.push(streams[i].0);
-                            batch.push((streams[i].1, m));
-                        }
-                        None => {
-                            streams.swap_remove(i);
-                        }
-                    }
+                let Some(link) = self.links.get(&other) else {
+                    continue;
+                };
+                let Some(client_id) = link.hello else {
+                    continue;
+                };
+                let Some((_, frame)) = link.up.front() else {
+                    continue;
+                };
+                let Ok(msg @ ClientMsg::Push { .. }) = decode_client(frame, FRAME_BYTES_MAX) else {
+                    continue;
+                };
+                self.links.get_mut(&other).unwrap().up.pop_front();
+                self.retire_link(other);
+                if let Some(mutations) = self.steps(other, msg)? {
+                    streams.push((other, client_id, mutations.into()));
                 }
-                self.server_apply(&batch, &origins)?;
             }
         }
-        Ok(())
+        let mut batch = Vec::new();
+        let mut origins = Vec::new();
+        while !streams.is_empty() {
+            let i = self.rng.gen_range(0..streams.len());
+            match streams[i].2.pop_front() {
+                Some(m) => {
+                    origins.push(streams[i].0);
+                    batch.push((streams[i].1, m));
+                }
+                None => {
+                    streams.swap_remove(i);
+                }
+            }
+        }
+        self.server_apply(&batch, &origins)
+    }
+
+    /// A message after Hello, through the link's rules: what it sends goes
+    /// down; the mutations it takes are returned for the store.
+    fn steps(&mut self, id: u64, msg: ClientMsg) -> Result<Option<Vec<Mutation>>, String> {
+        let Some(link) = self.links.get_mut(&id) else {
+            return Ok(None);
+        };
+        let mut apply = None;
+        for step in link.conn.on_message(msg) {
+            match step {
+                Step::Send(msg) => self.send_down(id, &msg),
+                Step::Apply(mutations) => apply = Some(mutations),
+                Step::Close { code, message } => {
+                    return Err(format!("the server closed link {id}: {code}: {message}"));
+                }
+            }
+        }
+        Ok(apply)
+    }
+
+    /// Lets a link send what it may now: initial-load chunks (read at once
+    /// from the store) and log entries past its cursor, in reads of random
+    /// size, as the real server reads them from its ring or its log.
+    fn pump(&mut self, id: u64) -> Result<(), String> {
+        loop {
+            let head = self.server.head();
+            let Some(link) = self.links.get_mut(&id) else {
+                return Ok(());
+            };
+            if !link.server_open || link.hello.is_none() {
+                return Ok(());
+            }
+            let msgs = if let Some(read) = link.conn.next_read() {
+                let chunk =
+                    hearth_engine::server::read_load(self.server.connection(), &self.schema, &read)
+                        .map_err(|e| format!("read_load: {e}"))?;
+                link.conn.on_read(chunk)
+            } else if link.conn.wants_entries(head) {
+                let n = self.rng.gen_range(1..=40);
+                let cursor = link.conn.cursor();
+                let entries = ServerCore::read_log(self.server.connection(), cursor, n)
+                    .map_err(|e| format!("read_log: {e}"))?;
+                let link = self.links.get_mut(&id).unwrap();
+                link.conn.on_entries(&entries, head)
+            } else {
+                return Ok(());
+            };
+            for msg in &msgs {
+                self.send_down(id, msg);
+            }
+        }
     }
 
     fn server_apply(&mut self, batch: &[(u64, Mutation)], origins: &[u64]) -> Result<(), String> {
@@ -1187,7 +1276,6 @@ impl World {
             ));
         }
         let one_message = self.rng.gen_bool(0.5);
-        let mut applied = Vec::new();
         for ((outcome, &origin), ((client_id, m), reused)) in outcomes
             .into_iter()
             .zip(origins)
@@ -1202,7 +1290,14 @@ impl World {
                 ));
             }
             if let Some(refusal) = outcome.refusal() {
-                self.send_down(origin, &refusal);
+                if let Some(link) = self.links.get_mut(&origin) {
+                    let msg = match link.conn.on_refusal(refusal) {
+                        Step::Send(msg) => msg,
+                        Step::Close { code, message } => ServerMsg::Error { code, message },
+                        Step::Apply(_) => unreachable!("a refusal applies nothing"),
+                    };
+                    self.send_down(origin, &msg);
+                }
             }
             match outcome {
                 Outcome::Applied(entry) => {
@@ -1235,10 +1330,10 @@ impl World {
                         .max(entry.hlc);
                     self.ledger.log_hlc_max.push(max);
                     self.ledger.log_now.push(self.server_now_ms());
-                    if one_message {
-                        applied.push(entry);
-                    } else {
-                        self.broadcast(vec![entry]);
+                    // Entries go out at once (the whole committed batch,
+                    // before the refusals that follow), or after the loop.
+                    if !one_message {
+                        self.broadcast()?;
                     }
                 }
                 Outcome::Rejected {
@@ -1275,9 +1370,7 @@ impl World {
                 }
             }
         }
-        if !applied.is_empty() {
-            self.broadcast(applied);
-        }
+        self.broadcast()?;
         // The connection dies right after the server applied, before the
         // acknowledgement could leave.
         if self.rng.gen_bool(0.04) {
@@ -1287,20 +1380,20 @@ impl World {
         Ok(())
     }
 
-    fn broadcast(&mut self, entries: Vec<LogEntry>) {
-        let msg = ServerMsg::Changes {
-            entries,
-            caught_up: true,
-        };
-        let live: Vec<u64> = self
+    /// After a commit: every connected link sends what it may of the new
+    /// entries.
+    fn broadcast(&mut self) -> Result<(), String> {
+        let mut live: Vec<u64> = self
             .links
             .iter()
             .filter(|(_, l)| l.hello.is_some())
             .map(|(id, _)| *id)
             .collect();
+        live.sort_unstable();
         for id in live {
-            self.send_down(id, &msg);
+            self.pump(id)?;
         }
+        Ok(())
     }
 
     fn crash_server(&mut self) -> Result<(), String> {
@@ -2561,6 +2654,7 @@ impl World {
             None => {
                 let id = self.next_link;
                 self.next_link += 1;
+                let conn = self.server_link();
                 self.links.insert(
                     id,
                     Link {
@@ -2568,6 +2662,7 @@ impl World {
                         client_open: true,
                         server_open: true,
                         hello: None,
+                        conn,
                         latency_max_ms: 50,
                         up: VecDeque::new(),
                         down: VecDeque::new(),
@@ -2578,6 +2673,7 @@ impl World {
                     client_id: ROGUE_ID,
                     cursor: self.server.head(),
                     schema_version: Some(1),
+                    subscriptions: Vec::new(),
                 };
                 self.send_up(id, vec![hello]);
                 id
@@ -3050,6 +3146,7 @@ fn lww_follows_clocks(w: &World) -> Result<(), String> {
                 .entry((c.table.clone(), format!("{:?}", c.pk)))
                 .or_insert_with(|| (c.pk.clone(), RowModel::default()));
             match &c.op {
+                RowOp::Evict => unreachable!("a device's mutation never evicts"),
                 RowOp::Delete => row.deleted = true,
                 RowOp::Upsert { insert, columns } => {
                     if *insert {
@@ -3231,6 +3328,7 @@ fn applied_writes(w: &World) -> Result<(Vec<Writer>, CellWrites), String> {
             };
             let row = (t, pk_key(&c.pk));
             match &c.op {
+                RowOp::Evict => unreachable!("a device's mutation never evicts"),
                 RowOp::Delete => {
                     deleted.insert(row);
                 }

@@ -952,6 +952,7 @@ pub(super) fn delete_rule_replay(w: &World) -> Result<(), String> {
                         }
                     }
                 }
+                RowOp::Evict => unreachable!("a device's mutation never evicts"),
                 RowOp::Delete => {
                     if row.alive {
                         if row.stamp > stamp || !seen(row.last_write) {

@@ -761,7 +761,7 @@ impl Client {
                     .filter(|c| c.table == cell.table && c.pk == *cell.pk)
                 {
                     match &change.op {
-                        RowOp::Delete => doc = None,
+                        RowOp::Delete | RowOp::Evict => doc = None,
                         RowOp::Upsert { insert, columns } => {
                             for (name, op) in columns.iter().filter(|(n, _)| n == cell.column) {
                                 match op {

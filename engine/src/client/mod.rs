@@ -22,7 +22,10 @@
 
 mod capture;
 mod rebase;
+mod subscribe;
 mod sync;
+
+pub use subscribe::{subscription_id, SubscriptionInfo};
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -129,6 +132,16 @@ pub enum Event {
     SchemaInstalled { version: u64 },
     /// Everything the server had when it answered has been applied.
     CaughtUp { server_seq: u64 },
+    /// A chunk of a subscription's initial load is in the database (and
+    /// durable with it): `rows` so far; `done` when the load is complete.
+    Loaded { id: u64, rows: u64, done: bool },
+    /// The server refused a subscription (`BAD_SUBSCRIPTION`,
+    /// `TOO_MANY_SUBSCRIPTIONS`); the device dropped it.
+    SubscriptionRefused {
+        id: u64,
+        code: String,
+        reason: String,
+    },
     /// The server had already processed mutation numbers this device was
     /// about to reuse (it lost the end of its history: restored from an
     /// older copy, or storage that dropped its last commits). The device took
@@ -238,6 +251,10 @@ pub struct Client {
     pending: u64,
     /// How many pending mutations touch each row.
     pending_rows: HashMap<RowKey, u32>,
+    /// Rows the server moved out of this device's subscriptions while a
+    /// pending write touched them (`_hearth_deferred`): evicted once no
+    /// pending write does.
+    deferred: RefCell<HashSet<RowKey>>,
     /// Whether any synced table has a foreign key (see `replicated`).
     foreign_keys: bool,
     /// The sequence numbers in the outbox (kept in memory: counting the
@@ -409,6 +426,7 @@ impl Client {
         conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch(INTERNAL_TABLES)?;
         conn.execute_batch(crate::textcells::TEXT_TABLE)?;
+        conn.execute_batch(subscribe::SUBSCRIPTIONS_TABLE)?;
         // Outboxes written before formats were kept hold format 1.
         let has_format: bool = conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_outbox') WHERE name = 'format')",
@@ -437,6 +455,7 @@ impl Client {
             Some(src) => Some(Schema::parse(&src)?),
             None => None,
         };
+        let deferred = Client::load_deferred(&conn)?;
         let mut client = Client {
             conn,
             config,
@@ -447,6 +466,7 @@ impl Client {
             next_seq,
             pending: pending as u64,
             pending_rows: HashMap::new(),
+            deferred: RefCell::new(deferred),
             outbox_seqs: BTreeSet::new(),
             foreign_keys: false,
             cross_row_tables: HashSet::new(),

@@ -22,7 +22,21 @@ impl Client {
         for change in changes {
             let table = self.table(&change.table)?;
             let op = match &change.op {
-                RowOp::Delete => {
+                // A row that left this device's subscriptions: gone locally,
+                // unless a pending write still touches it (it stays until
+                // that settles, then `evict_unheld` looks again).
+                RowOp::Evict
+                    if self
+                        .pending_rows
+                        .contains_key(&row_key(&table.name, &change.pk)) =>
+                {
+                    self.defer_eviction(&table.name, &change.pk)?;
+                    continue;
+                }
+                RowOp::Delete | RowOp::Evict => {
+                    if author.is_some() {
+                        self.forget_deferred(&table.name, &change.pk)?;
+                    }
                     for column in table
                         .columns
                         .iter()
@@ -33,7 +47,7 @@ impl Client {
                             pk: &change.pk,
                             column: &column.name,
                         };
-                        if author.is_some() {
+                        if author.is_some() || change.op == RowOp::Evict {
                             self.text.borrow().remove(&self.conn, cell)?;
                         }
                         self.local_text.borrow_mut().remove(&cell.key());
@@ -41,6 +55,10 @@ impl Client {
                     None
                 }
                 RowOp::Upsert { insert, columns } => {
+                    if author.is_some() {
+                        // The server says the row is (still) this device's.
+                        self.forget_deferred(&table.name, &change.pk)?;
+                    }
                     let needs_row = columns
                         .iter()
                         .any(|(_, op)| !matches!(op, ColumnOp::Set(_)));
@@ -309,6 +327,9 @@ impl Client {
         // key with (a UNIQUE column): then the fast path fails, rolls back,
         // and the full rebase, which leaves such a pending write out of the
         // local view until the server decides, takes over.
+        // From here on, "pending" means what stays pending: an eviction in
+        // `apply` keeps a row only for a write that is still waiting.
+        let previous = std::mem::replace(&mut self.pending_rows, remaining);
         let fast = !overlaps
             && self
                 .replicated(|c| {
@@ -325,13 +346,13 @@ impl Client {
                 .is_ok();
         if fast {
             self.pending -= done.len() as u64;
-        } else {
-            self.rebase(|c| {
-                remove(c)?;
-                apply(c)
-            })?;
+        } else if let Err(e) = self.rebase(|c| {
+            remove(c)?;
+            apply(c)
+        }) {
+            self.pending_rows = previous;
+            return Err(e);
         }
-        self.pending_rows = remaining;
         for (seq, _, _) in done {
             self.outbox_seqs.remove(seq);
         }

@@ -8,10 +8,17 @@ impl Client {
     pub fn on_connected(&mut self) -> Vec<ClientMsg> {
         self.session = Session::AwaitingWelcome;
         self.rewind = Rewind::default();
+        // Subscriptions unreadable here (a newer format) are left out rather
+        // than failing the connection; the server sends nothing for them.
+        let subscriptions = self
+            .load_subscriptions()
+            .map(|subs| subs.into_iter().map(|(s, _)| s).collect())
+            .unwrap_or_default();
         vec![ClientMsg::Hello {
             client_id: self.client_id,
             cursor: self.cursor,
             schema_version: self.schema.as_ref().map(|s| s.version),
+            subscriptions,
         }]
     }
 
@@ -204,11 +211,21 @@ impl Client {
                     caught_up: false,
                 };
             }
-            ServerMsg::Changes { entries, caught_up } => {
+            ServerMsg::Changes {
+                entries,
+                cursor,
+                caught_up,
+            } => {
                 let Session::Ready { sent_upto, .. } = self.session else {
                     return Err(ClientError::Protocol("Changes before Welcome".into()));
                 };
                 self.apply_entries(&entries, &mut out)?;
+                if cursor > self.cursor {
+                    // Entries that held nothing for this device's
+                    // subscriptions were passed over.
+                    self.cursor = cursor;
+                    meta_set(&self.conn, "cursor", to_i64(cursor))?;
+                }
                 self.session = Session::Ready {
                     sent_upto,
                     caught_up,
@@ -241,6 +258,21 @@ impl Client {
                 reason,
             } => {
                 self.apply_rejection(client_seq, &code, &reason, &mut out)?;
+            }
+            ServerMsg::Rows {
+                id,
+                cursor,
+                rows,
+                last,
+                done,
+            } => {
+                if !matches!(self.session, Session::Ready { .. }) {
+                    return Err(ClientError::Protocol("Rows before Welcome".into()));
+                }
+                self.on_rows(id, cursor, rows, last, done, &mut out)?;
+            }
+            ServerMsg::SubscriptionRefused { id, code, reason } => {
+                self.subscription_refused(id, code, reason, &mut out)?;
             }
             ServerMsg::Error { code, message } if code == crate::server::DEVICE_REWOUND => {
                 out.events.push(self.rewind(now_ms, message)?);
@@ -440,6 +472,13 @@ impl Client {
             self.clock = saved_clock;
             return Err(e);
         }
+        let candidates: Vec<(String, Value)> = fresh
+            .iter()
+            .flat_map(|e| e.changes.iter())
+            .chain(acked.iter().flat_map(|(_, m, _)| m.changes.iter()))
+            .map(|c| (c.table.clone(), c.pk.clone()))
+            .collect();
+        self.evict_unheld(candidates, out)?;
         let acked_seqs: HashSet<u64> = acked.iter().map(|(s, _, _)| *s).collect();
         for entry in fresh
             .iter()
@@ -539,7 +578,9 @@ impl Client {
                             column: &column.name,
                         };
                         match &change.op {
-                            RowOp::Delete => c.text.borrow().remove(&c.conn, cell)?,
+                            RowOp::Delete | RowOp::Evict => {
+                                c.text.borrow().remove(&c.conn, cell)?
+                            }
                             RowOp::Upsert { columns, .. } => {
                                 for (_, op) in columns.iter().filter(|(n, _)| *n == column.name) {
                                     match op {
@@ -633,8 +674,13 @@ impl Client {
                     .filter(|(_, op)| matches!(op, ColumnOp::Text(_)))
                     .map(|(n, _)| (c.table.clone(), c.pk.clone(), n.clone()))
                     .collect(),
-                RowOp::Delete => Vec::new(),
+                RowOp::Delete | RowOp::Evict => Vec::new(),
             })
+            .collect();
+        let candidates: Vec<(String, Value)> = mutation
+            .changes
+            .iter()
+            .map(|c| (c.table.clone(), c.pk.clone()))
             .collect();
         self.settle(&rejected, std::iter::empty(), |c| {
             c.local_text.borrow_mut().clear();
@@ -649,6 +695,7 @@ impl Client {
             }
             Ok(())
         })?;
+        self.evict_unheld(candidates, out)?;
         out.events.push(Event::Rejected {
             seq,
             code: code.to_string(),

@@ -1,10 +1,12 @@
 //! The in-memory harness the engine tests share: a device and a
-//! `ServerCore` talking without a network, routed as the server's driver
-//! routes (Welcome and catch-up on Hello, log entries for applied pushes,
-//! `Rejected` for refused ones).
+//! `ServerCore` talking without a network, with the server's side of the
+//! connection decided by the engine's `Link`, as in the real server.
 
+use std::sync::Arc;
+
+use hearth_engine::link::{Link, LinkConfig, Step};
 use hearth_engine::protocol::{ClientMsg, ServerMsg};
-use hearth_engine::{Client, ClientConfig, Event, Outcome, Schema, ServerCore, Value};
+use hearth_engine::{Client, ClientConfig, Event, Schema, ServerCore, Value};
 use rusqlite::Connection;
 
 /// A server and any number of devices on one schema, in memory.
@@ -105,6 +107,10 @@ pub fn sync_refusing(server: &mut ServerCore, client: &mut Client, refuse: &[u64
 }
 
 /// Like [`sync_refusing`], with a server whose `Welcome` names this frame limit.
+///
+/// The server's side of the connection is the engine's [`Link`], exactly as
+/// the real server drives it: Hello and Welcome, pushes applied as they
+/// come, then every log entry and initial-load chunk the link lets through.
 pub fn sync_with(
     server: &mut ServerCore,
     client: &mut Client,
@@ -112,26 +118,20 @@ pub fn sync_with(
     frame_bytes_max: usize,
 ) -> Vec<Event> {
     let mut events = Vec::new();
+    let mut link = Link::new(Arc::new(server.schema().clone()), LinkConfig::default());
     let mut to_server = client.on_connected();
-    while !to_server.is_empty() {
+    let mut welcomed = false;
+    loop {
         let mut to_client = Vec::new();
         for msg in to_server.drain(..) {
-            match msg {
-                ClientMsg::Hello { cursor, .. } => {
-                    let hello = hearth_engine::server::Hello::of(&msg).unwrap();
-                    let answer = server.greet(&hello, frame_bytes_max).unwrap();
-                    if matches!(answer, ServerMsg::Error { .. }) {
-                        to_client.push(answer);
-                        continue;
-                    }
-                    to_client.push(answer);
-                    let entries =
-                        ServerCore::read_log(server.connection(), cursor, 10_000).unwrap();
-                    to_client.push(ServerMsg::Changes {
-                        entries,
-                        caught_up: true,
-                    });
-                }
+            if !welcomed {
+                welcomed = true;
+                let hello = link.on_hello(msg).unwrap();
+                let answer = server.greet(&hello, frame_bytes_max).unwrap();
+                to_client.extend(link.on_welcome(answer, server.head()));
+                continue;
+            }
+            let msg = match msg {
                 ClientMsg::Push { mutations } => {
                     let (refused, taken): (Vec<_>, Vec<_>) =
                         mutations.into_iter().partition(|m| refuse.contains(&m.seq));
@@ -140,22 +140,65 @@ pub fn sync_with(
                         code: "CONSTRAINT".into(),
                         reason: "refused by the test".into(),
                     }));
-                    let batch: Vec<_> =
-                        taken.into_iter().map(|m| (client.client_id(), m)).collect();
-                    for outcome in server.apply_batch(&batch).unwrap() {
-                        match outcome {
-                            Outcome::Applied(entry) => to_client.push(ServerMsg::Changes {
-                                entries: vec![entry],
-                                caught_up: true,
-                            }),
-                            refused => to_client.extend(refused.refusal()),
+                    ClientMsg::Push { mutations: taken }
+                }
+                other => other,
+            };
+            for step in link.on_message(msg) {
+                match step {
+                    Step::Send(msg) => to_client.push(msg),
+                    Step::Apply(mutations) => {
+                        let batch: Vec<_> = mutations
+                            .into_iter()
+                            .map(|m| (client.client_id(), m))
+                            .collect();
+                        for outcome in server.apply_batch(&batch).unwrap() {
+                            if let Some(refusal) = outcome.refusal() {
+                                match link.on_refusal(refusal) {
+                                    Step::Send(msg) => to_client.push(msg),
+                                    Step::Close { code, message } => {
+                                        to_client.push(ServerMsg::Error { code, message })
+                                    }
+                                    Step::Apply(_) => unreachable!(),
+                                }
+                            }
                         }
+                    }
+                    Step::Close { code, message } => {
+                        to_client.push(ServerMsg::Error { code, message })
                     }
                 }
             }
         }
+        loop {
+            if let Some(read) = link.next_read() {
+                let chunk =
+                    hearth_engine::server::read_load(server.connection(), server.schema(), &read)
+                        .unwrap();
+                to_client.extend(link.on_read(chunk));
+                continue;
+            }
+            if link.wants_entries(server.head()) {
+                let entries =
+                    ServerCore::read_log(server.connection(), link.cursor(), 10_000).unwrap();
+                to_client.extend(link.on_entries(&entries, server.head()));
+                continue;
+            }
+            break;
+        }
+        if to_client.is_empty() {
+            break;
+        }
         for msg in to_client {
-            let out = client.handle(msg, 0).unwrap();
+            let fatal = matches!(msg, ServerMsg::Error { .. });
+            let out = match client.handle(msg, 0) {
+                Ok(out) => out,
+                Err(_) if fatal => {
+                    client.on_disconnected();
+                    return events;
+                }
+                Err(e) => panic!("the device failed on a server message: {e}"),
+            };
             let rewound = out
                 .events
                 .iter()

@@ -1,0 +1,434 @@
+//! Subscriptions: which streams of the schema this device follows, their
+//! initial loads, and eviction of the rows none of them holds.
+//!
+//! Subscriptions are the device's (`_hearth_subscriptions`): they survive
+//! restarts, go to the server in every `Hello`, and a load cut by a dropped
+//! connection resumes after the last key it stored. A table that streams
+//! name holds, once caught up, exactly the rows its subscriptions match plus
+//! the rows pending writes touch: after each change the server sends, each
+//! chunk, each settled write and each unsubscribe, the rows involved that no
+//! subscription matches (by the same conditions the server evaluates, on the
+//! device's copy of the server's row) and no pending write touches are
+//! removed, locally only (never captured as a delete).
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::filter::Param;
+use crate::protocol::{Load, Subscription};
+
+/// A subscription as the app sees it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SubscriptionInfo {
+    pub id: u64,
+    pub stream: String,
+    /// The parameters as a JSON object (a list parameter as an array).
+    pub params: serde_json::Value,
+    /// Whether its initial load is complete.
+    pub loaded: bool,
+    /// Rows its initial load has brought so far.
+    pub rows: u64,
+}
+
+pub(super) const SUBSCRIPTIONS_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS _hearth_subscriptions (
+  id     INTEGER PRIMARY KEY,
+  stream TEXT NOT NULL,
+  params BLOB NOT NULL,
+  load   BLOB NOT NULL,
+  rows   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS _hearth_deferred (
+  tbl TEXT NOT NULL,
+  pk  NOT NULL,
+  PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;";
+
+/// The device's number for a stream with these parameters: the same
+/// subscription always gets the same number (FNV-1a of its encoding).
+pub fn subscription_id(stream: &str, params: &BTreeMap<String, Param>) -> u64 {
+    let bytes = postcard::to_allocvec(&(stream, params)).expect("encode subscription");
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h & (i64::MAX as u64)).max(1)
+}
+
+/// Parameters as JSON, the way apps give them.
+pub fn params_json(params: &BTreeMap<String, Param>) -> serde_json::Value {
+    serde_json::Value::Object(
+        params
+            .iter()
+            .map(|(name, p)| {
+                let v = match p {
+                    Param::One(v) => v.to_json(),
+                    Param::Many(vs) => {
+                        serde_json::Value::Array(vs.iter().map(Value::to_json).collect())
+                    }
+                };
+                (name.clone(), v)
+            })
+            .collect(),
+    )
+}
+
+impl Client {
+    /// The server moved a row out of this device's subscriptions while a
+    /// pending write still touches it: it stays until the write settles,
+    /// and then goes whatever its local copy says (see `evict_unheld`).
+    pub(super) fn defer_eviction(&self, table: &str, pk: &Value) -> Result<()> {
+        if self.deferred.borrow_mut().insert(row_key(table, pk)) {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO _hearth_deferred (tbl, pk) VALUES (?1, ?2)")?
+                .execute(params![table, pk])?;
+        }
+        Ok(())
+    }
+
+    /// The server sent the row again (or it is gone): no eviction waits.
+    pub(super) fn forget_deferred(&self, table: &str, pk: &Value) -> Result<()> {
+        let mut deferred = self.deferred.borrow_mut();
+        if !deferred.is_empty() && deferred.remove(&row_key(table, pk)) {
+            self.conn
+                .prepare_cached("DELETE FROM _hearth_deferred WHERE tbl = ?1 AND pk = ?2")?
+                .execute(params![table, pk])?;
+        }
+        Ok(())
+    }
+
+    /// The keys of deferred evictions, for `open`.
+    pub(super) fn load_deferred(conn: &Connection) -> Result<HashSet<RowKey>> {
+        let mut stmt = conn.prepare("SELECT tbl, pk FROM _hearth_deferred")?;
+        let keys = stmt
+            .query_map([], |r| {
+                Ok(row_key(&r.get::<_, String>(0)?, &r.get::<_, Value>(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(keys)
+    }
+
+    /// The device's subscriptions, in id order.
+    pub fn subscriptions(&self) -> Result<Vec<SubscriptionInfo>> {
+        Ok(self
+            .load_subscriptions()?
+            .into_iter()
+            .map(|(sub, rows)| SubscriptionInfo {
+                id: sub.id,
+                loaded: sub.load == Load::Done,
+                stream: sub.stream,
+                params: params_json(&sub.params),
+                rows,
+            })
+            .collect())
+    }
+
+    pub(super) fn load_subscriptions(&self) -> Result<Vec<(Subscription, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, stream, params, load, rows FROM _hearth_subscriptions ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let params: Vec<u8> = row.get(2)?;
+            let load: Vec<u8> = row.get(3)?;
+            let bad = |e: postcard::Error| {
+                ClientError::Protocol(format!("subscription {id} is unreadable: {e}"))
+            };
+            out.push((
+                Subscription {
+                    id: id as u64,
+                    stream: row.get(1)?,
+                    params: postcard::from_bytes(&params).map_err(bad)?,
+                    load: postcard::from_bytes(&load).map_err(bad)?,
+                },
+                row.get::<_, i64>(4)? as u64,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Follows a stream of the schema with these parameters: the server
+    /// sends its rows (an initial load in chunks, [`Event::Loaded`] as they
+    /// arrive) and from then on every change to them. Returns the
+    /// subscription's id (the same for the same stream and parameters, so
+    /// subscribing twice is one subscription) and what to send now, if
+    /// connected. Works offline: the subscription is stored and starts on
+    /// the next connection.
+    ///
+    /// Errors: `InvalidArgument` for an unknown stream or parameters that
+    /// are missing, unknown, mistyped or too large (checked here when the
+    /// device has the schema, and by the server, which refuses with
+    /// `BAD_SUBSCRIPTION`).
+    pub fn subscribe(
+        &mut self,
+        stream: &str,
+        params: BTreeMap<String, Param>,
+    ) -> Result<(u64, Output)> {
+        self.assert_idle("subscribe");
+        if let Some(schema) = &self.schema {
+            let s = schema.streams.get(stream).ok_or_else(|| {
+                ClientError::InvalidArgument(format!("the schema has no stream '{stream}'"))
+            })?;
+            s.filter
+                .check_params(&params)
+                .map_err(|e| ClientError::InvalidArgument(format!("stream '{stream}': {e}")))?;
+        }
+        let id = subscription_id(stream, &params);
+        let mut out = Output::default();
+        let known: bool = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM _hearth_subscriptions WHERE id = ?1)",
+            [to_i64(id)],
+            |r| r.get(0),
+        )?;
+        if known {
+            return Ok((id, out));
+        }
+        let sub = Subscription {
+            id,
+            stream: stream.to_string(),
+            params,
+            load: Load::After(None),
+        };
+        self.conn.execute(
+            "INSERT INTO _hearth_subscriptions (id, stream, params, load) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                to_i64(id),
+                sub.stream,
+                postcard::to_allocvec(&sub.params).expect("encode params"),
+                postcard::to_allocvec(&sub.load).expect("encode load"),
+            ],
+        )?;
+        if self.session != Session::Offline {
+            out.send.push(ClientMsg::Subscribe(sub));
+        }
+        Ok((id, out))
+    }
+
+    /// Stops following a subscription: rows no other subscription holds
+    /// leave the device (locally; rows with pending writes stay until those
+    /// settle). Unknown ids are ignored.
+    pub fn unsubscribe(&mut self, id: u64) -> Result<Output> {
+        self.assert_idle("unsubscribe");
+        let mut out = Output::default();
+        let stream: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT stream FROM _hearth_subscriptions WHERE id = ?1",
+                [to_i64(id)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(stream) = stream else {
+            return Ok(out);
+        };
+        self.conn.execute(
+            "DELETE FROM _hearth_subscriptions WHERE id = ?1",
+            [to_i64(id)],
+        )?;
+        if self.session != Session::Offline {
+            out.send.push(ClientMsg::Unsubscribe { id });
+        }
+        let table = self
+            .schema
+            .as_ref()
+            .and_then(|s| s.streams.get(&stream))
+            .map(|s| s.table.clone());
+        if let Some(table) = table {
+            self.evict_table(&table, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Drops a subscription the server refused.
+    pub(super) fn subscription_refused(
+        &mut self,
+        id: u64,
+        code: String,
+        reason: String,
+        out: &mut Output,
+    ) -> Result<()> {
+        let stream: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT stream FROM _hearth_subscriptions WHERE id = ?1",
+                [to_i64(id)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        self.conn.execute(
+            "DELETE FROM _hearth_subscriptions WHERE id = ?1",
+            [to_i64(id)],
+        )?;
+        let table = stream.as_ref().and_then(|stream| {
+            self.schema
+                .as_ref()
+                .and_then(|s| s.streams.get(stream))
+                .map(|s| s.table.clone())
+        });
+        if let Some(table) = table {
+            self.evict_table(&table, out)?;
+        }
+        out.events
+            .push(Event::SubscriptionRefused { id, code, reason });
+        Ok(())
+    }
+
+    /// A chunk of an initial load: its rows become part of the confirmed
+    /// state (pending writes are redone over them), and the subscription
+    /// remembers how far it got, in the same transaction.
+    pub(super) fn on_rows(
+        &mut self,
+        id: u64,
+        cursor: u64,
+        rows: Vec<RowChange>,
+        last: Option<Value>,
+        done: bool,
+        out: &mut Output,
+    ) -> Result<()> {
+        let known: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT rows FROM _hearth_subscriptions WHERE id = ?1",
+                [to_i64(id)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if cursor != self.cursor {
+            return Err(ClientError::Protocol(format!(
+                "a chunk of subscription {id} read at {cursor} reached a device at {}",
+                self.cursor
+            )));
+        }
+        let Some(count) = known else {
+            return Ok(()); // Unsubscribed since it was asked for.
+        };
+        let count = count as u64 + rows.len() as u64;
+        let load = if done { Load::Done } else { Load::After(last) };
+        let tables: BTreeSet<String> = rows.iter().map(|r| r.table.clone()).collect();
+        self.settle(&[], rows.iter(), |c| {
+            c.apply_changes(&rows, Some(0))?;
+            c.conn
+                .prepare_cached(
+                    "UPDATE _hearth_subscriptions SET load = ?1, rows = ?2 WHERE id = ?3",
+                )?
+                .execute(params![
+                    postcard::to_allocvec(&load).expect("encode load"),
+                    to_i64(count),
+                    to_i64(id)
+                ])?;
+            Ok(())
+        })?;
+        if !tables.is_empty() {
+            out.events
+                .push(Event::TablesChanged(tables.into_iter().collect()));
+        }
+        out.events.push(Event::Loaded {
+            id,
+            rows: count,
+            done,
+        });
+        Ok(())
+    }
+
+    /// Whether one of the device's subscriptions holds a row of `table`
+    /// with these values (a load under way counts: its rows are coming).
+    fn held(&self, subs: &[(Subscription, u64)], table: &str, row: &[Value]) -> bool {
+        let Some(schema) = &self.schema else {
+            return true;
+        };
+        subs.iter().any(|(sub, _)| {
+            schema
+                .streams
+                .get(&sub.stream)
+                .is_some_and(|s| s.table == table && s.filter.matches(row, &sub.params))
+        })
+    }
+
+    /// Removes, locally, the rows among `candidates` (table, key) of
+    /// streamed tables that no subscription holds and no pending write
+    /// touches.
+    pub(super) fn evict_unheld(
+        &mut self,
+        candidates: Vec<(String, Value)>,
+        out: &mut Output,
+    ) -> Result<()> {
+        let Some(schema) = &self.schema else {
+            return Ok(());
+        };
+        let candidates: Vec<(String, Value)> = candidates
+            .into_iter()
+            .filter(|(t, pk)| {
+                schema.streamed(t) && !self.pending_rows.contains_key(&row_key(t, pk))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let subs = self.load_subscriptions()?;
+        let mut gone = Vec::new();
+        for (table, pk) in candidates {
+            let t = self.table(&table)?;
+            let deferred = self.deferred.borrow().contains(&row_key(&table, &pk));
+            if let Some(row) = rows::read_row(&self.conn, t, &pk)? {
+                if deferred || !self.held(&subs, &table, &row) {
+                    gone.push((table, pk));
+                }
+            }
+        }
+        self.evict_rows(gone, out)
+    }
+
+    /// Evicts the rows of `table` no subscription holds (after an
+    /// unsubscribe or a refused subscription).
+    fn evict_table(&mut self, table: &str, out: &mut Output) -> Result<()> {
+        let Some(t) = self.schema.as_ref().and_then(|s| s.table(table)).cloned() else {
+            return Ok(());
+        };
+        let subs = self.load_subscriptions()?;
+        let mut gone = Vec::new();
+        {
+            let cols: Vec<String> = t.columns.iter().map(|c| ident(&c.name)).collect();
+            let mut stmt = self.conn.prepare(&format!(
+                "SELECT {} FROM main.{}",
+                cols.join(", "),
+                ident(table)
+            ))?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let values: Vec<Value> = (0..t.columns.len())
+                    .map(|i| row.get::<_, Value>(i))
+                    .collect::<rusqlite::Result<_>>()?;
+                let pk = values[t.pk].clone();
+                if !self.pending_rows.contains_key(&row_key(table, &pk))
+                    && !self.held(&subs, table, &values)
+                {
+                    gone.push((table.to_string(), pk));
+                }
+            }
+        }
+        self.evict_rows(gone, out)
+    }
+
+    fn evict_rows(&mut self, gone: Vec<(String, Value)>, out: &mut Output) -> Result<()> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let changes: Vec<RowChange> = gone
+            .into_iter()
+            .map(|(table, pk)| RowChange {
+                table,
+                pk,
+                op: RowOp::Evict,
+            })
+            .collect();
+        let tables: BTreeSet<String> = changes.iter().map(|c| c.table.clone()).collect();
+        self.replicated(|c| {
+            c.apply_changes(&changes, Some(0))?;
+            c.clear_capture()
+        })?;
+        out.events
+            .push(Event::TablesChanged(tables.into_iter().collect()));
+        Ok(())
+    }
+}

@@ -1,0 +1,585 @@
+//! The server's side of one device connection, sans-io: what it sends,
+//! filters or refuses.
+//!
+//! A [`Link`] takes the device's decoded messages, the log entries the
+//! store commits and the chunks of initial loads the driver reads for it,
+//! and gives back what to do: messages to send, mutations to apply, chunks
+//! to read, or the end of the connection. The axum server, the simulator and
+//! the engine's test harness all drive this same type, so the rules below
+//! run under simulation exactly as they run in production.
+//!
+//! Selective sync. A table that no stream of the schema names goes whole to
+//! every device. A change to a row of a streamed table goes to a device only
+//! when one of its subscriptions holds the row before or after the change
+//! (decided from the entry's [`RowImage`]s):
+//! - held before and after: the change as it is;
+//! - held after only (the row moved in): the row whole;
+//! - held before only (moved out): [`RowOp::Evict`] (a real delete stays a
+//!   delete);
+//! - held by none: nothing, unless the device made the change itself, when
+//!   its optimistic copy is evicted.
+//!
+//! A subscription whose initial load is under way holds only the rows up to
+//! the last key loaded; the rest arrive in later chunks, each read at a log
+//! position `as_of` and sent exactly when the device's cursor reaches it (no
+//! entry after `as_of` goes out before it, and while a chunk is being read no
+//! entry goes out at all). So a row is never lost between a chunk and the
+//! live stream, nor brought back by a chunk older than what the device saw.
+//! Entries a device receives nothing of still move its cursor: `Changes`
+//! says the cursor explicitly, sent with the next frame, when the device
+//! reaches the head for the first time on a connection, and at least every
+//! [`CURSOR_LAG_MAX`] entries.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::change::{LogEntry, Mutation, RowChange, RowImage, RowOp};
+use crate::protocol::{ClientMsg, Load, ServerMsg, Subscription};
+use crate::schema::Schema;
+use crate::server::{Hello, LoadChunk, LoadRead, DEVICE_REWOUND};
+use crate::value::Value;
+
+/// A device whose cursor lags the head by this many entries it received
+/// nothing of is told its cursor anyway, so that a reconnect does not
+/// re-filter them.
+pub const CURSOR_LAG_MAX: u64 = 1_000;
+
+/// The code of a subscription the server refuses: an unknown stream,
+/// missing, unknown or mistyped parameters, parameters too large.
+pub const BAD_SUBSCRIPTION: &str = "BAD_SUBSCRIPTION";
+/// The code of a subscription past the per-device bound.
+pub const TOO_MANY_SUBSCRIPTIONS: &str = "TOO_MANY_SUBSCRIPTIONS";
+
+/// The bounds a link enforces.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// Largest mutation (encoded bytes) taken; larger ones are refused
+    /// `TOO_LARGE`.
+    pub mutation_bytes_max: usize,
+    /// Most mutations in one push (`TOO_MANY_MUTATIONS`, fatal).
+    pub push_mutations_max: usize,
+    /// Most subscriptions per device (`TOO_MANY_SUBSCRIPTIONS`).
+    pub subscriptions_max: usize,
+    /// Most rows in one chunk of an initial load.
+    pub load_rows_max: usize,
+    /// About how many bytes of rows one chunk holds (at least one row).
+    pub load_bytes_max: usize,
+    /// Most bytes of entries in one `Changes` frame (at least one entry).
+    pub chunk_bytes_max: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            mutation_bytes_max: 16 * 1024 * 1024,
+            push_mutations_max: 4_096,
+            subscriptions_max: 256,
+            load_rows_max: 1_000,
+            load_bytes_max: 1024 * 1024,
+            chunk_bytes_max: 1024 * 1024,
+        }
+    }
+}
+
+/// What the driver does next.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Send this to the device.
+    Send(ServerMsg),
+    /// Apply these mutations of the device (in order) at the store and give
+    /// each outcome's refusal to [`Link::on_refusal`].
+    Apply(Vec<Mutation>),
+    /// Tell the device why (`ServerMsg::Error`), then close.
+    Close { code: String, message: String },
+}
+
+/// A fatal end of the handshake: the code and message of the `Error`.
+#[derive(Debug, PartialEq)]
+pub struct Refused {
+    pub code: &'static str,
+    pub message: String,
+}
+
+struct Sub {
+    sub: Subscription,
+    table: String,
+}
+
+pub struct Link {
+    schema: Arc<Schema>,
+    config: LinkConfig,
+    client_id: Option<u64>,
+    /// The log position sent up to (the device's cursor once it has
+    /// applied what was sent).
+    cursor: u64,
+    /// The last cursor the device was told (by an entry or explicitly).
+    told: u64,
+    /// Whether this connection has told the device it caught up.
+    said_caught_up: bool,
+    subs: BTreeMap<u64, Sub>,
+    /// The subscription whose chunk the driver is reading.
+    reading: Option<u64>,
+    /// A chunk read ahead of the cursor, sent when the cursor reaches it.
+    due: Option<LoadChunk>,
+    /// Refusals of the Hello's subscriptions, sent after the Welcome.
+    refused: Vec<ServerMsg>,
+}
+
+impl Link {
+    pub fn new(schema: Arc<Schema>, config: LinkConfig) -> Link {
+        Link {
+            schema,
+            config,
+            client_id: None,
+            cursor: 0,
+            told: 0,
+            said_caught_up: false,
+            subs: BTreeMap::new(),
+            reading: None,
+            due: None,
+            refused: Vec::new(),
+        }
+    }
+
+    /// The device's client id, once its Hello was taken.
+    pub fn client_id(&self) -> Option<u64> {
+        self.client_id
+    }
+
+    /// The log position this link has sent up to.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// The device's subscriptions.
+    pub fn subscriptions(&self) -> impl Iterator<Item = &Subscription> {
+        self.subs.values().map(|s| &s.sub)
+    }
+
+    /// The first message of a connection, which must be `Hello`: what to
+    /// greet the device with (see [`crate::server::greet`]). The Hello's
+    /// subscriptions are taken; bad ones are refused after the Welcome.
+    pub fn on_hello(&mut self, msg: ClientMsg) -> Result<Hello, Refused> {
+        let hello = Hello::of(&msg).ok_or_else(|| Refused {
+            code: "HANDSHAKE",
+            message: "the first message must be Hello".into(),
+        })?;
+        let ClientMsg::Hello { subscriptions, .. } = msg else {
+            unreachable!("Hello::of took it")
+        };
+        self.client_id = Some(hello.client_id);
+        self.cursor = hello.cursor;
+        self.told = hello.cursor;
+        for sub in subscriptions {
+            if let Some(refusal) = self.subscribe(sub) {
+                self.refused.push(refusal);
+            }
+        }
+        Ok(hello)
+    }
+
+    /// After the driver's greeting (`Welcome`, or a fatal `Error`) for a
+    /// server whose log is at `head`: everything to send.
+    pub fn on_welcome(&mut self, welcome: ServerMsg, head: u64) -> Vec<ServerMsg> {
+        let fatal = matches!(welcome, ServerMsg::Error { .. });
+        let mut out = vec![welcome];
+        if fatal {
+            return out;
+        }
+        out.append(&mut self.refused);
+        if self.cursor >= head {
+            out.push(self.caught_up_frame());
+        }
+        out
+    }
+
+    fn caught_up_frame(&mut self) -> ServerMsg {
+        self.said_caught_up = true;
+        self.told = self.cursor;
+        ServerMsg::Changes {
+            entries: Vec::new(),
+            cursor: self.cursor,
+            caught_up: true,
+        }
+    }
+
+    /// A message after the handshake.
+    pub fn on_message(&mut self, msg: ClientMsg) -> Vec<Step> {
+        match msg {
+            ClientMsg::Hello { .. } => vec![Step::Close {
+                code: "HANDSHAKE".into(),
+                message: "Hello sent twice on one connection".into(),
+            }],
+            ClientMsg::Push { mutations } => self.on_push(mutations),
+            ClientMsg::Subscribe(sub) => self.subscribe(sub).map(Step::Send).into_iter().collect(),
+            ClientMsg::Unsubscribe { id } => {
+                self.subs.remove(&id);
+                if self.due.as_ref().is_some_and(|c| c.id == id) {
+                    self.due = None;
+                }
+                // A read under way for it is dropped when it comes back.
+                Vec::new()
+            }
+        }
+    }
+
+    fn on_push(&mut self, mutations: Vec<Mutation>) -> Vec<Step> {
+        if mutations.len() > self.config.push_mutations_max {
+            return vec![Step::Close {
+                code: "TOO_MANY_MUTATIONS".into(),
+                message: format!(
+                    "a push holds {} mutations; at most {} per push",
+                    mutations.len(),
+                    self.config.push_mutations_max
+                ),
+            }];
+        }
+        let max = self.config.mutation_bytes_max;
+        let mut steps = Vec::new();
+        let mut keep = Vec::with_capacity(mutations.len());
+        for m in mutations {
+            let size = postcard::experimental::serialized_size(&m).unwrap_or(usize::MAX);
+            if size > max {
+                steps.push(Step::Send(ServerMsg::Rejected {
+                    client_seq: m.seq,
+                    code: "TOO_LARGE".into(),
+                    reason: format!(
+                        "the mutation is {size} bytes; the server takes at most {max} \
+                         (its effect must reach every device in one frame)"
+                    ),
+                }));
+            } else {
+                keep.push(m);
+            }
+        }
+        if !keep.is_empty() {
+            steps.push(Step::Apply(keep));
+        }
+        steps
+    }
+
+    /// The store refused (or found rewound) one of this device's mutations:
+    /// the refusal is sent, and `DEVICE_REWOUND` ends the connection (the
+    /// device comes back under a new client id).
+    pub fn on_refusal(&mut self, msg: ServerMsg) -> Step {
+        match msg {
+            ServerMsg::Error { code, message } if code == DEVICE_REWOUND => {
+                Step::Close { code, message }
+            }
+            other => Step::Send(other),
+        }
+    }
+
+    /// Takes a subscription, or says why not.
+    fn subscribe(&mut self, sub: Subscription) -> Option<ServerMsg> {
+        let refuse = |code: &str, reason: String| {
+            Some(ServerMsg::SubscriptionRefused {
+                id: sub.id,
+                code: code.to_string(),
+                reason,
+            })
+        };
+        let Some(stream) = self.schema.streams.get(&sub.stream) else {
+            return refuse(
+                BAD_SUBSCRIPTION,
+                format!("the schema has no stream '{}'", sub.stream),
+            );
+        };
+        if let Err(e) = stream.filter.check_params(&sub.params) {
+            return refuse(BAD_SUBSCRIPTION, format!("stream '{}': {e}", sub.stream));
+        }
+        if let Load::After(Some(key)) = &sub.load {
+            if !matches!(key, Value::Integer(_) | Value::Text(_)) {
+                return refuse(
+                    BAD_SUBSCRIPTION,
+                    format!(
+                        "stream '{}': a load cannot resume after {key:?}",
+                        sub.stream
+                    ),
+                );
+            }
+        }
+        if !self.subs.contains_key(&sub.id) && self.subs.len() >= self.config.subscriptions_max {
+            return refuse(
+                TOO_MANY_SUBSCRIPTIONS,
+                format!(
+                    "a device may hold at most {} subscriptions",
+                    self.config.subscriptions_max
+                ),
+            );
+        }
+        if self.due.as_ref().is_some_and(|c| c.id == sub.id) {
+            self.due = None;
+        }
+        let table = stream.table.clone();
+        self.subs.insert(sub.id, Sub { sub, table });
+        None
+    }
+
+    /// The next chunk of an initial load to read, if one is to be read now
+    /// (one at a time; none while a chunk waits for the cursor). While it is
+    /// being read, no entries go out, so the chunk is never older than what
+    /// the device has.
+    pub fn next_read(&mut self) -> Option<LoadRead> {
+        if self.reading.is_some() || self.due.is_some() || self.client_id.is_none() {
+            return None;
+        }
+        let sub = self.subs.values().find_map(|s| match &s.sub.load {
+            Load::After(after) => Some((&s.sub, after)),
+            Load::Done => None,
+        })?;
+        let read = LoadRead {
+            id: sub.0.id,
+            stream: sub.0.stream.clone(),
+            params: sub.0.params.clone(),
+            after: sub.1.clone(),
+            rows_max: self.config.load_rows_max,
+            bytes_max: self.config.load_bytes_max,
+        };
+        self.reading = Some(read.id);
+        Some(read)
+    }
+
+    /// A chunk the driver read for [`Link::next_read`], with the log head
+    /// known now: what to send (the chunk, when the cursor is at its
+    /// position; otherwise it waits for the entries up to it).
+    pub fn on_read(&mut self, chunk: LoadChunk) -> Vec<ServerMsg> {
+        self.reading = None;
+        let current = self
+            .subs
+            .get(&chunk.id)
+            .is_some_and(|s| matches!(s.sub.load, Load::After(_)));
+        if !current || chunk.as_of < self.cursor {
+            // Unsubscribed meanwhile, or (never, since entries wait while a
+            // chunk is read) older than the device: read again.
+            return Vec::new();
+        }
+        if chunk.as_of == self.cursor {
+            return vec![self.deliver(chunk)];
+        }
+        self.due = Some(chunk);
+        Vec::new()
+    }
+
+    fn deliver(&mut self, chunk: LoadChunk) -> ServerMsg {
+        if let Some(s) = self.subs.get_mut(&chunk.id) {
+            s.sub.load = if chunk.done {
+                Load::Done
+            } else {
+                Load::After(chunk.last.clone())
+            };
+        }
+        self.told = self.cursor;
+        ServerMsg::Rows {
+            id: chunk.id,
+            cursor: chunk.as_of,
+            rows: chunk.rows,
+            last: chunk.last,
+            done: chunk.done,
+        }
+    }
+
+    /// Whether entries after the cursor may go out now, with the log at
+    /// `head`.
+    pub fn wants_entries(&self, head: u64) -> bool {
+        self.client_id.is_some() && self.reading.is_none() && self.cursor < head
+    }
+
+    /// Whether these entries (the next ones after the cursor) go to this
+    /// device exactly as they are, so the driver may send a frame encoded
+    /// once for every device: none touches a streamed table, and no chunk
+    /// is due inside them.
+    pub fn passes_whole(&self, entries: &[LogEntry]) -> bool {
+        let last = entries.last().map_or(self.cursor, |e| e.server_seq);
+        entries.iter().all(|e| e.images.is_empty())
+            && self.due.as_ref().is_none_or(|c| c.as_of >= last)
+            && self.reading.is_none()
+    }
+
+    /// After the driver sent a shared frame of the entries up to `last`
+    /// (see [`Link::passes_whole`]): what else to send (the caught-up mark,
+    /// a chunk that became due).
+    pub fn sent_whole(&mut self, last: u64, head: u64) -> Vec<ServerMsg> {
+        self.cursor = self.cursor.max(last);
+        self.told = self.cursor;
+        let mut out = Vec::new();
+        self.after_entries(head, &mut out);
+        out
+    }
+
+    fn after_entries(&mut self, head: u64, out: &mut Vec<ServerMsg>) {
+        if self.due.as_ref().is_some_and(|c| c.as_of == self.cursor) {
+            let chunk = self.due.take().expect("checked");
+            out.push(self.deliver(chunk));
+        }
+        if self.cursor >= head {
+            out.push(self.caught_up_frame());
+        }
+    }
+
+    /// The next committed entries after the cursor (in order; the log at
+    /// `head`): what this device gets of them. Entries past a due chunk's
+    /// position are left for after it (the cursor says how far this went).
+    pub fn on_entries(&mut self, entries: &[LogEntry], head: u64) -> Vec<ServerMsg> {
+        let limit = self.due.as_ref().map_or(u64::MAX, |c| c.as_of);
+        let mut frames: Vec<Vec<LogEntry>> = Vec::new();
+        let mut run = Vec::new();
+        let mut run_bytes = 0;
+        for entry in entries {
+            if entry.server_seq <= self.cursor {
+                continue;
+            }
+            if entry.server_seq > limit {
+                break;
+            }
+            self.cursor = entry.server_seq;
+            if let Some(e) = self.route(entry) {
+                let size = postcard::experimental::serialized_size(&e).unwrap_or(usize::MAX);
+                if !run.is_empty() && run_bytes + size > self.config.chunk_bytes_max {
+                    frames.push(std::mem::take(&mut run));
+                    run_bytes = 0;
+                }
+                run_bytes += size;
+                run.push(e);
+            }
+        }
+        let mut out = Vec::new();
+        for entries in frames {
+            let cursor = entries.last().expect("a frame has entries").server_seq;
+            out.push(ServerMsg::Changes {
+                entries,
+                cursor,
+                caught_up: false,
+            });
+        }
+        let reached = self.cursor >= head;
+        let lag = self.cursor - self.told >= CURSOR_LAG_MAX;
+        if !run.is_empty() || lag || (reached && !self.said_caught_up) {
+            if reached {
+                self.said_caught_up = true;
+            }
+            out.push(ServerMsg::Changes {
+                entries: run,
+                cursor: self.cursor,
+                caught_up: reached,
+            });
+        }
+        if !out.is_empty() {
+            self.told = self.cursor;
+        }
+        if self.due.as_ref().is_some_and(|c| c.as_of == self.cursor) {
+            let chunk = self.due.take().expect("checked");
+            out.push(self.deliver(chunk));
+        }
+        out
+    }
+
+    /// What this device gets of one entry, if anything.
+    fn route(&self, entry: &LogEntry) -> Option<LogEntry> {
+        if entry.images.is_empty() {
+            return Some(entry.clone());
+        }
+        let own = Some(entry.client_id) == self.client_id;
+        let mut changes = Vec::with_capacity(entry.changes.len());
+        let mut images = entry.images.iter().peekable();
+        for (i, change) in entry.changes.iter().enumerate() {
+            let image = match images.peek() {
+                Some(img) if img.change as usize == i => images.next(),
+                _ => None,
+            };
+            if let Some(c) = self.route_change(change, image, own) {
+                changes.push(c);
+            }
+        }
+        if changes.is_empty() && !own {
+            return None;
+        }
+        Some(LogEntry {
+            server_seq: entry.server_seq,
+            client_id: entry.client_id,
+            client_seq: entry.client_seq,
+            hlc: entry.hlc,
+            changes,
+            digest: entry.digest,
+            images: Vec::new(),
+        })
+    }
+
+    fn route_change(
+        &self,
+        change: &RowChange,
+        image: Option<&RowImage>,
+        own: bool,
+    ) -> Option<RowChange> {
+        if !self.schema.streamed(&change.table) {
+            return Some(change.clone());
+        }
+        let Some(image) = image else {
+            // A streamed table's change without an image (logged before the
+            // table was streamed): only its author gets it.
+            return own.then(|| change.clone());
+        };
+        let held = |row: &Option<Vec<Value>>| {
+            row.as_ref()
+                .is_some_and(|r| self.holds(&change.table, &change.pk, r))
+        };
+        let before = held(&image.before);
+        let after = held(&image.after);
+        let evict = || RowChange {
+            table: change.table.clone(),
+            pk: change.pk.clone(),
+            op: RowOp::Evict,
+        };
+        if image.after.is_none() {
+            // Deleted: a real delete for whoever may hold it.
+            return (before || own).then(|| change.clone());
+        }
+        match (before, after) {
+            (true, true) => Some(change.clone()),
+            (false, true) => match (&change.op, &image.whole) {
+                (RowOp::Upsert { insert: true, .. }, _) | (_, None) => Some(change.clone()),
+                (_, Some(whole)) => Some(RowChange {
+                    table: change.table.clone(),
+                    pk: change.pk.clone(),
+                    op: RowOp::Upsert {
+                        insert: true,
+                        columns: whole.clone(),
+                    },
+                }),
+            },
+            (true, false) => Some(evict()),
+            (false, false) => own.then(evict),
+        }
+    }
+
+    /// Whether one of this device's subscriptions holds a row of `table`
+    /// with these values (a load under way holds the keys it has loaded).
+    fn holds(&self, table: &str, pk: &Value, row: &[Value]) -> bool {
+        self.subs.values().any(|s| {
+            if s.table != table {
+                return false;
+            }
+            let loaded = match &s.sub.load {
+                Load::Done => true,
+                Load::After(None) => false,
+                Load::After(Some(last)) => key_le(pk, last),
+            };
+            loaded
+                && self.schema.streams[&s.sub.stream]
+                    .filter
+                    .matches(row, &s.sub.params)
+        })
+    }
+}
+
+/// `a <= b` for primary keys in SQLite's order (integers before text, text
+/// byte by byte), the order initial loads read in.
+pub fn key_le(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Integer(x), Value::Integer(y)) => x <= y,
+        (Value::Text(x), Value::Text(y)) => x.as_bytes() <= y.as_bytes(),
+        (Value::Integer(_), Value::Text(_)) => true,
+        (Value::Text(_), Value::Integer(_)) => false,
+        _ => false,
+    }
+}
