@@ -182,3 +182,22 @@ impl Device {
         json_lines(&out)
     }
 }
+
+impl Device {
+    /// `subscribe STREAM PARAMS_JSON`: the raw output (exit code, JSON line).
+    pub fn subscribe(&self, stream: &str, params_json: &str) -> Output {
+        self.run(&["subscribe", stream, params_json])
+    }
+
+    /// `unsubscribe STREAM PARAMS_JSON`; needs no server.
+    pub fn unsubscribe(&self, stream: &str, params_json: &str) -> Output {
+        self.run_at(OFFLINE, &["unsubscribe", stream, params_json])
+    }
+
+    /// `subscriptions`: one JSON object per subscription.
+    pub fn subscriptions(&self) -> Vec<Json> {
+        let out = hearth(&["client", "--db", &self.db, "subscriptions"]);
+        assert!(out.status.success(), "{out:?}");
+        json_lines(&out)
+    }
+}
