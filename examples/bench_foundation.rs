@@ -264,6 +264,7 @@ fn wire() -> serde_json::Value {
     let down = encode_server(&ServerMsg::Changes {
         entries: vec![entry],
         cursor: 123_456,
+        hlc: hearth_engine::Hlc(0),
         caught_up: true,
     })
     .len();

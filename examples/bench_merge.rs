@@ -168,6 +168,7 @@ fn connect(server: &ServerCore, c: &mut Client) -> Vec<ClientMsg> {
             ServerMsg::Changes {
                 entries,
                 cursor: 0,
+                hlc: hearth_engine::Hlc(0),
                 caught_up: true,
             },
             0,
@@ -214,6 +215,7 @@ fn deliver(
     let changes = ServerMsg::Changes {
         entries,
         cursor: 0,
+        hlc: hearth_engine::Hlc(0),
         caught_up: true,
     };
     let bytes = encode_server(&changes).len();
@@ -674,6 +676,7 @@ fn increments_store_only(dir: &std::path::Path, policy: &str) -> f64 {
             ServerMsg::Changes {
                 entries,
                 cursor: 0,
+                hlc: hearth_engine::Hlc(0),
                 caught_up: true,
             },
             2,

@@ -511,6 +511,7 @@ async fn a_sync_against_a_server_that_stops_reading_ends_at_its_timeout() {
             schema: None,
             frame_bytes_max: hearth_engine::protocol::FRAME_BYTES_MAX as u64,
             last_seq: 0,
+            hlc: hearth_engine::Hlc(0),
         };
         ws.send(Message::Binary(encode_server(&welcome).into()))
             .await

@@ -244,7 +244,6 @@ async fn drive(
 /// deletes some; at the end the device holds exactly the server's rows of
 /// its list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a Rows chunk is sent with a cursor the device was never told (link.rs on_entries/deliver send no cursor-only Changes for filtered entries once caught up); the device refuses it as a protocol error (client/subscribe.rs on_rows)"]
 async fn interrupted_initial_load_resumes_under_concurrent_writes() {
     let dir = tempfile::tempdir().unwrap();
     let server = Served::start(dir.path(), SCHEMA);
@@ -729,7 +728,6 @@ fn subscriptions_persist_across_syncs() {
 /// load's chunk is read at the log head, past the cursor the device was
 /// last told, and must still be taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a Rows chunk is sent with a cursor the device was never told (link.rs on_entries/deliver send no cursor-only Changes for filtered entries once caught up); the device refuses it as a protocol error (client/subscribe.rs on_rows)"]
 async fn subscribing_on_a_live_connection_after_a_filtered_write() {
     let dir = tempfile::tempdir().unwrap();
     let server = Served::start(dir.path(), SCHEMA);

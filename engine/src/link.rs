@@ -34,6 +34,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::change::{LogEntry, Mutation, RowChange, RowImage, RowOp};
+use crate::hlc::Hlc;
 use crate::protocol::{ClientMsg, Load, ServerMsg, Subscription};
 use crate::schema::Schema;
 use crate::server::{Hello, LoadChunk, LoadRead, DEVICE_REWOUND};
@@ -123,6 +124,9 @@ pub struct Link {
     due: Option<LoadChunk>,
     /// Refusals of the Hello's subscriptions, sent after the Welcome.
     refused: Vec<ServerMsg>,
+    /// The latest stamp of every entry up to the cursor (from the Welcome,
+    /// then each entry processed, sent or not).
+    hlc: Hlc,
 }
 
 impl Link {
@@ -138,6 +142,7 @@ impl Link {
             reading: None,
             due: None,
             refused: Vec::new(),
+            hlc: Hlc(0),
         }
     }
 
@@ -182,6 +187,9 @@ impl Link {
     /// server whose log is at `head`: everything to send.
     pub fn on_welcome(&mut self, welcome: ServerMsg, head: u64) -> Vec<ServerMsg> {
         let fatal = matches!(welcome, ServerMsg::Error { .. });
+        if let ServerMsg::Welcome { hlc, .. } = &welcome {
+            self.hlc = *hlc;
+        }
         let mut out = vec![welcome];
         if fatal {
             return out;
@@ -199,6 +207,7 @@ impl Link {
         ServerMsg::Changes {
             entries: Vec::new(),
             cursor: self.cursor,
+            hlc: self.hlc,
             caught_up: true,
         }
     }
@@ -373,6 +382,7 @@ impl Link {
         ServerMsg::Rows {
             id: chunk.id,
             cursor: chunk.as_of,
+            hlc: self.hlc,
             rows: chunk.rows,
             last: chunk.last,
             done: chunk.done,
@@ -396,11 +406,12 @@ impl Link {
             && self.reading.is_none()
     }
 
-    /// After the driver sent a shared frame of the entries up to `last`
-    /// (see [`Link::passes_whole`]): what else to send (the caught-up mark,
-    /// a chunk that became due).
-    pub fn sent_whole(&mut self, last: u64, head: u64) -> Vec<ServerMsg> {
+    /// After the driver sent a shared frame of the entries up to `last`,
+    /// whose latest stamp is `hlc` (see [`Link::passes_whole`]): what else
+    /// to send (the caught-up mark, a chunk that became due).
+    pub fn sent_whole(&mut self, last: u64, hlc: Hlc, head: u64) -> Vec<ServerMsg> {
         self.cursor = self.cursor.max(last);
+        self.hlc = self.hlc.max(hlc);
         self.told = self.cursor;
         let mut out = Vec::new();
         self.after_entries(head, &mut out);
@@ -433,6 +444,7 @@ impl Link {
                 break;
             }
             self.cursor = entry.server_seq;
+            self.hlc = self.hlc.max(entry.hlc);
             if let Some(e) = self.route(entry) {
                 let size = postcard::experimental::serialized_size(&e).unwrap_or(usize::MAX);
                 if !run.is_empty() && run_bytes + size > self.config.chunk_bytes_max {
@@ -449,6 +461,7 @@ impl Link {
             out.push(ServerMsg::Changes {
                 entries,
                 cursor,
+                hlc: self.hlc,
                 caught_up: false,
             });
         }
@@ -461,6 +474,7 @@ impl Link {
             out.push(ServerMsg::Changes {
                 entries: run,
                 cursor: self.cursor,
+                hlc: self.hlc,
                 caught_up: reached,
             });
         }

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 
 use crate::change::{LogEntry, Mutation, RowChange};
 use crate::filter::Param;
+use crate::hlc::Hlc;
 use crate::value::Value;
 
 /// 2: `Welcome` names the largest frame the server accepts and builds and
@@ -109,12 +110,20 @@ pub enum ServerMsg {
         /// sends anything, so that the acks of the mutations the server
         /// already has reach it first.
         last_seq: u64,
+        /// The latest stamp the server has merged: the device's clock
+        /// observes it, so that its next writes stamp later than every write
+        /// up to its cursor, including those it was sent nothing of (rows
+        /// outside its subscriptions, which may later reach it whole).
+        hlc: Hlc,
     },
     Changes {
         entries: Vec<LogEntry>,
         /// The server sequence number the device has reached with these
         /// entries: past the last one when later entries held nothing for it.
         cursor: u64,
+        /// At least the latest stamp of every entry up to `cursor`, sent or
+        /// not; the device's clock observes it.
+        hlc: Hlc,
         /// True when these entries reach the server's head as of sending.
         caught_up: bool,
     },
@@ -131,6 +140,8 @@ pub enum ServerMsg {
     Rows {
         id: u64,
         cursor: u64,
+        /// At least the latest stamp of the writes these rows hold.
+        hlc: Hlc,
         rows: Vec<RowChange>,
         /// The key of the last row read (None when the chunk is empty).
         last: Option<Value>,
@@ -406,6 +417,7 @@ mod tests {
                     server_seq: s, client_id: c, client_seq: cs, hlc: Hlc(h), changes, digest: h ^ s, images: Vec::new(),
                 }).collect(),
                 cursor: s_max,
+                hlc: Hlc(s_max),
                 caught_up,
             };
             prop_assert_eq!(decode_server(&encode_server(&msg), FRAME_BYTES_MAX).unwrap(), msg);

@@ -690,10 +690,7 @@ impl ServerCore {
 
     /// The rows of streamed tables a mutation names, as stream conditions
     /// read them, before it merges: (table, key) → projected row.
-    fn images_before(
-        &self,
-        mutation: &Mutation,
-    ) -> rusqlite::Result<Vec<Before>> {
+    fn images_before(&self, mutation: &Mutation) -> rusqlite::Result<Vec<Before>> {
         let mut out = Vec::new();
         if self.stream_columns.is_empty() {
             return Ok(out);
@@ -1638,7 +1635,19 @@ impl ServerCore {
     /// The answer to a device's `Hello` (see [`greet`]), from this core's
     /// committed state.
     pub fn greet(&self, hello: &Hello, frame_bytes_max: usize) -> Result<ServerMsg> {
-        greet(&self.conn, &self.schema, self.head, hello, frame_bytes_max)
+        greet(
+            &self.conn,
+            &self.schema,
+            self.head,
+            self.max_hlc,
+            hello,
+            frame_bytes_max,
+        )
+    }
+
+    /// The latest stamp merged so far (what `Welcome.hlc` says).
+    pub fn max_hlc(&self) -> Hlc {
+        self.max_hlc
     }
 }
 
@@ -1716,6 +1725,7 @@ pub fn greet(
     conn: &Connection,
     schema: &Schema,
     head: u64,
+    max_hlc: Hlc,
     hello: &Hello,
     frame_bytes_max: usize,
 ) -> Result<ServerMsg> {
@@ -1731,6 +1741,7 @@ pub fn greet(
         schema: (hello.schema_version != Some(schema.version)).then(|| schema.source.clone()),
         frame_bytes_max: frame_bytes_max as u64,
         last_seq: last_client_seq(conn, hello.client_id)?,
+        hlc: max_hlc,
     })
 }
 

@@ -438,9 +438,19 @@ impl Conn {
         let reader = self.state.store.reader.clone();
         let schema = self.state.store.schema.clone();
         let frame_bytes_max = config.frame_bytes_max;
+        // Read after the head: the store sets it before it moves the head,
+        // so it covers every entry up to that head.
+        let max_hlc = ring.max_hlc();
         let answer = tokio::task::spawn_blocking(move || {
             let conn = reader.lock().expect("reader lock");
-            hearth_engine::server::greet(&conn, &schema, known_head, &hello, frame_bytes_max)
+            hearth_engine::server::greet(
+                &conn,
+                &schema,
+                known_head,
+                max_hlc,
+                &hello,
+                frame_bytes_max,
+            )
         })
         .await
         .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
@@ -534,7 +544,7 @@ impl Conn {
                             }
                             _ => {
                                 self.queue_frame(chunk.frame.clone(), false, None);
-                                for msg in self.link.sent_whole(chunk.last, known_head) {
+                                for msg in self.link.sent_whole(chunk.last, chunk.hlc, known_head) {
                                     self.queue_msg(&msg, false);
                                 }
                             }

@@ -67,6 +67,8 @@ pub(crate) struct Chunk {
     /// The entries themselves, with their row images, when some touch a
     /// streamed table (each connection then filters them).
     pub entries: Option<Vec<LogEntry>>,
+    /// The latest stamp among the entries.
+    pub hlc: hearth_engine::Hlc,
 }
 
 impl Chunk {
@@ -83,6 +85,8 @@ impl Chunk {
 pub(crate) struct Ring {
     inner: Mutex<RingInner>,
     head: watch::Sender<u64>,
+    /// The latest stamp merged (`Welcome.hlc`), set before the head moves.
+    max_hlc: std::sync::atomic::AtomicU64,
 }
 
 struct RingInner {
@@ -105,12 +109,18 @@ impl Ring {
             .map(Arc::clone)
     }
 
+    /// The latest stamp merged as of the published head (at least).
+    pub fn max_hlc(&self) -> hearth_engine::Hlc {
+        hearth_engine::Hlc(self.max_hlc.load(Ordering::Acquire))
+    }
+
     /// The newest committed (and published) log sequence number.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
     }
 
-    fn publish(&self, chunks: Vec<Chunk>, head: u64) {
+    fn publish(&self, chunks: Vec<Chunk>, head: u64, max_hlc: hearth_engine::Hlc) {
+        self.max_hlc.fetch_max(max_hlc.0, Ordering::AcqRel);
         {
             let mut inner = self.inner.lock().expect("ring lock");
             for chunk in chunks {
@@ -250,6 +260,7 @@ pub(crate) fn open(
             bytes_max: config.broadcast_bytes_max,
         }),
         head,
+        max_hlc: std::sync::atomic::AtomicU64::new(core.max_hlc().0),
     });
     let health = Arc::new(Health::default());
     let handle = StoreHandle {
@@ -421,7 +432,7 @@ impl Store {
                 // Publish before answering `Done`, so that a connection told
                 // its mutations are done finds their entries in the ring.
                 let chunks = self.chunk(entries);
-                self.ring.publish(chunks, head);
+                self.ring.publish(chunks, head, self.core.max_hlc());
                 self.metrics.server_seq.store(head, Ordering::Relaxed);
             }
             Err(e) => {
@@ -484,9 +495,11 @@ impl Store {
         // (see `hearth_engine::link`), which needs their row images; the
         // frame, encoded once, serves every connection they pass whole.
         let filtered = entries.iter().any(|e| !e.images.is_empty());
+        let hlc = entries.iter().map(|e| e.hlc).max().unwrap_or_default();
         let msg = ServerMsg::Changes {
             entries,
             cursor: last,
+            hlc,
             caught_up: false,
         };
         let frame = hearth_engine::protocol::encode_server(&msg);
@@ -506,6 +519,7 @@ impl Store {
             last,
             frame: Bytes::from(frame),
             entries,
+            hlc,
         }
     }
 }

@@ -294,9 +294,9 @@ impl Client {
                 |r| r.get(0),
             )
             .optional()?;
-        if cursor != self.cursor {
+        if cursor < self.cursor {
             return Err(ClientError::Protocol(format!(
-                "a chunk of subscription {id} read at {cursor} reached a device at {}",
+                "a chunk of subscription {id} read at {cursor} reached a device already at {}",
                 self.cursor
             )));
         }
@@ -306,7 +306,11 @@ impl Client {
         let count = count as u64 + rows.len() as u64;
         let load = if done { Load::Done } else { Load::After(last) };
         let tables: BTreeSet<String> = rows.iter().map(|r| r.table.clone()).collect();
-        self.settle(&[], rows.iter(), |c| {
+        // A chunk read past the device's cursor comes after entries that held
+        // nothing for it: the cursor moves with the rows.
+        let saved_cursor = self.cursor;
+        let settled = self.settle(&[], rows.iter(), |c| {
+            c.cursor = cursor;
             c.apply_changes(&rows, Some(0))?;
             c.conn
                 .prepare_cached(
@@ -318,7 +322,11 @@ impl Client {
                     to_i64(id)
                 ])?;
             Ok(())
-        })?;
+        });
+        if let Err(e) = settled {
+            self.cursor = saved_cursor;
+            return Err(e);
+        }
         if !tables.is_empty() {
             out.events
                 .push(Event::TablesChanged(tables.into_iter().collect()));

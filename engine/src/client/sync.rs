@@ -157,7 +157,9 @@ impl Client {
                 schema,
                 frame_bytes_max,
                 last_seq,
+                hlc,
             } => {
+                self.clock.observe(hlc);
                 self.server_frame_bytes_max =
                     usize::try_from(frame_bytes_max).unwrap_or(usize::MAX);
                 // The server has processed a number this device still holds
@@ -214,17 +216,21 @@ impl Client {
             ServerMsg::Changes {
                 entries,
                 cursor,
+                hlc,
                 caught_up,
             } => {
                 let Session::Ready { sent_upto, .. } = self.session else {
                     return Err(ClientError::Protocol("Changes before Welcome".into()));
                 };
                 self.apply_entries(&entries, &mut out)?;
-                if cursor > self.cursor {
+                if cursor > self.cursor || hlc > self.clock.last() {
                     // Entries that held nothing for this device's
-                    // subscriptions were passed over.
-                    self.cursor = cursor;
-                    meta_set(&self.conn, "cursor", to_i64(cursor))?;
+                    // subscriptions were passed over: the cursor moves past
+                    // them and the clock past their stamps.
+                    self.cursor = self.cursor.max(cursor);
+                    self.clock.observe(hlc);
+                    meta_set(&self.conn, "cursor", to_i64(self.cursor))?;
+                    meta_set(&self.conn, "hlc", to_i64(self.clock.last().0))?;
                 }
                 self.session = Session::Ready {
                     sent_upto,
@@ -262,6 +268,7 @@ impl Client {
             ServerMsg::Rows {
                 id,
                 cursor,
+                hlc,
                 rows,
                 last,
                 done,
@@ -269,6 +276,7 @@ impl Client {
                 if !matches!(self.session, Session::Ready { .. }) {
                     return Err(ClientError::Protocol("Rows before Welcome".into()));
                 }
+                self.clock.observe(hlc);
                 self.on_rows(id, cursor, rows, last, done, &mut out)?;
             }
             ServerMsg::SubscriptionRefused { id, code, reason } => {
