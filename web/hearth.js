@@ -17,7 +17,13 @@
 //   db.status()                       -> { online, pending, serverSeq, caughtUp, schemaVersion }
 //   const off = db.on("status" | "change" | "rejected", callback)
 //   await db.sync({ timeoutMs })      -> status; rejects with code OFFLINE after the timeout
-// Errors are `Error`s with a stable `code`: SQL_ERROR, INVALID_ARGUMENT, OFFLINE, REJECTED, ...
+//   const sub = await db.subscribe(stream, { param: value }, { onProgress })
+//                                     -> once the stream's rows are local and durable; sub.id,
+//                                        sub.unsubscribe(), sub.on("progress", ({ rows, done }) => ...)
+//   await db.subscriptions()          -> [{ id, stream, params, loaded, rows, tabs }]
+//                                        (the device's: shared and counted across tabs)
+// Errors are `Error`s with a stable `code`: SQL_ERROR, INVALID_ARGUMENT, OFFLINE, REJECTED,
+// BAD_SUBSCRIPTION, ...
 (function () {
   "use strict";
 

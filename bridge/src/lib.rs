@@ -23,7 +23,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Bump on any change to the messages below that an older peer would misread.
 /// 3: `Request::EditText` and `Request::Resolve`, `ErrorCode` learns `INVALID_ARGUMENT`
 /// from the engine.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: stream subscriptions: `Request::SubscribeStream`, `UnsubscribeStream`,
+/// `Subscriptions`; `Notice::Loaded`, `Notice::SubscriptionRefused`; `Reply::StreamSubscribed`,
+/// `StreamUnsubscribed`, `Subscriptions`; `ErrorCode::BadSubscription`,
+/// `TooManySubscriptions`.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The largest frame either side accepts. A bound keeps one runaway query result from
 /// exhausting a tab's memory; hitting it is a clear error, never a silent truncation.
@@ -55,6 +59,31 @@ pub struct TextEdit {
     pub index: u64,
     pub delete: u64,
     pub insert: String,
+}
+
+/// A stream parameter: one value, or a list (for a condition `col IN :name`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StreamParam {
+    One(Value),
+    Many(Vec<Value>),
+}
+
+/// One of the device's stream subscriptions, as tabs see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamSubscription {
+    /// The device's number for this stream and these parameters: the same for every tab
+    /// that subscribes to them.
+    pub id: u64,
+    pub stream: String,
+    /// By parameter name.
+    pub params: Vec<(String, StreamParam)>,
+    /// Whether its initial load is complete (and durable on the device).
+    pub loaded: bool,
+    /// Rows its initial load has brought so far.
+    pub rows: u64,
+    /// How many tabs hold it now. 0: no tab has claimed it since the worker started (a
+    /// restart) or since the tabs that held it went away; it stays on the device.
+    pub tabs: u32,
 }
 
 /// A message from a tab to the worker.
@@ -111,6 +140,23 @@ pub enum Request {
     /// by writing `value` to its cell. Like [`Request::Exec`]: answered with
     /// [`Reply::Exec`] once durable; `InvalidArgument` when no such conflict is open.
     Resolve { conflict_id: String, value: Value },
+    /// Follow the schema's stream `stream` with these parameters (a device subscription,
+    /// shared by its tabs: see [`Reply::StreamSubscribed`]). The tab holds it until
+    /// [`Request::UnsubscribeStream`]; the worker counts holds across tabs and
+    /// unsubscribes the engine when the last hold is released. A tab that goes away
+    /// releases its holds without unsubscribing the engine (the subscription stays, as
+    /// after a restart). `InvalidArgument` for an unknown stream or bad parameters.
+    SubscribeStream {
+        stream: String,
+        params: Vec<(String, StreamParam)>,
+    },
+    /// Release one hold this tab took on subscription `id` with
+    /// [`Request::SubscribeStream`]. Answered with [`Reply::StreamUnsubscribed`] (whether
+    /// the engine unsubscribed: this was the last hold) once the eviction is durable; a tab
+    /// holding none of `id` changes nothing.
+    UnsubscribeStream { id: u64 },
+    /// The device's stream subscriptions: [`Reply::Subscriptions`].
+    Subscriptions,
 }
 
 /// A message from the worker to a tab.
@@ -142,6 +188,17 @@ pub enum Notice {
     /// Sent to every tab.
     Rejected {
         mutation: u64,
+        code: String,
+        reason: String,
+    },
+    /// A chunk of the initial load of subscription `id` is in the database and durable:
+    /// `rows` so far; `done` when the load is complete. Sent to every tab.
+    Loaded { id: u64, rows: u64, done: bool },
+    /// The server refused subscription `id` (`code` is its `BAD_SUBSCRIPTION` or
+    /// `TOO_MANY_SUBSCRIPTIONS`); the device dropped it and every tab's holds on it. Sent
+    /// to every tab.
+    SubscriptionRefused {
+        id: u64,
         code: String,
         reason: String,
     },
@@ -178,6 +235,16 @@ pub enum Reply {
     Unsubscribed,
     Synced(SyncStatus),
     Status(SyncStatus),
+    /// The subscription a [`Request::SubscribeStream`] holds, as of now (durable). When
+    /// `loaded` is false, [`Notice::Loaded`] with `done` (or
+    /// [`Notice::SubscriptionRefused`]) follows for its id.
+    StreamSubscribed(StreamSubscription),
+    /// `dropped`: this was the last hold, so the device unsubscribed (rows no other
+    /// subscription holds are gone, durably).
+    StreamUnsubscribed {
+        dropped: bool,
+    },
+    Subscriptions(Vec<StreamSubscription>),
 }
 
 /// A failed request: the stable code the page turns into `Error.code`, and a message
@@ -223,6 +290,11 @@ pub enum ErrorCode {
     Schema,
     /// The server reported an error.
     Server,
+    /// The server refused a subscription: an unknown stream, or parameters missing,
+    /// unknown, mistyped or too large for its schema.
+    BadSubscription,
+    /// The server refused a subscription: the device holds as many as it may.
+    TooManySubscriptions,
 }
 
 impl ErrorCode {
@@ -242,6 +314,8 @@ impl ErrorCode {
             ErrorCode::TooLarge => "TOO_LARGE",
             ErrorCode::Schema => "SCHEMA",
             ErrorCode::Server => "SERVER",
+            ErrorCode::BadSubscription => "BAD_SUBSCRIPTION",
+            ErrorCode::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
         }
     }
 }
@@ -258,6 +332,8 @@ impl ErrorCode {
             "SCHEMA" => ErrorCode::Schema,
             "SERVER" => ErrorCode::Server,
             "INVALID_ARGUMENT" => ErrorCode::InvalidArgument,
+            "BAD_SUBSCRIPTION" => ErrorCode::BadSubscription,
+            "TOO_MANY_SUBSCRIPTIONS" => ErrorCode::TooManySubscriptions,
             _ => ErrorCode::Protocol,
         }
     }
@@ -445,6 +521,75 @@ mod tests {
         for message in [ok, err, notice, live] {
             let frame = encode(&message).unwrap();
             assert_eq!(decode::<WorkerMessage>(&frame).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn stream_subscriptions_round_trip() {
+        let params = vec![
+            (
+                "list".to_string(),
+                StreamParam::One(Value::Text("groceries".into())),
+            ),
+            (
+                "states".to_string(),
+                StreamParam::Many(vec![Value::Integer(1), Value::Null]),
+            ),
+        ];
+        let requests = [
+            Request::SubscribeStream {
+                stream: "list_todos".into(),
+                params: params.clone(),
+            },
+            Request::UnsubscribeStream { id: u64::MAX },
+            Request::Subscriptions,
+        ];
+        for (id, request) in requests.into_iter().enumerate() {
+            let message = PageMessage::Request {
+                id: id as u32 + 1,
+                request,
+            };
+            let frame = encode(&message).unwrap();
+            assert_eq!(decode::<PageMessage>(&frame).unwrap(), message);
+        }
+        let sub = StreamSubscription {
+            id: 42,
+            stream: "list_todos".into(),
+            params,
+            loaded: false,
+            rows: 7,
+            tabs: 2,
+        };
+        let messages = [
+            WorkerMessage::Response {
+                id: 1,
+                result: Ok(Reply::StreamSubscribed(sub.clone())),
+            },
+            WorkerMessage::Response {
+                id: 2,
+                result: Ok(Reply::StreamUnsubscribed { dropped: true }),
+            },
+            WorkerMessage::Response {
+                id: 3,
+                result: Ok(Reply::Subscriptions(vec![sub])),
+            },
+            WorkerMessage::Notice(Notice::Loaded {
+                id: 42,
+                rows: 1000,
+                done: false,
+            }),
+            WorkerMessage::Notice(Notice::SubscriptionRefused {
+                id: 42,
+                code: "BAD_SUBSCRIPTION".into(),
+                reason: "no".into(),
+            }),
+        ];
+        for message in messages {
+            let frame = encode(&message).unwrap();
+            assert_eq!(decode::<WorkerMessage>(&frame).unwrap(), message);
+        }
+        for code in ["BAD_SUBSCRIPTION", "TOO_MANY_SUBSCRIPTIONS"] {
+            assert_eq!(ErrorCode::from_engine(code).as_str(), code);
         }
     }
 

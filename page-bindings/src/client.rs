@@ -3,7 +3,9 @@
 //! [`Client::open`] connects (starting the worker if this is the first tab), waits until
 //! the database has a schema and returns a handle with the same operations the JS API
 //! has: [`Client::exec`], [`Client::edit_text`], [`Client::resolve`], [`Client::query`],
-//! [`Client::live`], [`Client::status`], [`Client::on`], [`Client::sync`].
+//! [`Client::live`], [`Client::status`], [`Client::on`], [`Client::sync`], and the
+//! device's stream subscriptions: [`Client::subscribe`] (a [`StreamHold`]),
+//! [`Client::subscriptions`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -11,7 +13,7 @@ use std::rc::{Rc, Weak};
 
 use hearth_bridge::{
     decode, encode, DecodeError, ErrorCode, ErrorReply, Notice, PageMessage, Reply, Request, Rows,
-    SyncStatus, TextEdit, Value, WorkerMessage,
+    StreamParam, StreamSubscription, SyncStatus, TextEdit, Value, WorkerMessage,
 };
 use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
 use tokio::sync::oneshot;
@@ -35,6 +37,22 @@ type Waiter = oneshot::Sender<Result<Reply, ErrorReply>>;
 type LiveCallback = Box<dyn FnMut(Result<Rows, ErrorReply>)>;
 type Listener = Rc<dyn Fn(&Notice)>;
 type WindowHandler = (&'static str, Closure<dyn Fn()>);
+/// Called with (rows loaded so far, done) as a subscription's initial load progresses.
+pub type ProgressCallback = Rc<dyn Fn(u64, bool)>;
+type LoadWaiter = oneshot::Sender<Result<(), ErrorReply>>;
+
+/// What this tab knows of one stream subscription it asked for.
+#[derive(Default)]
+struct StreamState {
+    rows: u64,
+    done: bool,
+    /// Set when the server refused it; cleared by the next subscribe reply.
+    refused: Option<ErrorReply>,
+    /// Subscribe calls waiting for the load to be done.
+    waiters: Vec<LoadWaiter>,
+    /// (listener id, callback) for progress notices.
+    progress: Vec<(u32, ProgressCallback)>,
+}
 
 /// What an `exec` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +76,8 @@ struct Inner {
     worker: SharedWorker,
     pending: RefCell<HashMap<u32, Waiter>>,
     lives: RefCell<HashMap<u32, LiveCallback>>,
+    /// Stream subscriptions this tab asked for, by id.
+    streams: RefCell<HashMap<u64, StreamState>>,
     listeners: RefCell<Vec<(u32, Listener)>>,
     next_listener: Cell<u32>,
     status: Cell<SyncStatus>,
@@ -88,6 +108,71 @@ impl LiveQuery {
                     live_id: self.live_id,
                 });
             }
+        }
+    }
+}
+
+/// This tab's hold on one of the device's stream subscriptions, from
+/// [`Client::subscribe`]. The subscription stays while any tab holds it;
+/// [`StreamHold::unsubscribe`] releases this hold. Dropping a `StreamHold` does not
+/// release it.
+pub struct StreamHold {
+    inner: Weak<Inner>,
+    sub: StreamSubscription,
+    released: Cell<bool>,
+    listeners: RefCell<Vec<u32>>,
+}
+
+impl StreamHold {
+    /// The device's number for this stream and parameters (the same in every tab).
+    pub fn id(&self) -> u64 {
+        self.sub.id
+    }
+
+    /// The subscription as it was when the hold was taken.
+    pub fn subscription(&self) -> &StreamSubscription {
+        &self.sub
+    }
+
+    /// Calls `callback(rows, done)` with each later progress of the subscription's load
+    /// (after a resumed or repeated load). Returns an id for [`StreamHold::off`].
+    pub fn on_progress(&self, callback: ProgressCallback) -> u32 {
+        let Some(inner) = self.inner.upgrade() else {
+            return 0;
+        };
+        let id = inner.add_progress(self.sub.id, callback);
+        self.listeners.borrow_mut().push(id);
+        id
+    }
+
+    /// Removes a progress callback added by [`StreamHold::on_progress`].
+    pub fn off(&self, listener: u32) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.remove_progress(self.sub.id, listener);
+        }
+        self.listeners.borrow_mut().retain(|l| *l != listener);
+    }
+
+    /// Releases this hold (once; later calls do nothing). Resolves to whether the device
+    /// unsubscribed (no tab holds it any more), once its rows that no other subscription
+    /// holds are gone, durably.
+    pub async fn unsubscribe(&self) -> Result<bool, ErrorReply> {
+        if self.released.replace(true) {
+            return Ok(false);
+        }
+        let Some(inner) = self.inner.upgrade() else {
+            return Err(closed());
+        };
+        for listener in self.listeners.borrow_mut().drain(..) {
+            inner.remove_progress(self.sub.id, listener);
+        }
+        let reply = inner.request(Request::UnsubscribeStream { id: self.sub.id })?;
+        drop(inner);
+        match reply.await {
+            Ok(Ok(Reply::StreamUnsubscribed { dropped })) => Ok(dropped),
+            Ok(Ok(other)) => Err(unexpected(&other)),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(closed()),
         }
     }
 }
@@ -174,6 +259,7 @@ impl Client {
                 worker: worker.clone(),
                 pending: RefCell::new(HashMap::new()),
                 lives: RefCell::new(HashMap::new()),
+                streams: RefCell::new(HashMap::new()),
                 listeners: RefCell::new(Vec::new()),
                 next_listener: Cell::new(1),
                 status: Cell::new(SyncStatus::default()),
@@ -329,6 +415,71 @@ impl Client {
         }
     }
 
+    /// Subscribes the device to the schema's stream `stream` with `params` (by name; a
+    /// list for `IN :name`), taking a hold for this tab. Resolves once the stream's rows
+    /// as of now are in the local database and durable: at once when the subscription was
+    /// already loaded. Until then `progress(rows, done)` is called as chunks arrive. A
+    /// subscription made offline waits for the connection.
+    ///
+    /// Fails with INVALID_ARGUMENT for an unknown stream or bad parameters (checked on
+    /// the device), or the server's BAD_SUBSCRIPTION / TOO_MANY_SUBSCRIPTIONS.
+    pub async fn subscribe(
+        &self,
+        stream: &str,
+        params: Vec<(String, StreamParam)>,
+        progress: Option<ProgressCallback>,
+    ) -> Result<StreamHold, ErrorReply> {
+        let request = Request::SubscribeStream {
+            stream: stream.to_owned(),
+            params,
+        };
+        // `Inner::on_frame` records the reply's state before this resumes, so no notice
+        // that follows it can be missed.
+        let sub = match self.call(request).await? {
+            Reply::StreamSubscribed(sub) => sub,
+            other => return Err(unexpected(&other)),
+        };
+        let hold = StreamHold {
+            inner: Rc::downgrade(&self.inner),
+            sub,
+            released: Cell::new(false),
+            listeners: RefCell::new(Vec::new()),
+        };
+        let id = hold.sub.id;
+        let waiting = {
+            let mut streams = self.inner.streams.borrow_mut();
+            let state = streams.entry(id).or_default();
+            if let Some(error) = state.refused.clone() {
+                Err(error)
+            } else if state.done {
+                Ok(None)
+            } else {
+                let (waiter, done) = oneshot::channel();
+                state.waiters.push(waiter);
+                Ok(Some(done))
+            }
+        };
+        let progress_id = progress.map(|callback| hold.on_progress(callback));
+        let waited = match waiting {
+            Err(error) => Err(error),
+            Ok(None) => Ok(()),
+            Ok(Some(done)) => done.await.unwrap_or_else(|_| Err(closed())),
+        };
+        if let Some(listener) = progress_id {
+            hold.off(listener);
+        }
+        waited.map(|()| hold)
+    }
+
+    /// The device's stream subscriptions (every tab's, and those no tab holds since a
+    /// restart).
+    pub async fn subscriptions(&self) -> Result<Vec<StreamSubscription>, ErrorReply> {
+        match self.call(Request::Subscriptions).await? {
+            Reply::Subscriptions(subs) => Ok(subs),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Closes this tab's port; pending and later calls fail with CLOSED. The worker and
     /// other tabs are not affected.
     pub fn close(&self) {
@@ -398,6 +549,14 @@ impl Inner {
                 self.fail_all(&error);
             }
             Ok(WorkerMessage::Response { id, result }) => {
+                if let Ok(Reply::StreamSubscribed(sub)) = &result {
+                    // Recorded now, before the caller resumes and before any later notice.
+                    let mut streams = self.streams.borrow_mut();
+                    let state = streams.entry(sub.id).or_default();
+                    state.refused = None;
+                    state.rows = sub.rows;
+                    state.done = sub.loaded;
+                }
                 let waiter = self.pending.borrow_mut().remove(&id);
                 if let Some(waiter) = waiter {
                     // The caller may have stopped waiting; nothing to do then.
@@ -427,6 +586,12 @@ impl Inner {
                 return;
             }
             Notice::Status(status) => self.status.set(status),
+            Notice::Loaded { id, rows, done } => self.on_loaded(id, rows, done),
+            Notice::SubscriptionRefused {
+                id,
+                ref code,
+                ref reason,
+            } => self.on_refused(id, code, reason),
             Notice::Changed { .. } | Notice::Rejected { .. } => {}
         }
         // Listeners may add or remove listeners: call a snapshot.
@@ -438,6 +603,67 @@ impl Inner {
             .collect();
         for listener in listeners {
             listener(&notice);
+        }
+    }
+
+    fn on_loaded(&self, id: u64, rows: u64, done: bool) {
+        let (waiters, callbacks) = {
+            let mut streams = self.streams.borrow_mut();
+            let Some(state) = streams.get_mut(&id) else {
+                return; // Another tab's subscription.
+            };
+            state.rows = rows;
+            state.done = done;
+            let waiters = if done {
+                std::mem::take(&mut state.waiters)
+            } else {
+                Vec::new()
+            };
+            let callbacks: Vec<ProgressCallback> =
+                state.progress.iter().map(|(_, c)| Rc::clone(c)).collect();
+            (waiters, callbacks)
+        };
+        // Callbacks run with nothing borrowed, so they may subscribe or unsubscribe.
+        for callback in callbacks {
+            callback(rows, done);
+        }
+        for waiter in waiters {
+            let _ = waiter.send(Ok(()));
+        }
+    }
+
+    fn on_refused(&self, id: u64, code: &str, reason: &str) {
+        let waiters = {
+            let mut streams = self.streams.borrow_mut();
+            let Some(state) = streams.get_mut(&id) else {
+                return;
+            };
+            let error = ErrorReply::new(ErrorCode::from_engine(code), reason.to_owned());
+            state.refused = Some(error);
+            state.done = false;
+            std::mem::take(&mut state.waiters)
+        };
+        let error = ErrorReply::new(ErrorCode::from_engine(code), reason.to_owned());
+        for waiter in waiters {
+            let _ = waiter.send(Err(error.clone()));
+        }
+    }
+
+    fn add_progress(&self, id: u64, callback: ProgressCallback) -> u32 {
+        let listener = self.next_listener.get();
+        self.next_listener.set(listener.wrapping_add(1));
+        self.streams
+            .borrow_mut()
+            .entry(id)
+            .or_default()
+            .progress
+            .push((listener, callback));
+        listener
+    }
+
+    fn remove_progress(&self, id: u64, listener: u32) {
+        if let Some(state) = self.streams.borrow_mut().get_mut(&id) {
+            state.progress.retain(|(l, _)| *l != listener);
         }
     }
 
@@ -455,6 +681,15 @@ impl Inner {
     fn fail_all(&self, error: &ErrorReply) {
         let waiters: Vec<Waiter> = self.pending.borrow_mut().drain().map(|(_, w)| w).collect();
         for waiter in waiters {
+            let _ = waiter.send(Err(error.clone()));
+        }
+        let loads: Vec<LoadWaiter> = self
+            .streams
+            .borrow_mut()
+            .values_mut()
+            .flat_map(|s| s.waiters.drain(..))
+            .collect();
+        for waiter in loads {
             let _ = waiter.send(Err(error.clone()));
         }
     }

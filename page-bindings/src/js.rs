@@ -3,13 +3,19 @@
 //! Values cross as plain JS values: numbers, strings, `null`, `Uint8Array` for blobs and
 //! `BigInt` for integers beyond 2^53. Errors are JS `Error`s with a stable `code`.
 
-use hearth_bridge::{ErrorCode, ErrorReply, Notice, Rows, SyncStatus, TextEdit, Value};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use hearth_bridge::{
+    ErrorCode, ErrorReply, Notice, Rows, StreamParam, StreamSubscription, SyncStatus, TextEdit,
+    Value,
+};
 use js_sys::{Array, BigInt, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::future_to_promise;
 
-use crate::client::{Client, ExecResult, SYNC_TIMEOUT_MS_DEFAULT};
+use crate::client::{Client, ExecResult, ProgressCallback, StreamHold, SYNC_TIMEOUT_MS_DEFAULT};
 
 /// The largest integer a JS number holds exactly; beyond it integers cross as `BigInt`.
 const JS_SAFE_INTEGER_MAX: i64 = (1 << 53) - 1;
@@ -227,6 +233,71 @@ impl Database {
         })
     }
 
+    /// `subscribe(stream, params?, {onProgress}?)`: subscribes the device to the schema's
+    /// stream `stream` with `params` (an object of name to value; an array for
+    /// `IN :name`). Resolves to a [`Subscription`] once the stream's rows as of now are in
+    /// the local database and durable (at once when already loaded); `onProgress({rows,
+    /// done})` is called as the initial load's chunks land, and so is every callback given
+    /// to the returned promise's `on("progress", callback)`. Subscriptions are the
+    /// device's: tabs asking for the same stream and parameters share one (the same `id`),
+    /// and it stays until every tab that subscribed has called `unsubscribe()`. Rejects
+    /// with code INVALID_ARGUMENT (unknown stream or bad parameters, checked on the
+    /// device), BAD_SUBSCRIPTION or TOO_MANY_SUBSCRIPTIONS (the server refused it).
+    pub fn subscribe(&self, stream: JsValue, params: JsValue, options: JsValue) -> Promise {
+        let listeners: Rc<RefCell<Vec<Function>>> = Rc::default();
+        if let Some(on_progress) = Reflect::get(&options, &"onProgress".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<Function>().ok())
+        {
+            listeners.borrow_mut().push(on_progress);
+        }
+        let client = self.client.clone();
+        let progress: ProgressCallback = {
+            let listeners = Rc::clone(&listeners);
+            Rc::new(move |rows, done| {
+                let callbacks: Vec<Function> = listeners.borrow().clone();
+                call_progress(&callbacks, rows, done);
+            })
+        };
+        let promise = future_to_promise(async move {
+            let stream = string_arg("stream", &stream).map_err(js_error)?;
+            let params = stream_params_from_js(&params).map_err(js_error)?;
+            let hold = client
+                .subscribe(&stream, params, Some(progress))
+                .await
+                .map_err(js_error)?;
+            Ok(Subscription {
+                hold: Rc::new(hold),
+            }
+            .into())
+        });
+        // `pending.on("progress", callback)` before awaiting it.
+        let on = Closure::<dyn Fn(JsValue, JsValue) -> Result<(), JsValue>>::new(
+            move |kind: JsValue, callback: JsValue| {
+                let callback = progress_args(&kind, callback)?;
+                listeners.borrow_mut().push(callback);
+                Ok(())
+            },
+        );
+        let _ = Reflect::set(&promise, &"on".into(), &on.into_js_value());
+        promise
+    }
+
+    /// `subscriptions()`: resolves to the device's subscriptions, `[{id, stream, params,
+    /// loaded, rows, tabs}]`: every tab's, and any that no tab holds (`tabs` 0: since a
+    /// restart, or since the tabs that held it closed).
+    pub fn subscriptions(&self) -> Promise {
+        let client = self.client.clone();
+        future_to_promise(async move {
+            let subs = client.subscriptions().await.map_err(js_error)?;
+            let list = Array::new();
+            for sub in &subs {
+                list.push(&subscription_to_js(sub)?);
+            }
+            Ok(list.into())
+        })
+    }
+
     /// Closes this tab's connection; other tabs keep theirs.
     pub fn close(&self) {
         self.client.close();
@@ -241,6 +312,155 @@ impl Database {
     pub fn server(&self) -> String {
         self.server.clone()
     }
+}
+
+/// This tab's hold on one of the device's stream subscriptions, as `db.subscribe` resolves
+/// it.
+#[wasm_bindgen]
+pub struct Subscription {
+    hold: Rc<StreamHold>,
+}
+
+#[wasm_bindgen]
+impl Subscription {
+    /// The device's id for this stream and parameters, as a decimal string (the same in
+    /// every tab, and in `db.subscriptions()`).
+    #[wasm_bindgen(getter)]
+    pub fn id(&self) -> String {
+        self.hold.id().to_string()
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn stream(&self) -> String {
+        self.hold.subscription().stream.clone()
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn params(&self) -> Result<JsValue, JsValue> {
+        stream_params_to_js(&self.hold.subscription().params)
+    }
+
+    /// `unsubscribe()`: releases this tab's hold (once; later calls do nothing). When no
+    /// other hold is left, the device unsubscribes and the rows no other subscription
+    /// holds leave it; resolves once that is durable.
+    pub fn unsubscribe(&self) -> Promise {
+        let hold = Rc::clone(&self.hold);
+        future_to_promise(async move {
+            hold.unsubscribe().await.map_err(js_error)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// `on("progress", callback)`: `callback({rows, done})` for each later chunk of this
+    /// subscription's load (a load the server repeats). Returns a function that removes
+    /// it.
+    pub fn on(&self, kind: JsValue, callback: JsValue) -> Result<Function, JsValue> {
+        let callback = progress_args(&kind, callback)?;
+        let id = self.hold.on_progress(Rc::new(move |rows, done| {
+            call_progress(std::slice::from_ref(&callback), rows, done);
+        }));
+        let hold = Rc::downgrade(&self.hold);
+        let off = Closure::once_into_js(move || {
+            if let Some(hold) = hold.upgrade() {
+                hold.off(id);
+            }
+        });
+        Ok(off.unchecked_into())
+    }
+}
+
+/// The callback of `on("progress", callback)`, or INVALID_ARGUMENT.
+fn progress_args(kind: &JsValue, callback: JsValue) -> Result<Function, JsValue> {
+    if kind.as_string().as_deref() != Some("progress") {
+        return Err(js_error(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            format!("unknown event {kind:?}: a subscription has \"progress\""),
+        )));
+    }
+    callback.dyn_into::<Function>().map_err(|_| {
+        js_error(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            "the progress callback must be a function",
+        ))
+    })
+}
+
+fn call_progress(callbacks: &[Function], rows: u64, done: bool) {
+    let event = Object::new();
+    let _ = Reflect::set(&event, &"rows".into(), &(rows as f64).into());
+    let _ = Reflect::set(&event, &"done".into(), &done.into());
+    for callback in callbacks {
+        if let Err(err) = callback.call1(&JsValue::UNDEFINED, &event) {
+            web_sys::console::error_2(&"Hearth progress callback threw".into(), &err);
+        }
+    }
+}
+
+/// A stream's parameters from a JS object: each value as an SQL parameter, an array as a
+/// list.
+fn stream_params_from_js(params: &JsValue) -> Result<Vec<(String, StreamParam)>, ErrorReply> {
+    if params.is_undefined() || params.is_null() {
+        return Ok(Vec::new());
+    }
+    if !params.is_object() || Array::is_array(params) {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            "params must be an object of parameter name to value",
+        ));
+    }
+    let entries = Object::entries(params.unchecked_ref());
+    entries
+        .iter()
+        .map(|entry| {
+            let entry: Array = entry.unchecked_into();
+            let name = entry.get(0).as_string().unwrap_or_default();
+            let value = entry.get(1);
+            let bad = |why: &str| {
+                ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    format!("parameter :{name}: {why}"),
+                )
+            };
+            let param = if let Some(items) = value.dyn_ref::<Array>() {
+                StreamParam::Many(
+                    items
+                        .iter()
+                        .map(|item| value_from_js(&item).map_err(bad))
+                        .collect::<Result<_, _>>()?,
+                )
+            } else {
+                StreamParam::One(value_from_js(&value).map_err(bad)?)
+            };
+            Ok((name, param))
+        })
+        .collect()
+}
+
+fn stream_params_to_js(params: &[(String, StreamParam)]) -> Result<JsValue, JsValue> {
+    let object = Object::new();
+    for (name, param) in params {
+        let value = match param {
+            StreamParam::One(value) => value_to_js(value),
+            StreamParam::Many(values) => values.iter().map(value_to_js).collect::<Array>().into(),
+        };
+        Reflect::set(&object, &name.into(), &value)?;
+    }
+    Ok(object.into())
+}
+
+fn subscription_to_js(sub: &StreamSubscription) -> Result<JsValue, JsValue> {
+    let object = Object::new();
+    Reflect::set(&object, &"id".into(), &sub.id.to_string().into())?;
+    Reflect::set(&object, &"stream".into(), &sub.stream.as_str().into())?;
+    Reflect::set(
+        &object,
+        &"params".into(),
+        &stream_params_to_js(&sub.params)?,
+    )?;
+    Reflect::set(&object, &"loaded".into(), &sub.loaded.into())?;
+    Reflect::set(&object, &"rows".into(), &(sub.rows as f64).into())?;
+    Reflect::set(&object, &"tabs".into(), &sub.tabs.into())?;
+    Ok(object.into())
 }
 
 fn exec_result_to_js(done: &ExecResult) -> Result<JsValue, JsValue> {

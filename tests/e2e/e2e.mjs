@@ -451,6 +451,161 @@ async function main() {
       check(mismatches.length === 0, mismatches.join("; "));
     });
 
+    // --- Stream subscriptions (selective sync): each device holds only what it subscribed to. ---
+    // One server with a streams schema for the tests below; W writes, A and B subscribe.
+    const streamsDir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-streams-"));
+    cleanups.push(() => rm(streamsDir, { recursive: true, force: true }));
+    const streamsSchema = path.join(streamsDir, "streams.toml");
+    await writeFile(
+      streamsSchema,
+      `version = 1
+[tables.lists]
+create = "CREATE TABLE lists (id TEXT PRIMARY KEY, name TEXT NOT NULL)"
+[tables.todos]
+create = "CREATE TABLE todos (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, title TEXT NOT NULL)"
+[streams.list_todos]
+table = "todos"
+where = "list_id = :list"
+`,
+    );
+    let streams, tabW;
+    const todosOf = (tab) => call(tab, "query", "SELECT id, list_id, title FROM todos ORDER BY id").then((r) => (check(r.ok, JSON.stringify(r)), r.value));
+    // `db.subscribe` in the tab, kept as window.subs[key]; returns {ok, id, progress} or {ok: false, code, message}.
+    const subscribe = (tab, key, stream, params) =>
+      withTimeout(
+        tab.evaluate(
+          async ([key, stream, params]) => {
+            window.subs = window.subs || {};
+            const progress = [];
+            try {
+              const pending = db.subscribe(stream, params, { onProgress: (p) => progress.push(p) });
+              const sub = await pending;
+              window.subs[key] = sub;
+              return { ok: true, id: sub.id, stream: sub.stream, params: sub.params, progress };
+            } catch (error) {
+              return { ok: false, code: error.code, message: error.message, isError: error instanceof Error };
+            }
+          },
+          [key, stream, params],
+        ),
+        `subscribe(${stream}, ${JSON.stringify(params)})`,
+      );
+    const unsubscribe = (tab, key) => withTimeout(tab.evaluate((key) => window.subs[key].unsubscribe(), key), `unsubscribe ${key}`);
+    const subscriptionsOf = (tab) => withTimeout(tab.evaluate(() => db.subscriptions()), "subscriptions()");
+    const poll = async (fn, ok, what, ms = 10_000) => {
+      const end = Date.now() + ms;
+      for (;;) {
+        const value = await fn();
+        if (ok(value)) return value;
+        if (Date.now() > end) throw new Error(`timed out: ${what}: last ${JSON.stringify(value)}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    };
+
+    await test("subscriptions: two devices subscribed to different lists hold only theirs; a row moved between lists moves between devices; unsubscribe evicts", async () => {
+      streams = await startServer({ schema: streamsSchema });
+      cleanups.push(() => streams.cleanup());
+      const [w, a, b] = [await newDevice(browser), await newDevice(browser), await newDevice(browser)];
+      cleanups.push(() => w.close(), () => a.close(), () => b.close());
+      [tabW] = [await openTab(w, streams.origin, "streams")];
+      const tabA = await openTab(a, streams.origin, "streams");
+      const tabB = await openTab(b, streams.origin, "streams");
+      const [g, k] = [uid("groceries"), uid("work")];
+      for (const [id, list, title] of [["t1", g, "milk"], ["t2", g, "eggs"], ["t3", k, "report"]]) {
+        const r = await call(tabW, "exec", "INSERT INTO todos (id, list_id, title) VALUES (?, ?, ?)", [`${g}-${id}`, list, title]);
+        check(r.ok, JSON.stringify(r));
+      }
+      await withTimeout(tabW.evaluate(() => db.sync()), "W synced");
+      // W subscribed to nothing: once its writes are acknowledged, they leave it too.
+      await poll(() => todosOf(tabW), (rows) => rows.length === 0, "W holds no todos");
+      // W follows both lists, so it can move a row from one to the other.
+      for (const [key, list] of [["wg", g], ["wk", k]]) {
+        const s = await subscribe(tabW, key, "list_todos", { list });
+        check(s.ok, JSON.stringify(s));
+      }
+      check((await todosOf(tabW)).length === 3, "W holds both lists");
+      await startLive(tabA, "todos", "SELECT id, list_id FROM todos ORDER BY id");
+      await waitLive(tabA, "todos", (rows) => rows.length === 0, "A's first live result");
+      // Resolves once the rows are in A's database: read at once, no waiting.
+      const subA = await subscribe(tabA, "g", "list_todos", { list: g });
+      check(subA.ok && typeof subA.id === "string" && subA.stream === "list_todos" && subA.params.list === g, JSON.stringify(subA));
+      check(subA.progress.some((p) => p.done === true && p.rows === 2), `A's progress: ${JSON.stringify(subA.progress)}`);
+      let rows = await todosOf(tabA);
+      check(rows.map((r) => r.title).join() === "milk,eggs", `A holds its list: ${JSON.stringify(rows)}`);
+      await waitLive(tabA, "todos", (rows) => rows.length === 2, "A's live query sees the load");
+      const subB = await subscribe(tabB, "k", "list_todos", { list: k });
+      check(subB.ok && subB.id !== subA.id, JSON.stringify(subB));
+      rows = await todosOf(tabB);
+      check(rows.map((r) => r.title).join() === "report", `B holds its list: ${JSON.stringify(rows)}`);
+      const subs = await subscriptionsOf(tabA);
+      check(
+        subs.length === 1 && subs[0].id === subA.id && subs[0].stream === "list_todos" && subs[0].params.list === g && subs[0].loaded === true && subs[0].rows === 2 && subs[0].tabs === 1,
+        `A's subscriptions: ${JSON.stringify(subs)}`,
+      );
+      // A row moves from A's list to B's: it leaves A and arrives, whole, on B.
+      await startLive(tabB, "todos", "SELECT id, list_id, title FROM todos ORDER BY id");
+      const r = await call(tabW, "exec", "UPDATE todos SET list_id = ? WHERE id = ?", [k, `${g}-t1`]);
+      check(r.ok, JSON.stringify(r));
+      await waitLive(tabA, "todos", (rows) => rows.length === 1 && rows[0].id.endsWith("-t2"), "t1 leaves A");
+      await waitLive(tabB, "todos", (rows) => rows.length === 2 && rows.some((x) => x.id.endsWith("-t1") && x.title === "milk"), "t1 arrives on B, whole");
+      // Unsubscribing evicts A's rows (locally: nothing is deleted on the server).
+      await unsubscribe(tabA, "g");
+      rows = await todosOf(tabA);
+      check(rows.length === 0, `A after unsubscribe: ${JSON.stringify(rows)}`);
+      await waitLive(tabA, "todos", (rows) => rows.length === 0, "A's live query sees the eviction");
+      check((await subscriptionsOf(tabA)).length === 0, "A has no subscriptions left");
+      check((await tabA.evaluate(() => db.status().pending)) === 0, "the eviction queued no write");
+      await call(tabW, "exec", "INSERT INTO todos (id, list_id, title) VALUES (?, ?, ?)", [`${g}-t4`, g, "bread"]);
+      await withTimeout(tabW.evaluate(() => db.sync()), "W synced");
+      await withTimeout(tabB.evaluate(() => db.sync()), "B synced");
+      await withTimeout(tabA.evaluate(() => db.sync()), "A synced");
+      check((await todosOf(tabA)).length === 0, "A no longer receives its old list");
+      check((await todosOf(tabB)).map((x) => x.title).join() === "milk,report", "B has only its list");
+    });
+
+    await test("subscriptions: two tabs of one device share one; closing one keeps it; the last unsubscribe evicts; bad streams and params reject with INVALID_ARGUMENT", async () => {
+      check(streams && tabW, "needs the server of the previous test");
+      const c = await newDevice(browser);
+      cleanups.push(() => c.close());
+      const tab1 = await openTab(c, streams.origin, "streams");
+      const tab2 = await openTab(c, streams.origin, "streams");
+      const list = uid("shared");
+      await call(tabW, "exec", "INSERT INTO todos (id, list_id, title) VALUES (?, ?, ?)", [`${list}-1`, list, "one"]);
+      await withTimeout(tabW.evaluate(() => db.sync()), "W synced");
+      const s1 = await subscribe(tab1, "s", "list_todos", { list });
+      check(s1.ok, JSON.stringify(s1));
+      // Already loaded: tab 2 gets the same subscription, at once.
+      const s2 = await subscribe(tab2, "s", "list_todos", { list });
+      check(s2.ok && s2.id === s1.id, `the same id in both tabs: ${JSON.stringify([s1, s2])}`);
+      let subs = await subscriptionsOf(tab2);
+      check(subs.length === 1 && subs[0].tabs === 2 && subs[0].loaded, `one subscription, two tabs: ${JSON.stringify(subs)}`);
+      await startLive(tab2, "todos", "SELECT title FROM todos ORDER BY id");
+      await waitLive(tab2, "todos", (rows) => rows.map((x) => x.title).join() === "one", "tab 2 sees the row");
+      await tab1.close();
+      subs = await poll(() => subscriptionsOf(tab2), (subs) => subs.length === 1 && subs[0].tabs === 1, "tab 1's hold released");
+      // Still subscribed at the server: a new row of the list arrives.
+      await call(tabW, "exec", "INSERT INTO todos (id, list_id, title) VALUES (?, ?, ?)", [`${list}-2`, list, "two"]);
+      await waitLive(tab2, "todos", (rows) => rows.map((x) => x.title).join() === "one,two", "tab 2 still receives the list");
+      await unsubscribe(tab2, "s");
+      check((await todosOf(tab2)).length === 0, "the last unsubscribe evicts");
+      check((await subscriptionsOf(tab2)).length === 0, "no subscription left");
+      const bad = await tab2.evaluate(async () => {
+        const codes = [];
+        for (const [stream, params] of [
+          ["no_such_stream", { list: "x" }],
+          ["list_todos", {}],
+          ["list_todos", { list: "x", extra: 1 }],
+          ["list_todos", { list: { an: "object" } }],
+          ["list_todos", "not an object"],
+          [42, { list: "x" }],
+        ]) {
+          codes.push(await db.subscribe(stream, params).then(() => "resolved", (e) => (e instanceof Error ? e.code : `not an Error: ${e}`)));
+        }
+        return { codes, subs: (await db.subscriptions()).length };
+      });
+      check(bad.codes.every((c) => c === "INVALID_ARGUMENT") && bad.subs === 0, `bad subscriptions: ${JSON.stringify(bad)}`);
+    });
+
     // --- The demo app. ---
     await test("demo app: a todo added in one tab shows in another; the app loads with the server down", async () => {
       const demo = await startServer();

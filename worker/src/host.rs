@@ -19,17 +19,28 @@
 //! ticket goes out, in order. A push sent before its mutation was durable could, after a
 //! crash, reach the server while the device forgot it and reused its sequence number for
 //! a different write, which the server would then drop as a duplicate.
+//!
+//! **Stream subscriptions are the device's, held by tabs.** The engine keeps them (they
+//! survive restarts); the worker counts each tab's holds. A tab's `SubscribeStream` takes
+//! a hold (the same stream and parameters are one subscription, one id, whichever tab asks);
+//! its `UnsubscribeStream` releases one, and releasing the last hold of all tabs
+//! unsubscribes the engine, which evicts the rows no other subscription holds. A tab that
+//! goes away only drops its holds: when no tab is left holding a subscription, it stays in
+//! the engine, exactly as after a restart, until a tab claims it again and lets it go.
+//! Load progress (`Notice::Loaded`) waits for the flush barrier like a reply, so a tab
+//! told that a load is done can rely on the rows being durable.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::{Rc, Weak};
 
 use hearth_bridge::{
     decode, encode, frame_version, ErrorCode, ErrorReply, Notice, PageMessage, Reply, Request,
-    Rows, SyncStatus, Value, WorkerMessage, PROTOCOL_VERSION,
+    Rows, StreamParam, StreamSubscription, SyncStatus, Value, WorkerMessage, PROTOCOL_VERSION,
 };
+use hearth_engine::client::SubscriptionInfo;
 use hearth_engine::protocol::{decode_server, encode_client, ClientMsg, FRAME_BYTES_MAX};
-use hearth_engine::{Client, ClientConfig, ClientError, Event};
+use hearth_engine::{Client, ClientConfig, ClientError, Event, Param};
 use js_sys::{Array, Function, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -213,6 +224,9 @@ enum Parked {
         socket_gen: u64,
         messages: Vec<ClientMsg>,
     },
+    /// A notice for every tab about what the barrier makes durable (load progress), or
+    /// that must not overtake the replies parked before it (a refused subscription).
+    Broadcast(Notice),
 }
 
 struct Socket {
@@ -236,6 +250,9 @@ struct Host {
     tabs: HashMap<PortId, Tab>,
     next_port: PortId,
     lives: Vec<Live>,
+    /// Holds on the engine's stream subscriptions: subscription id -> tab -> how many
+    /// `SubscribeStream`s of that tab are not yet released.
+    holds: HashMap<u64, HashMap<PortId, u32>>,
     /// Tabs whose `Open` waits for the schema.
     open_waiters: Vec<(PortId, u32)>,
     /// Tabs whose `Sync` waits, keyed by a waiter number for the timeout.
@@ -265,6 +282,7 @@ impl Host {
             tabs: HashMap::new(),
             next_port: 1,
             lives: Vec::new(),
+            holds: HashMap::new(),
             open_waiters: Vec::new(),
             sync_waiters: Vec::new(),
             next_waiter: 1,
@@ -373,6 +391,11 @@ impl Host {
             tab.port.close();
         }
         self.lives.retain(|live| live.port != port_id);
+        // Its holds go; the subscriptions stay in the engine (see the module doc).
+        self.holds.retain(|_, tabs| {
+            tabs.remove(&port_id);
+            !tabs.is_empty()
+        });
         self.open_waiters.retain(|(port, _)| *port != port_id);
         self.sync_waiters.retain(|(_, port, _)| *port != port_id);
         self.parked.retain(
@@ -502,6 +525,97 @@ impl Host {
                     .retain(|l| !(l.port == port_id && l.live_id == live_id));
                 self.respond(port_id, id, Ok(Reply::Unsubscribed));
             }
+            Request::SubscribeStream { stream, params } => {
+                let params: BTreeMap<String, Param> = params
+                    .into_iter()
+                    .map(|(name, param)| (name, to_engine_param(param)))
+                    .collect();
+                let subscribed = client
+                    .subscribe(&stream, params)
+                    .and_then(|(sub_id, output)| {
+                        let info = client
+                            .subscriptions()?
+                            .into_iter()
+                            .find(|s| s.id == sub_id)
+                            .ok_or_else(|| {
+                                ClientError::Protocol(format!(
+                                    "subscription {sub_id} was not stored"
+                                ))
+                            })?;
+                        Ok((info, output))
+                    });
+                match subscribed {
+                    Ok((info, output)) => {
+                        *self
+                            .holds
+                            .entry(info.id)
+                            .or_default()
+                            .entry(port_id)
+                            .or_default() += 1;
+                        // The reply says "loaded" only once that state is durable, and the
+                        // Subscribe goes out only once the subscription is.
+                        let ticket = self.barrier();
+                        let reply = Reply::StreamSubscribed(self.to_stream_subscription(info));
+                        self.park(
+                            ticket,
+                            Parked::Reply {
+                                port: port_id,
+                                id,
+                                result: Ok(reply),
+                            },
+                        );
+                        self.park_send(ticket, output.send);
+                        self.on_events(output.events);
+                    }
+                    Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
+                }
+            }
+            Request::UnsubscribeStream { id: sub_id } => {
+                let Some(tabs) = self.holds.get_mut(&sub_id) else {
+                    let reply = Reply::StreamUnsubscribed { dropped: false };
+                    return self.respond(port_id, id, Ok(reply));
+                };
+                let Some(count) = tabs.get_mut(&port_id) else {
+                    let reply = Reply::StreamUnsubscribed { dropped: false };
+                    return self.respond(port_id, id, Ok(reply));
+                };
+                *count -= 1;
+                if *count == 0 {
+                    tabs.remove(&port_id);
+                }
+                if !tabs.is_empty() {
+                    let reply = Reply::StreamUnsubscribed { dropped: false };
+                    return self.respond(port_id, id, Ok(reply));
+                }
+                self.holds.remove(&sub_id);
+                match client.unsubscribe(sub_id) {
+                    Ok(output) => {
+                        // Answered once the eviction is durable.
+                        let ticket = self.barrier();
+                        self.park(
+                            ticket,
+                            Parked::Reply {
+                                port: port_id,
+                                id,
+                                result: Ok(Reply::StreamUnsubscribed { dropped: true }),
+                            },
+                        );
+                        self.park_send(ticket, output.send);
+                        self.on_events(output.events);
+                    }
+                    Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
+                }
+            }
+            Request::Subscriptions => {
+                let result = client
+                    .subscriptions()
+                    .map(|subs| {
+                        let subs = subs.into_iter().map(|s| self.to_stream_subscription(s));
+                        Reply::Subscriptions(subs.collect())
+                    })
+                    .map_err(|err| engine_error(&err));
+                self.respond(port_id, id, result);
+            }
             Request::Status => {
                 let status = self.status();
                 self.respond(port_id, id, Ok(Reply::Status(status)));
@@ -546,6 +660,12 @@ impl Host {
             }
             Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
         }
+    }
+
+    /// A subscription as tabs see it, with how many tabs hold it.
+    fn to_stream_subscription(&self, info: SubscriptionInfo) -> StreamSubscription {
+        let tabs = self.holds.get(&info.id).map_or(0, |tabs| tabs.len() as u32);
+        to_stream_subscription(info, tabs)
     }
 
     // --- durability -----------------------------------------------------------------
@@ -617,6 +737,12 @@ impl Host {
                         Err(error) => Err(error.clone()),
                     };
                     self.respond(port, id, reply);
+                }
+                Parked::Broadcast(notice) => {
+                    // Progress not durable is no progress: a later barrier's notice says it.
+                    if result.is_ok() || matches!(notice, Notice::SubscriptionRefused { .. }) {
+                        self.broadcast(&notice);
+                    }
                 }
                 Parked::Send {
                     socket_gen,
@@ -872,6 +998,17 @@ impl Host {
                         &format!("hearth-worker: took a new client id: {reason}").into(),
                     );
                 }
+                Event::Loaded { id, rows, done } => {
+                    // Behind the barrier that covers the chunk's commit.
+                    let ticket = self.last_change_ticket;
+                    self.park(ticket, Parked::Broadcast(Notice::Loaded { id, rows, done }));
+                }
+                Event::SubscriptionRefused { id, code, reason } => {
+                    self.holds.remove(&id);
+                    let ticket = self.last_change_ticket;
+                    let notice = Notice::SubscriptionRefused { id, code, reason };
+                    self.park(ticket, Parked::Broadcast(notice));
+                }
                 Event::Applied { .. } | Event::CaughtUp { .. } => {}
             }
         }
@@ -1044,6 +1181,56 @@ pub fn to_engine_value(value: Value) -> hearth_engine::Value {
         Value::Real(f) => hearth_engine::Value::Real(f),
         Value::Text(s) => hearth_engine::Value::Text(s),
         Value::Blob(b) => hearth_engine::Value::Blob(b),
+    }
+}
+
+pub fn to_engine_param(param: StreamParam) -> Param {
+    match param {
+        StreamParam::One(value) => Param::One(to_engine_value(value)),
+        StreamParam::Many(values) => Param::Many(to_engine_values(values)),
+    }
+}
+
+/// A subscription as tabs see it. The engine gives its parameters as JSON (a list as an
+/// array); each value becomes the SQL value the engine's `params_from_json` would make of
+/// it.
+pub fn to_stream_subscription(info: SubscriptionInfo, tabs: u32) -> StreamSubscription {
+    let params = match info.params {
+        serde_json::Value::Object(object) => object
+            .into_iter()
+            .map(|(name, value)| {
+                let param = match value {
+                    serde_json::Value::Array(items) => {
+                        StreamParam::Many(items.iter().map(json_to_value).collect())
+                    }
+                    other => StreamParam::One(json_to_value(&other)),
+                };
+                (name, param)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    StreamSubscription {
+        id: info.id,
+        stream: info.stream,
+        params,
+        loaded: info.loaded,
+        rows: info.rows,
+        tabs,
+    }
+}
+
+fn json_to_value(json: &serde_json::Value) -> Value {
+    match json {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Integer(i64::from(*b)),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::Real(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => Value::Text(s.clone()),
+        // Not made by the engine for a parameter; shown as its JSON text.
+        other => Value::Text(other.to_string()),
     }
 }
 
