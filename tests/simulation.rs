@@ -192,6 +192,16 @@ fn regression_undo_of_displacing_replace() {
     check_seed(3, 392);
 }
 
+/// A device that unsubscribed while its own write to a row of that stream
+/// was pending kept the row for good once the ack came by the fast path
+/// (acks applied as sent evicted nothing): found once the server passed over
+/// entries its fan-out said concern a link not at all, which changed when
+/// frames went out.
+#[test]
+fn regression_ack_after_unsubscribe_keeps_row() {
+    check_seed(161, 317);
+}
+
 /// Open bug, found after `Client::settle` gained its fast path (settling acks
 /// without a full rebase): a pending mutation's stored pre-image goes stale,
 /// its undo then clashes on `users.email` and the device can apply no server

@@ -13,6 +13,8 @@
 //! - [`protocol`]: client/server messages and their versioned binary codec.
 //! - [`client`]: the device: change capture, outbox, rebase and rollback.
 //! - [`server`]: the server's merge, dedup and change log over its store.
+//! - [`link`]: the server's side of one device connection (what it sends,
+//!   filters or refuses); [`fanout`]: which connections a log entry concerns.
 //! - [`merge`]: the merge policies (lww, counter, set, text, manual), pure functions
 //!   used by device capture and the server's merge.
 //! - `rows`: row-level SQL shared by both halves; `textcells`: where text
@@ -21,6 +23,7 @@
 mod authorize;
 pub mod change;
 pub mod client;
+pub mod fanout;
 pub mod filter;
 mod fk;
 pub mod hlc;

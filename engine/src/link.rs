@@ -115,7 +115,9 @@ pub struct Link {
     cursor: u64,
     /// The last cursor the device was told (by an entry or explicitly).
     told: u64,
-    /// Whether this connection has told the device it caught up.
+    /// Whether the last `Changes` this connection sent said the device
+    /// caught up (a device takes any other as "not caught up": reaching the
+    /// head again must be said, even through entries it gets nothing of).
     said_caught_up: bool,
     subs: BTreeMap<u64, Sub>,
     /// The subscription whose chunk the driver is reading.
@@ -127,6 +129,17 @@ pub struct Link {
     /// The latest stamp of every entry up to the cursor (from the Welcome,
     /// then each entry processed, sent or not).
     hlc: Hlc,
+    /// Subscriptions taken or dropped since the driver last asked.
+    changed: Vec<SubEvent>,
+}
+
+/// A change to a link's subscriptions, for the driver's [`Fanout`].
+///
+/// [`Fanout`]: crate::fanout::Fanout
+#[derive(Clone, Debug, PartialEq)]
+pub enum SubEvent {
+    Taken(Subscription),
+    Dropped(u64),
 }
 
 impl Link {
@@ -143,6 +156,7 @@ impl Link {
             due: None,
             refused: Vec::new(),
             hlc: Hlc(0),
+            changed: Vec::new(),
         }
     }
 
@@ -222,7 +236,9 @@ impl Link {
             ClientMsg::Push { mutations } => self.on_push(mutations),
             ClientMsg::Subscribe(sub) => self.subscribe(sub).map(Step::Send).into_iter().collect(),
             ClientMsg::Unsubscribe { id } => {
-                self.subs.remove(&id);
+                if self.subs.remove(&id).is_some() {
+                    self.changed.push(SubEvent::Dropped(id));
+                }
                 if self.due.as_ref().is_some_and(|c| c.id == id) {
                     self.due = None;
                 }
@@ -321,8 +337,14 @@ impl Link {
             self.due = None;
         }
         let table = stream.table.clone();
+        self.changed.push(SubEvent::Taken(sub.clone()));
         self.subs.insert(sub.id, Sub { sub, table });
         None
+    }
+
+    /// The subscriptions taken and dropped since the last call, in order.
+    pub fn take_sub_events(&mut self) -> Vec<SubEvent> {
+        std::mem::take(&mut self.changed)
     }
 
     /// The next chunk of an initial load to read, if one is to be read now
@@ -413,6 +435,8 @@ impl Link {
         self.cursor = self.cursor.max(last);
         self.hlc = self.hlc.max(hlc);
         self.told = self.cursor;
+        // The shared frame says `caught_up: false`.
+        self.said_caught_up = false;
         let mut out = Vec::new();
         self.after_entries(head, &mut out);
         out
@@ -457,6 +481,7 @@ impl Link {
         }
         let mut out = Vec::new();
         for entries in frames {
+            self.said_caught_up = false;
             let cursor = entries.last().expect("a frame has entries").server_seq;
             out.push(ServerMsg::Changes {
                 entries,
@@ -468,9 +493,7 @@ impl Link {
         let reached = self.cursor >= head;
         let lag = self.cursor - self.told >= CURSOR_LAG_MAX;
         if !run.is_empty() || lag || (reached && !self.said_caught_up) {
-            if reached {
-                self.said_caught_up = true;
-            }
+            self.said_caught_up = reached;
             out.push(ServerMsg::Changes {
                 entries: run,
                 cursor: self.cursor,
@@ -480,6 +503,42 @@ impl Link {
         }
         if !out.is_empty() {
             self.told = self.cursor;
+        }
+        if self.due.as_ref().is_some_and(|c| c.as_of == self.cursor) {
+            let chunk = self.due.take().expect("checked");
+            out.push(self.deliver(chunk));
+        }
+        out
+    }
+
+    /// Passes over the entries after the cursor up to `seq`, which the
+    /// driver knows concern this device not at all (its [`Fanout`] left it
+    /// out of each), `hlc` being at least their latest stamp; the log at
+    /// `head`. Stops at a due chunk's position and delivers it (call again
+    /// for the rest); says the cursor when it reaches the head for the first
+    /// time, or lags what the device was told by [`CURSOR_LAG_MAX`].
+    ///
+    /// [`Fanout`]: crate::fanout::Fanout
+    pub fn skip_to(&mut self, seq: u64, hlc: Hlc, head: u64) -> Vec<ServerMsg> {
+        let limit = self.due.as_ref().map_or(u64::MAX, |c| c.as_of);
+        let to = seq.min(limit);
+        let mut out = Vec::new();
+        if to <= self.cursor || self.reading.is_some() {
+            // While a chunk is read no entry is passed (see the module doc).
+            return out;
+        }
+        self.cursor = to;
+        self.hlc = self.hlc.max(hlc);
+        let reached = self.cursor >= head;
+        if (reached && !self.said_caught_up) || self.cursor - self.told >= CURSOR_LAG_MAX {
+            self.said_caught_up = reached;
+            self.told = self.cursor;
+            out.push(ServerMsg::Changes {
+                entries: Vec::new(),
+                cursor: self.cursor,
+                hlc: self.hlc,
+                caught_up: reached,
+            });
         }
         if self.due.as_ref().is_some_and(|c| c.as_of == self.cursor) {
             let chunk = self.due.take().expect("checked");

@@ -15,6 +15,7 @@
 //! all connections (`store_queue_bytes_max`, taken before a push is decoded).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,8 +273,12 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
         in_flight_mutations: 0,
         in_flight_bytes: 0,
         last_rx: Instant::now(),
+        joined: false,
     };
     let end = conn.serve().await;
+    if conn.joined {
+        state.store.ring.leave(conn.id);
+    }
     let Conn {
         out,
         writer,
@@ -337,6 +342,8 @@ struct Conn {
     in_flight_bytes: usize,
     /// When something last arrived (or reading last resumed).
     last_rx: Instant,
+    /// Whether it joined the store's fan-out (and must leave it).
+    joined: bool,
 }
 
 /// A catch-up read in progress: the entries after the link's cursor, with
@@ -433,8 +440,15 @@ impl Conn {
             .map_err(|r| fatal(r.code, r.message, CloseReason::Handshake))?;
         let client_id = hello.client_id;
         let ring = self.state.store.ring.clone();
-        let mut head = ring.subscribe();
-        let mut known_head = *head.borrow_and_update();
+        // From here the fan-out flags what concerns this connection; what
+        // was published before (up to `full_until`) it filters itself.
+        let (mailbox, mut full_until) = ring.join(self.id, client_id);
+        self.joined = true;
+        if let Some(at) = ring.subscriptions(self.id, self.link.take_sub_events()) {
+            full_until = full_until.max(at);
+        }
+        let mut known_head = full_until;
+        let mut flags: VecDeque<(u64, u64)> = VecDeque::new();
         let reader = self.state.store.reader.clone();
         let schema = self.state.store.schema.clone();
         let frame_bytes_max = config.frame_bytes_max;
@@ -504,7 +518,13 @@ impl Conn {
                     match received? {
                         Received::Closed(reason) => return Ok(reason),
                         Received::Control => {}
-                        Received::Frame(bytes) => self.on_frame(bytes, client_id, &reply_tx).await?,
+                        Received::Frame(bytes) => {
+                            self.on_frame(bytes, client_id, &reply_tx).await?;
+                            if let Some(at) = ring.subscriptions(self.id, self.link.take_sub_events()) {
+                                full_until = full_until.max(at);
+                                known_head = known_head.max(at);
+                            }
+                        }
                     }
                 }
                 reply = replies.recv() => match reply.expect("this task holds a sender") {
@@ -526,16 +546,30 @@ impl Conn {
                         return Err(fatal("STORE", message, CloseReason::StoreError));
                     }
                 },
-                changed = head.changed() => {
-                    if changed.is_err() {
-                        return Err(fatal("SHUTDOWN", "the server is shutting down", CloseReason::Shutdown));
-                    }
-                    known_head = *head.borrow_and_update();
+                _ = mailbox.wait() => {
+                    // The head first: every chunk up to it that concerns
+                    // this connection is flagged by then.
+                    known_head = known_head.max(ring.head());
+                    let taken = mailbox.take();
+                    flags.extend(taken.ranges);
+                    full_until = full_until.max(taken.full_until);
                 }
                 _ = queue.wait(|q| q.bytes() < send_max && q.reply_bytes() < send_max),
                     if (want_changes && !room) || reply_full => {}
                 _ = std::future::ready(()), if want_changes && room => {
-                    match ring.find(self.link.cursor() + 1) {
+                    let next = self.link.cursor() + 1;
+                    while flags.front().is_some_and(|r| r.1 < next) {
+                        flags.pop_front();
+                    }
+                    if next > full_until && flags.front().is_none_or(|r| r.0 > next) {
+                        // Nothing up to the next flagged chunk concerns this device.
+                        let to = flags.front().map_or(known_head, |r| r.0 - 1).min(known_head);
+                        for msg in self.link.skip_to(to, ring.max_hlc(), known_head) {
+                            self.queue_msg(&msg, false);
+                        }
+                        continue;
+                    }
+                    match ring.find(next) {
                         Some(chunk) => match &chunk.entries {
                             Some(entries) if !self.link.passes_whole(entries) => {
                                 for msg in self.link.on_entries(entries, known_head) {

@@ -18,10 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use hearth_engine::fanout::{Concerned, Fanout};
+use hearth_engine::link::SubEvent;
 use hearth_engine::protocol::ServerMsg;
 use hearth_engine::{LogEntry, Mutation, Outcome, Schema, ServerCore};
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::{Metrics, ServerConfig, StartError, FRAME_OVERHEAD_BYTES};
 
@@ -84,6 +86,12 @@ impl Chunk {
 /// further than the ring reads the log instead.
 pub(crate) struct Ring {
     inner: Mutex<RingInner>,
+    /// Which connections each entry concerns, and their mailboxes: a
+    /// commit wakes only the connections it concerns (see
+    /// [`hearth_engine::fanout`]). Locked around publishing and around
+    /// (un)registering subscriptions, so that every entry after the head a
+    /// registration saw is flagged with that registration in place.
+    hub: Mutex<Hub>,
     head: watch::Sender<u64>,
     /// The latest stamp merged (`Welcome.hlc`), set before the head moves.
     max_hlc: std::sync::atomic::AtomicU64,
@@ -96,6 +104,59 @@ struct RingInner {
 }
 
 const RING_CHUNKS_MAX: usize = 4_096;
+
+/// Most ranges a mailbox keeps; past it, the connection filters everything
+/// up to the last flagged entry itself.
+const MAILBOX_RANGES_MAX: usize = 4_096;
+
+struct Hub {
+    fanout: Fanout<u64>,
+    mailboxes: HashMap<u64, Arc<Mailbox>>,
+}
+
+/// Where a connection learns which published chunks concern it.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    notify: Notify,
+    inner: Mutex<Flags>,
+}
+
+/// Published chunks that concern a connection, as (first, last) log
+/// positions in order; entries after the cursor that fall in none of them
+/// concern it not at all, except those up to `full_until`, which it must
+/// filter itself (published before its registration, or past an overflow).
+#[derive(Default)]
+pub(crate) struct Flags {
+    pub ranges: VecDeque<(u64, u64)>,
+    pub full_until: u64,
+}
+
+impl Mailbox {
+    fn flag(&self, first: u64, last: u64) {
+        let mut inner = self.inner.lock().expect("mailbox lock");
+        if inner.ranges.back() == Some(&(first, last)) {
+            return;
+        }
+        if inner.ranges.len() >= MAILBOX_RANGES_MAX {
+            inner.ranges.clear();
+            inner.full_until = inner.full_until.max(last);
+        } else {
+            inner.ranges.push_back((first, last));
+        }
+    }
+
+    /// The flags since the last call (read the head before, so every entry
+    /// up to it that concerns the connection is flagged).
+    pub fn take(&self) -> Flags {
+        std::mem::take(&mut *self.inner.lock().expect("mailbox lock"))
+    }
+
+    /// Until something published concerns the connection (or its cursor
+    /// is due to be told).
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+}
 
 impl Ring {
     /// The chunk whose first entry is `first`, if the ring still holds it.
@@ -115,12 +176,91 @@ impl Ring {
     }
 
     /// The newest committed (and published) log sequence number.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.head.subscribe()
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// A connection of device `client_id` joins the fan-out: its mailbox,
+    /// and the head as of now (entries up to it are not flagged).
+    pub fn join(&self, conn: u64, client_id: u64) -> (Arc<Mailbox>, u64) {
+        let mut hub = self.hub.lock().expect("hub lock");
+        hub.fanout.connect(conn, client_id);
+        let mailbox = Arc::new(Mailbox::default());
+        hub.mailboxes.insert(conn, mailbox.clone());
+        (mailbox, self.head())
+    }
+
+    /// A connection's link took or dropped subscriptions: the head as of
+    /// now when it took some (entries up to it were flagged without them).
+    pub fn subscriptions(&self, conn: u64, events: Vec<SubEvent>) -> Option<u64> {
+        if events.is_empty() {
+            return None;
+        }
+        let mut hub = self.hub.lock().expect("hub lock");
+        let mut taken = false;
+        for event in events {
+            match event {
+                SubEvent::Taken(sub) => {
+                    taken = true;
+                    hub.fanout.subscribe(conn, &sub);
+                }
+                SubEvent::Dropped(id) => hub.fanout.unsubscribe(conn, id),
+            }
+        }
+        taken.then(|| self.head())
+    }
+
+    /// A connection gone.
+    pub fn leave(&self, conn: u64) {
+        let mut hub = self.hub.lock().expect("hub lock");
+        hub.fanout.disconnect(&conn);
+        hub.mailboxes.remove(&conn);
     }
 
     fn publish(&self, chunks: Vec<Chunk>, head: u64, max_hlc: hearth_engine::Hlc) {
         self.max_hlc.fetch_max(max_hlc.0, Ordering::AcqRel);
+        let hub = self.hub.lock().expect("hub lock");
+        let mut wake: HashMap<u64, Arc<Mailbox>> = HashMap::new();
+        let mut everyone = false;
+        for chunk in &chunks {
+            let mut flag = |c: u64| {
+                if let Some(mailbox) = hub.mailboxes.get(&c) {
+                    mailbox.flag(chunk.first, chunk.last);
+                    wake.entry(c).or_insert_with(|| mailbox.clone());
+                }
+            };
+            let concerned = match &chunk.entries {
+                None => Concerned::Everyone,
+                Some(entries) => {
+                    let mut only = Vec::new();
+                    let mut all = false;
+                    for entry in entries {
+                        match hub.fanout.concerned(entry) {
+                            Concerned::Everyone => {
+                                all = true;
+                                break;
+                            }
+                            Concerned::Only(conns) => only.extend(conns),
+                        }
+                    }
+                    if all {
+                        Concerned::Everyone
+                    } else {
+                        Concerned::Only(only)
+                    }
+                }
+            };
+            match concerned {
+                Concerned::Everyone => {
+                    everyone = true;
+                    for mailbox in hub.mailboxes.values() {
+                        mailbox.flag(chunk.first, chunk.last);
+                    }
+                }
+                Concerned::Only(conns) => conns.into_iter().for_each(&mut flag),
+            }
+        }
+        let old = self.head();
         {
             let mut inner = self.inner.lock().expect("ring lock");
             for chunk in chunks {
@@ -135,6 +275,18 @@ impl Ring {
             }
         }
         self.head.send_replace(head);
+        // Every connection hears of the head at least every CURSOR_LAG_MAX
+        // entries, so that it can tell its device how far it got.
+        let lag = hearth_engine::link::CURSOR_LAG_MAX;
+        if everyone || head / lag != old / lag {
+            for mailbox in hub.mailboxes.values() {
+                mailbox.notify.notify_one();
+            }
+        } else {
+            for mailbox in wake.values() {
+                mailbox.notify.notify_one();
+            }
+        }
     }
 }
 
@@ -258,6 +410,10 @@ pub(crate) fn open(
             chunks: VecDeque::new(),
             bytes: 0,
             bytes_max: config.broadcast_bytes_max,
+        }),
+        hub: Mutex::new(Hub {
+            fanout: Fanout::new(Arc::new(config.schema.clone())),
+            mailboxes: HashMap::new(),
         }),
         head,
         max_hlc: std::sync::atomic::AtomicU64::new(core.max_hlc().0),

@@ -27,7 +27,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use hearth_engine::link::{Link as ServerLink, LinkConfig, Step};
+use hearth_engine::fanout::{Concerned, Fanout};
+use hearth_engine::link::{Link as ServerLink, LinkConfig, Step, SubEvent};
 use hearth_engine::protocol::{
     decode_client, decode_server, encode_client, encode_server, FRAME_BYTES_MAX,
 };
@@ -341,6 +342,10 @@ struct Link {
     /// The server's side of the connection: the engine's rules, which the
     /// real server drives the same way.
     conn: ServerLink,
+    /// The log position up to which this link filters every entry itself;
+    /// past it, entries the world's fan-out leaves it out of are passed
+    /// over (`skip_to`), as the real server does.
+    full_until: u64,
     latency_max_ms: u64,
     up: VecDeque<(u64, Vec<u8>)>,
     down: VecDeque<(u64, Vec<u8>)>,
@@ -479,6 +484,8 @@ pub struct World {
     server: ServerCore,
     devices: Vec<Device>,
     links: BTreeMap<u64, Link>,
+    /// Which links each log entry concerns (the real server's index).
+    fanout: Fanout<u64>,
     next_link: u64,
     rogue_link: Option<u64>,
     rogue_next_seq: u64,
@@ -836,7 +843,9 @@ impl World {
                 failed_exec: false,
             });
         }
+        let fanout = Fanout::new(std::sync::Arc::new(schema.clone()));
         let mut world = World {
+            fanout,
             rng,
             verbose,
             shapes: opts.shapes,
@@ -1010,6 +1019,7 @@ impl World {
                 server_open: true,
                 hello: None,
                 conn,
+                full_until: 0,
                 latency_max_ms,
                 up: VecDeque::new(),
                 down: VecDeque::new(),
@@ -1063,6 +1073,7 @@ impl World {
         if let Some(link) = self.links.get(&id) {
             if !link.client_open && link.up.is_empty() {
                 self.links.remove(&id);
+                self.fanout.disconnect(&id);
             }
         }
     }
@@ -1169,6 +1180,10 @@ impl World {
             }
             if let Some(link) = self.links.get_mut(&id) {
                 link.hello = Some(hello.client_id);
+                link.full_until = head;
+                self.fanout.connect(id, hello.client_id);
+                let events = link.conn.take_sub_events();
+                self.register(id, events);
             }
             return self.pump(id);
         }
@@ -1228,7 +1243,10 @@ impl World {
             return Ok(None);
         };
         let mut apply = None;
-        for step in link.conn.on_message(msg) {
+        let steps = link.conn.on_message(msg);
+        let events = link.conn.take_sub_events();
+        self.register(id, events);
+        for step in steps {
             match step {
                 Step::Send(msg) => self.send_down(id, &msg),
                 Step::Apply(mutations) => apply = Some(mutations),
@@ -1238,6 +1256,23 @@ impl World {
             }
         }
         Ok(apply)
+    }
+
+    /// Files a link's new and dropped subscriptions in the fan-out; entries
+    /// logged before it took one are filtered by the link itself.
+    fn register(&mut self, id: u64, events: Vec<SubEvent>) {
+        let head = self.server.head();
+        for event in events {
+            match event {
+                SubEvent::Taken(sub) => {
+                    self.fanout.subscribe(id, &sub);
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.full_until = link.full_until.max(head);
+                    }
+                }
+                SubEvent::Dropped(sub) => self.fanout.unsubscribe(id, sub),
+            }
+        }
     }
 
     /// Lets a link send what it may now: initial-load chunks (read at once
@@ -1263,7 +1298,42 @@ impl World {
                 let entries = ServerCore::read_log(self.server.connection(), cursor, n)
                     .map_err(|e| format!("read_log: {e}"))?;
                 let link = self.links.get_mut(&id).unwrap();
-                link.conn.on_entries(&entries, head)
+                if self.rng.gen_bool(0.25) {
+                    link.conn.on_entries(&entries, head)
+                } else {
+                    // As the real server: runs of entries the fan-out leaves
+                    // this link out of are passed over unread.
+                    let mut msgs = Vec::new();
+                    let mut i = 0;
+                    while i < entries.len() {
+                        let skip = |e: &LogEntry| {
+                            e.server_seq > link.full_until
+                                && match self.fanout.concerned(e) {
+                                    Concerned::Everyone => false,
+                                    Concerned::Only(conns) => !conns.contains(&id),
+                                }
+                        };
+                        let skipping = skip(&entries[i]);
+                        let mut j = i + 1;
+                        while j < entries.len() && skip(&entries[j]) == skipping {
+                            j += 1;
+                        }
+                        let run = &entries[i..j];
+                        let last = run.last().expect("a run").server_seq;
+                        if skipping {
+                            let hlc = run.iter().map(|e| e.hlc).max().expect("a run");
+                            msgs.extend(link.conn.skip_to(last, hlc, head));
+                        } else {
+                            msgs.extend(link.conn.on_entries(run, head));
+                        }
+                        if link.conn.cursor() < last {
+                            // Stopped at a due chunk: the rest is read again.
+                            break;
+                        }
+                        i = j;
+                    }
+                    msgs
+                }
             } else {
                 return Ok(());
             };
@@ -2774,6 +2844,7 @@ impl World {
                         server_open: true,
                         hello: None,
                         conn,
+                        full_until: 0,
                         latency_max_ms: 50,
                         up: VecDeque::new(),
                         down: VecDeque::new(),

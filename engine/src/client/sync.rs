@@ -644,6 +644,15 @@ impl Client {
                 }
             }
         }
+        // A row this device wrote outside its subscriptions (or whose
+        // subscription it dropped while the write was pending) goes once
+        // no pending write holds it.
+        let candidates: Vec<(String, Value)> = acked
+            .iter()
+            .flat_map(|(_, m, _)| m.changes.iter())
+            .map(|c| (c.table.clone(), c.pk.clone()))
+            .collect();
+        self.evict_unheld(candidates, out)?;
         let mut tables = BTreeSet::new();
         for entry in fresh {
             out.events.push(Event::Applied {
