@@ -27,3 +27,24 @@ fn the_schema_example_is_a_valid_schema_with_the_policies_it_shows() {
     assert_eq!(cards.on_delete, OnDelete::DeleteWins);
     assert!(schema.table("hearth_conflicts").is_some());
 }
+
+#[test]
+fn the_streams_example_declares_the_streams_it_shows() {
+    let tables = r#"version = 1
+[tables.todos]
+create = "CREATE TABLE todos (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, owner TEXT, done INTEGER NOT NULL DEFAULT 0)"
+"#;
+    let source = format!(
+        "{tables}\n{}",
+        toml_block("## Selective sync: streams and subscriptions")
+    );
+    let schema = Schema::parse(&source).unwrap();
+    assert!(schema.streamed("todos"));
+    let list = &schema.streams["list_todos"];
+    assert_eq!(list.table, "todos");
+    assert_eq!(list.filter.key().map(|(_, p)| p), Some("list"));
+    let open = &schema.streams["my_open"];
+    assert_eq!(open.filter.key().map(|(_, p)| p), Some("me"));
+    let params: Vec<&String> = open.filter.params().keys().collect();
+    assert_eq!(params, ["me", "pinned"]);
+}
