@@ -13,6 +13,9 @@
 //! - [`protocol`]: client/server messages and their versioned binary codec.
 //! - [`client`]: the device: change capture, outbox, rebase and rollback.
 //! - [`server`]: the server's merge, dedup and change log over its store.
+//! - [`link`]: the server's rules for one connection (sans-io).
+//! - [`rooms`]: rooms, presence and broadcast: the server's ephemeral
+//!   registry, never in the log or a database.
 //! - [`merge`]: the merge policies (lww, counter, set, text, manual), pure functions
 //!   used by device capture and the server's merge.
 //! - `rows`: row-level SQL shared by both halves; `textcells`: where text
@@ -27,6 +30,7 @@ pub mod hlc;
 pub mod link;
 pub mod merge;
 pub mod protocol;
+pub mod rooms;
 mod rows;
 pub mod schema;
 pub mod server;
