@@ -241,6 +241,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
                 schema: Some(DEMO_SCHEMA.to_string()),
                 frame_bytes_max: FRAME_BYTES_MAX as u64,
                 last_seq: 0,
+                hlc: hearth_engine::Hlc(0),
             },
             1,
         )
@@ -287,6 +288,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
                 schema: None,
                 frame_bytes_max: FRAME_BYTES_MAX as u64,
                 last_seq: 0,
+                hlc: hearth_engine::Hlc(0),
             },
             2,
         )
