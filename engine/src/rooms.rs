@@ -37,7 +37,7 @@ use crate::protocol::{ClientMsg, Member, MemberId, ServerMsg};
 pub type ConnId = u64;
 
 /// How often the browser worker says `Heartbeat` while it is in a room.
-pub const HEARTBEAT_INTERVAL_MS: u64 = 1_500;
+pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
 /// A room name that is empty, too long or holds control characters.
 pub const BAD_ROOM: &str = "BAD_ROOM";
@@ -83,7 +83,7 @@ impl Default for RoomsConfig {
             rooms_per_connection_max: 64,
             members_per_room_max: 256,
             relay_per_s: 20,
-            member_timeout_ms: 4_500,
+            member_timeout_ms: 4_000,
         }
     }
 }

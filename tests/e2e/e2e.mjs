@@ -10,6 +10,7 @@
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { chromium } from "playwright-core";
@@ -836,6 +837,55 @@ where = "list_id = :list"
         check(members.length === 2, `still exactly two after 6 s: ${JSON.stringify(members)}`);
       }
       check((await metric(server.origin, "hearth_server_seq")) >= 0, "server up");
+    });
+
+    await test("presence: a device whose network vanishes without closing its socket leaves within 5 s", async () => {
+      // Dan's device talks to the server through a TCP relay that the test freezes: no
+      // byte moves either way and no socket closes, as when a laptop dies or its Wi-Fi
+      // drops. Only the server's liveness rule can notice.
+      const [host, port] = [server.addr.slice(0, server.addr.lastIndexOf(":")), Number(server.addr.slice(server.addr.lastIndexOf(":") + 1))];
+      const pairs = [];
+      const relay = net.createServer((down) => {
+        const up = net.connect(port, host);
+        down.pipe(up);
+        up.pipe(down);
+        const drop = () => (down.destroy(), up.destroy());
+        down.on("error", drop);
+        up.on("error", drop);
+        pairs.push({ down, up });
+      });
+      relay.listen(0, "127.0.0.1");
+      await once(relay, "listening");
+      cleanups.push(async () => {
+        for (const { down, up } of pairs) (down.destroy(), up.destroy());
+        relay.close();
+      });
+      const room = uid("doc");
+      const bob = await newDevice(browser, server.origin);
+      const dan = await newDevice(browser, server.origin);
+      cleanups.push(() => bob.close(), () => dan.close());
+      const b1 = await openTab(bob, server.origin);
+      const d1 = await dan.newPage();
+      await withTimeout(d1.goto(`${server.origin}/__hearth_e2e.html`), "page load");
+      const relayUrl = `ws://127.0.0.1:${relay.address().port}/sync`;
+      await withTimeout(d1.evaluate(async (server) => (window.db = await Hearth.open({ name: "e2e", server })), relayUrl), "open through the relay");
+      await joinRoom(b1, room, "bob");
+      await joinRoom(d1, room, "dan");
+      await waitNames(b1, room, ["bob", "dan"], "dan present through the relay");
+      const started = performance.now();
+      for (const { down, up } of pairs) {
+        down.unpipe(up);
+        up.unpipe(down);
+        down.pause();
+        up.pause();
+      }
+      await waitNames(b1, room, ["bob"], "dan gone", 5000);
+      const gone = performance.now() - started;
+      console.log(`     a device whose network vanished left in ${Math.round(gone)} ms`);
+      check(gone < 5000, `dan stayed ${gone} ms`);
+      // Bob, still heartbeating, is still there.
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      check(JSON.stringify(await namesIn(b1, room)) === JSON.stringify(["bob"]), "bob stays");
     });
 
     await test("demo app: the list shows who else has it open, live", async () => {
