@@ -6,6 +6,9 @@
 // `notes` merges edits letter by letter (text: the textarea sends each change as a
 // positional `db.editText`), and `due` is merged by hand (manual: two devices changing
 // it at once open a conflict, shown as a banner where a person picks or types the value).
+// The list's header shows who else has the same list open, live: each tab joins the room
+// "list:<id>" with its person's name (`db.room(...).setPresence`), and the server says who
+// is there (ephemeral: never stored).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -17,7 +20,50 @@ const state = {
   conflicts: [],
   // The todo open in the detail dialog: {id, stop, shadow, inflight, latest}.
   detail: null,
+  // The room of the list on screen: {room, off}.
+  room: null,
 };
+
+// The name others see in the list's header; kept per browser profile.
+function myName() {
+  let name = localStorage.getItem("hearth.name");
+  if (!name) {
+    name = `Guest ${Math.floor(1000 + Math.random() * 9000)}`;
+    localStorage.setItem("hearth.name", name);
+  }
+  return name;
+}
+
+function renderPresence(members) {
+  const others = members.filter((m) => !m.me);
+  const mine = members.find((m) => m.me);
+  const box = $("present");
+  box.hidden = others.length === 0;
+  box.replaceChildren(
+    el("span", { class: "present-label" }, "Also here:"),
+    ...others.map((m) => {
+      const name = (m.state && typeof m.state.name === "string" && m.state.name) || "someone";
+      const sameDevice = mine && m.clientId === mine.clientId;
+      const since = new Date(m.since).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+      return el("span", { class: "person", title: `here since ${since}` }, sameDevice ? `${name} (another tab)` : name);
+    }),
+  );
+}
+
+// Joins the room of list `id` (leaving the previous one).
+function enterListRoom(id) {
+  if (state.room) {
+    state.room.off();
+    state.room.room.leave().catch(() => {});
+    state.room = null;
+  }
+  renderPresence([]);
+  if (!id) return;
+  const room = state.db.room(`list:${id}`);
+  const off = room.on("presence", renderPresence);
+  room.setPresence({ name: myName() }).catch((error) => toast(`${error.code}: ${error.message}`, "error"));
+  state.room = { room, off };
+}
 
 function uuid() {
   return crypto.randomUUID ? crypto.randomUUID() : `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
@@ -317,6 +363,7 @@ function selectList(id) {
   if (id) localStorage.setItem("hearth.list", id);
   if (state.stopTodos) state.stopTodos();
   state.stopTodos = null;
+  enterListRoom(id);
   if (!id) return renderTodos([]);
   state.stopTodos = state.db.live(
     `SELECT id, title, done, likes, tags, due, notes <> '' AS has_notes,

@@ -22,8 +22,14 @@
 //                                        sub.unsubscribe(), sub.on("progress", ({ rows, done }) => ...)
 //   await db.subscriptions()          -> [{ id, stream, params, loaded, rows, tabs }]
 //                                        (the device's: shared and counted across tabs)
+//   const room = db.room("doc:42")    // presence and broadcast: ephemeral, never stored
+//   await room.setPresence({ name, cursor })  -> joins (or updates this tab's state)
+//   const off = room.on("presence", members => ...)  // [{ clientId, tab, state, since, me }]
+//   room.on("message", (message, { clientId, tab }) => ...)   room.on("error", error => ...)
+//   room.send(message)                -> fire and forget; coalesced latest-wins per sender
+//   await room.leave()
 // Errors are `Error`s with a stable `code`: SQL_ERROR, INVALID_ARGUMENT, OFFLINE, REJECTED,
-// BAD_SUBSCRIPTION, ...
+// BAD_SUBSCRIPTION, BAD_ROOM, PRESENCE_TOO_LARGE, NOT_IN_ROOM, ...
 (function () {
   "use strict";
 

@@ -26,7 +26,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// 4: stream subscriptions: `Request::SubscribeStream`, `UnsubscribeStream`,
 /// `Subscriptions`; `Notice::Loaded`, `Notice::SubscriptionRefused`; `Reply::StreamSubscribed`,
 /// `StreamUnsubscribed`, `Subscriptions`; `ErrorCode::BadSubscription`,
-/// `TooManySubscriptions`.
+/// `TooManySubscriptions`; rooms: `Request::JoinRoom`, `LeaveRoom`, `SendToRoom`;
+/// `Notice::RoomMembers`, `RoomMessage`, `RoomRefused`; `Reply::RoomJoined`, `RoomLeft`,
+/// `RoomSent`; `ErrorCode::BadRoom` .. `NotInRoom`.
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The largest frame either side accepts. A bound keeps one runaway query result from
@@ -157,6 +159,32 @@ pub enum Request {
     UnsubscribeStream { id: u64 },
     /// The device's stream subscriptions: [`Reply::Subscriptions`].
     Subscriptions,
+    /// Join room `room` as this tab with presence `state` (JSON text), or set this tab's
+    /// state in it. Ephemeral: nothing of it is stored. Answered with [`Reply::RoomJoined`]
+    /// once checked against the bounds and handed to the socket (or kept for the next
+    /// connection while offline); the worker rejoins on every reconnect. The member list
+    /// arrives as [`Notice::RoomMembers`]; a server refusal as [`Notice::RoomRefused`].
+    JoinRoom { room: String, state: String },
+    /// This tab leaves `room` ([`Reply::RoomLeft`]).
+    LeaveRoom { room: String },
+    /// A fire-and-forget `message` (JSON text) for the room's other members
+    /// ([`Reply::RoomSent`]); the server relays them coalesced, latest wins per sender.
+    SendToRoom { room: String, message: String },
+}
+
+/// A member of a room, as a tab sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMember {
+    /// The member's device.
+    pub client_id: u64,
+    /// The tab on that device (the worker's number for it).
+    pub tab: u64,
+    /// Its presence state, JSON text.
+    pub state: String,
+    /// When it joined, in the server's milliseconds since the Unix epoch.
+    pub since_ms: u64,
+    /// This is the tab the notice is for.
+    pub me: bool,
 }
 
 /// A message from the worker to a tab.
@@ -199,6 +227,26 @@ pub enum Notice {
     /// to every tab.
     SubscriptionRefused {
         id: u64,
+        code: String,
+        reason: String,
+    },
+    /// Who is in `room` now (this tab included while the server has it), sent to each tab
+    /// in the room whenever it changes; empty while the device is offline.
+    RoomMembers {
+        room: String,
+        members: Vec<RoomMember>,
+    },
+    /// A message another member broadcast to `room` (never the tab's own).
+    RoomMessage {
+        room: String,
+        client_id: u64,
+        tab: u64,
+        message: String,
+    },
+    /// The server refused this tab's join or message for `room` (`code` is one of the
+    /// room codes of [`ErrorCode`]); after a refused join the tab is not in the room.
+    RoomRefused {
+        room: String,
         code: String,
         reason: String,
     },
@@ -245,6 +293,9 @@ pub enum Reply {
         dropped: bool,
     },
     Subscriptions(Vec<StreamSubscription>),
+    RoomJoined,
+    RoomLeft,
+    RoomSent,
 }
 
 /// A failed request: the stable code the page turns into `Error.code`, and a message
@@ -295,6 +346,20 @@ pub enum ErrorCode {
     BadSubscription,
     /// The server refused a subscription: the device holds as many as it may.
     TooManySubscriptions,
+    /// A room name that is empty, too long, or holds control characters.
+    BadRoom,
+    /// A presence state larger than the server takes.
+    PresenceTooLarge,
+    /// A room message larger than the server takes.
+    MessageTooLarge,
+    /// A presence state or room message that is not JSON.
+    BadJson,
+    /// The device is in as many rooms (counting each tab) as it may be.
+    TooManyRooms,
+    /// The room holds as many members as it may.
+    RoomFull,
+    /// A message to a room the tab has not joined.
+    NotInRoom,
 }
 
 impl ErrorCode {
@@ -316,6 +381,13 @@ impl ErrorCode {
             ErrorCode::Server => "SERVER",
             ErrorCode::BadSubscription => "BAD_SUBSCRIPTION",
             ErrorCode::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
+            ErrorCode::BadRoom => "BAD_ROOM",
+            ErrorCode::PresenceTooLarge => "PRESENCE_TOO_LARGE",
+            ErrorCode::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            ErrorCode::BadJson => "BAD_JSON",
+            ErrorCode::TooManyRooms => "TOO_MANY_ROOMS",
+            ErrorCode::RoomFull => "ROOM_FULL",
+            ErrorCode::NotInRoom => "NOT_IN_ROOM",
         }
     }
 }
@@ -334,6 +406,13 @@ impl ErrorCode {
             "INVALID_ARGUMENT" => ErrorCode::InvalidArgument,
             "BAD_SUBSCRIPTION" => ErrorCode::BadSubscription,
             "TOO_MANY_SUBSCRIPTIONS" => ErrorCode::TooManySubscriptions,
+            "BAD_ROOM" => ErrorCode::BadRoom,
+            "PRESENCE_TOO_LARGE" => ErrorCode::PresenceTooLarge,
+            "MESSAGE_TOO_LARGE" => ErrorCode::MessageTooLarge,
+            "BAD_JSON" => ErrorCode::BadJson,
+            "TOO_MANY_ROOMS" => ErrorCode::TooManyRooms,
+            "ROOM_FULL" => ErrorCode::RoomFull,
+            "NOT_IN_ROOM" => ErrorCode::NotInRoom,
             _ => ErrorCode::Protocol,
         }
     }
@@ -589,6 +668,75 @@ mod tests {
             assert_eq!(decode::<WorkerMessage>(&frame).unwrap(), message);
         }
         for code in ["BAD_SUBSCRIPTION", "TOO_MANY_SUBSCRIPTIONS"] {
+            assert_eq!(ErrorCode::from_engine(code).as_str(), code);
+        }
+    }
+
+    #[test]
+    fn rooms_round_trip() {
+        let requests = [
+            Request::JoinRoom {
+                room: "doc:42".into(),
+                state: r#"{"name":"ann"}"#.into(),
+            },
+            Request::SendToRoom {
+                room: "doc:42".into(),
+                message: "[1,2]".into(),
+            },
+            Request::LeaveRoom {
+                room: "doc:42".into(),
+            },
+        ];
+        for (id, request) in requests.into_iter().enumerate() {
+            let message = PageMessage::Request {
+                id: id as u32 + 1,
+                request,
+            };
+            assert_eq!(
+                decode::<PageMessage>(&encode(&message).unwrap()).unwrap(),
+                message
+            );
+        }
+        let messages = [
+            WorkerMessage::Notice(Notice::RoomMembers {
+                room: "doc:42".into(),
+                members: vec![RoomMember {
+                    client_id: u64::MAX,
+                    tab: 3,
+                    state: "{}".into(),
+                    since_ms: 1_764_000_000_000,
+                    me: true,
+                }],
+            }),
+            WorkerMessage::Notice(Notice::RoomMessage {
+                room: "doc:42".into(),
+                client_id: 9,
+                tab: 1,
+                message: "\"hi\"".into(),
+            }),
+            WorkerMessage::Notice(Notice::RoomRefused {
+                room: "doc:42".into(),
+                code: "ROOM_FULL".into(),
+                reason: "full".into(),
+            }),
+            WorkerMessage::Response {
+                id: 4,
+                result: Ok(Reply::RoomJoined),
+            },
+        ];
+        for message in messages {
+            let frame = encode(&message).unwrap();
+            assert_eq!(decode::<WorkerMessage>(&frame).unwrap(), message);
+        }
+        for code in [
+            "BAD_ROOM",
+            "PRESENCE_TOO_LARGE",
+            "MESSAGE_TOO_LARGE",
+            "BAD_JSON",
+            "TOO_MANY_ROOMS",
+            "ROOM_FULL",
+            "NOT_IN_ROOM",
+        ] {
             assert_eq!(ErrorCode::from_engine(code).as_str(), code);
         }
     }

@@ -15,6 +15,8 @@
 //! - [`server`]: the server's merge, dedup and change log over its store.
 //! - [`link`]: the server's side of one device connection (what it sends,
 //!   filters or refuses); [`fanout`]: which connections a log entry concerns.
+//! - [`rooms`]: rooms, presence and broadcast: the server's ephemeral
+//!   registry, never in the log or a database.
 //! - [`merge`]: the merge policies (lww, counter, set, text, manual), pure functions
 //!   used by device capture and the server's merge.
 //! - `rows`: row-level SQL shared by both halves; `textcells`: where text
@@ -30,6 +32,7 @@ pub mod hlc;
 pub mod link;
 pub mod merge;
 pub mod protocol;
+pub mod rooms;
 mod rows;
 pub mod schema;
 pub mod server;

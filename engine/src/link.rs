@@ -245,6 +245,13 @@ impl Link {
                 // A read under way for it is dropped when it comes back.
                 Vec::new()
             }
+            // Rooms are the server's ephemeral lane (`crate::rooms`), which
+            // the driver routes before the link: nothing of them reaches
+            // the log.
+            ClientMsg::Join { .. }
+            | ClientMsg::Leave { .. }
+            | ClientMsg::Broadcast { .. }
+            | ClientMsg::Heartbeat => Vec::new(),
         }
     }
 

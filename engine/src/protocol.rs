@@ -38,7 +38,9 @@ use crate::value::Value;
 /// column changes may be counter deltas, set element adds and removes, and
 /// text edits.
 /// 4: subscriptions (`Hello.subscriptions`, `Subscribe`, `Unsubscribe`,
-/// `Rows`, `SubscriptionRefused`), `Changes.cursor`, `RowOp::Evict`.
+/// `Rows`, `SubscriptionRefused`), `Changes.cursor`, `RowOp::Evict`; rooms
+/// (`Join`, `Leave`, `Broadcast`, `Heartbeat`; `Presence`, `Relay`,
+/// `RoomRefused`).
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// A device's subscription to a stream of the schema, as it tells the
@@ -91,6 +93,46 @@ pub enum ClientMsg {
     Unsubscribe {
         id: u64,
     },
+    /// Joins `room` as this device's tab `tab` with presence `state` (JSON
+    /// text), or sets the state of that member. Ephemeral, as are the three
+    /// below: never in the log, the outbox or a database (see `rooms`).
+    Join {
+        room: String,
+        tab: u64,
+        state: String,
+    },
+    /// Tab `tab` leaves `room`.
+    Leave {
+        room: String,
+        tab: u64,
+    },
+    /// A fire-and-forget `message` (JSON text) for the room's other members,
+    /// coalesced latest-wins per sender by the server.
+    Broadcast {
+        room: String,
+        tab: u64,
+        message: String,
+    },
+    /// Nothing but "this device is alive": a device in a room says something
+    /// at least every `rooms::HEARTBEAT_INTERVAL_MS`.
+    Heartbeat,
+}
+
+/// A room member: a device's tab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MemberId {
+    pub client_id: u64,
+    pub tab: u64,
+}
+
+/// A room member as the server tells it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: MemberId,
+    /// Its presence state, JSON text.
+    pub state: String,
+    /// When it joined, in the server's milliseconds since the Unix epoch.
+    pub since_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,6 +194,30 @@ pub enum ServerMsg {
     /// the device drops it.
     SubscriptionRefused {
         id: u64,
+        code: String,
+        reason: String,
+    },
+    /// Who is in `room`: with `full`, the whole list (replacing what the
+    /// device had), otherwise the members that joined or changed state and
+    /// the ones that left. Sent while the device has a tab in the room.
+    Presence {
+        room: String,
+        full: bool,
+        members: Vec<Member>,
+        left: Vec<MemberId>,
+    },
+    /// A member's broadcast, relayed to the room's other members.
+    Relay {
+        room: String,
+        from: MemberId,
+        message: String,
+    },
+    /// The server refused a room message (`BAD_ROOM`, `PRESENCE_TOO_LARGE`,
+    /// `MESSAGE_TOO_LARGE`, `BAD_JSON`, `TOO_MANY_ROOMS`, `ROOM_FULL`,
+    /// `NOT_IN_ROOM`); for a `Join`, the tab is not (or no longer) in the room.
+    RoomRefused {
+        room: String,
+        tab: u64,
         code: String,
         reason: String,
     },

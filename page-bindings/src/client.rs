@@ -5,7 +5,10 @@
 //! has: [`Client::exec`], [`Client::edit_text`], [`Client::resolve`], [`Client::query`],
 //! [`Client::live`], [`Client::status`], [`Client::on`], [`Client::sync`], and the
 //! device's stream subscriptions: [`Client::subscribe`] (a [`StreamHold`]),
-//! [`Client::subscriptions`].
+//! [`Client::subscriptions`]; and rooms (presence and broadcast, ephemeral):
+//! [`Client::join_room`], [`Client::leave_room`], [`Client::send_to_room`], whose member
+//! lists and messages arrive through [`Client::on`] as `Notice::RoomMembers`,
+//! `RoomMessage` and `RoomRefused`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -480,6 +483,47 @@ impl Client {
         }
     }
 
+    /// Joins room `room` as this tab with presence `state` (JSON text), or sets this tab's
+    /// state in it. Resolves once checked (BAD_ROOM, PRESENCE_TOO_LARGE, BAD_JSON,
+    /// TOO_MANY_ROOMS) and handed to the connection; offline, the worker joins when it
+    /// reconnects (and rejoins after every reconnect). Member lists arrive as
+    /// `Notice::RoomMembers`; a refusal by the server (ROOM_FULL) as `Notice::RoomRefused`.
+    pub async fn join_room(&self, room: &str, state: String) -> Result<(), ErrorReply> {
+        let request = Request::JoinRoom {
+            room: room.to_owned(),
+            state,
+        };
+        match self.call(request).await? {
+            Reply::RoomJoined => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// This tab leaves `room` (nothing happens if it was not in it).
+    pub async fn leave_room(&self, room: &str) -> Result<(), ErrorReply> {
+        let request = Request::LeaveRoom {
+            room: room.to_owned(),
+        };
+        match self.call(request).await? {
+            Reply::RoomLeft => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Broadcasts `message` (JSON text) to the other members of `room`, fire and forget:
+    /// the server relays at most `relay_per_s` per member and second, the latest winning.
+    /// Fails with NOT_IN_ROOM, MESSAGE_TOO_LARGE or BAD_JSON; offline, it is dropped.
+    pub async fn send_to_room(&self, room: &str, message: String) -> Result<(), ErrorReply> {
+        let request = Request::SendToRoom {
+            room: room.to_owned(),
+            message,
+        };
+        match self.call(request).await? {
+            Reply::RoomSent => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Closes this tab's port; pending and later calls fail with CLOSED. The worker and
     /// other tabs are not affected.
     pub fn close(&self) {
@@ -592,7 +636,11 @@ impl Inner {
                 ref code,
                 ref reason,
             } => self.on_refused(id, code, reason),
-            Notice::Changed { .. } | Notice::Rejected { .. } => {}
+            Notice::Changed { .. }
+            | Notice::Rejected { .. }
+            | Notice::RoomMembers { .. }
+            | Notice::RoomMessage { .. }
+            | Notice::RoomRefused { .. } => {}
         }
         // Listeners may add or remove listeners: call a snapshot.
         let listeners: Vec<Listener> = self

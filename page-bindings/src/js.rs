@@ -7,8 +7,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use hearth_bridge::{
-    ErrorCode, ErrorReply, Notice, Rows, StreamParam, StreamSubscription, SyncStatus, TextEdit,
-    Value,
+    ErrorCode, ErrorReply, Notice, RoomMember, Rows, StreamParam, StreamSubscription, SyncStatus,
+    TextEdit, Value,
 };
 use js_sys::{Array, BigInt, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
@@ -298,6 +298,26 @@ impl Database {
         })
     }
 
+    /// `room(name)`: a handle on room `name` for this tab (nothing is sent until
+    /// `setPresence`). Presence and messages are ephemeral: never stored, on the device
+    /// or the server.
+    pub fn room(&self, name: JsValue) -> Result<Room, JsValue> {
+        let name = string_arg("room", &name).map_err(js_error)?;
+        let shared: Rc<RefCell<RoomShared>> = Rc::default();
+        let listener = {
+            let shared = Rc::clone(&shared);
+            let room = name.clone();
+            self.client
+                .on(move |notice| on_room_notice(&shared, &room, notice))
+        };
+        Ok(Room {
+            client: self.client.clone(),
+            name,
+            shared,
+            listener,
+        })
+    }
+
     /// Closes this tab's connection; other tabs keep theirs.
     pub fn close(&self) {
         self.client.close();
@@ -366,6 +386,222 @@ impl Subscription {
             }
         });
         Ok(off.unchecked_into())
+    }
+}
+
+/// What a [`Room`] knows and who listens to it.
+#[derive(Default)]
+struct RoomShared {
+    /// The last member list, as JS values.
+    members: Option<JsValue>,
+    presence: Vec<(u32, Function)>,
+    message: Vec<(u32, Function)>,
+    error: Vec<(u32, Function)>,
+    next: u32,
+}
+
+fn on_room_notice(shared: &Rc<RefCell<RoomShared>>, name: &str, notice: &Notice) {
+    let (callbacks, args): (Vec<Function>, Vec<JsValue>) = match notice {
+        Notice::RoomMembers { room, members } if room == name => {
+            let list = members_to_js(members);
+            let mut shared = shared.borrow_mut();
+            shared.members = Some(list.clone());
+            let callbacks = shared.presence.iter().map(|(_, f)| f.clone()).collect();
+            (callbacks, vec![list])
+        }
+        Notice::RoomMessage {
+            room,
+            client_id,
+            tab,
+            message,
+        } if room == name => {
+            let from = Object::new();
+            let _ = Reflect::set(&from, &"clientId".into(), &client_id.to_string().into());
+            let _ = Reflect::set(&from, &"tab".into(), &(*tab as f64).into());
+            let callbacks = shared
+                .borrow()
+                .message
+                .iter()
+                .map(|(_, f)| f.clone())
+                .collect();
+            (callbacks, vec![parse_json(message), from.into()])
+        }
+        Notice::RoomRefused { room, code, reason } if room == name => {
+            let error = js_error(ErrorReply::new(
+                ErrorCode::from_engine(code),
+                format!("room {room:?}: {reason}"),
+            ));
+            let callbacks = shared
+                .borrow()
+                .error
+                .iter()
+                .map(|(_, f)| f.clone())
+                .collect();
+            (callbacks, vec![error])
+        }
+        _ => return,
+    };
+    // Called with nothing borrowed, so a callback may add or remove callbacks.
+    for callback in callbacks {
+        let args: Array = args.iter().collect();
+        if let Err(err) = callback.apply(&JsValue::UNDEFINED, &args) {
+            web_sys::console::error_2(&"Hearth room callback threw".into(), &err);
+        }
+    }
+}
+
+/// JSON text as a JS value (a server checks that it is JSON; anything else shows as the
+/// text itself rather than throwing in a callback).
+fn parse_json(text: &str) -> JsValue {
+    js_sys::JSON::parse(text).unwrap_or_else(|_| JsValue::from_str(text))
+}
+
+fn members_to_js(members: &[RoomMember]) -> JsValue {
+    let list = Array::new();
+    for m in members {
+        let object = Object::new();
+        for (key, value) in [
+            ("clientId", JsValue::from_str(&m.client_id.to_string())),
+            ("tab", (m.tab as f64).into()),
+            ("state", parse_json(&m.state)),
+            ("since", (m.since_ms as f64).into()),
+            ("me", m.me.into()),
+        ] {
+            let _ = Reflect::set(&object, &key.into(), &value);
+        }
+        list.push(&object);
+    }
+    list.into()
+}
+
+/// A value as JSON text, or INVALID_ARGUMENT (`undefined`, a function, a cycle, a BigInt).
+fn json_arg(name: &str, value: &JsValue) -> Result<String, ErrorReply> {
+    js_sys::JSON::stringify(value)
+        .ok()
+        .and_then(|s| s.as_string())
+        .ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::InvalidArgument,
+                format!("{name} must be a JSON value (no undefined, functions, cycles or BigInt)"),
+            )
+        })
+}
+
+/// A room as `db.room(name)` returns it: this tab's presence in it, the members' list and
+/// the room's messages.
+#[wasm_bindgen]
+pub struct Room {
+    client: Client,
+    name: String,
+    shared: Rc<RefCell<RoomShared>>,
+    listener: u32,
+}
+
+#[wasm_bindgen]
+impl Room {
+    #[wasm_bindgen(getter)]
+    pub fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// `setPresence(state)`: joins the room with `state` (any JSON value), or changes this
+    /// tab's state in it. Resolves once handed to the connection (offline: it joins on
+    /// reconnect). Rejects with BAD_ROOM, PRESENCE_TOO_LARGE, TOO_MANY_ROOMS or
+    /// INVALID_ARGUMENT; the server's refusal (ROOM_FULL) comes as an `error` event.
+    #[wasm_bindgen(js_name = setPresence)]
+    pub fn set_presence(&self, state: JsValue) -> Promise {
+        let client = self.client.clone();
+        let name = self.name.clone();
+        let state = json_arg("the presence state", &state);
+        future_to_promise(async move {
+            client
+                .join_room(&name, state.map_err(js_error)?)
+                .await
+                .map_err(js_error)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// `send(message)`: broadcasts `message` (any JSON value) to the room's other members,
+    /// fire and forget; the server relays a bounded rate per sender, latest wins (meant
+    /// for cursors and reactions). Rejects with NOT_IN_ROOM, MESSAGE_TOO_LARGE or
+    /// INVALID_ARGUMENT.
+    pub fn send(&self, message: JsValue) -> Promise {
+        let client = self.client.clone();
+        let name = self.name.clone();
+        let message = json_arg("the message", &message);
+        future_to_promise(async move {
+            client
+                .send_to_room(&name, message.map_err(js_error)?)
+                .await
+                .map_err(js_error)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// `leave()`: this tab leaves the room; its callbacks stay until removed.
+    pub fn leave(&self) -> Promise {
+        let client = self.client.clone();
+        let name = self.name.clone();
+        future_to_promise(async move {
+            client.leave_room(&name).await.map_err(js_error)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// `on(kind, callback)`: "presence" → `callback(members)`, each
+    /// `{clientId, tab, state, since, me}` (called at once with the last list, if any);
+    /// "message" → `callback(message, {clientId, tab})`; "error" → `callback(error)`.
+    /// Returns a function that removes the callback.
+    pub fn on(&self, kind: String, callback: JsValue) -> Result<Function, JsValue> {
+        let callback: Function = callback.dyn_into().map_err(|_| {
+            js_error(ErrorReply::new(
+                ErrorCode::InvalidArgument,
+                "the callback must be a function",
+            ))
+        })?;
+        let (id, last) = {
+            let mut shared = self.shared.borrow_mut();
+            let id = shared.next;
+            shared.next += 1;
+            let last = shared.members.clone();
+            let list = match kind.as_str() {
+                "presence" => &mut shared.presence,
+                "message" => &mut shared.message,
+                "error" => &mut shared.error,
+                _ => {
+                    return Err(js_error(ErrorReply::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "unknown event {kind:?}: a room has \"presence\", \"message\" and \"error\""
+                        ),
+                    )))
+                }
+            };
+            list.push((id, callback.clone()));
+            (id, last.filter(|_| kind == "presence"))
+        };
+        if let Some(members) = last {
+            if let Err(err) = callback.call1(&JsValue::UNDEFINED, &members) {
+                web_sys::console::error_2(&"Hearth room callback threw".into(), &err);
+            }
+        }
+        let shared = Rc::downgrade(&self.shared);
+        let off = Closure::once_into_js(move || {
+            if let Some(shared) = shared.upgrade() {
+                let mut shared = shared.borrow_mut();
+                shared.presence.retain(|(i, _)| *i != id);
+                shared.message.retain(|(i, _)| *i != id);
+                shared.error.retain(|(i, _)| *i != id);
+            }
+        });
+        Ok(off.unchecked_into())
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.client.off(self.listener);
     }
 }
 

@@ -24,6 +24,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hearth_engine::link::{Link, LinkConfig, Step};
 use hearth_engine::protocol::{decode_client, encode_server, CodecError, ServerMsg};
+use hearth_engine::rooms::Rooms;
 use hearth_engine::server::{LoadChunk, LoadRead};
 use hearth_engine::{LogEntry, ServerCore};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
@@ -46,6 +47,7 @@ pub(crate) type WebSocket =
 pub const FRAGMENT_BYTES: usize = 256 * 1024;
 
 use crate::metrics::CloseReason;
+use crate::rooms::{RoomLink, RoomOut};
 use crate::store::{ApplyCmd, Reply, StoreCmd};
 use crate::{AppState, Metrics};
 
@@ -274,6 +276,7 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
         in_flight_bytes: 0,
         last_rx: Instant::now(),
         joined: false,
+        rooms: None,
     };
     let end = conn.serve().await;
     if conn.joined {
@@ -344,6 +347,9 @@ struct Conn {
     last_rx: Instant,
     /// Whether it joined the store's fan-out (and must leave it).
     joined: bool,
+    /// This connection in the room registry, from its Hello on; dropping it
+    /// (when the connection ends, however) makes its members leave.
+    rooms: Option<RoomLink>,
 }
 
 /// A catch-up read in progress: the entries after the link's cursor, with
@@ -395,6 +401,12 @@ impl Conn {
             reply,
             _permit: permit,
         });
+    }
+
+    fn heard(&mut self) {
+        if let Some(rooms) = &mut self.rooms {
+            rooms.heard();
+        }
     }
 
     fn queue_msg(&mut self, msg: &ServerMsg, reply: bool) {
@@ -475,6 +487,8 @@ impl Conn {
         for msg in self.link.on_welcome(answer, known_head) {
             self.queue_msg(&msg, false);
         }
+        let (rooms, mut room_frames) = RoomLink::new(self.state.rooms.clone(), self.id, client_id);
+        self.rooms = Some(rooms);
 
         let (reply_tx, mut replies) = mpsc::unbounded_channel();
         let mut shutdown = self.state.shutdown.clone();
@@ -491,6 +505,10 @@ impl Conn {
             if can_read && !was_reading {
                 // Time spent not reading is the server's doing, not the peer's.
                 self.last_rx = Instant::now();
+            }
+            if !can_read {
+                // Nor is it for the rooms' liveness.
+                self.heard();
             }
             was_reading = can_read;
             if loading.is_none() {
@@ -515,6 +533,7 @@ impl Conn {
                 }
                 received = receive(&mut self.stream, &state), if can_read => {
                     self.last_rx = Instant::now();
+                    self.heard();
                     match received? {
                         Received::Closed(reason) => return Ok(reason),
                         Received::Control => {}
@@ -616,6 +635,12 @@ impl Conn {
                 _ = tokio::time::sleep_until(idle_deadline), if can_read => {
                     return Ok(CloseReason::PeerTimeout);
                 }
+                // Presence and broadcasts, ephemeral: they wait for room in
+                // the send queue like live changes do.
+                room = room_frames.next(), if queue.bytes() < send_max => match room {
+                    RoomOut::Frame(frame) => self.queue_frame(frame, false, None),
+                    RoomOut::Close => return Ok(CloseReason::PeerTimeout),
+                },
             }
         }
     }
@@ -701,6 +726,12 @@ impl Conn {
             })?;
         let msg = decode_client(&bytes, config.frame_bytes_max).map_err(bad_input)?;
         drop(bytes);
+        if Rooms::handles(&msg) {
+            if let Some(rooms) = &mut self.rooms {
+                rooms.on_message(msg);
+            }
+            return Ok(());
+        }
         let mut keep = Vec::new();
         for step in self.link.on_message(msg) {
             match step {

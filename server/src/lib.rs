@@ -10,6 +10,8 @@
 //! - `connection`: one task per WebSocket: handshake, catch-up from the
 //!   device's cursor, then live changes, pushes and replies.
 //! - `metrics`: counters behind `/metrics`.
+//! - `rooms`: the one room registry (presence and broadcast, ephemeral:
+//!   never in the store) and each connection's queue of room frames.
 //!
 //! - `lib.rs` (here): the limits ([`ServerConfig`]), the accept loop (a
 //!   connection cap, a timeout on the request head), `/healthz`.
@@ -22,6 +24,7 @@
 
 mod connection;
 mod metrics;
+mod rooms;
 mod store;
 
 use std::net::SocketAddr;
@@ -114,6 +117,10 @@ pub struct ServerConfig {
     /// Open WebSocket sync sessions; more get 503. Below `connections_max`,
     /// so that `/healthz` and `/metrics` always find room.
     pub sync_connections_max: usize,
+    /// Rooms and presence: bounds (room name, state and message sizes,
+    /// rooms per connection, members per room), the relay rate per member,
+    /// and how long a connection in a room may be silent.
+    pub rooms: hearth_engine::rooms::RoomsConfig,
 }
 
 const MIB: usize = 1024 * 1024;
@@ -122,6 +129,9 @@ const MIB: usize = 1024 * 1024;
 /// frame around its entries (version, message tag, flags, lengths).
 pub const ENTRY_OVERHEAD_BYTES: usize = 64;
 pub const FRAME_OVERHEAD_BYTES: usize = 64;
+/// Bytes a room member adds to a presence list besides its state, at most
+/// (its ids and join time as varints, the state's length).
+pub const ROOM_MEMBER_OVERHEAD_BYTES: usize = 64;
 
 impl ServerConfig {
     pub fn new(listen: SocketAddr, data_dir: PathBuf, schema: Schema) -> ServerConfig {
@@ -152,6 +162,7 @@ impl ServerConfig {
             close_timeout_ms: 2_000,
             connections_max: 10_000,
             sync_connections_max: 9_936,
+            rooms: hearth_engine::rooms::RoomsConfig::default(),
         };
         config.set_frame_bytes_max(hearth_engine::protocol::FRAME_BYTES_MAX);
         config
@@ -165,13 +176,20 @@ impl ServerConfig {
         self.log_entry_bytes_max = frame_bytes_max / 4 * 3;
         self.mutation_bytes_max = frame_bytes_max / 2;
         self.chunk_bytes_max = (4 * MIB).min(frame_bytes_max / 8);
+        // A room's whole member list travels in one frame.
+        let per_member = self.rooms.state_bytes_max + ROOM_MEMBER_OVERHEAD_BYTES;
+        let room_list_max = frame_bytes_max
+            .saturating_sub(self.rooms.room_name_bytes_max + FRAME_OVERHEAD_BYTES)
+            / per_member;
+        self.rooms.members_per_room_max = self.rooms.members_per_room_max.min(room_list_max).max(1);
     }
 
     /// Checks that the limits fit together; the server refuses to start
     /// otherwise.
     pub fn check(&self) -> Result<(), String> {
         let device_max = hearth_engine::protocol::FRAME_BYTES_MAX;
-        let rules: [(bool, String); 9] = [
+        let rooms = &self.rooms;
+        let rules: [(bool, String); 10] = [
             (
                 self.frame_bytes_max <= device_max,
                 format!(
@@ -241,6 +259,29 @@ impl ServerConfig {
                     self.sync_connections_max, self.connections_max
                 ),
             ),
+            (
+                rooms.relay_per_s > 0
+                    && rooms.member_timeout_ms > hearth_engine::rooms::HEARTBEAT_INTERVAL_MS
+                    && rooms.room_name_bytes_max > 0
+                    && rooms.rooms_per_connection_max > 0
+                    && rooms.members_per_room_max > 0
+                    && rooms.members_per_room_max * (rooms.state_bytes_max + ROOM_MEMBER_OVERHEAD_BYTES)
+                        + rooms.room_name_bytes_max
+                        + FRAME_OVERHEAD_BYTES
+                        <= self.frame_bytes_max
+                    && rooms.message_bytes_max + rooms.room_name_bytes_max + FRAME_OVERHEAD_BYTES
+                        <= self.frame_bytes_max,
+                format!(
+                    "rooms: relay_per_s, the name length and the counts must be positive, \
+                     member_timeout_ms above the devices' heartbeat ({} ms), and a room's whole \
+                     list ({} members of {} bytes plus {ROOM_MEMBER_OVERHEAD_BYTES} each) must fit \
+                     in frame_bytes_max {}",
+                    hearth_engine::rooms::HEARTBEAT_INTERVAL_MS,
+                    rooms.members_per_room_max,
+                    rooms.state_bytes_max,
+                    self.frame_bytes_max
+                ),
+            ),
         ];
         match rules.into_iter().find(|(ok, _)| !ok) {
             Some((_, why)) => Err(why),
@@ -292,6 +333,8 @@ pub(crate) struct AppState {
     /// Log bytes read for catch-up and not yet written, all connections.
     pub catch_up_budget: Arc<tokio::sync::Semaphore>,
     pub assets: &'static [Asset],
+    /// Who is in which room (ephemeral: never in the store).
+    pub rooms: Arc<rooms::RoomHub>,
 }
 
 /// A running server.
@@ -376,7 +419,10 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
     })?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connections_max = config.connections_max;
+    let room_hub = Arc::new(rooms::RoomHub::new(config.rooms.clone(), metrics.clone()));
+    rooms::spawn_ticker(room_hub.clone(), shutdown_rx.clone());
     let state = Arc::new(AppState {
+        rooms: room_hub,
         store,
         shutdown: shutdown_rx.clone(),
         metrics: metrics.clone(),

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// The largest WebSocket frame the server built, in bytes.
     pub frame_bytes_largest: AtomicU64,
+    /// Room frames (relayed broadcasts, presence diffs) not queued for a
+    /// connection whose room queue was full; a missed diff is made good
+    /// with the whole list.
+    pub room_frames_dropped: AtomicU64,
     /// Closed sync connections, by reason (indexed by [`CloseReason`]).
     pub closed: [AtomicU64; CloseReason::ALL.len()],
 }
@@ -105,7 +109,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
             (
                 "hearth_connections",
                 "gauge",
@@ -171,6 +175,12 @@ impl Metrics {
                 "gauge",
                 "The largest WebSocket frame the server built, in bytes.",
                 &self.frame_bytes_largest,
+            ),
+            (
+                "hearth_room_frames_dropped_total",
+                "counter",
+                "Room frames dropped for a connection whose room queue was full (a missed presence diff is resent as the whole list).",
+                &self.room_frames_dropped,
             ),
             (
                 "hearth_server_seq",

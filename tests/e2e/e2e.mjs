@@ -10,6 +10,7 @@
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { chromium } from "playwright-core";
@@ -706,6 +707,219 @@ where = "list_id = :list"
           throw new Error(`${error.message}: ${JSON.stringify(seen)}`);
         });
       }
+    });
+
+    // --- Rooms and presence: ephemeral, server-decided. ---
+    // Joins room `name` in the tab as `who`; the room's latest member list and messages
+    // collect in window.rooms[name].
+    const joinRoom = (page, name, who) =>
+      withTimeout(
+        page.evaluate(
+          async ([name, who]) => {
+            window.rooms = window.rooms || {};
+            const room = db.room(name);
+            const seen = (window.rooms[name] = { room, members: [], messages: [], errors: [] });
+            room.on("presence", (members) => (seen.members = members));
+            room.on("message", (message, from) => seen.messages.push({ message, from }));
+            room.on("error", (error) => seen.errors.push(error.code));
+            await room.setPresence({ name: who });
+          },
+          [name, who],
+        ),
+        `join ${name} as ${who}`,
+      );
+    const namesIn = (page, room) =>
+      page.evaluate((room) => (window.rooms?.[room]?.members || []).map((m) => m.state.name).sort(), room);
+    const waitNames = (page, room, names, what, ms) =>
+      waitFor(
+        page,
+        ([room, names]) => JSON.stringify((window.rooms?.[room]?.members || []).map((m) => m.state.name).sort()) === JSON.stringify(names),
+        [room, [...names].sort()],
+        what,
+        ms,
+      );
+
+    await test("presence: another device appears with its state, tabs are members of their own, broadcasts arrive latest last, bounds are refused by code", async () => {
+      const room = uid("doc");
+      const ann = await newDevice(browser, server.origin);
+      const bob = await newDevice(browser, server.origin);
+      cleanups.push(() => ann.close(), () => bob.close());
+      const a1 = await openTab(ann, server.origin);
+      const a2 = await openTab(ann, server.origin);
+      const b1 = await openTab(bob, server.origin);
+      await joinRoom(a1, room, "ann");
+      await joinRoom(b1, room, "bob");
+      await joinRoom(a2, room, "ann (tab 2)");
+      for (const page of [a1, a2, b1]) await waitNames(page, room, ["ann", "ann (tab 2)", "bob"], "three members everywhere");
+      const seenByBob = await b1.evaluate((room) => window.rooms[room].members, room);
+      const annSeen = seenByBob.find((m) => m.state.name === "ann");
+      const bobSelf = seenByBob.find((m) => m.state.name === "bob");
+      check(bobSelf.me && !annSeen.me, `me marks only the tab itself: ${JSON.stringify(seenByBob)}`);
+      check(typeof annSeen.clientId === "string" && /^\d+$/.test(annSeen.clientId) && typeof annSeen.tab === "number", `ids: ${JSON.stringify(annSeen)}`);
+      check(Math.abs(Date.now() - annSeen.since) < 60_000, `since is when it joined: ${annSeen.since}`);
+      const annTabs = seenByBob.filter((m) => m.clientId === annSeen.clientId);
+      check(annTabs.length === 2 && annTabs[0].tab !== annTabs[1].tab, `one device, two tabs: ${JSON.stringify(annTabs)}`);
+      // A state change shows on the other device.
+      await a1.evaluate(([room]) => window.rooms[room].room.setPresence({ name: "ann", cursor: [3, 4] }), [room]);
+      await waitFor(b1, ([room]) => window.rooms[room].members.some((m) => m.state.cursor?.[1] === 4), [room], "ann's cursor on bob");
+      // A cursor stream: 200 sends in a burst arrive coalesced, the last one last, at the
+      // other device and the sender's other tab, never back at the sender.
+      await a1.evaluate(async ([room]) => {
+        for (let i = 0; i < 200; i++) window.rooms[room].room.send({ x: i });
+        await window.rooms[room].room.send({ x: 199, last: true });
+      }, [room]);
+      for (const page of [b1, a2]) {
+        await waitFor(page, ([room]) => window.rooms[room].messages.at(-1)?.message.last === true, [room], "the last message");
+        const got = await page.evaluate(([room]) => window.rooms[room].messages, [room]);
+        check(got.length < 50, `coalesced: ${got.length} of 201 relayed`);
+        check(got.every((m) => m.from.clientId === annSeen.clientId), "from ann");
+      }
+      check((await a1.evaluate(([room]) => window.rooms[room].messages.length, [room])) === 0, "the sender hears nothing back");
+      // Bounds: a clear error with a stable code, and the tab stays in its room.
+      const refused = await a1.evaluate(async (room) => {
+        const codes = [];
+        for (const [name, state] of [["x".repeat(200), {}], ["", {}], [room, { big: "y".repeat(5000) }]]) {
+          try {
+            await db.room(name).setPresence(state);
+            codes.push("ok");
+          } catch (error) {
+            codes.push(error.code);
+          }
+        }
+        try {
+          await db.room(room + "-not-joined").send({});
+        } catch (error) {
+          codes.push(error.code);
+        }
+        return codes;
+      }, room);
+      check(JSON.stringify(refused) === JSON.stringify(["BAD_ROOM", "BAD_ROOM", "PRESENCE_TOO_LARGE", "NOT_IN_ROOM"]), `codes: ${JSON.stringify(refused)}`);
+      check((await namesIn(b1, room)).length === 3, "still three members");
+      // leave() is seen by the others.
+      await a2.evaluate(([room]) => window.rooms[room].room.leave(), [room]);
+      await waitNames(b1, room, ["ann", "bob"], "ann's second tab left");
+    });
+
+    await test("presence: a closed tab, and a device whose browser context dies, leave within 5 s; the server's socket drop rejoins without duplicates", async () => {
+      const room = uid("doc");
+      const ann = await newDevice(browser, server.origin);
+      const bob = await newDevice(browser, server.origin);
+      const cat = await newDevice(browser, server.origin);
+      cleanups.push(() => ann.close(), () => bob.close(), () => cat.close().catch(() => {}));
+      const a1 = await openTab(ann, server.origin);
+      const a2 = await openTab(ann, server.origin);
+      const b1 = await openTab(bob, server.origin);
+      const c1 = await openTab(cat, server.origin);
+      for (const [page, who] of [[a1, "ann"], [a2, "ann 2"], [b1, "bob"], [c1, "cat"]]) await joinRoom(page, room, who);
+      await waitNames(b1, room, ["ann", "ann 2", "bob", "cat"], "four members");
+      // A tab that closes: its device's other tab stays.
+      let started = performance.now();
+      await a2.close();
+      await waitNames(b1, room, ["ann", "bob", "cat"], "the closed tab gone", 5000);
+      const tabGone = performance.now() - started;
+      // A device whose browser context dies (its SharedWorker and socket with it).
+      started = performance.now();
+      await cat.close();
+      await waitNames(b1, room, ["ann", "bob"], "the dead device gone", 5000);
+      const deviceGone = performance.now() - started;
+      console.log(`     a closed tab left in ${Math.round(tabGone)} ms, a closed device in ${Math.round(deviceGone)} ms`);
+      check(tabGone < 5000 && deviceGone < 5000, "within 5 s");
+      // The server restarts (every socket drops, every room is forgotten): both devices
+      // reconnect and rejoin, each member once.
+      server = await server.restart();
+      await waitFor(a1, () => db.status().online, null, "ann back online", 20000);
+      await waitFor(b1, () => db.status().online, null, "bob back online", 20000);
+      for (const page of [a1, b1]) await waitNames(page, room, ["ann", "bob"], "rejoined after the restart", 20000);
+      // Held for a while (heartbeats keep them), and never doubled.
+      await new Promise((resolve) => setTimeout(resolve, 6000));
+      for (const page of [a1, b1]) {
+        const members = await page.evaluate((room) => window.rooms[room].members, room);
+        check(members.length === 2, `still exactly two after 6 s: ${JSON.stringify(members)}`);
+      }
+      check((await metric(server.origin, "hearth_server_seq")) >= 0, "server up");
+    });
+
+    await test("presence: a device whose network vanishes without closing its socket leaves within 5 s", async () => {
+      // Dan's device talks to the server through a TCP relay that the test freezes: no
+      // byte moves either way and no socket closes, as when a laptop dies or its Wi-Fi
+      // drops. Only the server's liveness rule can notice.
+      const [host, port] = [server.addr.slice(0, server.addr.lastIndexOf(":")), Number(server.addr.slice(server.addr.lastIndexOf(":") + 1))];
+      const pairs = [];
+      const relay = net.createServer((down) => {
+        const up = net.connect(port, host);
+        down.pipe(up);
+        up.pipe(down);
+        const drop = () => (down.destroy(), up.destroy());
+        down.on("error", drop);
+        up.on("error", drop);
+        pairs.push({ down, up });
+      });
+      relay.listen(0, "127.0.0.1");
+      await once(relay, "listening");
+      cleanups.push(async () => {
+        for (const { down, up } of pairs) (down.destroy(), up.destroy());
+        relay.close();
+      });
+      const room = uid("doc");
+      const bob = await newDevice(browser, server.origin);
+      const dan = await newDevice(browser, server.origin);
+      cleanups.push(() => bob.close(), () => dan.close());
+      const b1 = await openTab(bob, server.origin);
+      const d1 = await dan.newPage();
+      await withTimeout(d1.goto(`${server.origin}/__hearth_e2e.html`), "page load");
+      const relayUrl = `ws://127.0.0.1:${relay.address().port}/sync`;
+      await withTimeout(d1.evaluate(async (server) => (window.db = await Hearth.open({ name: "e2e", server })), relayUrl), "open through the relay");
+      await joinRoom(b1, room, "bob");
+      await joinRoom(d1, room, "dan");
+      await waitNames(b1, room, ["bob", "dan"], "dan present through the relay");
+      const started = performance.now();
+      for (const { down, up } of pairs) {
+        down.unpipe(up);
+        up.unpipe(down);
+        down.pause();
+        up.pause();
+      }
+      await waitNames(b1, room, ["bob"], "dan gone", 5000);
+      const gone = performance.now() - started;
+      console.log(`     a device whose network vanished left in ${Math.round(gone)} ms`);
+      check(gone < 5000, `dan stayed ${gone} ms`);
+      // Bob, still heartbeating, is still there.
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      check(JSON.stringify(await namesIn(b1, room)) === JSON.stringify(["bob"]), "bob stays");
+    });
+
+    await test("demo app: the list shows who else has it open, live", async () => {
+      const demo = await startServer();
+      cleanups.push(() => demo.cleanup());
+      const x = await browser.newContext();
+      const y = await browser.newContext();
+      cleanups.push(() => x.close(), () => y.close().catch(() => {}));
+      await demoFromWebDir(x);
+      await demoFromWebDir(y);
+      const open = async (device, name) => {
+        await device.addInitScript((name) => localStorage.setItem("hearth.name", name), name);
+        const page = await device.newPage();
+        page.on("pageerror", (error) => console.error(`  [demo error] ${error.message}`));
+        await page.goto(demo.origin + "/");
+        await waitFor(page, () => window.db && document.querySelector("#sync.online"), null, "demo online");
+        return page;
+      };
+      const px = await open(x, "Xavier");
+      await px.fill("#new-list-name", "Shared");
+      await px.press("#new-list-name", "Enter");
+      await waitFor(px, () => !document.querySelector("#new-todo-title").disabled, null, "list selected");
+      const py = await open(y, "Yasmin");
+      await py.click("#lists .list:has-text('Shared')");
+      await waitFor(px, () => document.querySelector("#present")?.textContent.includes("Yasmin"), null, "Y shown on X");
+      await waitFor(py, () => document.querySelector("#present")?.textContent.includes("Xavier"), null, "X shown on Y");
+      // Y goes to another list: X no longer shows Y.
+      await py.fill("#new-list-name", "Elsewhere");
+      await py.press("#new-list-name", "Enter");
+      await waitFor(px, () => !document.querySelector("#present")?.textContent.includes("Yasmin"), null, "Y gone from X", 5000);
+      await py.click("#lists .list:has-text('Shared')");
+      await waitFor(px, () => document.querySelector("#present")?.textContent.includes("Yasmin"), null, "Y back on X");
+      await y.close();
+      await waitFor(px, () => !document.querySelector("#present")?.textContent.includes("Yasmin"), null, "Y's closed device gone from X", 5000);
     });
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});

@@ -766,6 +766,9 @@ fn short(msg: &ServerMsg) -> String {
             client_seq, code, ..
         } => format!("Rejected(#{client_seq} {code})"),
         ServerMsg::Error { code, .. } => format!("Error({code})"),
+        ServerMsg::Presence { room, .. } => format!("Presence({room})"),
+        ServerMsg::Relay { room, .. } => format!("Relay({room})"),
+        ServerMsg::RoomRefused { room, code, .. } => format!("RoomRefused({room} {code})"),
     }
 }
 
@@ -780,6 +783,10 @@ fn short_client(msg: &ClientMsg) -> String {
         }
         ClientMsg::Subscribe(sub) => format!("Subscribe({} {} {:?})", sub.id, sub.stream, sub.load),
         ClientMsg::Unsubscribe { id } => format!("Unsubscribe({id})"),
+        ClientMsg::Join { room, tab, .. } => format!("Join({room} {tab})"),
+        ClientMsg::Leave { room, tab } => format!("Leave({room} {tab})"),
+        ClientMsg::Broadcast { room, tab, .. } => format!("Broadcast({room} {tab})"),
+        ClientMsg::Heartbeat => "Heartbeat".into(),
     }
 }
 

@@ -29,6 +29,15 @@
 //! the engine, exactly as after a restart, until a tab claims it again and lets it go.
 //! Load progress (`Notice::Loaded`) waits for the flush barrier like a reply, so a tab
 //! told that a load is done can rely on the rows being durable.
+//!
+//! **Rooms are ephemeral and never touch the database.** The worker keeps which tab is in
+//! which room with which presence state (a member is this device's client id and the
+//! tab's port number), joins them all again after every Hello (the server keys members by
+//! (client id, tab), so a rejoin never doubles one), leaves a tab's rooms when the tab is
+//! gone, says `Heartbeat` every `HEARTBEAT_INTERVAL_MS` while in a room (the server drops
+//! a silent device's members within its `member_timeout_ms`), keeps the server's member
+//! lists and hands each tab in a room the whole list on every change (empty while
+//! offline), and relays broadcasts to the room's tabs other than the sender.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -36,10 +45,14 @@ use std::rc::{Rc, Weak};
 
 use hearth_bridge::{
     decode, encode, frame_version, ErrorCode, ErrorReply, Notice, PageMessage, Reply, Request,
-    Rows, StreamParam, StreamSubscription, SyncStatus, Value, WorkerMessage, PROTOCOL_VERSION,
+    RoomMember, Rows, StreamParam, StreamSubscription, SyncStatus, Value, WorkerMessage,
+    PROTOCOL_VERSION,
 };
 use hearth_engine::client::SubscriptionInfo;
-use hearth_engine::protocol::{decode_server, encode_client, ClientMsg, FRAME_BYTES_MAX};
+use hearth_engine::protocol::{
+    decode_server, encode_client, ClientMsg, Member, MemberId, ServerMsg, FRAME_BYTES_MAX,
+};
+use hearth_engine::rooms::{self, RoomsConfig, HEARTBEAT_INTERVAL_MS};
 use hearth_engine::{Client, ClientConfig, ClientError, Event, Param};
 use js_sys::{Array, Function, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
@@ -58,6 +71,10 @@ pub const LIVE_QUERIES_PER_TAB_MAX: usize = 1024;
 /// The prefix a page puts before the database name in the SharedWorker's name, so that a
 /// SharedWorker is shared per (origin, database name) and knows which file to open.
 pub const WORKER_NAME_PREFIX: &str = "hearth:";
+
+/// Bytes the socket may hold unsent before a room broadcast is dropped (they are
+/// latest-wins: the next one says it again).
+const ROOM_SEND_BUFFERED_MAX: u32 = 1024 * 1024;
 
 /// Reconnect backoff: the first retry waits about this long, each failure doubles it.
 const RECONNECT_BASE_MS: f64 = 250.0;
@@ -272,6 +289,11 @@ struct Host {
     last_change_ticket: u64,
     parked: VecDeque<(u64, Parked)>,
     last_status: SyncStatus,
+    /// The tabs' rooms: room -> tab -> presence state (JSON text). Never stored.
+    rooms: BTreeMap<String, BTreeMap<PortId, String>>,
+    /// The server's member list of each room this device is in, on this connection.
+    room_members: HashMap<String, BTreeMap<MemberId, Member>>,
+    heartbeat_scheduled: bool,
 }
 
 impl Host {
@@ -298,6 +320,9 @@ impl Host {
             last_change_ticket: 0,
             parked: VecDeque::new(),
             last_status: SyncStatus::default(),
+            rooms: BTreeMap::new(),
+            room_members: HashMap::new(),
+            heartbeat_scheduled: false,
         }
     }
 
@@ -398,6 +423,15 @@ impl Host {
         });
         self.open_waiters.retain(|(port, _)| *port != port_id);
         self.sync_waiters.retain(|(_, port, _)| *port != port_id);
+        let rooms: Vec<String> = self
+            .rooms
+            .iter()
+            .filter(|(_, tabs)| tabs.contains_key(&port_id))
+            .map(|(room, _)| room.clone())
+            .collect();
+        for room in rooms {
+            self.leave_room(&room, port_id);
+        }
         self.parked.retain(
             |(_, parked)| !matches!(parked, Parked::Reply { port, .. } if *port == port_id),
         );
@@ -620,6 +654,18 @@ impl Host {
                 let status = self.status();
                 self.respond(port_id, id, Ok(Reply::Status(status)));
             }
+            Request::JoinRoom { room, state } => {
+                let result = self.join_room(room, port_id, state);
+                self.respond(port_id, id, result.map(|()| Reply::RoomJoined));
+            }
+            Request::LeaveRoom { room } => {
+                self.leave_room(&room, port_id);
+                self.respond(port_id, id, Ok(Reply::RoomLeft));
+            }
+            Request::SendToRoom { room, message } => {
+                let result = self.send_to_room(room, port_id, message);
+                self.respond(port_id, id, result.map(|()| Reply::RoomSent));
+            }
             Request::Sync { timeout_ms } => {
                 let waiter = self.next_waiter;
                 self.next_waiter += 1;
@@ -659,6 +705,284 @@ impl Host {
                 self.on_events(output.events);
             }
             Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
+        }
+    }
+
+    // --- rooms (ephemeral) ------------------------------------------------------------
+
+    /// The socket, if it is open (past `onopen`, so its Hello went first).
+    fn open_socket(&self) -> Option<&WebSocket> {
+        self.socket
+            .as_ref()
+            .map(|s| &s.ws)
+            .filter(|ws| ws.ready_state() == WebSocket::OPEN)
+    }
+
+    fn join_room(
+        &mut self,
+        room: String,
+        port_id: PortId,
+        state: String,
+    ) -> Result<(), ErrorReply> {
+        // The server checks again, against its own limits; these are the defaults.
+        let limits = RoomsConfig::default();
+        let refuse =
+            |(code, reason): (&str, String)| ErrorReply::new(ErrorCode::from_engine(code), reason);
+        rooms::check_room_name(&room, limits.room_name_bytes_max).map_err(refuse)?;
+        if state.len() > limits.state_bytes_max {
+            return Err(ErrorReply::new(
+                ErrorCode::PresenceTooLarge,
+                format!(
+                    "the presence state is {} bytes of JSON; at most {}",
+                    state.len(),
+                    limits.state_bytes_max
+                ),
+            ));
+        }
+        let memberships: usize = self.rooms.values().map(BTreeMap::len).sum();
+        let already = self
+            .rooms
+            .get(&room)
+            .is_some_and(|t| t.contains_key(&port_id));
+        if !already && memberships >= limits.rooms_per_connection_max {
+            return Err(ErrorReply::new(
+                ErrorCode::TooManyRooms,
+                format!(
+                    "this device's tabs are in {memberships} rooms; at most {}",
+                    limits.rooms_per_connection_max
+                ),
+            ));
+        }
+        self.rooms
+            .entry(room.clone())
+            .or_default()
+            .insert(port_id, state.clone());
+        self.room_send(ClientMsg::Join {
+            room,
+            tab: u64::from(port_id),
+            state,
+        });
+        self.schedule_heartbeat();
+        Ok(())
+    }
+
+    fn leave_room(&mut self, room: &str, port_id: PortId) {
+        let Some(tabs) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if tabs.remove(&port_id).is_none() {
+            return;
+        }
+        if tabs.is_empty() {
+            self.rooms.remove(room);
+            self.room_members.remove(room);
+        }
+        self.room_send(ClientMsg::Leave {
+            room: room.to_owned(),
+            tab: u64::from(port_id),
+        });
+    }
+
+    fn send_to_room(
+        &mut self,
+        room: String,
+        port_id: PortId,
+        message: String,
+    ) -> Result<(), ErrorReply> {
+        let limits = RoomsConfig::default();
+        if !self
+            .rooms
+            .get(&room)
+            .is_some_and(|t| t.contains_key(&port_id))
+        {
+            return Err(ErrorReply::new(
+                ErrorCode::NotInRoom,
+                format!("this tab has not joined room {room:?} (call setPresence first)"),
+            ));
+        }
+        if message.len() > limits.message_bytes_max {
+            return Err(ErrorReply::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "the message is {} bytes of JSON; at most {}",
+                    message.len(),
+                    limits.message_bytes_max
+                ),
+            ));
+        }
+        let backed_up = self
+            .open_socket()
+            .is_some_and(|ws| ws.buffered_amount() > ROOM_SEND_BUFFERED_MAX);
+        if !backed_up {
+            self.room_send(ClientMsg::Broadcast {
+                room,
+                tab: u64::from(port_id),
+                message,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends a room message now if the socket is open; otherwise the next Hello's rejoin
+    /// says what matters (broadcasts made offline are gone, as fire-and-forget is).
+    fn room_send(&mut self, message: ClientMsg) {
+        if self.open_socket().is_some() {
+            self.ws_send(vec![message]);
+        }
+    }
+
+    /// After a Hello: every tab's rooms again.
+    fn rejoin_rooms(&mut self) {
+        let joins: Vec<ClientMsg> = self
+            .rooms
+            .iter()
+            .flat_map(|(room, tabs)| {
+                tabs.iter().map(|(port, state)| ClientMsg::Join {
+                    room: room.clone(),
+                    tab: u64::from(*port),
+                    state: state.clone(),
+                })
+            })
+            .collect();
+        if !joins.is_empty() {
+            self.ws_send(joins);
+            self.schedule_heartbeat();
+        }
+    }
+
+    fn schedule_heartbeat(&mut self) {
+        if self.heartbeat_scheduled || self.rooms.is_empty() {
+            return;
+        }
+        self.heartbeat_scheduled = true;
+        let beat = self.later(|host, ()| {
+            host.heartbeat_scheduled = false;
+            if host.rooms.is_empty() {
+                return;
+            }
+            host.room_send(ClientMsg::Heartbeat);
+            host.schedule_heartbeat();
+        });
+        set_timeout(HEARTBEAT_INTERVAL_MS as f64, move || beat(()));
+    }
+
+    /// The connection is gone: so are the server's lists; the tabs see nobody until the
+    /// next Hello's rejoin brings them back.
+    fn rooms_offline(&mut self) {
+        self.room_members.clear();
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.post_members(&room);
+        }
+    }
+
+    fn on_room_message(&mut self, message: ServerMsg) {
+        match message {
+            ServerMsg::Presence {
+                room,
+                full,
+                members,
+                left,
+            } => {
+                if !self.rooms.contains_key(&room) {
+                    return; // Every tab left meanwhile.
+                }
+                let list = self.room_members.entry(room.clone()).or_default();
+                if full {
+                    list.clear();
+                }
+                for member in members {
+                    list.insert(member.id, member);
+                }
+                for id in left {
+                    list.remove(&id);
+                }
+                self.post_members(&room);
+            }
+            ServerMsg::Relay {
+                room,
+                from,
+                message,
+            } => {
+                let me = self.client_id();
+                let Some(tabs) = self.rooms.get(&room) else {
+                    return;
+                };
+                let notice = WorkerMessage::Notice(Notice::RoomMessage {
+                    room: room.clone(),
+                    client_id: from.client_id,
+                    tab: from.tab,
+                    message,
+                });
+                for port in tabs.keys() {
+                    if !(from.client_id == me && from.tab == u64::from(*port)) {
+                        self.post(*port, &notice);
+                    }
+                }
+            }
+            ServerMsg::RoomRefused {
+                room,
+                tab,
+                code,
+                reason,
+            } => {
+                let Ok(port) = PortId::try_from(tab) else {
+                    return;
+                };
+                let joined = self.rooms.get(&room).is_some_and(|t| t.contains_key(&port));
+                if !joined {
+                    return;
+                }
+                // These refuse the join itself: the server has no such member.
+                if [rooms::ROOM_FULL, rooms::TOO_MANY_ROOMS, rooms::BAD_ROOM]
+                    .contains(&code.as_str())
+                {
+                    if let Some(tabs) = self.rooms.get_mut(&room) {
+                        tabs.remove(&port);
+                        if tabs.is_empty() {
+                            self.rooms.remove(&room);
+                            self.room_members.remove(&room);
+                        }
+                    }
+                }
+                let notice = WorkerMessage::Notice(Notice::RoomRefused { room, code, reason });
+                self.post(port, &notice);
+            }
+            _ => {}
+        }
+    }
+
+    fn client_id(&self) -> u64 {
+        match &self.db {
+            Db::Open { client, .. } => client.client_id(),
+            _ => 0,
+        }
+    }
+
+    /// Hands each tab in `room` the whole member list as this worker knows it.
+    fn post_members(&self, room: &str) {
+        let Some(tabs) = self.rooms.get(room) else {
+            return;
+        };
+        let me = self.client_id();
+        let list = self.room_members.get(room);
+        for port in tabs.keys() {
+            let members = list
+                .into_iter()
+                .flat_map(|l| l.values())
+                .map(|m| RoomMember {
+                    client_id: m.id.client_id,
+                    tab: m.id.tab,
+                    state: m.state.clone(),
+                    since_ms: m.since_ms,
+                    me: m.id.client_id == me && m.id.tab == u64::from(*port),
+                })
+                .collect();
+            let notice = Notice::RoomMembers {
+                room: room.to_owned(),
+                members,
+            };
+            self.post(*port, &WorkerMessage::Notice(notice));
         }
     }
 
@@ -840,6 +1164,7 @@ impl Host {
         };
         let hello = client.on_connected();
         self.ws_send(hello);
+        self.rejoin_rooms();
     }
 
     fn on_ws_frame(&mut self, gen: u64, data: &JsValue) {
@@ -854,9 +1179,15 @@ impl Host {
             return self.reconnect_after_failure();
         };
         let bytes = Uint8Array::new(buffer).to_vec();
-        let handled = decode_server(&bytes, FRAME_BYTES_MAX)
-            .map_err(|err| ClientError::Protocol(err.to_string()))
-            .and_then(|message| client.handle(message, now_ms()));
+        let handled = match decode_server(&bytes, FRAME_BYTES_MAX) {
+            Ok(
+                message @ (ServerMsg::Presence { .. }
+                | ServerMsg::Relay { .. }
+                | ServerMsg::RoomRefused { .. }),
+            ) => return self.on_room_message(message),
+            Ok(message) => client.handle(message, now_ms()),
+            Err(err) => Err(ClientError::Protocol(err.to_string())),
+        };
         match handled {
             Ok(output) => {
                 if client.status().connected {
@@ -916,6 +1247,7 @@ impl Host {
         if let Db::Open { client, .. } = &mut self.db {
             client.on_disconnected();
         }
+        self.rooms_offline();
     }
 
     fn schedule_reconnect(&mut self) {

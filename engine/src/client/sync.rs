@@ -289,6 +289,13 @@ impl Client {
             ServerMsg::Error { code, message } => {
                 return Err(ClientError::Server { code, message })
             }
+            // The ephemeral lane is the driver's (the browser worker keeps
+            // its tabs' rooms); the database never hears of it.
+            ServerMsg::Presence { .. }
+            | ServerMsg::Relay { .. }
+            | ServerMsg::RoomRefused { .. } => {
+                return Ok(out);
+            }
         }
         let sent = self.poll_send()?;
         out.send = sent.send;
