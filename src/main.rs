@@ -44,6 +44,11 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8787")]
     listen: SocketAddr,
+    /// Keep the change log this long (`30d`, `12h`, `90s`): older entries
+    /// are removed (their effect stays in the store), and a device whose
+    /// cursor is older re-loads its subscriptions. Default: keep it all.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    log_retention: Option<std::time::Duration>,
 }
 
 #[derive(clap::Args)]
@@ -125,6 +130,7 @@ fn main() -> ExitCode {
         schema: None,
         data: PathBuf::from("hearth-data"),
         listen: "127.0.0.1:8787".parse().expect("default address"),
+        log_retention: None,
     }));
     let result = match command {
         Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
@@ -150,7 +156,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let schema = Schema::parse(&source).with_context(|| format!("bad schema ({origin})"))?;
     let tables: Vec<&str> = schema.tables.keys().map(String::as_str).collect();
-    let config = hearth_server::ServerConfig::new(args.listen, args.data.clone(), schema.clone());
+    let mut config =
+        hearth_server::ServerConfig::new(args.listen, args.data.clone(), schema.clone());
+    if let Some(retention) = args.log_retention {
+        let ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        anyhow::ensure!(ms > 0, "--log-retention must be longer than 0");
+        config.log_retention_ms = Some(ms);
+        // Look for expired entries a few times per retention, at most each minute.
+        config.compact_every_ms = (ms / 4).clamp(1, 60_000);
+    }
     let running = hearth_server::start(config, hearth::assets::ASSETS).await?;
     // Whoever reads our stdout may go away (a closed pipe); serving matters
     // more than these lines, so write errors are ignored rather than fatal.

@@ -506,6 +506,7 @@ async fn a_sync_against_a_server_that_stops_reading_ends_at_its_timeout() {
         let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
         let _hello = futures_util::StreamExt::next(&mut ws).await;
         let welcome = ServerMsg::Welcome {
+            floor: 0,
             server_seq: 0,
             schema_version: 1,
             schema: None,

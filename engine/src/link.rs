@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use crate::change::{LogEntry, Mutation, RowChange, RowImage, RowOp};
 use crate::hlc::Hlc;
-use crate::protocol::{ClientMsg, Load, ServerMsg, Subscription};
+use crate::protocol::{whole_table_of, ClientMsg, Load, ServerMsg, Subscription};
 use crate::schema::Schema;
 use crate::server::{Hello, LoadChunk, LoadRead, DEVICE_REWOUND};
 use crate::value::Value;
@@ -48,6 +48,10 @@ pub const CURSOR_LAG_MAX: u64 = 1_000;
 /// The code of a subscription the server refuses: an unknown stream,
 /// missing, unknown or mistyped parameters, parameters too large.
 pub const BAD_SUBSCRIPTION: &str = "BAD_SUBSCRIPTION";
+/// The code of the fatal error that closes a connection whose cursor fell
+/// below what compaction left of the log (it was too far behind to be
+/// served from memory): the device reconnects and re-loads.
+pub const LOG_COMPACTED: &str = "LOG_COMPACTED";
 /// The code of a subscription past the per-device bound.
 pub const TOO_MANY_SUBSCRIPTIONS: &str = "TOO_MANY_SUBSCRIPTIONS";
 
@@ -201,8 +205,11 @@ impl Link {
     /// server whose log is at `head`: everything to send.
     pub fn on_welcome(&mut self, welcome: ServerMsg, head: u64) -> Vec<ServerMsg> {
         let fatal = matches!(welcome, ServerMsg::Error { .. });
-        if let ServerMsg::Welcome { hlc, .. } = &welcome {
+        if let ServerMsg::Welcome { hlc, floor, .. } = &welcome {
             self.hlc = *hlc;
+            if *floor > self.cursor {
+                self.reload(*floor);
+            }
         }
         let mut out = vec![welcome];
         if fatal {
@@ -213,6 +220,33 @@ impl Link {
             out.push(self.caught_up_frame());
         }
         out
+    }
+
+    /// The device's cursor is below the log's floor (compaction removed
+    /// what it had not seen): as the device does on the same Welcome, every
+    /// subscription loads again from its first row, every whole table loads
+    /// as a pseudo-subscription, and the cursor starts at the floor.
+    fn reload(&mut self, floor: u64) {
+        self.cursor = floor;
+        self.told = floor;
+        for s in self.subs.values_mut() {
+            s.sub.load = Load::After(None);
+        }
+        self.due = None;
+        for sub in crate::protocol::whole_table_loads(&self.schema) {
+            let table = whole_table_of(&sub.stream)
+                .expect("a whole-table stream")
+                .to_string();
+            self.subs.insert(sub.id, Sub { sub, table });
+        }
+    }
+
+    /// Whether a whole table's re-load is under way (its entries are then
+    /// filtered by the keys loaded so far).
+    fn reloading(&self) -> bool {
+        self.subs
+            .values()
+            .any(|s| whole_table_of(&s.sub.stream).is_some() && s.sub.load != Load::Done)
     }
 
     fn caught_up_frame(&mut self) -> ServerMsg {
@@ -311,6 +345,21 @@ impl Link {
                 reason,
             })
         };
+        if let Some(table) = whole_table_of(&sub.stream) {
+            // A device re-loading a whole table after compaction.
+            if self.schema.table(table).is_none()
+                || self.schema.streamed(table)
+                || !sub.params.is_empty()
+            {
+                return refuse(
+                    BAD_SUBSCRIPTION,
+                    format!("'{}' names no table that syncs whole", sub.stream),
+                );
+            }
+            let table = table.to_string();
+            self.subs.insert(sub.id, Sub { sub, table });
+            return None;
+        }
         let Some(stream) = self.schema.streams.get(&sub.stream) else {
             return refuse(
                 BAD_SUBSCRIPTION,
@@ -331,7 +380,12 @@ impl Link {
                 );
             }
         }
-        if !self.subs.contains_key(&sub.id) && self.subs.len() >= self.config.subscriptions_max {
+        let counted = self
+            .subs
+            .values()
+            .filter(|s| whole_table_of(&s.sub.stream).is_none())
+            .count();
+        if !self.subs.contains_key(&sub.id) && counted >= self.config.subscriptions_max {
             return refuse(
                 TOO_MANY_SUBSCRIPTIONS,
                 format!(
@@ -433,6 +487,7 @@ impl Link {
         entries.iter().all(|e| e.images.is_empty())
             && self.due.as_ref().is_none_or(|c| c.as_of >= last)
             && self.reading.is_none()
+            && !self.reloading()
     }
 
     /// After the driver sent a shared frame of the entries up to `last`,
@@ -556,7 +611,7 @@ impl Link {
 
     /// What this device gets of one entry, if anything.
     fn route(&self, entry: &LogEntry) -> Option<LogEntry> {
-        if entry.images.is_empty() {
+        if entry.images.is_empty() && !self.reloading() {
             return Some(entry.clone());
         }
         let own = Some(entry.client_id) == self.client_id;
@@ -592,7 +647,28 @@ impl Link {
         own: bool,
     ) -> Option<RowChange> {
         if !self.schema.streamed(&change.table) {
-            return Some(change.clone());
+            // A whole table; while it re-loads, only rows up to the last key
+            // loaded are the device's (later chunks bring the rest as of
+            // after this change).
+            let held = self.subs.values().all(|s| {
+                s.table != change.table
+                    || match &s.sub.load {
+                        Load::Done => true,
+                        Load::After(None) => false,
+                        Load::After(Some(last)) => key_le(&change.pk, last),
+                    }
+            });
+            return if held {
+                Some(change.clone())
+            } else {
+                // Its own write to a row not loaded yet: its copy goes, and
+                // a later chunk brings the row as the server has it.
+                own.then(|| RowChange {
+                    table: change.table.clone(),
+                    pk: change.pk.clone(),
+                    op: RowOp::Evict,
+                })
+            };
         }
         let Some(image) = image else {
             // A streamed table's change without an image (logged before the

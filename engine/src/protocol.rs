@@ -139,6 +139,13 @@ pub struct Member {
 pub enum ServerMsg {
     Welcome {
         server_seq: u64,
+        /// The log's floor: compaction removed every entry up to it (0:
+        /// none). A device whose cursor is below it cannot catch up from the
+        /// log: it drops (locally) every row its pending writes do not touch,
+        /// restarts the load of each subscription, loads every whole table as
+        /// the pseudo-subscription `*TABLE` (see [`whole_table_stream`]), and
+        /// takes the floor as its cursor. The server's link does the same.
+        floor: u64,
         schema_version: u64,
         /// The schema's TOML text, sent when the device's version differs.
         schema: Option<String>,
@@ -221,6 +228,52 @@ pub enum ServerMsg {
         code: String,
         reason: String,
     },
+    /// The mutation `client_seq` of this device was applied as log entry
+    /// `server_seq`, which compaction has since removed: the answer to a
+    /// re-send of it, in place of the entry. Its effect is in the rows the
+    /// device (re-)loads.
+    /// `digest` is the applied mutation's [`Mutation::digest`]: a device
+    /// holding other content under that number lost the end of its history
+    /// and takes a new client id, as for an entry of other content.
+    ///
+    /// [`Mutation::digest`]: crate::change::Mutation::digest
+    Acked {
+        client_seq: u64,
+        server_seq: u64,
+        digest: u64,
+    },
+}
+
+/// The name of the pseudo-subscription a device re-loading after
+/// compaction uses for a table no stream names: `*` and the table's name
+/// (no stream name can start with `*`).
+pub fn whole_table_stream(table: &str) -> String {
+    format!("*{table}")
+}
+
+/// The table of a [`whole_table_stream`] name.
+pub fn whole_table_of(stream: &str) -> Option<&str> {
+    stream.strip_prefix('*')
+}
+
+/// The pseudo-subscriptions that re-load every table no stream names, from
+/// its first row, as a device and its link both make them when the device's
+/// cursor is below the log's floor.
+pub fn whole_table_loads(schema: &crate::schema::Schema) -> Vec<Subscription> {
+    schema
+        .tables
+        .keys()
+        .filter(|t| !schema.streamed(t))
+        .map(|t| {
+            let stream = whole_table_stream(t);
+            Subscription {
+                id: crate::client::subscription_id(&stream, &BTreeMap::new()),
+                stream,
+                params: BTreeMap::new(),
+                load: Load::After(None),
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -61,11 +61,15 @@ pub enum Outcome {
         code: String,
         reason: String,
     },
-    /// Sent before and already processed; `rejection` tells how if refused.
+    /// Sent before and already processed; `rejection` tells how if refused,
+    /// `compacted` where it was applied when its log entry (the device's
+    /// ack) is gone to compaction.
     Duplicate {
         client_id: u64,
         client_seq: u64,
         rejection: Option<(String, String)>,
+        /// (log position, digest).
+        compacted: Option<(u64, u64)>,
     },
 }
 
@@ -75,6 +79,20 @@ impl Outcome {
     /// `Error` `DEVICE_REWOUND`. None for an applied mutation, whose log
     /// entry reaches every device instead.
     pub fn refusal(&self) -> Option<crate::protocol::ServerMsg> {
+        if let Outcome::Duplicate {
+            client_seq,
+            rejection: None,
+            compacted: Some((server_seq, digest)),
+            ..
+        } = self
+        {
+            // Applied, and its log entry compacted away: the ack is said.
+            return Some(ServerMsg::Acked {
+                client_seq: *client_seq,
+                server_seq: *server_seq,
+                digest: *digest,
+            });
+        }
         let (client_seq, code, reason) = match self {
             Outcome::Rejected {
                 client_seq,
@@ -143,6 +161,13 @@ CREATE TABLE IF NOT EXISTS _hearth_clients (
   last_seq  INTEGER NOT NULL,
   last_hlc  INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS _hearth_compacted (
+  client_id  INTEGER NOT NULL,
+  client_seq INTEGER NOT NULL,
+  digest     INTEGER NOT NULL,
+  seq        INTEGER NOT NULL,
+  PRIMARY KEY (client_id, client_seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _hearth_rejections (
   client_id  INTEGER NOT NULL,
   client_seq INTEGER NOT NULL,
@@ -251,6 +276,30 @@ fn sql_refusal(e: rusqlite::Error) -> Refusal {
 
 /// Stores a u64 from the wire (client ids are random 64-bit numbers) in an
 /// SQLite integer, bit for bit; `as u64` on the way back restores it.
+/// An integer of `_hearth_meta`, 0 when unset.
+fn meta_i64(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM _hearth_meta WHERE key = ?1")?
+        .query_row([key], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// The log position up to which compaction removed the log's entries
+/// (0: never compacted). A device whose cursor is below it re-loads.
+pub fn log_floor(conn: &Connection) -> rusqlite::Result<u64> {
+    Ok(meta_i64(conn, "log_floor")? as u64)
+}
+
+/// What one [`ServerCore::compact`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Compacted {
+    /// Entries removed.
+    pub entries: u64,
+    /// The log's floor after it.
+    pub floor: u64,
+}
+
 fn to_i64(v: u64) -> i64 {
     v as i64
 }
@@ -399,15 +448,18 @@ impl ServerCore {
                 return Err(e);
             }
         }
+        let floor = log_floor(&conn)?;
         let head: i64 =
             conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
                 r.get(0)
             })?;
+        let head = head.max(to_i64(floor));
         let foreign_keys = fk::ForeignKeys::load(&conn, &schema)?;
         let max_hlc: i64 =
             conn.query_row("SELECT coalesce(max(hlc), 0) FROM _hearth_log", [], |r| {
                 r.get(0)
             })?;
+        let max_hlc = max_hlc.max(meta_i64(&conn, "log_floor_hlc")?);
         Ok(ServerCore {
             now_ms: None,
             max_hlc: Hlc(max_hlc as u64),
@@ -467,6 +519,71 @@ impl ServerCore {
     /// The global sequence number of the newest log entry.
     pub fn head(&self) -> u64 {
         self.head
+    }
+
+    /// Log compaction: removes, oldest first and at most `max_entries` of
+    /// them, the log entries merged before `before_ms` (wall-clock ms of
+    /// their HLC stamp). The store's tables already hold their effect; what
+    /// is kept of each is its mutation's digest and position
+    /// (`_hearth_compacted`, about 30 bytes), so a device re-sending it is
+    /// still answered exactly once (`ServerMsg::Acked`). Entries go as a
+    /// prefix of the log: the first one merged at or after `before_ms`
+    /// stops it. A device whose cursor falls below the new floor re-loads
+    /// its subscriptions and whole tables from the store (see
+    /// `ServerMsg::Welcome::floor`). One transaction.
+    pub fn compact(&mut self, before_ms: u64, max_entries: u64) -> Result<Compacted> {
+        let floor = log_floor(&self.conn)?;
+        // Stamps are stored as SQLite integers: below 2^63.
+        let cutoff = to_i64(Hlc::new(before_ms.min(i64::MAX as u64 >> 16), 0).0);
+        let stop: Option<i64> = self.conn.query_row(
+            "SELECT min(seq) FROM _hearth_log WHERE hlc >= ?1",
+            [cutoff],
+            |r| r.get(0),
+        )?;
+        let last = match stop {
+            Some(seq) => (seq as u64).saturating_sub(1),
+            None => self.head,
+        };
+        let upto = last.min(floor.saturating_add(max_entries));
+        if upto <= floor {
+            return Ok(Compacted { entries: 0, floor });
+        }
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = (|| -> Result<u64> {
+            let gone_hlc: i64 = self.conn.query_row(
+                "SELECT coalesce(max(hlc), 0) FROM _hearth_log WHERE seq <= ?1",
+                [to_i64(upto)],
+                |r| r.get(0),
+            )?;
+            self.conn.execute(
+                "INSERT OR IGNORE INTO _hearth_compacted (client_id, client_seq, digest, seq)
+                 SELECT client_id, client_seq, digest, seq FROM _hearth_log WHERE seq <= ?1",
+                [to_i64(upto)],
+            )?;
+            let n = self
+                .conn
+                .execute("DELETE FROM _hearth_log WHERE seq <= ?1", [to_i64(upto)])?;
+            let floor_hlc = meta_i64(&self.conn, "log_floor_hlc")?.max(gone_hlc);
+            self.conn.execute(
+                "INSERT INTO _hearth_meta (key, value) VALUES ('log_floor', ?1), ('log_floor_hlc', ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![to_i64(upto), floor_hlc],
+            )?;
+            Ok(n as u64)
+        })();
+        match result {
+            Ok(entries) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(Compacted {
+                    entries,
+                    floor: upto,
+                })
+            }
+            Err(e) => {
+                self.conn.execute_batch("ROLLBACK")?;
+                Err(e)
+            }
+        }
     }
 
     pub fn connection(&self) -> &Connection {
@@ -543,15 +660,34 @@ impl ServerCore {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     })
                     .optional()?;
+                let mut compacted = None;
                 let stored = match &rejection {
                     Some((_, _, d)) => Some(*d),
-                    None => self
+                    None => match self
                         .conn
                         .prepare_cached(
                             "SELECT digest FROM _hearth_log WHERE client_id = ?1 AND client_seq = ?2",
                         )?
                         .query_row(params![to_i64(client_id), to_i64(mutation.seq)], |r| r.get(0))
-                        .optional()?,
+                        .optional()?
+                    {
+                        Some(d) => Some(d),
+                        // Its entry was compacted away: the record kept says
+                        // what it was and where it went.
+                        None => self
+                            .conn
+                            .prepare_cached(
+                                "SELECT digest, seq FROM _hearth_compacted WHERE client_id = ?1 AND client_seq = ?2",
+                            )?
+                            .query_row(params![to_i64(client_id), to_i64(mutation.seq)], |r| {
+                                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                            })
+                            .optional()?
+                            .map(|(d, seq)| {
+                                compacted = Some((seq as u64, d as u64));
+                                d
+                            }),
+                    },
                 };
                 // Another mutation under a number the server has processed:
                 // the device lost the end of its history. Nothing more of
@@ -569,6 +705,7 @@ impl ServerCore {
                     client_id,
                     client_seq: mutation.seq,
                     rejection: rejection.map(|(code, reason, _)| (code, reason)),
+                    compacted,
                 });
                 continue;
             }
@@ -1737,12 +1874,42 @@ pub fn greet(
     }
     Ok(ServerMsg::Welcome {
         server_seq: head,
+        floor: log_floor(conn)?,
         schema_version: schema.version,
         schema: (hello.schema_version != Some(schema.version)).then(|| schema.source.clone()),
         frame_bytes_max: frame_bytes_max as u64,
         last_seq: last_client_seq(conn, hello.client_id)?,
         hlc: max_hlc,
     })
+}
+
+/// For a device whose cursor is below the log's floor: `Acked` for each of
+/// its mutations whose entry compaction removed after its cursor (acks it
+/// never saw), in order, to send right after the `Welcome`. A device that
+/// still holds one pending learns its fate before it decides anything from
+/// the log (a re-send, or a rewind that would renumber it and apply it
+/// twice); one that does not ignores it. Empty when the cursor is at or
+/// above the floor.
+pub fn missed_acks(conn: &Connection, hello: &Hello) -> Result<Vec<ServerMsg>> {
+    if hello.cursor >= log_floor(conn)? {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT client_seq, seq, digest FROM _hearth_compacted WHERE client_id = ?1 AND seq > ?2 ORDER BY client_seq",
+    )?;
+    let acks = stmt
+        .query_map(
+            params![to_i64(hello.client_id), to_i64(hello.cursor)],
+            |r| {
+                Ok(ServerMsg::Acked {
+                    client_seq: r.get::<_, i64>(0)? as u64,
+                    server_seq: r.get::<_, i64>(1)? as u64,
+                    digest: r.get::<_, i64>(2)? as u64,
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(acks)
 }
 
 /// The `Error` code a server sends to a device that re-sent a mutation
@@ -1782,14 +1949,20 @@ pub struct LoadChunk {
 /// `conn` (the store's connection, or a reader of it), in one read
 /// transaction, so the rows are exactly the state at the log head it reports.
 pub fn read_load(conn: &Connection, schema: &Schema, read: &LoadRead) -> Result<LoadChunk> {
-    let stream = schema
-        .streams
-        .get(&read.stream)
-        .ok_or_else(|| ServerError::Schema(format!("no stream '{}'", read.stream)))?;
+    let (table_name, (cond, mut values)) = match crate::protocol::whole_table_of(&read.stream) {
+        // A whole table re-loaded after compaction.
+        Some(table) => (table, ("1".to_string(), Vec::new())),
+        None => {
+            let stream = schema
+                .streams
+                .get(&read.stream)
+                .ok_or_else(|| ServerError::Schema(format!("no stream '{}'", read.stream)))?;
+            (stream.table.as_str(), stream.filter.to_sql(&read.params))
+        }
+    };
     let table = schema
-        .table(&stream.table)
-        .ok_or_else(|| ServerError::Schema(format!("no table '{}'", stream.table)))?;
-    let (cond, mut values) = stream.filter.to_sql(&read.params);
+        .table(table_name)
+        .ok_or_else(|| ServerError::Schema(format!("no table '{table_name}'")))?;
     let pk = crate::schema::ident(table.pk_name());
     let mut sql = format!(
         "SELECT {} FROM main.{} WHERE ({cond})",
@@ -1816,6 +1989,7 @@ pub fn read_load(conn: &Connection, schema: &Schema, read: &LoadRead) -> Result<
             conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
                 r.get(0)
             })?;
+        let as_of = as_of.max(to_i64(log_floor(conn)?));
         let mut text = TextCells::new(0);
         let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(values.iter()))?;

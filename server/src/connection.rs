@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hearth_engine::link::{Link, LinkConfig, Step};
+use hearth_engine::link::{Link, LinkConfig, Step, LOG_COMPACTED};
 use hearth_engine::protocol::{decode_client, encode_server, CodecError, ServerMsg};
 use hearth_engine::rooms::Rooms;
 use hearth_engine::server::{LoadChunk, LoadRead};
@@ -469,22 +469,28 @@ impl Conn {
         let max_hlc = ring.max_hlc();
         let answer = tokio::task::spawn_blocking(move || {
             let conn = reader.lock().expect("reader lock");
-            hearth_engine::server::greet(
+            let welcome = hearth_engine::server::greet(
                 &conn,
                 &schema,
                 known_head,
                 max_hlc,
                 &hello,
                 frame_bytes_max,
-            )
+            )?;
+            let acks = hearth_engine::server::missed_acks(&conn, &hello)?;
+            Ok::<_, hearth_engine::ServerError>((welcome, acks))
         })
         .await
         .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
         .map_err(|e| fatal("STORE", e.to_string(), CloseReason::StoreError))?;
+        let (answer, acks) = answer;
         if let ServerMsg::Error { message, .. } = answer {
             return Err(fatal("HANDSHAKE", message, CloseReason::Handshake));
         }
-        for msg in self.link.on_welcome(answer, known_head) {
+        let mut greeting = self.link.on_welcome(answer, known_head);
+        // The acks compaction took from the log go right after the Welcome.
+        greeting.splice(1..1, acks);
+        for msg in greeting {
             self.queue_msg(&msg, false);
         }
         let (rooms, mut room_frames) = RoomLink::new(self.state.rooms.clone(), self.id, client_id);
@@ -610,6 +616,20 @@ impl Conn {
                     let (entries, permit) = read
                         .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
                         .map_err(|e| fatal("STORE", e, CloseReason::StoreError))?;
+                    let floor = self.state.metrics.log_floor.load(Ordering::Relaxed);
+                    let next = self.link.cursor() + 1;
+                    if floor >= next && entries.first().is_none_or(|e| e.server_seq > next) {
+                        // This connection fell behind its ring and the log was
+                        // compacted past it: the device re-loads on reconnect.
+                        return Err(fatal(
+                            LOG_COMPACTED,
+                            format!(
+                                "the log no longer holds entries after {} (compacted up to {floor}): reconnect to re-load",
+                                next - 1
+                            ),
+                            CloseReason::LogCompacted,
+                        ));
+                    }
                     match entries.last().map(|e| e.server_seq) {
                         // The log has nothing past what was sent: wait for the head to move.
                         None => known_head = self.link.cursor(),

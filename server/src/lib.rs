@@ -117,6 +117,13 @@ pub struct ServerConfig {
     /// Open WebSocket sync sessions; more get 503. Below `connections_max`,
     /// so that `/healthz` and `/metrics` always find room.
     pub sync_connections_max: usize,
+    /// Log compaction (`hearth serve --log-retention`): log entries merged
+    /// longer ago than this are removed (their effect is in the store); a
+    /// device whose cursor is older re-loads its subscriptions and whole
+    /// tables. None (the default) keeps the whole log.
+    pub log_retention_ms: Option<u64>,
+    /// How often compaction looks for entries past the retention.
+    pub compact_every_ms: u64,
     /// Rooms and presence: bounds (room name, state and message sizes,
     /// rooms per connection, members per room), the relay rate per member,
     /// and how long a connection in a room may be silent.
@@ -145,6 +152,8 @@ impl ServerConfig {
             chunk_bytes_max: 0,
             subscriptions_max: 256,
             load_rows_max: 1_000,
+            log_retention_ms: None,
+            compact_every_ms: 60_000,
             batch_mutations_max: 2_000,
             batch_bytes_max: 32 * MIB,
             push_mutations_max: 4_096,
@@ -419,6 +428,9 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
     })?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connections_max = config.connections_max;
+    if config.log_retention_ms.is_some() {
+        store.spawn_compaction(config.compact_every_ms, shutdown_rx.clone());
+    }
     let room_hub = Arc::new(rooms::RoomHub::new(config.rooms.clone(), metrics.clone()));
     rooms::spawn_ticker(room_hub.clone(), shutdown_rx.clone());
     let state = Arc::new(AppState {

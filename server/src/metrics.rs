@@ -25,6 +25,10 @@ pub struct Metrics {
     /// connection whose room queue was full; a missed diff is made good
     /// with the whole list.
     pub room_frames_dropped: AtomicU64,
+    /// Log entries removed by compaction since start.
+    pub log_compacted: AtomicU64,
+    /// The log position compaction has removed entries up to.
+    pub log_floor: AtomicU64,
     /// Closed sync connections, by reason (indexed by [`CloseReason`]).
     pub closed: [AtomicU64; CloseReason::ALL.len()],
 }
@@ -52,10 +56,12 @@ pub enum CloseReason {
     StoreError,
     /// The server is shutting down.
     Shutdown,
+    /// The connection fell behind what compaction left of the log.
+    LogCompacted,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::ClientClosed,
         CloseReason::PeerGone,
         CloseReason::PeerTimeout,
@@ -65,6 +71,7 @@ impl CloseReason {
         CloseReason::Rewound,
         CloseReason::StoreError,
         CloseReason::Shutdown,
+        CloseReason::LogCompacted,
     ];
 
     pub fn label(self) -> &'static str {
@@ -78,6 +85,7 @@ impl CloseReason {
             CloseReason::Rewound => "rewound",
             CloseReason::StoreError => "store_error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::LogCompacted => "log_compacted",
         }
     }
 
@@ -109,7 +117,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
             (
                 "hearth_connections",
                 "gauge",
@@ -181,6 +189,18 @@ impl Metrics {
                 "counter",
                 "Room frames dropped for a connection whose room queue was full (a missed presence diff is resent as the whole list).",
                 &self.room_frames_dropped,
+            ),
+            (
+                "hearth_log_compacted_total",
+                "counter",
+                "Log entries removed by compaction (--log-retention).",
+                &self.log_compacted,
+            ),
+            (
+                "hearth_log_floor",
+                "gauge",
+                "The log position up to which compaction removed entries; a device with an older cursor re-loads.",
+                &self.log_floor,
             ),
             (
                 "hearth_server_seq",

@@ -47,6 +47,8 @@ pub(crate) enum StoreCmd {
     Apply(ApplyCmd),
     /// A small write, to learn whether the store can still write.
     Probe(oneshot::Sender<Result<(), String>>),
+    /// Remove log entries past the retention (`log_retention_ms`).
+    Compact,
 }
 
 /// The store's answers to one connection.
@@ -104,6 +106,11 @@ struct RingInner {
 }
 
 const RING_CHUNKS_MAX: usize = 4_096;
+
+/// Log entries one compaction transaction removes at most, and how many
+/// such transactions one compaction runs.
+const COMPACT_BATCH: u64 = 10_000;
+const COMPACT_BATCHES_MAX: usize = 100;
 
 /// Most ranges a mailbox keeps; past it, the connection filters everything
 /// up to the last flagged entry itself.
@@ -350,6 +357,25 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const COMMAND_QUEUE: usize = 1_024;
 
 impl StoreHandle {
+    /// Asks the store to compact its log now and every `every_ms` after.
+    pub fn spawn_compaction(&self, every_ms: u64, mut shutdown: watch::Receiver<bool>) {
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(every_ms.max(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if commands.send(StoreCmd::Compact).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = async { let _ = shutdown.wait_for(|down| *down).await; } => return,
+                }
+            }
+        });
+    }
+
     /// Whether the store can write: its last write if recent, else a probe.
     pub async fn health(&self) -> Result<(), String> {
         if let Some(result) = self.health.recent(HEALTH_FRESH) {
@@ -390,6 +416,7 @@ struct Limits {
     chunk_bytes_max: usize,
     frame_bytes_max: usize,
     log_entry_bytes_max: usize,
+    log_retention_ms: Option<u64>,
 }
 
 pub(crate) fn open(
@@ -402,6 +429,10 @@ pub(crate) fn open(
     let reader = open_connection(&path)?;
     reader.execute_batch("PRAGMA query_only = ON;")?;
     metrics.server_seq.store(core.head(), Ordering::Relaxed);
+    metrics.log_floor.store(
+        hearth_engine::server::log_floor(core.connection())?,
+        Ordering::Relaxed,
+    );
 
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (head, _) = watch::channel(core.head());
@@ -433,6 +464,7 @@ pub(crate) fn open(
         chunk_bytes_max: config.chunk_bytes_max,
         frame_bytes_max: config.frame_bytes_max,
         log_entry_bytes_max: config.log_entry_bytes_max,
+        log_retention_ms: config.log_retention_ms,
     };
     let thread = std::thread::Builder::new()
         .name("hearth-store".into())
@@ -496,6 +528,7 @@ impl Store {
                 let result = self.probe();
                 let _ = answer.send(result);
             }
+            StoreCmd::Compact => self.compact(),
             StoreCmd::Apply(cmd) => {
                 let queue = self.queues.entry(cmd.conn_id).or_default();
                 if queue.is_empty() {
@@ -526,6 +559,41 @@ impl Store {
             cmds.push(cmd);
         }
         cmds
+    }
+
+    /// Removes the log entries merged before now minus the retention, in
+    /// transactions of at most `COMPACT_BATCH` entries (writes wait between
+    /// them no longer than one such transaction).
+    fn compact(&mut self) {
+        let Some(retention) = self.limits.log_retention_ms else {
+            return;
+        };
+        let before = now_ms().saturating_sub(retention);
+        let mut removed = 0;
+        let mut floor = 0;
+        for _ in 0..COMPACT_BATCHES_MAX {
+            match self.core.compact(before, COMPACT_BATCH) {
+                Ok(done) => {
+                    removed += done.entries;
+                    floor = done.floor;
+                    if done.entries < COMPACT_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    Metrics::add(&self.metrics.store_errors, 1);
+                    eprintln!("hearth: log compaction failed: {e}");
+                    return;
+                }
+            }
+        }
+        self.metrics.log_floor.store(floor, Ordering::Relaxed);
+        if removed > 0 {
+            Metrics::add(&self.metrics.log_compacted, removed);
+            eprintln!(
+                "hearth: log compaction removed {removed} entries merged before {before} ms; the log now starts after {floor}"
+            );
+        }
     }
 
     /// A small committed write, so `/healthz` knows the disk takes writes.

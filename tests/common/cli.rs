@@ -50,6 +50,11 @@ pub struct Served {
 impl Served {
     /// Writes `schema` to `dir/schema.toml` and serves it from `dir/data`.
     pub fn start(dir: &Path, schema: &str) -> Served {
+        Served::start_with(dir, schema, &[])
+    }
+
+    /// [`Served::start`] with more `hearth serve` arguments.
+    pub fn start_with(dir: &Path, schema: &str, args: &[&str]) -> Served {
         let schema_file = dir.join("schema.toml");
         std::fs::write(&schema_file, schema).unwrap();
         let data = dir.join("data");
@@ -60,6 +65,7 @@ impl Served {
             .arg("--data")
             .arg(&data)
             .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -277,6 +277,8 @@ pub struct Stats {
     pub duplicates: u64,
     pub device_crashes: u64,
     pub server_crashes: u64,
+    /// Log compactions (a random prefix of the server's log removed).
+    pub compactions: u64,
     pub drops: u64,
     pub partitions: u64,
     pub clock_jumps: u64,
@@ -466,6 +468,9 @@ struct Ledger {
     /// Rows of `counted` (debug form) as their writer read them right after
     /// its write.
     counted_seen: HashSet<String>,
+    /// The log entries compaction removed from the server, in order: the
+    /// oracles read the whole history.
+    compacted: Vec<LogEntry>,
     next_origin: u64,
     tick: u64,
 }
@@ -769,6 +774,11 @@ fn short(msg: &ServerMsg) -> String {
         ServerMsg::Presence { room, .. } => format!("Presence({room})"),
         ServerMsg::Relay { room, .. } => format!("Relay({room})"),
         ServerMsg::RoomRefused { room, code, .. } => format!("RoomRefused({room} {code})"),
+        ServerMsg::Acked {
+            client_seq,
+            server_seq,
+            ..
+        } => format!("Acked(#{client_seq} as {server_seq})"),
     }
 }
 
@@ -967,6 +977,7 @@ impl World {
                 self.server_clock_jump();
                 Ok(())
             }
+            959..=961 => self.compact_log(),
             _ => self.device_read(d),
         }
     }
@@ -1173,12 +1184,20 @@ impl World {
                 .map_err(|e| format!("greet: {e}"))?;
             let refused = matches!(welcome, ServerMsg::Error { .. });
             let head = self.server.head();
-            let msgs = self
+            let acks = if refused {
+                Vec::new()
+            } else {
+                hearth_engine::server::missed_acks(self.server.connection(), &hello)
+                    .map_err(|e| format!("missed_acks: {e}"))?
+            };
+            let mut msgs = self
                 .links
                 .get_mut(&id)
                 .unwrap()
                 .conn
                 .on_welcome(welcome, head);
+            // The acks compaction took from the log go right after the Welcome.
+            msgs.splice(1..1, acks);
             for msg in &msgs {
                 self.send_down(id, msg);
             }
@@ -1304,6 +1323,11 @@ impl World {
                 let cursor = link.conn.cursor();
                 let entries = ServerCore::read_log(self.server.connection(), cursor, n)
                     .map_err(|e| format!("read_log: {e}"))?;
+                if entries.first().is_none_or(|e| e.server_seq > cursor + 1) {
+                    // Compaction passed this link: the server closes it.
+                    self.drop_link(id, false, "LOG_COMPACTED");
+                    return Ok(());
+                }
                 let link = self.links.get_mut(&id).unwrap();
                 if self.rng.gen_bool(0.25) {
                     link.conn.on_entries(&entries, head)
@@ -1462,6 +1486,7 @@ impl World {
                     client_id,
                     client_seq,
                     rejection,
+                    ..
                 } => {
                     self.trace(format!(
                         "server: duplicate {client_id}#{client_seq} (refused before: {})",
@@ -1495,6 +1520,43 @@ impl World {
             self.pump(id)?;
         }
         Ok(())
+    }
+
+    /// Log compaction: a random prefix of the log goes, whoever lags. A
+    /// device whose cursor it passes re-loads when it next connects; a link
+    /// that reads past the floor is closed (`LOG_COMPACTED`).
+    fn compact_log(&mut self) -> Result<(), String> {
+        let head = self.server.head();
+        let floor = hearth_engine::server::log_floor(self.server.connection())
+            .map_err(|e| format!("log_floor: {e}"))?;
+        if head <= floor {
+            return Ok(());
+        }
+        let n = self.rng.gen_range(1..=head - floor);
+        let gone = ServerCore::read_log(self.server.connection(), floor, n as usize)
+            .map_err(|e| format!("read_log: {e}"))?;
+        // Every entry is older than "now" at the end of time: position decides.
+        let done = self
+            .server
+            .compact(u64::MAX >> 16, n)
+            .map_err(|e| format!("compact: {e}"))?;
+        if done.entries != gone.len() as u64 || done.floor != floor + n {
+            return Err(format!(
+                "compacting {n} entries after {floor} removed {} and left the floor at {}",
+                done.entries, done.floor
+            ));
+        }
+        self.trace(format!("server: log compacted up to {}", done.floor));
+        self.stats.compactions += 1;
+        self.ledger.compacted.extend(gone);
+        Ok(())
+    }
+
+    /// The server's whole history: what compaction removed, then its log.
+    pub(crate) fn whole_log(&self) -> Result<Vec<LogEntry>, String> {
+        let mut log = self.ledger.compacted.clone();
+        log.extend(read_whole_log(self.server.connection())?);
+        Ok(log)
     }
 
     fn crash_server(&mut self) -> Result<(), String> {
@@ -2059,12 +2121,23 @@ impl World {
                 }
                 self.ledger.next_origin += 1;
                 self.ledger.tick += 1;
+                // A device re-loading after compaction has not seen what its
+                // loads have yet to bring, whatever its cursor says.
+                let reloading: i64 = self.devices[d]
+                    .client
+                    .connection()
+                    .query_row(
+                        "SELECT count(*) FROM _hearth_subscriptions WHERE stream LIKE '*%'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(sql_err("reloading"))?;
                 let made = Made {
                     device: d,
                     origin: self.ledger.next_origin,
                     epoch: self.devices[d].epoch,
                     lost: false,
-                    cursor,
+                    cursor: if reloading > 0 { 0 } else { cursor },
                     tick: self.ledger.tick,
                     mutation,
                     copies_allowed: 0,
@@ -3213,7 +3286,7 @@ fn subscriptions_hold_exactly(w: &World) -> Result<(), String> {
 }
 
 fn log_at_most_once(w: &World) -> Result<(), String> {
-    let log = read_whole_log(w.server.connection())?;
+    let log = w.whole_log()?;
     let mut seen = BTreeSet::new();
     let mut last_stamp: HashMap<u64, Hlc> = HashMap::new();
     let mut merged_max = Hlc(0);
@@ -3270,7 +3343,7 @@ fn log_at_most_once(w: &World) -> Result<(), String> {
 }
 
 fn log_index(w: &World) -> Result<HashMap<Key, u64>, String> {
-    Ok(read_whole_log(w.server.connection())?
+    Ok(w.whole_log()?
         .into_iter()
         .map(|e| ((e.client_id, e.client_seq), e.server_seq))
         .collect())
@@ -3330,7 +3403,7 @@ fn one_fate_each(w: &World) -> Result<(), String> {
 
 fn refused_leave_no_trace(w: &World) -> Result<(), String> {
     let index = log_index(w)?;
-    let log = read_whole_log(w.server.connection())?;
+    let log = w.whole_log()?;
     let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
     for entry in &log {
         let m = &w.ledger.received[&(entry.client_id, entry.client_seq)];
@@ -3392,7 +3465,7 @@ fn lww_follows_clocks(w: &World) -> Result<(), String> {
         columns: BTreeMap<String, ((Hlc, u64), Value)>,
     }
     let mut model: BTreeMap<(String, String), (Value, RowModel)> = BTreeMap::new();
-    for entry in read_whole_log(w.server.connection())? {
+    for entry in w.whole_log()? {
         let m = &w.ledger.received[&(entry.client_id, entry.client_seq)];
         // The stamp the server merged with (lowered when the device's clock
         // ran far ahead, kept in the device's order).
@@ -3542,7 +3615,7 @@ type CellWrites = BTreeMap<(usize, String), BTreeMap<String, Vec<(Writer, Value)
 
 /// The writer of each log entry (by position - 1), and the writes to cells.
 fn applied_writes(w: &World) -> Result<(Vec<Writer>, CellWrites), String> {
-    let log = read_whole_log(w.server.connection())?;
+    let log = w.whole_log()?;
     let mut writers = Vec::with_capacity(log.len());
     let mut cells: CellWrites = BTreeMap::new();
     let mut deleted: HashSet<(usize, String)> = HashSet::new();
@@ -3653,7 +3726,7 @@ fn later_write_wins(w: &World) -> Result<(), String> {
 /// Every log entry touching a row: position, client, merged stamp, effect.
 fn row_history(w: &World, t: usize, k: &str) -> Result<String, String> {
     let mut out = String::new();
-    for entry in read_whole_log(w.server.connection())? {
+    for entry in w.whole_log()? {
         for c in &entry.changes {
             if c.table == TABLES[t].0 && pk_key(&c.pk) == k {
                 let _ = write!(
@@ -3728,7 +3801,8 @@ fn sole_writer_reads_back(w: &World) -> Result<(), String> {
 /// leaves only the lost tail.
 fn refusals_explained(w: &World) -> Result<(), String> {
     let (writers, _) = applied_writes(w)?;
-    let log_tables: Vec<BTreeSet<String>> = read_whole_log(w.server.connection())?
+    let log_tables: Vec<BTreeSet<String>> = w
+        .whole_log()?
         .iter()
         .map(|e| {
             w.ledger.received[&(e.client_id, e.client_seq)]
@@ -3839,7 +3913,7 @@ fn trigger_counted_once(w: &World) -> Result<(), String> {
 /// nothing written after a restore is lost or applied twice, and no old
 /// entry is taken for it.
 fn writes_reach_server_once(w: &World) -> Result<(), String> {
-    let log = read_whole_log(w.server.connection())?;
+    let log = w.whole_log()?;
     let mut copies: HashMap<(usize, String), u32> = HashMap::new();
     for entry in &log {
         let key = (entry.client_id, entry.client_seq);

@@ -594,7 +594,7 @@ fn candidates(row: &[Value]) -> Result<Vec<Candidate>, String> {
 /// None for the hostile device's writes).
 fn log_with_effects(w: &World) -> Result<Vec<(LogEntry, Writer, Option<Effect>)>, String> {
     let (writers, _) = applied_writes(w)?;
-    let log = read_whole_log(w.server.connection())?;
+    let log = w.whole_log()?;
     Ok(log
         .into_iter()
         .zip(writers)

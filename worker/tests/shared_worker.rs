@@ -236,6 +236,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
     client
         .handle(
             ServerMsg::Welcome {
+                floor: 0,
                 server_seq: 0,
                 schema_version: DEMO_VERSION,
                 schema: Some(DEMO_SCHEMA.to_string()),
@@ -283,6 +284,7 @@ async fn engine_rows_and_outbox_survive_close_and_reopen() {
     let out = client
         .handle(
             ServerMsg::Welcome {
+                floor: 0,
                 server_seq: 0,
                 schema_version: DEMO_VERSION,
                 schema: None,

@@ -112,6 +112,8 @@ impl Client {
         Ok(self
             .load_subscriptions()?
             .into_iter()
+            // Whole tables re-loading after compaction are the engine's own.
+            .filter(|(sub, _)| crate::protocol::whole_table_of(&sub.stream).is_none())
             .map(|(sub, rows)| SubscriptionInfo {
                 id: sub.id,
                 loaded: sub.load == Load::Done,
@@ -327,6 +329,17 @@ impl Client {
             self.cursor = saved_cursor;
             return Err(e);
         }
+        if done {
+            if let Some(stream) = self.stream_of(id)? {
+                if crate::protocol::whole_table_of(&stream).is_some() {
+                    // A whole table is whole again: it syncs as before.
+                    self.conn.execute(
+                        "DELETE FROM _hearth_subscriptions WHERE id = ?1",
+                        [to_i64(id)],
+                    )?;
+                }
+            }
+        }
         if !tables.is_empty() {
             out.events
                 .push(Event::TablesChanged(tables.into_iter().collect()));
@@ -336,6 +349,85 @@ impl Client {
             rows: count,
             done,
         });
+        Ok(())
+    }
+
+    fn stream_of(&self, id: u64) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT stream FROM _hearth_subscriptions WHERE id = ?1")?
+            .query_row([to_i64(id)], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// The server's log no longer reaches this device's cursor: compaction
+    /// removed entries it never saw (`Welcome.floor` above its cursor). What
+    /// it holds of the server may be stale in ways no entry will tell, so
+    /// the confirmed state is emptied under the pending writes (undone, then
+    /// redone over it; locally, never captured), every subscription loads
+    /// again from its first row, every whole table
+    /// loads as a pseudo-subscription (`*TABLE`, hidden from
+    /// [`Client::subscriptions`]), and the cursor starts at the floor.
+    /// Pending writes stay and are sent as usual; the server answers those
+    /// it already applied with `Acked`. The link on the server does the same
+    /// on the same Welcome.
+    pub(super) fn reload_after_compaction(&mut self, floor: u64, out: &mut Output) -> Result<()> {
+        let Some(schema) = self.schema.clone() else {
+            return Ok(());
+        };
+        let mut tables = BTreeSet::new();
+        let saved_cursor = self.cursor;
+        // Under the pending writes (undone, then redone over what is left),
+        // the confirmed state becomes empty: the loads fill it again.
+        self.rebase(|c| {
+            let mut gone = Vec::new();
+            for (name, table) in &schema.tables {
+                let mut stmt = c.conn.prepare(&format!(
+                    "SELECT {} FROM main.{}",
+                    crate::schema::ident(table.pk_name()),
+                    crate::schema::ident(name)
+                ))?;
+                let keys = stmt
+                    .query_map([], |r| r.get::<_, Value>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                if !keys.is_empty() {
+                    tables.insert(name.clone());
+                }
+                // A delete, not an eviction: an eviction waits for the
+                // pending writes, which here are undone and redone around it.
+                gone.extend(keys.into_iter().map(|pk| RowChange {
+                    table: name.clone(),
+                    pk,
+                    op: RowOp::Delete,
+                }));
+            }
+            c.apply_changes(&gone, Some(0))?;
+            let restart = postcard::to_allocvec(&Load::After(None)).expect("encode load");
+            c.conn.execute(
+                "UPDATE _hearth_subscriptions SET load = ?1, rows = 0",
+                [&restart],
+            )?;
+            for sub in crate::protocol::whole_table_loads(&schema) {
+                c.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO _hearth_subscriptions (id, stream, params, load, rows)
+                         VALUES (?1, ?2, ?3, ?4, 0)",
+                    )?
+                    .execute(params![
+                        to_i64(sub.id),
+                        sub.stream,
+                        postcard::to_allocvec(&sub.params).expect("encode params"),
+                        &restart
+                    ])?;
+            }
+            c.cursor = floor;
+            Ok(())
+        })
+        .inspect_err(|_| self.cursor = saved_cursor)?;
+        if !tables.is_empty() {
+            out.events
+                .push(Event::TablesChanged(tables.into_iter().collect()));
+        }
         Ok(())
     }
 

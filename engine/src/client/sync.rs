@@ -153,6 +153,7 @@ impl Client {
         match msg {
             ServerMsg::Welcome {
                 server_seq,
+                floor,
                 schema_version,
                 schema,
                 frame_bytes_max,
@@ -207,6 +208,9 @@ impl Client {
                         ));
                     }
                     None => {}
+                }
+                if floor > self.cursor {
+                    self.reload_after_compaction(floor, &mut out)?;
                 }
                 self.session = Session::Ready {
                     sent_upto: 0,
@@ -264,6 +268,13 @@ impl Client {
                 reason,
             } => {
                 self.apply_rejection(client_seq, &code, &reason, &mut out)?;
+            }
+            ServerMsg::Acked {
+                client_seq,
+                server_seq,
+                digest,
+            } => {
+                self.apply_compacted_ack(client_seq, server_seq, digest, &mut out)?;
             }
             ServerMsg::Rows {
                 id,
@@ -682,9 +693,53 @@ impl Client {
         reason: &str,
         out: &mut Output,
     ) -> Result<()> {
+        if self.drop_pending(seq, out)? {
+            out.events.push(Event::Rejected {
+                seq,
+                code: code.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The server applied pending mutation `seq` as entry `server_seq`,
+    /// which compaction removed (`ServerMsg::Acked`): its effect is in the
+    /// rows this device re-loads, so it leaves the outbox with its optimistic
+    /// copy undone, as the entry itself would have replaced it.
+    pub(super) fn apply_compacted_ack(
+        &mut self,
+        seq: u64,
+        server_seq: u64,
+        digest: u64,
+        out: &mut Output,
+    ) -> Result<()> {
+        let pending = self.load_pending_subset(&[seq])?;
+        if pending
+            .first()
+            .is_some_and(|(_, m, _)| digest != 0 && m.digest() != digest)
+        {
+            // The server applied other content under this number: this
+            // device lost the end of its history (see `Rewind`). It takes a
+            // new client id once caught up, and its own write goes again
+            // under a new number.
+            self.rewind.suspected = true;
+            self.rewind.confirmed = true;
+            return Ok(());
+        }
+        if self.drop_pending(seq, out)? {
+            out.events.push(Event::Applied { seq, server_seq });
+        }
+        Ok(())
+    }
+
+    /// Takes pending mutation `seq` out: undone, the rest redone over the
+    /// confirmed state, its text cells rebuilt, its rows evicted if no
+    /// subscription holds them. False when it was no longer pending.
+    fn drop_pending(&mut self, seq: u64, out: &mut Output) -> Result<bool> {
         let rejected = self.load_pending_subset(&[seq])?;
         let Some((_, mutation, _)) = rejected.first() else {
-            return Ok(()); // Already handled before a reconnect.
+            return Ok(false); // Already handled before a reconnect.
         };
         let tables: BTreeSet<String> = mutation.changes.iter().map(|c| c.table.clone()).collect();
         // The device's text documents hold the refused edits: rebuild them
@@ -720,13 +775,8 @@ impl Client {
             Ok(())
         })?;
         self.evict_unheld(candidates, out)?;
-        out.events.push(Event::Rejected {
-            seq,
-            code: code.to_string(),
-            reason: reason.to_string(),
-        });
         out.events
             .push(Event::TablesChanged(tables.into_iter().collect()));
-        Ok(())
+        Ok(true)
     }
 }
