@@ -184,9 +184,10 @@ impl<C: Ord + Copy> Fanout<C> {
             None => Filed::Table(stream.table.clone()),
         };
         match &filed {
-            Filed::Keyed(stream, Some(key)) => {
-                bump(self.keyed.entry((stream.clone(), key.clone())).or_default(), c)
-            }
+            Filed::Keyed(stream, Some(key)) => bump(
+                self.keyed.entry((stream.clone(), key.clone())).or_default(),
+                c,
+            ),
             Filed::Keyed(_, None) => {}
             Filed::Table(table) => bump(self.by_table.entry(table.clone()).or_default(), c),
         }
@@ -199,7 +200,11 @@ impl<C: Ord + Copy> Fanout<C> {
 
     /// A subscription a connection dropped.
     pub fn unsubscribe(&mut self, c: C, id: u64) {
-        let Some(filed) = self.conns.get_mut(&c).and_then(|conn| conn.subs.remove(&id)) else {
+        let Some(filed) = self
+            .conns
+            .get_mut(&c)
+            .and_then(|conn| conn.subs.remove(&id))
+        else {
             return;
         };
         self.unfile(&c, &filed);
@@ -319,11 +324,7 @@ where = "done = 0 OR list_id IN :lists"
 
     /// An update of a todos row by device `client`: its list and score
     /// before (None: inserted) and after (None: deleted).
-    fn todo(
-        client: u64,
-        before: Option<(&str, f64)>,
-        after: Option<(&str, f64)>,
-    ) -> LogEntry {
+    fn todo(client: u64, before: Option<(&str, f64)>, after: Option<(&str, f64)>) -> LogEntry {
         let row = |r: Option<(&str, f64)>| {
             r.map(|(list, score)| {
                 vec![

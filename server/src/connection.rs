@@ -14,8 +14,8 @@
 //! `in_flight_bytes_max`: it stops reading until the store answers) and for
 //! all connections (`store_queue_bytes_max`, taken before a push is decoded).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
