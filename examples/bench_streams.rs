@@ -45,8 +45,9 @@
 //! - `bandwidth`: a raw connection subscribed to a 10,000-row stream; 1,000
 //!   one-column edits (`title` of rows spread over the stream), each pushed
 //!   once the previous one was delivered. `bandwidth.row_level_bytes_per_edit`
-//!   is the WebSocket payload bytes that connection received during the
-//!   edits, per edit. It is compared with (i) the same frames with each
+//!   is the bytes of the WebSocket messages that connection received during
+//!   the edits (payloads and frame headers; TCP/IP headers left out), per
+//!   edit. It is compared with (i) the same frames with each
 //!   change carrying its whole row (an inserting upsert with every column,
 //!   as a `Rows` chunk carries it) and (ii) re-sending the whole
 //!   subscription per edit (the `Rows` frames' bytes of its initial load).
@@ -215,6 +216,28 @@ fn subscription(id: u64, stream: &str, param: &str, value: &str) -> Subscription
         stream: stream.into(),
         params: BTreeMap::from([(param.to_string(), Param::One(text(value)))]),
         load: Load::After(None),
+    }
+}
+
+/// The bytes a server-to-device WebSocket message of `payload` bytes takes
+/// on the wire above TCP: the payload and its frame headers (unmasked; the
+/// server sends messages over 256 KiB as 256 KiB fragments).
+fn ws_bytes(payload: usize) -> usize {
+    const FRAGMENT: usize = 256 * 1024;
+    let header = |len: usize| match len {
+        0..=125 => 2,
+        126..=65_535 => 4,
+        _ => 10,
+    };
+    let mut total = payload;
+    let mut left = payload;
+    loop {
+        let piece = left.min(FRAGMENT);
+        total += header(piece);
+        left -= piece;
+        if left == 0 {
+            return total;
+        }
     }
 }
 
@@ -756,6 +779,87 @@ async fn private_phase(
     phase
 }
 
+/// This program's own CPU time so far (user + system), in ms.
+fn self_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(14), ticks(15)) {
+        (Some(u), Some(s)) => (u + s) * 1e3 / clock_ticks_per_s(),
+        _ => f64::NAN,
+    }
+}
+
+struct SharedPhase {
+    p99_ms: f64,
+    /// Deliveries a second, first push to last delivery.
+    rate: f64,
+    /// Cores used over the phase by the server and by this program (which
+    /// decodes every delivery on the same machine).
+    server_cpu: f64,
+    bench_cpu: f64,
+}
+
+/// Writes to the shared stream, `per_s` a second; every connection gets
+/// each.
+async fn shared_paced(
+    server: &Server,
+    writer: &mut Writer,
+    heard: &[Arc<Heard>],
+    delivered: &AtomicU64,
+    per_s: u64,
+    writes: u64,
+) -> SharedPhase {
+    let n = heard.len() as u64;
+    let before = delivered.load(Ordering::Relaxed);
+    let (server0, self0) = (server.cpu_ms(), self_cpu_ms());
+    let t = Instant::now();
+    let tag = format!("s-paced-{per_s}");
+    let seqs = paced(writer, writes, Duration::from_secs(1) / per_s as u32, |i| {
+        item(
+            format!("{tag}-{i:06}"),
+            "writer",
+            "shared",
+            format!("shared write {i}"),
+            0,
+        )
+    })
+    .await;
+    wait_deliveries(delivered, before + writes * n, Duration::from_secs(30)).await;
+    let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (server_cpu, bench_cpu) = (
+        (server.cpu_ms() - server0) / wall_ms,
+        (self_cpu_ms() - self0) / wall_ms,
+    );
+    let (lat, missing, last) = latencies(writer, heard, seqs);
+    let rate = lat.len() as f64 / (last.unwrap_or(t) - t).as_secs_f64();
+    if missing > 0 {
+        println!(
+            "  BUG: {missing} of {} paced shared deliveries never arrived",
+            writes * n
+        );
+    }
+    println!(
+        "  shared, paced at {per_s} writes/s: {} deliveries at {rate:.0}/s, p50 {:.1} ms, p99 {:.1} ms, \
+         max {:.1} ms; server used {server_cpu:.2} cores, this program {bench_cpu:.2}",
+        lat.len(),
+        percentile_ms(&lat, 0.5),
+        percentile_ms(&lat, 0.99),
+        percentile_ms(&lat, 1.0)
+    );
+    SharedPhase {
+        p99_ms: if missing > 0 {
+            f64::INFINITY
+        } else {
+            percentile_ms(&lat, 0.99)
+        },
+        rate,
+        server_cpu,
+        bench_cpu,
+    }
+}
+
 async fn fanout() -> Vec<Figure> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let server = Server::start();
@@ -783,6 +887,11 @@ async fn fanout() -> Vec<Figure> {
         t.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // The server's idle work with 1,000 connections (pings, timers).
+    let cpu0 = server.cpu_ms();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = (server.cpu_ms() - cpu0) / 2.0;
+    println!("  server CPU idle with 1,000 connections: {idle:.0} ms a second");
     let crowd = private_phase(
         &server,
         &mut writer,
@@ -792,45 +901,14 @@ async fn fanout() -> Vec<Figure> {
     )
     .await;
 
-    // Shared stream, paced: 100 writes a second for 3 s.
-    let n = CONNECTIONS as u64;
-    let writes = 300;
-    let before = delivered.load(Ordering::Relaxed);
-    let t = Instant::now();
-    let seqs = paced(&mut writer, writes, Duration::from_millis(10), |i| {
-        item(
-            format!("s-paced-{i:06}"),
-            "writer",
-            "shared",
-            format!("shared write {i}"),
-            0,
-        )
-    })
-    .await;
-    wait_deliveries(&delivered, before + writes * n, Duration::from_secs(30)).await;
-    let (lat, missing, last) = latencies(&writer, &heard, seqs);
-    let paced_rate = lat.len() as f64 / (last.unwrap_or(t) - t).as_secs_f64();
-    if missing > 0 {
-        println!(
-            "  BUG: {missing} of {} paced shared deliveries never arrived",
-            writes * n
-        );
-    }
-    println!(
-        "  shared, paced at 100 writes/s: {} deliveries at {paced_rate:.0}/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        lat.len(),
-        percentile_ms(&lat, 0.5),
-        percentile_ms(&lat, 0.99),
-        percentile_ms(&lat, 1.0)
-    );
-    let paced_p99 = if missing > 0 {
-        f64::INFINITY
-    } else {
-        percentile_ms(&lat, 0.99)
-    };
+    // Shared stream, paced: at 20 writes a second (20,000 deliveries a
+    // second offered), then at 100 (the target's 100,000).
+    let light = shared_paced(&server, &mut writer, &heard, &delivered, 20, 60).await;
+    let paced = shared_paced(&server, &mut writer, &heard, &delivered, 100, 300).await;
 
     // Shared stream, flood: as fast as acks allow, 256 in flight, 3,000
     // writes.
+    let n = CONNECTIONS as u64;
     let writes = 3_000u64;
     let window = 256;
     let before = delivered.load(Ordering::Relaxed);
@@ -875,16 +953,29 @@ async fn fanout() -> Vec<Figure> {
     vec![
         Figure::new(
             "fanout.shared_paced_p99",
-            paced_p99,
+            paced.p99_ms,
             "ms",
             Target::AtMost(50.0),
         ),
         Figure::new(
             "fanout.shared_paced_deliveries_per_s",
-            paced_rate,
+            paced.rate,
             "/s",
             Target::None,
         ),
+        Figure::new(
+            "fanout.shared_paced_server_cpu",
+            paced.server_cpu,
+            "cores",
+            Target::None,
+        ),
+        Figure::new(
+            "fanout.shared_paced_bench_cpu",
+            paced.bench_cpu,
+            "cores",
+            Target::None,
+        ),
+        Figure::new("fanout.shared_light_p99", light.p99_ms, "ms", Target::None),
         Figure::new(
             "fanout.shared_flood_deliveries_per_s",
             flood_rate,
@@ -964,7 +1055,7 @@ async fn bandwidth() -> Vec<Figure> {
                 rows: chunk, done, ..
             }) = decode_server(&b, FRAME_BYTES_MAX)
             {
-                load_bytes += b.len();
+                load_bytes += ws_bytes(b.len());
                 for r in chunk {
                     if let (RowOp::Upsert { columns, .. }, Value::Text(key)) = (r.op, r.pk) {
                         rows.insert(key, columns);
@@ -1007,7 +1098,7 @@ async fn bandwidth() -> Vec<Figure> {
         let got = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(Ok(msg)) = ws.next().await {
                 let Message::Binary(b) = msg else { continue };
-                wire_bytes += b.len();
+                wire_bytes += ws_bytes(b.len());
                 let Ok(ServerMsg::Changes {
                     mut entries,
                     cursor,
@@ -1043,13 +1134,15 @@ async fn bandwidth() -> Vec<Figure> {
                         };
                     }
                 }
-                whole_row_bytes += encode_server(&ServerMsg::Changes {
-                    entries,
-                    cursor,
-                    hlc,
-                    caught_up,
-                })
-                .len();
+                whole_row_bytes += ws_bytes(
+                    encode_server(&ServerMsg::Changes {
+                        entries,
+                        cursor,
+                        hlc,
+                        caught_up,
+                    })
+                    .len(),
+                );
                 if mine {
                     return true;
                 }
@@ -1069,7 +1162,7 @@ async fn bandwidth() -> Vec<Figure> {
     let whole_rows = whole_row_bytes as f64 / EDITS as f64;
     let whole_sub = load_bytes as f64;
     println!(
-        "  load: {} rows in {load_bytes} bytes of Rows frames; edits: {wire_bytes} bytes received for {EDITS} edits",
+        "  load: {} rows in {load_bytes} bytes of Rows messages; edits: {wire_bytes} bytes received for {EDITS} edits",
         rows.len()
     );
     vec![
@@ -1106,6 +1199,14 @@ async fn bandwidth() -> Vec<Figure> {
     ]
 }
 
+/// The machine's 1, 5 and 15-minute load averages and its core count.
+fn load_average() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let three: Vec<&str> = load.split_whitespace().take(3).collect();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{} on {cores} cores", three.join(" "))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let only = std::env::args().nth(1);
@@ -1126,6 +1227,8 @@ async fn main() {
             continue;
         }
         println!("scenario {name}: {label}");
+        // Latencies depend on what else the machine runs: say it.
+        println!("  load average before: {}", load_average());
         let t = Instant::now();
         let run = async {
             match name {
@@ -1143,7 +1246,11 @@ async fn main() {
                 Target::AtLeast(1.0),
             )],
         };
-        println!("  ({:.1} s)", t.elapsed().as_secs_f64());
+        println!(
+            "  ({:.1} s; load average after: {})",
+            t.elapsed().as_secs_f64(),
+            load_average()
+        );
         figures.extend(got);
     }
     println!();
