@@ -61,9 +61,11 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Ws, SyncError> {
         url: url.to_string(),
         reason,
     };
+    // A small read buffer: tungstenite zeroes it before every read.
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(FRAME_BYTES_MAX))
-        .max_frame_size(Some(FRAME_BYTES_MAX));
+        .max_frame_size(Some(FRAME_BYTES_MAX))
+        .read_buffer_size(hearth_server::READ_BUFFER_BYTES);
     match tokio::time::timeout(
         timeout,
         tokio_tungstenite::connect_async_with_config(url, Some(config), false),

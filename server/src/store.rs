@@ -284,14 +284,17 @@ impl Ring {
         self.head.send_replace(head);
         // Every connection hears of the head at least every CURSOR_LAG_MAX
         // entries, so that it can tell its device how far it got.
+        // The connections the entries concern first: a wake-up of every
+        // connection to tell cursors must not delay their deliveries.
+        for mailbox in wake.values() {
+            mailbox.notify.notify_one();
+        }
         let lag = hearth_engine::link::CURSOR_LAG_MAX;
         if everyone || head / lag != old / lag {
-            for mailbox in hub.mailboxes.values() {
-                mailbox.notify.notify_one();
-            }
-        } else {
-            for mailbox in wake.values() {
-                mailbox.notify.notify_one();
+            for (c, mailbox) in &hub.mailboxes {
+                if !wake.contains_key(c) {
+                    mailbox.notify.notify_one();
+                }
             }
         }
     }
