@@ -4,8 +4,8 @@
 //!
 //! [`Fanout`] keeps every connection's client id and subscriptions. For
 //! an entry, [`Fanout::concerned`] says [`Concerned::Everyone`] when it
-//! changes a table no stream names (such tables go whole to every device),
-//! and otherwise lists the connections that may get something of it: its
+//! changes a table no stream names (such tables go whole to every device)
+//! or changes nothing (it goes to every device as it is), and otherwise lists the connections that may get something of it: its
 //! author (who gets the acknowledgement), and every connection with a
 //! subscription that may hold one of the entry's row images before or after
 //! the change. A stream whose condition has an indexable key (`col = :p`,
@@ -235,10 +235,13 @@ impl<C: Ord + Copy> Fanout<C> {
 
     /// The connections an entry may concern (see the module doc).
     pub fn concerned(&self, entry: &LogEntry) -> Concerned<C> {
-        if entry
-            .changes
-            .iter()
-            .any(|ch| !self.schema.streamed(&ch.table))
+        // An entry with no changes (an empty mutation) goes to every device
+        // as it is, like one to a whole table (see `Link::route`).
+        if entry.changes.is_empty()
+            || entry
+                .changes
+                .iter()
+                .any(|ch| !self.schema.streamed(&ch.table))
         {
             return Concerned::Everyone;
         }
@@ -430,6 +433,11 @@ where = "done = 0 OR list_id IN :lists"
         tag.changes[0].table = "tags".into();
         tag.images.clear();
         assert_eq!(f.concerned(&tag), Concerned::Everyone);
+        // So does an entry that changes nothing, which every device gets.
+        let mut empty = todo(12, None, None);
+        empty.changes.clear();
+        empty.images.clear();
+        assert_eq!(f.concerned(&empty), Concerned::Everyone);
         // Subscribing again under the same id replaces, and one unsubscribe
         // removes it.
         f.subscribe(1, &sub(7, "by_list", "list", Value::Text("q".into())));

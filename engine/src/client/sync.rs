@@ -662,6 +662,15 @@ impl Client {
                 }
             }
         }
+        // The server says these rows are (still) this device's: an eviction
+        // deferred for them is void, as when the entries apply in full.
+        for entry in fresh {
+            for change in &entry.changes {
+                if change.op != RowOp::Evict {
+                    self.forget_deferred(&change.table, &change.pk)?;
+                }
+            }
+        }
         // A row this device wrote outside its subscriptions (or whose
         // subscription it dropped while the write was pending) goes once
         // no pending write holds it.
