@@ -451,9 +451,20 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                 return Ok(code);
             }
             let params = stream_params(&device, &stream, &params_json)?;
-            let (id, _) = device
-                .subscribe(&stream, params)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+            let (id, _) = match device.subscribe(&stream, params) {
+                Ok(taken) => taken,
+                // Past the bound: refused as the server would refuse it,
+                // and nothing already held changes.
+                Err(e @ hearth_engine::ClientError::TooManySubscriptions { .. }) => {
+                    eprintln!("hearth: {}: {e}", e.code());
+                    println!(
+                        "{}",
+                        serde_json::json!({"subscription": null, "stream": stream, "status": "refused", "code": e.code(), "reason": e.to_string()})
+                    );
+                    return Ok(ExitCode::from(EXIT_REJECTED));
+                }
+                Err(e) => return Err(anyhow::anyhow!("{}: {e}", e.code())),
+            };
             let result = native_client::sync_once(&mut device, &url, Goal::Synced, timeout).await;
             let info = device.subscriptions()?.into_iter().find(|s| s.id == id);
             let refused = result.as_ref().ok().and_then(|events| {

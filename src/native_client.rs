@@ -132,7 +132,7 @@ fn reached(client: &Client, goal: Goal, events: &[Event]) -> Result<bool, Client
         Goal::Synced => {
             status.caught_up
                 && status.pending == 0
-                && client.subscriptions()?.iter().all(|s| s.loaded)
+                && client.loads_done()?
         }
         Goal::Resolved(seq) => {
             events.iter().any(|e| {

@@ -876,6 +876,8 @@ fn a_device_older_than_the_retained_log_reloads_and_keeps_its_pending_writes() {
     let server = Served::start_with(dir.path(), SCHEMA, &["--log-retention", "1s"]);
     let a = Device::new(dir.path(), "a", &server.url);
     let b = Device::new(dir.path(), "b", &server.url);
+    // E only reads: no pending write keeps its sync open after the catch-up.
+    let e = Device::new(dir.path(), "e", &server.url);
     a.sync();
     subscribe_ok(&a, "list_todos", &list("a"));
     b.sync();
@@ -891,7 +893,9 @@ fn a_device_older_than_the_retained_log_reloads_and_keeps_its_pending_writes() {
         "INSERT INTO tags (id, name) VALUES ('g1', 'red'), ('g2', 'blue')",
     );
     a.sync();
+    e.sync();
     assert_eq!(ids(&device_todos(&a)), ["t1", "t2", "t3"]);
+    assert_eq!(e.query("SELECT id FROM tags ORDER BY id").len(), 2);
 
     // A goes offline and writes; meanwhile B deletes, moves, edits, adds.
     a.exec_offline("UPDATE todos SET title = 'oat milk' WHERE id = 't1'");
@@ -947,6 +951,19 @@ fn a_device_older_than_the_retained_log_reloads_and_keeps_its_pending_writes() {
         a.query("SELECT id FROM tags ORDER BY id"),
         [json!({"id": "g1"}), json!({"id": "g3"})]
     );
+    // A device with nothing pending re-loads in one sync as well, and one
+    // that never synced gets the whole tables from the store.
+    e.sync();
+    assert_eq!(
+        e.query("SELECT id, name FROM tags ORDER BY id"),
+        server.query("SELECT id, name FROM tags ORDER BY id")
+    );
+    let fresh = Device::new(dir.path(), "fresh", &server.url);
+    fresh.sync();
+    assert_eq!(
+        fresh.query("SELECT id, name FROM tags ORDER BY id"),
+        server.query("SELECT id, name FROM tags ORDER BY id")
+    );
     // A's subscriptions are as it made them (the re-load is the engine's own).
     let subs = a.subscriptions();
     assert_eq!(subs.len(), 1, "{subs:?}");
@@ -965,4 +982,47 @@ fn a_device_older_than_the_retained_log_reloads_and_keeps_its_pending_writes() {
         c.query("SELECT id, name FROM tags ORDER BY id"),
         server.query("SELECT id, name FROM tags ORDER BY id")
     );
+}
+
+/// (7) A device holds at most 256 subscriptions: the 257th is refused on
+/// the device itself (`TOO_MANY_SUBSCRIPTIONS`, CLI exit 3), and the ones it
+/// holds, with their rows, are untouched.
+#[test]
+fn the_257th_subscription_is_refused_and_the_others_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Served::start(dir.path(), SCHEMA);
+    let a = Device::new(dir.path(), "a", &server.url);
+    exec_ok(
+        &a,
+        "INSERT INTO todos (id, list_id, title) VALUES ('t1', 'l0', 'first'), ('t2', 'l255', 'last')",
+    );
+    {
+        let mut device = common::device(dir.path(), "a");
+        for i in 0..256 {
+            device
+                .subscribe(
+                    "list_todos",
+                    [("list".to_string(), Param::One(Value::Text(format!("l{i}"))))].into(),
+                )
+                .unwrap();
+        }
+        let err = device
+            .subscribe(
+                "list_todos",
+                [("list".to_string(), Param::One(Value::Text("l256".into())))].into(),
+            )
+            .unwrap_err();
+        assert_eq!(err.code(), "TOO_MANY_SUBSCRIPTIONS", "{err}");
+    }
+    a.sync();
+    let out = a.subscribe("list_todos", &list("one-more"));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(stderr(&out).contains("TOO_MANY_SUBSCRIPTIONS"), "{out:?}");
+    assert_eq!(json_line(&out)["status"], "refused", "{out:?}");
+    let subs = a.subscriptions();
+    assert_eq!(subs.len(), 256);
+    assert!(subs.iter().all(|s| s["loaded"] == true), "{subs:?}");
+    assert_eq!(ids(&device_todos(&a)), ["t1", "t2"]);
+    // Re-subscribing to one it holds is no new subscription.
+    subscribe_ok(&a, "list_todos", &list("l7"));
 }

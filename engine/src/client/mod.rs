@@ -72,6 +72,9 @@ pub enum ClientError {
     /// (an unknown conflict, a column of another policy, an edit past the end).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The device already holds `max` subscriptions (`subscriptions_max`).
+    #[error("this device already holds {max} subscriptions, the most it may hold: unsubscribe from one first")]
+    TooManySubscriptions { max: usize },
 }
 
 impl ClientError {
@@ -86,6 +89,7 @@ impl ClientError {
             ClientError::Protocol(_) => "PROTOCOL",
             ClientError::Server { .. } => "SERVER",
             ClientError::InvalidArgument(_) => "INVALID_ARGUMENT",
+            ClientError::TooManySubscriptions { .. } => "TOO_MANY_SUBSCRIPTIONS",
         }
     }
 }
@@ -102,6 +106,9 @@ pub struct ClientConfig {
     pub in_flight_max: usize,
     /// Largest push frame built.
     pub push_bytes_max: usize,
+    /// Most subscriptions the device holds (the server's default bound,
+    /// so a device never asks for one the server would refuse for count).
+    pub subscriptions_max: usize,
 }
 
 impl Default for ClientConfig {
@@ -111,6 +118,7 @@ impl Default for ClientConfig {
             mutation_bytes_max: 16 * 1024 * 1024,
             in_flight_max: 2_000,
             push_bytes_max: 1024 * 1024,
+            subscriptions_max: 256,
         }
     }
 }

@@ -124,6 +124,16 @@ impl Client {
             .collect())
     }
 
+    /// Whether every load is complete: the subscriptions' initial loads and
+    /// the whole tables re-loading after compaction (which
+    /// [`Client::subscriptions`] does not list).
+    pub fn loads_done(&self) -> Result<bool> {
+        Ok(self
+            .load_subscriptions()?
+            .iter()
+            .all(|(sub, _)| sub.load == Load::Done))
+    }
+
     pub(super) fn load_subscriptions(&self) -> Result<Vec<(Subscription, u64)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, stream, params, load, rows FROM _hearth_subscriptions ORDER BY id",
@@ -185,6 +195,16 @@ impl Client {
         )?;
         if known {
             return Ok((id, out));
+        }
+        let held: i64 = self.conn.query_row(
+            "SELECT count(*) FROM _hearth_subscriptions WHERE stream NOT LIKE '*%'",
+            [],
+            |r| r.get(0),
+        )?;
+        if held as usize >= self.config.subscriptions_max {
+            return Err(ClientError::TooManySubscriptions {
+                max: self.config.subscriptions_max,
+            });
         }
         let sub = Subscription {
             id,
