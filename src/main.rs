@@ -200,20 +200,22 @@ fn parse_params(params: Option<&str>) -> anyhow::Result<Vec<Value>> {
     let Some(text) = params else {
         return Ok(Vec::new());
     };
-    let json: serde_json::Value =
-        serde_json::from_str(text).context("PARAMS_JSON is not valid JSON")?;
+    let json: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| invalid(format!("PARAMS_JSON is not valid JSON ({e})")))?;
     match json {
         serde_json::Value::Array(items) => items
             .iter()
             .enumerate()
-            .map(|(i, item)| Value::from_json(item).with_context(|| format!("parameter {}", i + 1)))
+            .map(|(i, item)| {
+                Value::from_json(item).map_err(|e| invalid(format!("parameter {}: {e}", i + 1)))
+            })
             .collect(),
-        _ => anyhow::bail!("PARAMS_JSON must be a JSON array, e.g. '[\"a\", 1]'"),
+        _ => Err(invalid(
+            "PARAMS_JSON must be a JSON array, e.g. '[\"a\", 1]'".into(),
+        )),
     }
 }
 
-/// A write's arguments that cannot be used: reported like the engine's own
-/// `INVALID_ARGUMENT`, before anything is written.
 /// A stream's parameters from the command line's JSON, checked against the
 /// stream's declaration in the device's schema.
 fn stream_params(
@@ -243,6 +245,8 @@ fn stream_params(
         .map_err(|e| invalid(format!("stream '{stream}': {e}")))
 }
 
+/// A command's arguments that cannot be used: reported like the engine's
+/// own `INVALID_ARGUMENT`, before anything is written.
 fn invalid(message: String) -> anyhow::Error {
     anyhow::anyhow!("INVALID_ARGUMENT: {message}")
 }

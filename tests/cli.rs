@@ -216,12 +216,26 @@ async fn json_parameters_are_stored_exactly_or_refused() {
         insert,
         r#"["u1", "e1", 18446744073709551615]"#,
     ]);
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("parameter 3") && err.contains("18446744073709551615"),
+        err.contains("INVALID_ARGUMENT")
+            && err.contains("parameter 3")
+            && err.contains("18446744073709551615"),
         "{err}"
     );
+    // Parameters that are not JSON, or not an array: the same code.
+    for params in ["not json", r#"{"a": 1}"#] {
+        let out = hearth(&[
+            "client", "--db", a, "--server", &url, "exec", insert, params,
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{params}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("INVALID_ARGUMENT") && err.contains("PARAMS_JSON"),
+            "{params}: {err}"
+        );
+    }
     // TEXT that is not UTF-8 fails on the device, with its code.
     let out = hearth(&[
         "client",
