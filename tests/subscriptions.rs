@@ -1026,3 +1026,37 @@ fn the_257th_subscription_is_refused_and_the_others_stay() {
     // Re-subscribing to one it holds is no new subscription.
     subscribe_ok(&a, "list_todos", &list("l7"));
 }
+
+/// (8) A schema change that removes a stream: a device subscribed to it
+/// drops the subscription (the server refuses it, `BAD_SUBSCRIPTION`) and
+/// the rows only that stream held leave it, locally.
+#[test]
+fn a_stream_removed_from_the_schema_takes_its_rows_off_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Served::start(dir.path(), SCHEMA);
+    let a = Device::new(dir.path(), "a", &server.url);
+    let w = Device::new(dir.path(), "w", &server.url);
+    exec_ok(
+        &w,
+        "INSERT INTO todos (id, list_id, title) VALUES ('t1', 'a', 'in a'), ('t2', 'b', 'only by id')",
+    );
+    a.sync();
+    subscribe_ok(&a, "list_todos", &list("a"));
+    subscribe_ok(&a, "todo_by_id", r#"{"ids": ["t2"]}"#);
+    assert_eq!(ids(&device_todos(&a)), ["t1", "t2"]);
+    drop(server);
+
+    let v2 = SCHEMA.replacen("version = 1", "version = 2", 1).replace(
+        "[streams.todo_by_id]\ntable = \"todos\"\nwhere = \"id IN :ids\"\n",
+        "",
+    );
+    assert!(!v2.contains("todo_by_id"), "{v2}");
+    let server = Served::start(dir.path(), &v2);
+    let a = Device::new(dir.path(), "a", &server.url);
+    a.sync();
+    let subs = a.subscriptions();
+    assert_eq!(subs.len(), 1, "{subs:?}");
+    assert_eq!(subs[0]["stream"], "list_todos");
+    assert_eq!(ids(&device_todos(&a)), ["t1"]);
+    assert_eq!(server.query("SELECT count(*) AS n FROM todos")[0]["n"], 2);
+}

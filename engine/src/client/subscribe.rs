@@ -288,8 +288,21 @@ impl Client {
                 .and_then(|s| s.streams.get(stream))
                 .map(|s| s.table.clone())
         });
-        if let Some(table) = table {
-            self.evict_table(&table, out)?;
+        match table {
+            Some(table) => self.evict_table(&table, out)?,
+            // The stream is gone from the schema (a schema change): its
+            // table is unknown here, so every streamed table drops the rows
+            // no remaining subscription holds.
+            None => {
+                let streamed: Vec<String> = self
+                    .schema
+                    .as_ref()
+                    .map(|s| s.tables.keys().filter(|t| s.streamed(t)).cloned().collect())
+                    .unwrap_or_default();
+                for table in streamed {
+                    self.evict_table(&table, out)?;
+                }
+            }
         }
         out.events
             .push(Event::SubscriptionRefused { id, code, reason });
