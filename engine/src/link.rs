@@ -243,7 +243,7 @@ impl Link {
 
     /// Whether a whole table's re-load is under way (its entries are then
     /// filtered by the keys loaded so far).
-    fn reloading(&self) -> bool {
+    pub fn reloading(&self) -> bool {
         self.subs
             .values()
             .any(|s| whole_table_of(&s.sub.stream).is_some() && s.sub.load != Load::Done)
@@ -346,10 +346,14 @@ impl Link {
             })
         };
         if let Some(table) = whole_table_of(&sub.stream) {
-            // A device re-loading a whole table after compaction.
+            // A device re-loading a whole table after compaction: one per
+            // table, under the number every device gives it, so they are
+            // bounded by the schema's tables.
+            let expected = crate::client::subscription_id(&sub.stream, &BTreeMap::new());
             if self.schema.table(table).is_none()
                 || self.schema.streamed(table)
                 || !sub.params.is_empty()
+                || sub.id != expected
             {
                 return refuse(
                     BAD_SUBSCRIPTION,
@@ -470,6 +474,12 @@ impl Link {
             last: chunk.last,
             done: chunk.done,
         }
+    }
+
+    /// The log position of a chunk read ahead and waiting for the cursor,
+    /// if any (the driver must learn of the entries up to it).
+    pub fn due_at(&self) -> Option<u64> {
+        self.due.as_ref().map(|c| c.as_of)
     }
 
     /// Whether entries after the cursor may go out now, with the log at

@@ -161,6 +161,10 @@ CREATE TABLE IF NOT EXISTS _hearth_clients (
   last_seq  INTEGER NOT NULL,
   last_hlc  INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS _hearth_log_times (
+  seq INTEGER PRIMARY KEY,
+  ms  INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS _hearth_compacted (
   client_id  INTEGER NOT NULL,
   client_seq INTEGER NOT NULL,
@@ -522,28 +526,27 @@ impl ServerCore {
     }
 
     /// Log compaction: removes, oldest first and at most `max_entries` of
-    /// them, the log entries merged before `before_ms` (wall-clock ms of
-    /// their HLC stamp). The store's tables already hold their effect; what
+    /// them, the log entries merged before `before_ms` (the server's wall
+    /// clock, in ms, when it committed their batch, as given by
+    /// [`ServerCore::set_now_ms`]; entries of a batch merged without a clock
+    /// go with the next batch that had one). The store's tables already hold their effect; what
     /// is kept of each is its mutation's digest and position
     /// (`_hearth_compacted`, about 30 bytes), so a device re-sending it is
     /// still answered exactly once (`ServerMsg::Acked`). Entries go as a
-    /// prefix of the log: the first one merged at or after `before_ms`
+    /// prefix of the log: the first batch merged at or after `before_ms`
     /// stops it. A device whose cursor falls below the new floor re-loads
     /// its subscriptions and whole tables from the store (see
     /// `ServerMsg::Welcome::floor`). One transaction.
     pub fn compact(&mut self, before_ms: u64, max_entries: u64) -> Result<Compacted> {
         let floor = log_floor(&self.conn)?;
-        // Stamps are stored as SQLite integers: below 2^63.
-        let cutoff = to_i64(Hlc::new(before_ms.min(i64::MAX as u64 >> 16), 0).0);
-        let stop: Option<i64> = self.conn.query_row(
-            "SELECT min(seq) FROM _hearth_log WHERE hlc >= ?1",
-            [cutoff],
+        // The last batch the server merged before the cutoff (by its own
+        // clock, recorded per batch): everything up to it may go.
+        let last: Option<i64> = self.conn.query_row(
+            "SELECT max(seq) FROM _hearth_log_times WHERE ms < ?1",
+            [to_i64(before_ms.min(i64::MAX as u64))],
             |r| r.get(0),
         )?;
-        let last = match stop {
-            Some(seq) => (seq as u64).saturating_sub(1),
-            None => self.head,
-        };
+        let last = last.map_or(floor, |seq| seq as u64);
         let upto = last.min(floor.saturating_add(max_entries));
         if upto <= floor {
             return Ok(Compacted { entries: 0, floor });
@@ -563,6 +566,10 @@ impl ServerCore {
             let n = self
                 .conn
                 .execute("DELETE FROM _hearth_log WHERE seq <= ?1", [to_i64(upto)])?;
+            self.conn.execute(
+                "DELETE FROM _hearth_log_times WHERE seq < ?1",
+                [to_i64(upto)],
+            )?;
             let floor_hlc = meta_i64(&self.conn, "log_floor_hlc")?.max(gone_hlc);
             self.conn.execute(
                 "INSERT INTO _hearth_meta (key, value) VALUES ('log_floor', ?1), ('log_floor_hlc', ?2)
@@ -611,7 +618,20 @@ impl ServerCore {
         let saved_max_hlc = self.max_hlc;
         let saved_seqs = self.last_seqs.clone();
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = self.apply_batch_in_transaction(batch);
+        let result = self.apply_batch_in_transaction(batch).and_then(|outcomes| {
+            // When this batch's entries were merged, by the server's clock:
+            // what compaction goes by (a device's stamps can be far older).
+            if self.head > saved_head {
+                if let Some(now) = self.now_ms {
+                    self.conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO _hearth_log_times (seq, ms) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![to_i64(self.head), to_i64(now)])?;
+                }
+            }
+            Ok(outcomes)
+        });
         let committed = match result {
             Ok(outcomes) => self
                 .conn
@@ -1889,13 +1909,15 @@ pub fn greet(
 /// still holds one pending learns its fate before it decides anything from
 /// the log (a re-send, or a rewind that would renumber it and apply it
 /// twice); one that does not ignores it. Empty when the cursor is at or
-/// above the floor.
+/// above the floor. At most 10,000 (the oldest): a device holding more
+/// pending writes than that hears of the rest when it sends them again.
 pub fn missed_acks(conn: &Connection, hello: &Hello) -> Result<Vec<ServerMsg>> {
     if hello.cursor >= log_floor(conn)? {
         return Ok(Vec::new());
     }
     let mut stmt = conn.prepare_cached(
-        "SELECT client_seq, seq, digest FROM _hearth_compacted WHERE client_id = ?1 AND seq > ?2 ORDER BY client_seq",
+        "SELECT client_seq, seq, digest FROM _hearth_compacted WHERE client_id = ?1 AND seq > ?2
+         ORDER BY client_seq LIMIT 10000",
     )?;
     let acks = stmt
         .query_map(

@@ -352,6 +352,10 @@ struct Conn {
     rooms: Option<RoomLink>,
 }
 
+/// Most flagged ranges a connection keeps; past it, it filters every entry
+/// up to the last one itself.
+const FLAGS_MAX: usize = 4_096;
+
 /// A catch-up read in progress: the entries after the link's cursor, with
 /// the catch-up budget they hold.
 type CatchUpRead = JoinHandle<Result<(Vec<LogEntry>, OwnedSemaphorePermit), String>>;
@@ -469,16 +473,22 @@ impl Conn {
         let max_hlc = ring.max_hlc();
         let answer = tokio::task::spawn_blocking(move || {
             let conn = reader.lock().expect("reader lock");
-            let welcome = hearth_engine::server::greet(
-                &conn,
-                &schema,
-                known_head,
-                max_hlc,
-                &hello,
-                frame_bytes_max,
-            )?;
-            let acks = hearth_engine::server::missed_acks(&conn, &hello)?;
-            Ok::<_, hearth_engine::ServerError>((welcome, acks))
+            // One read transaction: the Welcome's floor and the acks agree.
+            conn.execute_batch("BEGIN")?;
+            let answer = (|| {
+                let welcome = hearth_engine::server::greet(
+                    &conn,
+                    &schema,
+                    known_head,
+                    max_hlc,
+                    &hello,
+                    frame_bytes_max,
+                )?;
+                let acks = hearth_engine::server::missed_acks(&conn, &hello)?;
+                Ok::<_, hearth_engine::ServerError>((welcome, acks))
+            })();
+            conn.execute_batch("COMMIT")?;
+            answer
         })
         .await
         .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
@@ -522,6 +532,14 @@ impl Conn {
                     loading = Some(self.read_load(read));
                 }
             }
+            // A chunk read at a position the published head has not reached
+            // yet (the store commits, then publishes): the head is looked at
+            // again until it has, since no publish may concern this device.
+            let due_ahead = self.link.due_at().is_some_and(|at| at > known_head);
+            if due_ahead {
+                known_head = known_head.max(ring.head());
+            }
+            let due_ahead = self.link.due_at().is_some_and(|at| at > known_head);
             let want_changes = self.link.wants_entries(known_head) && catch_up.is_none();
             let room = queue.bytes() < send_max;
             let idle_deadline = self.last_rx + peer_timeout;
@@ -578,6 +596,11 @@ impl Conn {
                     let taken = mailbox.take();
                     flags.extend(taken.ranges);
                     full_until = full_until.max(taken.full_until);
+                    if flags.len() > FLAGS_MAX {
+                        // Far behind: filter everything up to the last flag.
+                        full_until = full_until.max(flags.back().map_or(0, |r| r.1));
+                        flags.clear();
+                    }
                 }
                 _ = queue.wait(|q| q.bytes() < send_max && q.reply_bytes() < send_max),
                     if (want_changes && !room) || reply_full => {}
@@ -595,6 +618,11 @@ impl Conn {
                         continue;
                     }
                     match ring.find(next) {
+                        // A device re-loading whole tables filters their
+                        // entries by the keys loaded: never a shared frame.
+                        Some(chunk) if chunk.entries.is_none() && self.link.reloading() => {
+                            catch_up = Some(self.read_log());
+                        }
                         Some(chunk) => match &chunk.entries {
                             Some(entries) if !self.link.passes_whole(entries) => {
                                 for msg in self.link.on_entries(entries, known_head) {
@@ -618,7 +646,14 @@ impl Conn {
                         .map_err(|e| fatal("STORE", e, CloseReason::StoreError))?;
                     let floor = self.state.metrics.log_floor.load(Ordering::Relaxed);
                     let next = self.link.cursor() + 1;
-                    if floor >= next && entries.first().is_none_or(|e| e.server_seq > next) {
+                    // Log positions are contiguous: a first entry past `next`
+                    // (or none, below the floor) is a compaction gap, whatever
+                    // the floor metric says yet.
+                    let gap = match entries.first() {
+                        Some(e) => e.server_seq > next,
+                        None => floor >= next,
+                    };
+                    if gap {
                         // This connection fell behind its ring and the log was
                         // compacted past it: the device re-loads on reconnect.
                         return Err(fatal(
@@ -652,6 +687,7 @@ impl Conn {
                         self.queue_msg(&msg, false);
                     }
                 }
+                _ = tokio::time::sleep(Duration::from_millis(2)), if due_ahead => {}
                 _ = tokio::time::sleep_until(idle_deadline), if can_read => {
                     return Ok(CloseReason::PeerTimeout);
                 }

@@ -579,6 +579,8 @@ impl Store {
                 Ok(done) => {
                     removed += done.entries;
                     floor = done.floor;
+                    // At once, for connections reading the log behind it.
+                    self.metrics.log_floor.store(floor, Ordering::Relaxed);
                     if done.entries < COMPACT_BATCH {
                         break;
                     }
@@ -590,7 +592,6 @@ impl Store {
                 }
             }
         }
-        self.metrics.log_floor.store(floor, Ordering::Relaxed);
         if removed > 0 {
             Metrics::add(&self.metrics.log_compacted, removed);
             eprintln!(

@@ -239,6 +239,10 @@ struct Rewind {
     confirmed: bool,
     /// The last number the server processed from this client id.
     server_last_seq: u64,
+    /// The first number found holding another mutation on the server: where
+    /// this device's lost history began, so its writes from there on had
+    /// seen none of the server's writes under the old id at or past it.
+    first_reused: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -174,6 +174,7 @@ impl Client {
                     suspected: first_unacked <= last_seq,
                     confirmed: false,
                     server_last_seq: last_seq,
+                    first_reused: None,
                 };
                 if self.session != Session::AwaitingWelcome {
                     return Err(ClientError::Protocol(
@@ -354,7 +355,16 @@ impl Client {
         // device's own write (it lost only the end of its history), so the
         // renumbered mutations, made after them, had seen them.
         let old_id = self.client_id;
-        let seen_upto = pending.first().map_or(0, |(seq, _, _)| seq - 1);
+        let first_pending = pending.first().map_or(1, |(seq, _, _)| *seq);
+        // A renumbered mutation had seen this device's own earlier writes:
+        // every number below its own, or, when the device knows where its
+        // lost history began (a number the server holds other content
+        // under), below that. Without it, below the first still pending.
+        let first_reused = self.rewind.first_reused;
+        let seen_upto = |seq: u64| match first_reused {
+            Some(reused) => seq.min(reused) - 1,
+            None => first_pending - 1,
+        };
         let renumbered: Vec<(u64, u64)> = pending
             .iter()
             .enumerate()
@@ -365,10 +375,11 @@ impl Client {
             let mut insert = c.conn.prepare_cached(
                 "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo, format) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
-            for (i, (_, mut mutation, undo)) in pending.into_iter().enumerate() {
+            for (i, (old_seq, mut mutation, undo)) in pending.into_iter().enumerate() {
                 mutation.seq = i as u64 + 1;
-                if seen_upto > 0 {
-                    mutation.also_seen.push((old_id, seen_upto));
+                let seen = seen_upto(old_seq);
+                if seen > 0 {
+                    mutation.also_seen.push((old_id, seen));
                 }
                 insert.execute(params![
                     to_i64(mutation.seq),
@@ -421,6 +432,7 @@ impl Client {
         // The entry is applied as another device's, and the device takes a
         // new identity so its own write is not taken for done.
         let mut impostor = false;
+        let mut first_reused = self.rewind.first_reused;
         acked.retain(|(seq, mutation, _)| {
             let entry = fresh
                 .iter()
@@ -439,9 +451,13 @@ impl Client {
                     .iter()
                     .all(|c| written.contains(&row_key(&c.table, &c.pk)))
             };
-            impostor |= !matches;
+            if !matches {
+                impostor = true;
+                first_reused = Some(first_reused.map_or(*seq, |r| r.min(*seq)));
+            }
             matches
         });
+        self.rewind.first_reused = first_reused;
         if !impostor && self.acked_as_sent(&fresh, &acked)? {
             return self.confirm_as_sent(&fresh, &acked, out);
         }
@@ -734,6 +750,7 @@ impl Client {
             // under a new number.
             self.rewind.suspected = true;
             self.rewind.confirmed = true;
+            self.rewind.first_reused = Some(self.rewind.first_reused.map_or(seq, |r| r.min(seq)));
             return Ok(());
         }
         if self.drop_pending(seq, out)? {
