@@ -8,7 +8,6 @@
 //! whose name contains it (e.g. `flood`). Prints each figure beside its target
 //! and writes target/bench/load.json. Every scenario is bounded in time.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::SplitSink;
@@ -31,57 +30,13 @@ merge = "lww"
 const MIB: usize = 1024 * 1024;
 const RSS_TARGET_MIB: f64 = 512.0;
 
-/// A `hearth serve` child process.
-struct Server {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
+#[path = "support/served.rs"]
+mod served;
+use served::Served as Server;
 
 impl Server {
     fn start() -> Server {
-        // HEARTH_BIN compares another build (say, an older commit's).
-        let exe = std::env::current_exe().unwrap();
-        let bin = std::env::var_os("HEARTH_BIN")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                exe.parent()
-                    .and_then(|p| p.parent())
-                    .map(|p| p.join("hearth"))
-            })
-            .filter(|p| p.exists())
-            .expect("target/release/hearth is missing: run `cargo build --release` first");
-        let dir = tempfile::tempdir().unwrap();
-        let schema = dir.path().join("schema.toml");
-        std::fs::write(&schema, SCHEMA).unwrap();
-        let mut child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--schema"])
-            .arg(&schema)
-            .arg("--data")
-            .arg(dir.path().join("data"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        let stdout = child.stdout.take().unwrap();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-        // "hearth: serving http://ADDR (sync at ws://ADDR/sync)"
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .to_string();
-        Server {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/sync", self.addr)
+        Server::start_with(SCHEMA)
     }
 
     /// The server process's peak resident set, in MiB.
@@ -102,13 +57,6 @@ impl Server {
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

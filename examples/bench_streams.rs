@@ -67,7 +67,7 @@
 //!   (target ≥ 10); `bandwidth.whole_rows_over_row_level` has no target.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,56 +110,13 @@ where = "room = :r"
 /// Every scenario ends within this, or is reported as unfinished.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A `hearth serve` child process.
-struct Server {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
+#[path = "support/served.rs"]
+mod served;
+use served::Served as Server;
 
 impl Server {
     fn start() -> Server {
-        let exe = std::env::current_exe().unwrap();
-        let bin = std::env::var_os("HEARTH_BIN")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                exe.parent()
-                    .and_then(|p| p.parent())
-                    .map(|p| p.join("hearth"))
-            })
-            .filter(|p| p.exists())
-            .expect("target/release/hearth is missing: run `cargo build --release --bin hearth`");
-        let dir = tempfile::tempdir().unwrap();
-        let schema = dir.path().join("schema.toml");
-        std::fs::write(&schema, SCHEMA).unwrap();
-        let mut child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--schema"])
-            .arg(&schema)
-            .arg("--data")
-            .arg(dir.path().join("data"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        let stdout = child.stdout.take().unwrap();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-        // "hearth: serving http://ADDR (sync at ws://ADDR/sync)"
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .to_string();
-        Server {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/sync", self.addr)
+        Server::start_with(SCHEMA)
     }
 
     /// The server process's CPU time so far (user + system), in ms.
@@ -175,13 +132,6 @@ impl Server {
             (Some(u), Some(s)) => (u + s) * 1e3 / clock_ticks_per_s(),
             _ => f64::NAN,
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
