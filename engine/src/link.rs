@@ -135,6 +135,9 @@ pub struct Link {
     hlc: Hlc,
     /// Subscriptions taken or dropped since the driver last asked.
     changed: Vec<SubEvent>,
+    /// How many whole-table re-loads are under way (kept with `subs`, so
+    /// routing asks no more than a number while there are none).
+    reloads: usize,
 }
 
 /// A change to a link's subscriptions, for the driver's [`Fanout`].
@@ -161,6 +164,7 @@ impl Link {
             refused: Vec::new(),
             hlc: Hlc(0),
             changed: Vec::new(),
+            reloads: 0,
         }
     }
 
@@ -239,14 +243,22 @@ impl Link {
                 .to_string();
             self.subs.insert(sub.id, Sub { sub, table });
         }
+        self.recount_reloads();
     }
 
     /// Whether a whole table's re-load is under way (its entries are then
     /// filtered by the keys loaded so far).
     pub fn reloading(&self) -> bool {
-        self.subs
+        self.reloads > 0
+    }
+
+    /// Counts the whole-table re-loads under way, after `subs` changed.
+    fn recount_reloads(&mut self) {
+        self.reloads = self
+            .subs
             .values()
-            .any(|s| whole_table_of(&s.sub.stream).is_some() && s.sub.load != Load::Done)
+            .filter(|s| whole_table_of(&s.sub.stream).is_some() && s.sub.load != Load::Done)
+            .count();
     }
 
     fn caught_up_frame(&mut self) -> ServerMsg {
@@ -271,6 +283,7 @@ impl Link {
             ClientMsg::Subscribe(sub) => self.subscribe(sub).map(Step::Send).into_iter().collect(),
             ClientMsg::Unsubscribe { id } => {
                 if self.subs.remove(&id).is_some() {
+                    self.recount_reloads();
                     self.changed.push(SubEvent::Dropped(id));
                 }
                 if self.due.as_ref().is_some_and(|c| c.id == id) {
@@ -362,6 +375,7 @@ impl Link {
             }
             let table = table.to_string();
             self.subs.insert(sub.id, Sub { sub, table });
+            self.recount_reloads();
             return None;
         }
         let Some(stream) = self.schema.streams.get(&sub.stream) else {
@@ -464,6 +478,9 @@ impl Link {
             } else {
                 Load::After(chunk.last.clone())
             };
+            if chunk.done {
+                self.recount_reloads();
+            }
         }
         self.told = self.cursor;
         ServerMsg::Rows {
@@ -660,14 +677,15 @@ impl Link {
             // A whole table; while it re-loads, only rows up to the last key
             // loaded are the device's (later chunks bring the rest as of
             // after this change).
-            let held = self.subs.values().all(|s| {
-                s.table != change.table
-                    || match &s.sub.load {
-                        Load::Done => true,
-                        Load::After(None) => false,
-                        Load::After(Some(last)) => key_le(&change.pk, last),
-                    }
-            });
+            let held = !self.reloading()
+                || self.subs.values().all(|s| {
+                    s.table != change.table
+                        || match &s.sub.load {
+                            Load::Done => true,
+                            Load::After(None) => false,
+                            Load::After(Some(last)) => key_le(&change.pk, last),
+                        }
+                });
             return if held {
                 Some(change.clone())
             } else {
