@@ -107,6 +107,7 @@ impl Raw {
             cursor: 0,
             schema_version: None,
             subscriptions: Vec::new(),
+            token: None,
         };
         ws.send(Message::Binary(encode_client(&hello).into()))
             .await
@@ -235,6 +236,7 @@ async fn stalled_reader() -> Vec<Figure> {
         cursor: 0,
         schema_version: None,
         subscriptions: Vec::new(),
+        token: None,
     };
     stalled
         .send(Message::Binary(encode_client(&hello).into()))

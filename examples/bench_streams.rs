@@ -230,6 +230,7 @@ impl Writer {
             cursor: 0,
             schema_version: None,
             subscriptions: Vec::new(),
+            token: None,
         }))
         .await
         .unwrap();
@@ -497,6 +498,7 @@ async fn initial_load() -> Vec<Figure> {
         cursor: 0,
         schema_version: Some(1),
         subscriptions: vec![subscription(1, "room", "r", "big")],
+        token: None,
     }))
     .await
     .unwrap();
@@ -573,6 +575,7 @@ async fn subscriber(
             subscription(1, "mine", "me", &format!("u{n}")),
             subscription(2, "room", "r", "shared"),
         ],
+        token: None,
     }))
     .await
     .unwrap();
@@ -1118,6 +1121,7 @@ async fn bandwidth() -> Vec<Figure> {
         cursor: 0,
         schema_version: Some(1),
         subscriptions: vec![subscription(1, "room", "r", "ten")],
+        token: None,
     }))
     .await
     .unwrap();

@@ -62,6 +62,10 @@ struct ClientArgs {
     /// How long to wait for the server, in seconds.
     #[arg(long, default_value_t = 10)]
     timeout_s: u64,
+    /// The user's token (a JWT) for a server whose schema has [auth]. It
+    /// travels in the first frame, never in the URL.
+    #[arg(long, env = "HEARTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     action: ClientAction,
 }
@@ -119,6 +123,26 @@ enum ClientAction {
 
 const EXIT_UNREACHABLE: u8 = 2;
 const EXIT_REJECTED: u8 = 3;
+/// The server refused the token (`AUTH`), or it is another user's device
+/// (`AUTH_USER_CHANGED`).
+const EXIT_AUTH: u8 = 4;
+
+/// A refused token or device, said on stderr (`hearth: CODE: reason`).
+fn auth_refusal(e: &SyncError) -> Option<ExitCode> {
+    match e.server_code() {
+        Some(code @ ("AUTH" | "AUTH_USER_CHANGED")) => {
+            let message = match e {
+                SyncError::Client(hearth_engine::ClientError::Server { message, .. }) => {
+                    message.clone()
+                }
+                other => other.to_string(),
+            };
+            eprintln!("hearth: {code}: {message}");
+            Some(ExitCode::from(EXIT_AUTH))
+        }
+        _ => None,
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -316,10 +340,10 @@ async fn ensure_schema(device: &mut Client, url: &str, timeout: Duration) -> Opt
     }
     match native_client::sync_once(device, url, Goal::Synced, timeout).await {
         Ok(_) => None,
-        Err(e) => {
+        Err(e) => auth_refusal(&e).or_else(|| {
             eprintln!("hearth: this database has no schema yet and the first sync failed: {e}");
             Some(ExitCode::from(EXIT_UNREACHABLE))
-        }
+        }),
     }
 }
 
@@ -369,7 +393,8 @@ async fn write_then_sync(
         Err(e) => {
             let code = e.server_code().map(str::to_string);
             println!("{}", line(seq, "queued", Some(e.to_string()), code));
-            Ok(ExitCode::SUCCESS)
+            // A refused token: the write waits, but the user must act.
+            Ok(auth_refusal(&e).unwrap_or(ExitCode::SUCCESS))
         }
     }
 }
@@ -378,6 +403,10 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_secs(args.timeout_s);
     let mut device = native_client::open_device(&args.db, ClientConfig::default())
         .with_context(|| format!("cannot open device database {}", args.db.display()))?;
+    if let Err(e) = device.set_token(args.token.clone()) {
+        eprintln!("hearth: {}: {e}", e.code());
+        return Ok(ExitCode::from(EXIT_AUTH));
+    }
     let need_server = |what: &str| {
         args.server
             .clone()
@@ -421,7 +450,16 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                     eprintln!("hearth: {e}");
                     Ok(ExitCode::from(EXIT_UNREACHABLE))
                 }
-                Err(e) => Err(e.into()),
+                // An expired token: like an unreachable server, the device
+                // keeps its pending writes until it has a new one.
+                Err(e) if e.server_code() == Some("AUTH_EXPIRED") => {
+                    eprintln!("hearth: AUTH_EXPIRED: {e}");
+                    Ok(ExitCode::from(EXIT_UNREACHABLE))
+                }
+                Err(e) => match auth_refusal(&e) {
+                    Some(code) => Ok(code),
+                    None => Err(e.into()),
+                },
             }
         }
         ClientAction::Exec { sql, params } => {

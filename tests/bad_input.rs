@@ -42,6 +42,7 @@ fn hello() -> Message {
             cursor: 0,
             schema_version: None,
             subscriptions: Vec::new(),
+            token: None,
         })
         .into(),
     )
@@ -93,6 +94,7 @@ async fn malformed_frames_get_an_error_and_others_are_unaffected() {
         cursor: 0,
         schema_version: None,
         subscriptions: Vec::new(),
+        token: None,
     });
     future_version[0] = 9;
     let (code, msg) = error_for(&url, vec![Message::Binary(future_version.into())]).await;

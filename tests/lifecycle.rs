@@ -42,6 +42,7 @@ fn hello(client_id: u64) -> Message {
             cursor: 0,
             schema_version: None,
             subscriptions: Vec::new(),
+            token: None,
         })
         .into(),
     )

@@ -28,6 +28,7 @@ async fn raw_session(url: &str, client_id: u64) -> native_client::Ws {
         cursor: 0,
         schema_version: None,
         subscriptions: Vec::new(),
+        token: None,
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await

@@ -52,6 +52,7 @@ impl Peer {
             cursor: 0,
             schema_version: None,
             subscriptions: Vec::new(),
+            token: None,
         };
         ws.send(frame(&hello)).await.unwrap();
         let mut peer = Peer {

@@ -605,6 +605,7 @@ async fn server_refuses_bad_subscriptions_and_keeps_the_connection() {
         cursor: 0,
         schema_version: None,
         subscriptions: Vec::new(),
+        token: None,
     }))
     .await
     .unwrap();

@@ -241,8 +241,10 @@ impl<C: Ord + Copy> Fanout<C> {
             || entry
                 .changes
                 .iter()
-                .any(|ch| !self.schema.streamed(&ch.table))
+                .any(|ch| !self.schema.streamed(&ch.table) || self.schema.looked_up(&ch.table))
         {
+            // A change to a table a read rule looks up may change what any
+            // device may read: every link follows it.
             return Concerned::Everyone;
         }
         let mut out: BTreeSet<C> = self

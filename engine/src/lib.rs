@@ -34,6 +34,7 @@ pub mod merge;
 pub mod protocol;
 pub mod rooms;
 mod rows;
+pub mod rules;
 pub mod schema;
 pub mod server;
 mod textcells;

@@ -34,8 +34,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::change::{LogEntry, Mutation, RowChange, RowImage, RowOp};
+use crate::filter::Param;
 use crate::hlc::Hlc;
 use crate::protocol::{whole_table_of, ClientMsg, Load, ServerMsg, Subscription};
+use crate::rules::Principal;
 use crate::schema::Schema;
 use crate::server::{Hello, LoadChunk, LoadRead, DEVICE_REWOUND};
 use crate::value::Value;
@@ -138,6 +140,148 @@ pub struct Link {
     /// How many whole-table re-loads are under way (kept with `subs`, so
     /// routing asks no more than a number while there are none).
     reloads: usize,
+    /// Under `[auth]`: who the device acts for and what its read rules'
+    /// lookups yield for that user at the cursor.
+    access: Option<Access>,
+    /// Tables to re-load right after the Welcome (the user's access changed
+    /// since the device last connected).
+    reload_at_welcome: Vec<String>,
+}
+
+/// What a connection's user may read, kept at the link's cursor.
+#[derive(Clone, Debug)]
+pub struct Access {
+    who: Arc<Principal>,
+    /// Per (table with a read rule, lookup index): the looked-up rows that
+    /// match for this user, by key (postcard bytes) → the selected value.
+    grants: BTreeMap<(String, usize), BTreeMap<Vec<u8>, Value>>,
+    /// Per table with a read rule: its parameters (claims, lookup lists).
+    params: BTreeMap<String, BTreeMap<String, Param>>,
+}
+
+impl Access {
+    /// `grants` as [`crate::server::read_grants`] reads them at the
+    /// link's cursor.
+    pub fn new(
+        schema: &Schema,
+        who: Arc<Principal>,
+        grants: BTreeMap<(String, usize), BTreeMap<Vec<u8>, Value>>,
+    ) -> Access {
+        let mut access = Access {
+            who,
+            grants,
+            params: BTreeMap::new(),
+        };
+        for table in schema.tables.keys() {
+            access.rebuild(schema, table);
+        }
+        access
+    }
+
+    pub fn principal(&self) -> &Arc<Principal> {
+        &self.who
+    }
+
+    fn rebuild(&mut self, schema: &Schema, table: &str) {
+        let Some(rule) = schema.read_rule(table) else {
+            return;
+        };
+        let mut params = rule.claim_params(&self.who);
+        for i in 0..rule.lookups.len() {
+            let mut values: Vec<Value> = Vec::new();
+            for v in self
+                .grants
+                .get(&(table.to_string(), i))
+                .into_iter()
+                .flat_map(|g| g.values())
+            {
+                if !values.contains(v) {
+                    values.push(v.clone());
+                }
+            }
+            params.insert(crate::rules::ReadRule::lookup_param(i), Param::Many(values));
+        }
+        self.params.insert(table.to_string(), params);
+    }
+
+    /// Whether the user may read this row of `table` (`row` as a log image
+    /// or the stored row: the columns the read rule reads are filled).
+    pub fn readable(&self, schema: &Schema, table: &str, row: &[Value]) -> bool {
+        if schema.readable_by_none(table) {
+            return false;
+        }
+        match (schema.read_rule(table), self.params.get(table)) {
+            (None, _) => true,
+            (Some(rule), Some(params)) => rule.filter.matches(row, params),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// The entry's changes to looked-up tables, applied to the grants: the
+    /// tables whose readable rows changed.
+    fn update(&mut self, schema: &Schema, entry: &LogEntry) -> Vec<String> {
+        let mut changed = Vec::new();
+        for image in &entry.images {
+            let Some(change) = entry.changes.get(image.change as usize) else {
+                continue;
+            };
+            if !schema.looked_up(&change.table) {
+                continue;
+            }
+            for (table, rules) in &schema.rules {
+                let Some(rule) = rules.read.as_ref() else {
+                    continue;
+                };
+                let claims = rule.claim_params(&self.who);
+                for (i, lookup) in rule.lookups.iter().enumerate() {
+                    if lookup.table != change.table {
+                        continue;
+                    }
+                    let matching = |row: &Option<Vec<Value>>| {
+                        row.as_ref()
+                            .filter(|r| lookup.filter.matches(r, &claims))
+                            .map(|r| r[lookup.column].clone())
+                    };
+                    let was = matching(&image.before);
+                    let now = matching(&image.after);
+                    if was == now {
+                        continue;
+                    }
+                    let key = postcard::to_allocvec(&change.pk).expect("encode a key");
+                    let grants = self.grants.entry((table.clone(), i)).or_default();
+                    let values_before: Vec<Value> = distinct(grants.values());
+                    match now {
+                        Some(v) => {
+                            grants.insert(key, v);
+                        }
+                        None => {
+                            grants.remove(&key);
+                        }
+                    }
+                    let values_after: Vec<Value> = distinct(grants.values());
+                    let same = values_before.len() == values_after.len()
+                        && values_before.iter().all(|v| values_after.contains(v));
+                    if !same && !changed.contains(table) {
+                        changed.push(table.clone());
+                    }
+                }
+            }
+        }
+        for table in &changed {
+            self.rebuild(schema, table);
+        }
+        changed
+    }
+}
+
+fn distinct<'a>(values: impl Iterator<Item = &'a Value>) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for v in values {
+        if !out.contains(v) {
+            out.push(v.clone());
+        }
+    }
+    out
 }
 
 /// A change to a link's subscriptions, for the driver's [`Fanout`].
@@ -165,7 +309,90 @@ impl Link {
             hlc: Hlc(0),
             changed: Vec::new(),
             reloads: 0,
+            access: None,
+            reload_at_welcome: Vec::new(),
         }
+    }
+
+    /// Under `[auth]`: who this device acts for and what its read rules'
+    /// lookups yield at the cursor (set after the Hello, before the
+    /// Welcome's messages are taken).
+    pub fn set_access(&mut self, access: Access, changed: bool) {
+        self.access = Some(access);
+        if changed {
+            self.reload_at_welcome = self
+                .schema
+                .tables
+                .keys()
+                .filter(|t| self.schema.read_rule(t).is_some())
+                .cloned()
+                .collect();
+        }
+    }
+
+    /// The principal this link acts for, under `[auth]`.
+    pub fn principal(&self) -> Option<&Arc<Principal>> {
+        self.access.as_ref().map(|a| a.principal())
+    }
+
+    fn readable(&self, table: &str, row: &[Value]) -> bool {
+        match &self.access {
+            Some(access) => access.readable(&self.schema, table, row),
+            // Without [auth] every row is readable; a link under [auth]
+            // always has an access (the driver sets it at the Hello).
+            None => !self.schema.authed(),
+        }
+    }
+
+    /// What a chunk of an initial load keeps of the rows it reads.
+    fn load_filter(&self, table: &str) -> crate::server::Readable {
+        use crate::server::Readable;
+        if !self.schema.authed() {
+            return Readable::All;
+        }
+        if self.schema.readable_by_none(table) {
+            return Readable::None;
+        }
+        match (
+            self.schema.read_rule(table),
+            self.access.as_ref().and_then(|a| a.params.get(table)),
+        ) {
+            (None, _) => Readable::All,
+            (Some(rule), Some(params)) => Readable::Rule(rule.filter.clone(), params.clone()),
+            (Some(_), None) => Readable::None,
+        }
+    }
+
+    /// The user's read access to `tables` changed at the cursor: as the
+    /// device does on the `Reload` sent here, their subscriptions load
+    /// again from the first row and the whole ones load as `*TABLE`
+    /// pseudo-subscriptions.
+    fn reload_tables(&mut self, tables: &[String]) {
+        for s in self.subs.values_mut() {
+            if tables.contains(&s.table) {
+                s.sub.load = Load::After(None);
+            }
+        }
+        if self.due.as_ref().is_some_and(|c| {
+            self.subs
+                .get(&c.id)
+                .is_none_or(|s| tables.contains(&s.table))
+        }) {
+            self.due = None;
+        }
+        for table in tables {
+            if !self.schema.streamed(table) {
+                let sub = crate::protocol::whole_table_load(table);
+                self.subs.insert(
+                    sub.id,
+                    Sub {
+                        sub,
+                        table: table.clone(),
+                    },
+                );
+            }
+        }
+        self.recount_reloads();
     }
 
     /// The device's client id, once its Hello was taken.
@@ -209,10 +436,13 @@ impl Link {
     /// server whose log is at `head`: everything to send.
     pub fn on_welcome(&mut self, welcome: ServerMsg, head: u64) -> Vec<ServerMsg> {
         let fatal = matches!(welcome, ServerMsg::Error { .. });
+        let mut reload = std::mem::take(&mut self.reload_at_welcome);
         if let ServerMsg::Welcome { hlc, floor, .. } = &welcome {
             self.hlc = *hlc;
             if *floor > self.cursor {
                 self.reload(*floor);
+                // Every table loads again anyway.
+                reload.clear();
             }
         }
         let mut out = vec![welcome];
@@ -220,6 +450,13 @@ impl Link {
             return out;
         }
         out.append(&mut self.refused);
+        if !reload.is_empty() {
+            self.reload_tables(&reload);
+            out.push(ServerMsg::Reload {
+                cursor: self.cursor,
+                tables: reload,
+            });
+        }
         if self.cursor >= head {
             out.push(self.caught_up_frame());
         }
@@ -435,7 +672,7 @@ impl Link {
             return None;
         }
         let sub = self.subs.values().find_map(|s| match &s.sub.load {
-            Load::After(after) => Some((&s.sub, after)),
+            Load::After(after) => Some((&s.sub, after, &s.table)),
             Load::Done => None,
         })?;
         let read = LoadRead {
@@ -445,6 +682,7 @@ impl Link {
             after: sub.1.clone(),
             rows_max: self.config.load_rows_max,
             bytes_max: self.config.load_bytes_max,
+            readable: self.load_filter(sub.2),
         };
         self.reading = Some(read.id);
         Some(read)
@@ -546,7 +784,7 @@ impl Link {
     /// position are left for after it (the cursor says how far this went).
     pub fn on_entries(&mut self, entries: &[LogEntry], head: u64) -> Vec<ServerMsg> {
         let limit = self.due.as_ref().map_or(u64::MAX, |c| c.as_of);
-        let mut frames: Vec<Vec<LogEntry>> = Vec::new();
+        let mut frames: Vec<Frame> = Vec::new();
         let mut run = Vec::new();
         let mut run_bytes = 0;
         for entry in entries {
@@ -558,26 +796,59 @@ impl Link {
             }
             self.cursor = entry.server_seq;
             self.hlc = self.hlc.max(entry.hlc);
+            // What the user may read changes at this entry, which is routed
+            // by the new access (its rows are as of after it).
+            let regranted = match &mut self.access {
+                Some(access) if !entry.images.is_empty() => access.update(&self.schema, entry),
+                _ => Vec::new(),
+            };
             if let Some(e) = self.route(entry) {
                 let size = postcard::experimental::serialized_size(&e).unwrap_or(usize::MAX);
                 if !run.is_empty() && run_bytes + size > self.config.chunk_bytes_max {
-                    frames.push(std::mem::take(&mut run));
+                    frames.push(Frame::Entries(std::mem::take(&mut run)));
                     run_bytes = 0;
                 }
                 run_bytes += size;
                 run.push(e);
             }
+            if !regranted.is_empty() {
+                // The device takes the entries up to here, then re-loads.
+                run_bytes = 0;
+                frames.push(Frame::Reload(
+                    entry.server_seq,
+                    std::mem::take(&mut run),
+                    regranted.clone(),
+                ));
+                self.reload_tables(&regranted);
+            }
         }
         let mut out = Vec::new();
-        for entries in frames {
-            self.said_caught_up = false;
-            let cursor = entries.last().expect("a frame has entries").server_seq;
-            out.push(ServerMsg::Changes {
-                entries,
-                cursor,
-                hlc: self.hlc,
-                caught_up: false,
-            });
+        for frame in frames {
+            match frame {
+                Frame::Entries(entries) => {
+                    let Some(cursor) = entries.last().map(|e| e.server_seq) else {
+                        continue;
+                    };
+                    self.said_caught_up = false;
+                    out.push(ServerMsg::Changes {
+                        entries,
+                        cursor,
+                        hlc: self.hlc,
+                        caught_up: false,
+                    });
+                }
+                Frame::Reload(cursor, entries, tables) => {
+                    // The device's cursor is exactly here first.
+                    self.said_caught_up = false;
+                    out.push(ServerMsg::Changes {
+                        entries,
+                        cursor,
+                        hlc: self.hlc,
+                        caught_up: false,
+                    });
+                    out.push(ServerMsg::Reload { cursor, tables });
+                }
+            }
         }
         let reached = self.cursor >= head;
         let lag = self.cursor - self.told >= CURSOR_LAG_MAX;
@@ -673,7 +944,7 @@ impl Link {
         image: Option<&RowImage>,
         own: bool,
     ) -> Option<RowChange> {
-        if !self.schema.streamed(&change.table) {
+        if !self.schema.filtered(&change.table) {
             // A whole table; while it re-loads, only rows up to the last key
             // loaded are the device's (later chunks bring the rest as of
             // after this change).
@@ -703,9 +974,16 @@ impl Link {
             // table was streamed): only its author gets it.
             return own.then(|| change.clone());
         };
+        let streamed = self.schema.streamed(&change.table);
         let held = |row: &Option<Vec<Value>>| {
-            row.as_ref()
-                .is_some_and(|r| self.holds(&change.table, &change.pk, r))
+            row.as_ref().is_some_and(|r| {
+                self.readable(&change.table, r)
+                    && if streamed {
+                        self.holds(&change.table, &change.pk, r)
+                    } else {
+                        self.whole_loaded(&change.table, &change.pk)
+                    }
+            })
         };
         let before = held(&image.before);
         let after = held(&image.after);
@@ -736,6 +1014,20 @@ impl Link {
         }
     }
 
+    /// Whether a row of a table that syncs whole (filtered by a read rule)
+    /// is loaded: always, unless the table re-loads and has not reached it.
+    fn whole_loaded(&self, table: &str, pk: &Value) -> bool {
+        !self.reloading()
+            || self.subs.values().all(|s| {
+                s.table != table
+                    || match &s.sub.load {
+                        Load::Done => true,
+                        Load::After(None) => false,
+                        Load::After(Some(last)) => key_le(pk, last),
+                    }
+            })
+    }
+
     /// Whether one of this device's subscriptions holds a row of `table`
     /// with these values (a load under way holds the keys it has loaded).
     fn holds(&self, table: &str, pk: &Value, row: &[Value]) -> bool {
@@ -754,6 +1046,14 @@ impl Link {
                     .matches(row, &s.sub.params)
         })
     }
+}
+
+/// A frame `on_entries` builds: entries, or a re-load at a position.
+enum Frame {
+    Entries(Vec<LogEntry>),
+    /// The entries up to this position (maybe none), then a re-load of
+    /// these tables.
+    Reload(u64, Vec<LogEntry>, Vec<String>),
 }
 
 /// `a <= b` for primary keys in SQLite's order (integers before text, text

@@ -41,7 +41,8 @@ use crate::value::Value;
 /// `Rows`, `SubscriptionRefused`), `Changes.cursor`, `RowOp::Evict`; rooms
 /// (`Join`, `Leave`, `Broadcast`, `Heartbeat`; `Presence`, `Relay`,
 /// `RoomRefused`).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: identity and read rules (`Hello.token`, `Reload`).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// A device's subscription to a stream of the schema, as it tells the
 /// server (in `Hello`, and in `Subscribe`).
@@ -83,6 +84,9 @@ pub enum ClientMsg {
         /// The device's subscriptions: the server sends their rows' changes
         /// from `cursor` on, and continues their initial loads.
         subscriptions: Vec<Subscription>,
+        /// The device user's token (a JWT), for a server under `[auth]`.
+        /// It travels here, in the first frame, never in the URL.
+        token: Option<String>,
     },
     Push {
         mutations: Vec<Mutation>,
@@ -197,6 +201,15 @@ pub enum ServerMsg {
         /// True when the load is complete.
         done: bool,
     },
+    /// What this device's user may read of `tables` changed at `cursor` (a
+    /// lookup a read rule makes, such as a membership, gained or lost rows):
+    /// right after the entries up to `cursor`, the device re-loads those
+    /// tables. Every subscription to them loads again from its first row
+    /// and each of them that syncs whole loads as a `*TABLE`
+    /// pseudo-subscription; the rows the device holds stay until their
+    /// tables' loads finish, then those no load brought back are evicted.
+    /// The server's link does the same at the same point.
+    Reload { cursor: u64, tables: Vec<String> },
     /// The server refused a subscription (`BAD_SUBSCRIPTION`, `LIMIT`):
     /// the device drops it.
     SubscriptionRefused {
@@ -264,16 +277,20 @@ pub fn whole_table_loads(schema: &crate::schema::Schema) -> Vec<Subscription> {
         .tables
         .keys()
         .filter(|t| !schema.streamed(t))
-        .map(|t| {
-            let stream = whole_table_stream(t);
-            Subscription {
-                id: crate::client::subscription_id(&stream, &BTreeMap::new()),
-                stream,
-                params: BTreeMap::new(),
-                load: Load::After(None),
-            }
-        })
+        .map(|t| whole_table_load(t))
         .collect()
+}
+
+/// The `*TABLE` pseudo-subscription that loads one whole table from its
+/// first row, under the id every device gives it.
+pub fn whole_table_load(table: &str) -> Subscription {
+    let stream = whole_table_stream(table);
+    Subscription {
+        id: crate::client::subscription_id(&stream, &BTreeMap::new()),
+        stream,
+        params: BTreeMap::new(),
+        load: Load::After(None),
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -439,6 +456,7 @@ mod tests {
             cursor: 0,
             schema_version: None,
             subscriptions: Vec::new(),
+            token: None,
         });
         assert_eq!(push_len(&hello), None);
         assert_eq!(push_len(&[]), None);

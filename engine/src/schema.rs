@@ -209,6 +209,12 @@ pub struct Schema {
     /// The TOML text this schema was parsed from; it is what the server sends
     /// to a device that needs the schema.
     pub source: String,
+    /// How tokens are checked (`[auth]`); None: no identity, everyone may
+    /// read and write everything.
+    pub auth: Option<crate::rules::Auth>,
+    /// Per table, its `rules` (only under `[auth]`); a table missing here
+    /// has none, which denies every action under `[auth]`.
+    pub rules: BTreeMap<String, crate::rules::TableRules>,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +226,8 @@ struct RawSchema {
     /// Read per stream, so that an error names the stream.
     #[serde(default)]
     streams: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    auth: Option<crate::rules::Auth>,
 }
 
 #[derive(Deserialize)]
@@ -241,6 +249,8 @@ struct RawTable {
     /// Per column: a policy name, or a table `{ merge = NAME, min, max }`.
     #[serde(default)]
     columns: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    rules: Option<crate::rules::RawRules>,
 }
 
 fn default_merge() -> String {
@@ -260,7 +270,11 @@ impl Schema {
             return Err(SchemaError::NoTables);
         }
         let mut tables = BTreeMap::new();
-        for (name, raw_table) in raw.tables {
+        let mut raw_rules = BTreeMap::new();
+        for (name, mut raw_table) in raw.tables {
+            if let Some(rules) = raw_table.rules.take() {
+                raw_rules.insert(name.clone(), rules);
+            }
             if name.eq_ignore_ascii_case(CONFLICTS_TABLE) {
                 return Err(table_error(
                     &name,
@@ -279,6 +293,7 @@ impl Schema {
                 merge: default_merge(),
                 on_delete: None,
                 columns: BTreeMap::new(),
+                rules: None,
             };
             tables.insert(
                 CONFLICTS_TABLE.to_string(),
@@ -296,11 +311,14 @@ impl Schema {
             let stream = check_stream(&name, raw_stream, &tables)?;
             streams.insert(name, stream);
         }
+        let rules = check_rules(raw.auth.as_ref(), raw_rules, &tables)?;
         Ok(Schema {
             version: raw.version,
             tables,
             streams,
             source: source.to_string(),
+            auth: raw.auth,
+            rules,
         })
     }
 
@@ -313,6 +331,41 @@ impl Schema {
     /// The streams over a table, by name.
     pub fn streams_of<'a>(&'a self, table: &'a str) -> impl Iterator<Item = &'a Stream> + 'a {
         self.streams.values().filter(move |s| s.table == table)
+    }
+
+    /// Whether the server checks identity (`[auth]`).
+    pub fn authed(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    /// The read rule that filters a table's rows, if one does (under
+    /// `[auth]`, every table but those whose read rule is TRUE; a table with
+    /// no read rule is filtered to nothing, see [`Schema::readable_by_none`]).
+    pub fn read_rule(&self, table: &str) -> Option<&crate::rules::ReadRule> {
+        self.rules
+            .get(table)
+            .and_then(|r| r.read.as_ref())
+            .filter(|r| !r.is_true())
+    }
+
+    /// Under `[auth]`, a table no device may read (it has no read rule).
+    pub fn readable_by_none(&self, table: &str) -> bool {
+        self.authed() && self.rules.get(table).is_none_or(|r| r.read.is_none())
+    }
+
+    /// Whether a table's rows are routed row by row (a stream names it, or
+    /// a read rule filters it) rather than sent whole to every device.
+    pub fn filtered(&self, table: &str) -> bool {
+        self.streamed(table) || self.read_rule(table).is_some() || self.readable_by_none(table)
+    }
+
+    /// Whether some read rule looks rows of this table up: its changes can
+    /// change what a device may read.
+    pub fn looked_up(&self, table: &str) -> bool {
+        self.rules
+            .values()
+            .filter_map(|r| r.read.as_ref())
+            .any(|r| r.lookups.iter().any(|l| l.table == table))
     }
 
     pub fn table(&self, name: &str) -> Option<&Table> {
@@ -329,6 +382,76 @@ impl Schema {
 /// hold only those), at columns SQLite can use as a parent key (the primary
 /// key, or columns with a UNIQUE index), or every write to the table would
 /// fail on the device.
+/// Compiles the tables' rules: read rules in the condition language with
+/// claims and lookups, write rules prepared as SQLite statements against
+/// every table (so a rule naming an unknown column or table, or with bad
+/// syntax, stops `serve` naming its table and action).
+fn check_rules(
+    auth: Option<&crate::rules::Auth>,
+    raw: BTreeMap<String, crate::rules::RawRules>,
+    tables: &BTreeMap<String, Table>,
+) -> Result<BTreeMap<String, crate::rules::TableRules>, SchemaError> {
+    use crate::rules::{Action, ReadRule, TableRules, WriteRule};
+    let Some(auth) = auth else {
+        if let Some(table) = raw.keys().next() {
+            return Err(table_error(
+                table,
+                "has rules, but the schema has no [auth] section: rules need identity (add [auth] with hs256_secret_env or jwks_file)",
+            ));
+        }
+        return Ok(BTreeMap::new());
+    };
+    if auth.hs256_secret_env.is_some() == auth.jwks_file.is_some() {
+        return Err(SchemaError::Toml(
+            "[auth] needs exactly one of hs256_secret_env (the environment variable holding an HS256 secret) or jwks_file (a JSON Web Key Set for RS256, ES256 or EdDSA)".into(),
+        ));
+    }
+    if tables.contains_key(CONFLICTS_TABLE) {
+        return Err(SchemaError::Toml(
+            "manual-merge columns are not available under [auth] yet: the conflicts table would show every device the values of rows it may not read".into(),
+        ));
+    }
+    let scratch = Connection::open_in_memory().map_err(|e| SchemaError::Toml(e.to_string()))?;
+    for table in tables.values() {
+        scratch
+            .execute_batch(&table.create_sql)
+            .map_err(|e| table_error(&table.name, format!("create statement failed: {e}")))?;
+    }
+    let mut out = BTreeMap::new();
+    for (name, raw) in raw {
+        let Some(table) = tables.get(&name) else {
+            continue;
+        };
+        let read = raw
+            .read
+            .as_deref()
+            .map(|src| ReadRule::compile(src, table, tables))
+            .transpose()
+            .map_err(|e| table_error(&name, format!("read rule: {e}")))?;
+        let rules = TableRules {
+            read,
+            insert: raw.insert,
+            update: raw.update,
+            delete: raw.delete,
+        };
+        for action in [Action::Insert, Action::Update, Action::Delete] {
+            let Some(src) = rules.write(action) else {
+                continue;
+            };
+            let rule = WriteRule::new(src, table);
+            scratch.prepare(&rule.sql).map_err(|e| {
+                table_error(
+                    &name,
+                    format!("{} rule `{src}` cannot be evaluated: {e}", action.name()),
+                )
+            })?;
+        }
+        // Kept as written; the server prepares them again on its store.
+        out.insert(name, rules);
+    }
+    Ok(out)
+}
+
 fn check_foreign_keys(tables: &BTreeMap<String, Table>) -> Result<(), SchemaError> {
     let scratch = Connection::open_in_memory().map_err(|e| SchemaError::Toml(e.to_string()))?;
     for table in tables.values() {

@@ -180,6 +180,11 @@ CREATE TABLE IF NOT EXISTS _hearth_rejections (
   digest     INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (client_id, client_seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _hearth_devices (
+  client_id INTEGER PRIMARY KEY,
+  user      TEXT NOT NULL,
+  access    INTEGER NOT NULL
+);
 ";
 
 /// Per-row merge bookkeeping, as written before merge policies (format 1).
@@ -304,6 +309,15 @@ pub struct Compacted {
     pub floor: u64,
 }
 
+/// A primary key as a reason shows it.
+fn show_key(pk: &Value) -> String {
+    match pk {
+        Value::Integer(i) => i.to_string(),
+        Value::Text(t) => format!("'{}'", t.replace('\'', "''")),
+        other => format!("{other:?}"),
+    }
+}
+
 fn to_i64(v: u64) -> i64 {
     v as i64
 }
@@ -337,20 +351,40 @@ pub struct ServerCore {
     /// Per table that streams name: the columns their conditions read
     /// (sorted). Changes to these tables keep [`RowImage`]s in the log.
     stream_columns: HashMap<String, Vec<usize>>,
+    /// Who each device of the batch being applied acts for (under
+    /// `[auth]`), set by the driver with [`ServerCore::set_principal`].
+    principals: HashMap<u64, std::sync::Arc<crate::rules::Principal>>,
+    /// The write rules as statements, by (table, action).
+    write_rules: HashMap<(String, &'static str), crate::rules::WriteRule>,
 }
 
 /// A row of a streamed table before a mutation merges: (table, key, the
 /// row as stream conditions read it; None when it did not exist).
 type Before = (String, Value, Option<Vec<Value>>);
 
-/// Per streamed table, the columns its streams' conditions read.
+/// Per table routed row by row (streamed, filtered by a read rule, or
+/// looked up by one), the columns its streams' conditions, its read rule
+/// and the lookups into it read.
 pub fn stream_columns(schema: &Schema) -> HashMap<String, Vec<usize>> {
     let mut out: HashMap<String, Vec<usize>> = HashMap::new();
-    for stream in schema.streams.values() {
-        let cols = out.entry(stream.table.clone()).or_default();
-        cols.extend_from_slice(stream.filter.columns());
+    let mut add = |table: &str, columns: &[usize]| {
+        let cols = out.entry(table.to_string()).or_default();
+        cols.extend_from_slice(columns);
         cols.sort_unstable();
         cols.dedup();
+    };
+    for stream in schema.streams.values() {
+        add(&stream.table, stream.filter.columns());
+    }
+    for table in schema.tables.keys() {
+        if let Some(rule) = schema.read_rule(table) {
+            add(table, rule.filter.columns());
+            for lookup in &rule.lookups {
+                add(&lookup.table, &lookup.columns());
+            }
+        } else if schema.readable_by_none(table) {
+            add(table, &[]);
+        }
     }
     out
 }
@@ -459,6 +493,28 @@ impl ServerCore {
             })?;
         let head = head.max(to_i64(floor));
         let foreign_keys = fk::ForeignKeys::load(&conn, &schema)?;
+        let mut write_rules = HashMap::new();
+        for (name, rules) in &schema.rules {
+            let table = schema
+                .table(name)
+                .ok_or_else(|| ServerError::Schema(format!("rules for unknown table '{name}'")))?;
+            for action in [
+                crate::rules::Action::Insert,
+                crate::rules::Action::Update,
+                crate::rules::Action::Delete,
+            ] {
+                if let Some(src) = rules.write(action) {
+                    let rule = crate::rules::WriteRule::new(src, table);
+                    conn.prepare_cached(&rule.sql).map_err(|e| {
+                        ServerError::Schema(format!(
+                            "table '{name}': {} rule `{src}` cannot be evaluated: {e}",
+                            action.name()
+                        ))
+                    })?;
+                    write_rules.insert((name.clone(), action.name()), rule);
+                }
+            }
+        }
         let max_hlc: i64 =
             conn.query_row("SELECT coalesce(max(hlc), 0) FROM _hearth_log", [], |r| {
                 r.get(0)
@@ -475,8 +531,131 @@ impl ServerCore {
             text: RefCell::new(TextCells::new(0)),
             entry_bytes_max: crate::protocol::FRAME_BYTES_MAX / 4 * 3,
             stream_columns: stream_columns(&schema),
+            principals: HashMap::new(),
+            write_rules,
             schema,
         })
+    }
+
+    /// Binds a device to its user (under `[auth]`): a client id belongs to
+    /// the first user that used it. `access` is a digest of what the user's
+    /// read rules read of the token (see [`access_digest`]). Returns
+    /// `Err(user)` when the id belongs to another user, otherwise whether
+    /// the access changed since the device's last connection (its rows were
+    /// chosen by other claims or rules, so its filtered tables re-load).
+    pub fn bind_device(
+        &mut self,
+        client_id: u64,
+        user: &str,
+        access: u64,
+    ) -> Result<std::result::Result<bool, String>> {
+        let known: Option<(String, i64)> = self
+            .conn
+            .prepare_cached("SELECT user, access FROM _hearth_devices WHERE client_id = ?1")?
+            .query_row([to_i64(client_id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match known {
+            Some((owner, _)) if owner != user => Ok(Err(owner)),
+            Some((_, was)) if was == to_i64(access) => Ok(Ok(false)),
+            _ => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO _hearth_devices (client_id, user, access) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(client_id) DO UPDATE SET access = excluded.access",
+                    )?
+                    .execute(params![to_i64(client_id), user, to_i64(access)])?;
+                // A device new to the server has nothing to re-load.
+                Ok(Ok(known.is_some()))
+            }
+        }
+    }
+
+    /// Who `client_id` acts for in the next [`ServerCore::apply_batch`]
+    /// (under `[auth]`, a mutation of a device with no principal is refused
+    /// `FORBIDDEN`). Forgotten after the batch.
+    pub fn set_principal(
+        &mut self,
+        client_id: u64,
+        principal: std::sync::Arc<crate::rules::Principal>,
+    ) {
+        self.principals.insert(client_id, principal);
+    }
+
+    /// Checks every row a mutation names against its table's write rules,
+    /// in the merge transaction after the whole mutation merged: `insert`
+    /// on a row that did not exist, on the row as written; `delete` on the
+    /// row as it was; `update` on the row as it was and as written. A
+    /// change to a row that exists neither before nor after (an update of a
+    /// deleted row, a delete of a missing one) has no effect and is not
+    /// checked. The first failure refuses the mutation `FORBIDDEN`.
+    fn check_write_rules(
+        &self,
+        client_id: u64,
+        mutation: &Mutation,
+        before: &[Option<Vec<Value>>],
+    ) -> Result<(), MergeError> {
+        use crate::rules::{Action, FORBIDDEN};
+        let who = self.principals.get(&client_id).ok_or_else(|| {
+            refuse(
+                FORBIDDEN,
+                "the server has no identity for this device's connection",
+            )
+        })?;
+        for (change, was) in mutation.changes.iter().zip(before) {
+            let table = self.schema.table(&change.table).ok_or_else(|| {
+                refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table))
+            })?;
+            let now = rows::read_row(&self.conn, table, &change.pk)?;
+            let checks: Vec<(Action, &Vec<Value>, &str)> = match (&change.op, was, &now) {
+                (RowOp::Delete, Some(was), _) => vec![(Action::Delete, was, "as it was")],
+                (RowOp::Upsert { .. }, None, Some(now)) => {
+                    vec![(Action::Insert, now, "as written")]
+                }
+                (RowOp::Upsert { .. }, Some(was), Some(now)) => vec![
+                    (Action::Update, was, "as it was"),
+                    (Action::Update, now, "as written"),
+                ],
+                // An upsert that left no row (deleted meanwhile, or a delete
+                // won) wrote nothing; a delete of a missing row removes
+                // nothing.
+                _ => Vec::new(),
+            };
+            for (action, row, side) in checks {
+                let key = (change.table.clone(), action.name());
+                let Some(rule) = self.write_rules.get(&key) else {
+                    return Err(refuse(
+                        FORBIDDEN,
+                        format!(
+                            "{} on '{}' is denied: the table has no {} rule (under [auth], an action without a rule is denied)",
+                            action.name(),
+                            change.table,
+                            action.name()
+                        ),
+                    )
+                    .into());
+                };
+                let claims: Vec<Value> = rule.claims.iter().map(|c| who.claim(c)).collect();
+                let allowed: bool = self.conn.prepare_cached(&rule.sql)?.query_row(
+                    rusqlite::params_from_iter(row.iter().chain(claims.iter())),
+                    |r| r.get(0),
+                )?;
+                if !allowed {
+                    return Err(refuse(
+                        FORBIDDEN,
+                        format!(
+                            "{} on '{}' (row {}) is denied: the {} rule `{}` is not true for the row {side}",
+                            action.name(),
+                            change.table,
+                            show_key(&change.pk),
+                            action.name(),
+                            rule.source
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sets the largest encoded log entry a mutation may merge into (the
@@ -640,6 +819,7 @@ impl ServerCore {
                 .map_err(ServerError::from),
             Err(e) => Err(e),
         };
+        self.principals.clear();
         if committed.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.text.borrow_mut().clear_cache();
@@ -743,7 +923,22 @@ impl ServerCore {
                 also_seen: &mutation.also_seen,
             };
             let before = self.images_before(mutation)?;
+            let rules_before = if self.schema.authed() {
+                let mut rows_before = Vec::with_capacity(mutation.changes.len());
+                for change in &mutation.changes {
+                    rows_before.push(match self.schema.table(&change.table) {
+                        Some(table) => rows::read_row(&self.conn, table, &change.pk)?,
+                        None => None,
+                    });
+                }
+                Some(rows_before)
+            } else {
+                None
+            };
             let merged = self.merge(&writer, hlc, mutation).and_then(|changes| {
+                if let Some(rows_before) = &rules_before {
+                    self.check_write_rules(client_id, mutation, rows_before)?;
+                }
                 let images = self.images_after(&changes, before)?;
                 let whole_bytes: usize = images
                     .iter()
@@ -1950,6 +2145,31 @@ pub struct LoadRead {
     pub after: Option<Value>,
     pub rows_max: usize,
     pub bytes_max: usize,
+    /// Which of the rows read the device's user may read.
+    pub readable: Readable,
+}
+
+/// Which rows of a table a user may read, for a chunk of a load.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Readable {
+    All,
+    None,
+    /// The rows the table's read rule matches with these parameters
+    /// (claims and lookup lists).
+    Rule(
+        crate::filter::Filter,
+        std::collections::BTreeMap<String, crate::filter::Param>,
+    ),
+}
+
+impl Readable {
+    fn admits(&self, row: &[Value]) -> bool {
+        match self {
+            Readable::All => true,
+            Readable::None => false,
+            Readable::Rule(filter, params) => filter.matches(row, params),
+        }
+    }
 }
 
 /// What a [`LoadRead`] found, as of log sequence `as_of` (read in one
@@ -2019,15 +2239,23 @@ pub fn read_load(conn: &Connection, schema: &Schema, read: &LoadRead) -> Result<
         let mut bytes = 0usize;
         let mut done = true;
         let width = table.columns.len();
+        // Rows read, kept or not (a read rule may keep few): the bound.
+        let mut scanned = 0usize;
+        let mut last = None;
         while let Some(row) = rows.next()? {
-            if out.len() >= read.rows_max.max(1) || (!out.is_empty() && bytes >= read.bytes_max) {
+            if scanned >= read.rows_max.max(1) || (!out.is_empty() && bytes >= read.bytes_max) {
                 done = false;
                 break;
             }
+            scanned += 1;
             let values: Vec<Value> = (0..width)
                 .map(|i| row.get::<_, Value>(i))
                 .collect::<rusqlite::Result<_>>()?;
             let key = values[table.pk].clone();
+            last = Some(key.clone());
+            if !read.readable.admits(&values) {
+                continue;
+            }
             let columns = whole_row(conn, &mut text, table, &key, values).map_err(|e| match e {
                 TextFailure::Sql(e) => ServerError::Sql(e),
                 TextFailure::Text(e) => {
@@ -2048,11 +2276,131 @@ pub fn read_load(conn: &Connection, schema: &Schema, read: &LoadRead) -> Result<
         Ok(LoadChunk {
             id: read.id,
             as_of: as_of as u64,
-            last: out.last().map(|c| c.pk.clone()),
+            last,
             rows: out,
             done,
         })
     })();
     conn.execute_batch("COMMIT")?;
     result
+}
+
+/// What the read rules' lookups yield for `who` at log position `at`
+/// (`at` ≤ the head; read in the caller's read transaction): per (table,
+/// lookup index), the matching looked-up rows by key (postcard bytes) →
+/// the selected value. Read at the head with SQL, then taken back to `at`
+/// through the row images of the log entries after it, newest first (a
+/// link must start from what its device could read at its cursor).
+pub fn read_grants(
+    conn: &Connection,
+    schema: &Schema,
+    who: &crate::rules::Principal,
+    at: u64,
+) -> Result<std::collections::BTreeMap<(String, usize), std::collections::BTreeMap<Vec<u8>, Value>>>
+{
+    use std::collections::BTreeMap;
+    let mut out: BTreeMap<(String, usize), BTreeMap<Vec<u8>, Value>> = BTreeMap::new();
+    let mut any = false;
+    for (table, rules) in &schema.rules {
+        let Some(rule) = &rules.read else { continue };
+        let claims = rule.claim_params(who);
+        for (i, lookup) in rule.lookups.iter().enumerate() {
+            any = true;
+            let looked = schema
+                .table(&lookup.table)
+                .ok_or_else(|| ServerError::Schema(format!("no table '{}'", lookup.table)))?;
+            let (cond, values) = lookup.filter.to_sql(&claims);
+            let sql = format!(
+                "SELECT {}, {} FROM main.{} WHERE ({cond})",
+                crate::schema::ident(looked.pk_name()),
+                crate::schema::ident(&looked.columns[lookup.column].name),
+                crate::schema::ident(&looked.name)
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(values.iter()))?;
+            let grants = out.entry((table.clone(), i)).or_default();
+            while let Some(row) = rows.next()? {
+                let pk: Value = row.get(0)?;
+                let v: Value = row.get(1)?;
+                grants.insert(postcard::to_allocvec(&pk).expect("encode a key"), v);
+            }
+        }
+    }
+    if !any {
+        return Ok(out);
+    }
+    // Back from the head to `at`: undo each later change to a looked-up
+    // table (the row before it matched or not).
+    let mut stmt = conn.prepare_cached(
+        "SELECT changes, images FROM _hearth_log WHERE seq > ?1 AND images IS NOT NULL ORDER BY seq DESC",
+    )?;
+    let mut rows = stmt.query([to_i64(at)])?;
+    while let Some(row) = rows.next()? {
+        let images: Vec<u8> = row.get(1)?;
+        let images: Vec<RowImage> = postcard::from_bytes(&images)
+            .map_err(|e| ServerError::Corrupt(format!("log entry images: {e}")))?;
+        let changes: Vec<u8> = row.get(0)?;
+        let changes: Vec<RowChange> = postcard::from_bytes(&changes)
+            .map_err(|e| ServerError::Corrupt(format!("log entry: {e}")))?;
+        for image in images.iter().rev() {
+            let Some(change) = changes.get(image.change as usize) else {
+                continue;
+            };
+            if !schema.looked_up(&change.table) {
+                continue;
+            }
+            for (table, rules) in &schema.rules {
+                let Some(rule) = &rules.read else { continue };
+                let claims = rule.claim_params(who);
+                for (i, lookup) in rule.lookups.iter().enumerate() {
+                    if lookup.table != change.table {
+                        continue;
+                    }
+                    let key = postcard::to_allocvec(&change.pk).expect("encode a key");
+                    let grants = out.entry((table.clone(), i)).or_default();
+                    match image
+                        .before
+                        .as_ref()
+                        .filter(|r| lookup.filter.matches(r, &claims))
+                    {
+                        Some(r) => {
+                            grants.insert(key, r[lookup.column].clone());
+                        }
+                        None => {
+                            grants.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A digest of what decides which rows a user may read, besides the data:
+/// the read rules and the claims they read. A device whose digest changed
+/// since its last connection re-loads its filtered tables.
+pub fn access_digest(schema: &Schema, who: &crate::rules::Principal) -> u64 {
+    // FNV-1a over the rules' text and the claims' encodings: stable across
+    // builds, which is all it needs to be.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    for (table, rules) in &schema.rules {
+        if let Some(rule) = &rules.read {
+            eat(table.as_bytes());
+            eat(rule.source.as_bytes());
+            for claim in &rule.claims {
+                eat(claim.as_bytes());
+                eat(&postcard::to_allocvec(&who.claim(claim)).expect("encode a claim"));
+            }
+        }
+    }
+    h
 }

@@ -277,6 +277,8 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
         last_rx: Instant::now(),
         joined: false,
         rooms: None,
+        principal: None,
+        auth_deadline: None,
     };
     let end = conn.serve().await;
     if conn.joined {
@@ -350,6 +352,10 @@ struct Conn {
     /// This connection in the room registry, from its Hello on; dropping it
     /// (when the connection ends, however) makes its members leave.
     rooms: Option<RoomLink>,
+    /// Under `[auth]`: who the device acts for, and when its token expires
+    /// (`exp` plus the leeway), when the connection closes `AUTH_EXPIRED`.
+    principal: Option<Arc<hearth_engine::rules::Principal>>,
+    auth_deadline: Option<Instant>,
 }
 
 /// Most flagged ranges a connection keeps; past it, it filters every entry
@@ -450,11 +456,48 @@ impl Conn {
             Err(reason) => return Ok(reason),
             Ok(bytes) => decode_client(&bytes, config.frame_bytes_max).map_err(bad_input)?,
         };
+        let token = match &first {
+            hearth_engine::ClientMsg::Hello { token, .. } => token.clone(),
+            _ => None,
+        };
         let hello = self
             .link
             .on_hello(first)
             .map_err(|r| fatal(r.code, r.message, CloseReason::Handshake))?;
         let client_id = hello.client_id;
+        // Under [auth]: who the device acts for, bound to its client id.
+        let mut identity = None;
+        if let Some(verifier) = self.state.auth.clone() {
+            let verified = verifier
+                .verify(token.as_deref())
+                .map_err(|f| fatal(f.code, f.message, CloseReason::Auth))?;
+            let schema = self.state.store.schema.clone();
+            let access = hearth_engine::server::access_digest(&schema, &verified.principal);
+            let bound = self
+                .state
+                .store
+                .bind(client_id, verified.principal.sub.clone(), access)
+                .await
+                .map_err(|e| fatal("STORE", e, CloseReason::StoreError))?;
+            let changed = bound.map_err(|owner| {
+                fatal(
+                    crate::auth::AUTH_USER_CHANGED,
+                    format!(
+                        "this device (client id {client_id}) belongs to another user than '{}' (it first synced as '{owner}'): open its database with reset to sign in as another user",
+                        verified.principal.sub
+                    ),
+                    CloseReason::Auth,
+                )
+            })?;
+            let now_s = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let left_s = (verified.exp_s + verifier.leeway_s()).saturating_sub(now_s);
+            self.auth_deadline = Some(Instant::now() + Duration::from_secs(left_s));
+            self.principal = Some(verified.principal.clone());
+            identity = Some((verified.principal, changed));
+        }
         let ring = self.state.store.ring.clone();
         // From here the fan-out flags what concerns this connection; what
         // was published before (up to `full_until`) it filters itself.
@@ -485,7 +528,21 @@ impl Conn {
                     frame_bytes_max,
                 )?;
                 let acks = hearth_engine::server::missed_acks(&conn, &hello)?;
-                Ok::<_, hearth_engine::ServerError>((welcome, acks))
+                // What the user could read at the device's cursor (or at the
+                // floor, from which a device below it re-loads).
+                let grants = match &identity {
+                    Some((who, _)) => {
+                        let floor = hearth_engine::server::log_floor(&conn)?;
+                        Some(hearth_engine::server::read_grants(
+                            &conn,
+                            &schema,
+                            who,
+                            hello.cursor.max(floor),
+                        )?)
+                    }
+                    None => None,
+                };
+                Ok::<_, hearth_engine::ServerError>((welcome, acks, grants, identity))
             })();
             conn.execute_batch("COMMIT")?;
             answer
@@ -493,9 +550,16 @@ impl Conn {
         .await
         .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
         .map_err(|e| fatal("STORE", e.to_string(), CloseReason::StoreError))?;
-        let (answer, acks) = answer;
+        let (answer, acks, grants, identity) = answer;
         if let ServerMsg::Error { message, .. } = answer {
             return Err(fatal("HANDSHAKE", message, CloseReason::Handshake));
+        }
+        if let (Some((who, changed)), Some(grants)) = (identity, grants) {
+            let schema = self.state.store.schema.clone();
+            self.link.set_access(
+                hearth_engine::link::Access::new(&schema, who, grants),
+                changed,
+            );
         }
         let mut greeting = self.link.on_welcome(answer, known_head);
         // The acks compaction took from the log go right after the Welcome.
@@ -688,6 +752,16 @@ impl Conn {
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(2)), if due_ahead => {}
+                // The token expired: nothing more goes either way until the
+                // device comes back with a new one (its writes stay pending;
+                // this is not a refusal).
+                _ = tokio::time::sleep_until(self.auth_deadline.unwrap_or_else(Instant::now)), if self.auth_deadline.is_some() => {
+                    return Err(fatal(
+                        crate::auth::AUTH_EXPIRED,
+                        "exp: the token expired; reconnect with a new one (pending writes are kept)",
+                        CloseReason::Auth,
+                    ));
+                }
                 _ = tokio::time::sleep_until(idle_deadline), if can_read => {
                     return Ok(CloseReason::PeerTimeout);
                 }
@@ -820,6 +894,7 @@ impl Conn {
             bytes: charge,
             _permit: permit,
             reply: reply.clone(),
+            principal: self.principal.clone(),
         };
         if self
             .state

@@ -22,6 +22,7 @@
 //! falls behind re-reads the log from its cursor, nothing is dropped), the
 //! catch-up reads, and the frame size.
 
+pub mod auth;
 mod connection;
 mod metrics;
 mod rooms;
@@ -314,6 +315,8 @@ pub enum StartError {
     },
     #[error("cannot open the store: {0}")]
     Store(ServerError),
+    #[error("{0}")]
+    Auth(String),
     #[error("cannot open the store: {0}")]
     Sqlite(rusqlite::Error),
     #[error("cannot listen on {addr}: {error}")]
@@ -346,6 +349,8 @@ pub(crate) struct AppState {
     pub assets: &'static [Asset],
     /// Who is in which room (ephemeral: never in the store).
     pub rooms: Arc<rooms::RoomHub>,
+    /// Token checks, when the schema has `[auth]`.
+    pub auth: Option<Arc<auth::Verifier>>,
 }
 
 /// A running server.
@@ -416,6 +421,17 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
         path: config.data_dir.clone(),
         error,
     })?;
+    let auth = match &config.schema.auth {
+        Some(auth) => Some(Arc::new(
+            auth::Verifier::new(auth).map_err(StartError::Auth)?,
+        )),
+        None => {
+            eprintln!(
+                "hearth: the schema has no [auth] section: anyone who reaches /sync can read and write every row"
+            );
+            None
+        }
+    };
     let metrics = Arc::new(Metrics::default());
     let (store, store_thread) = store::open(&config, metrics.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -436,6 +452,7 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
     let room_hub = Arc::new(rooms::RoomHub::new(config.rooms.clone(), metrics.clone()));
     rooms::spawn_ticker(room_hub.clone(), shutdown_rx.clone());
     let state = Arc::new(AppState {
+        auth,
         rooms: room_hub,
         store,
         shutdown: shutdown_rx.clone(),

@@ -58,10 +58,12 @@ pub enum CloseReason {
     Shutdown,
     /// The connection fell behind what compaction left of the log.
     LogCompacted,
+    /// The token was refused, or expired while connected.
+    Auth,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::ClientClosed,
         CloseReason::PeerGone,
         CloseReason::PeerTimeout,
@@ -72,6 +74,7 @@ impl CloseReason {
         CloseReason::StoreError,
         CloseReason::Shutdown,
         CloseReason::LogCompacted,
+        CloseReason::Auth,
     ];
 
     pub fn label(self) -> &'static str {
@@ -86,6 +89,7 @@ impl CloseReason {
             CloseReason::StoreError => "store_error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::LogCompacted => "log_compacted",
+            CloseReason::Auth => "auth",
         }
     }
 

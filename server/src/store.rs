@@ -41,10 +41,21 @@ pub(crate) struct ApplyCmd {
     /// fact: each queued mutation yields at most one refusal, and each
     /// command one `Done`, and a connection has few mutations queued.
     pub reply: mpsc::UnboundedSender<Reply>,
+    /// Who the device acts for (under `[auth]`): its write rules' `auth`.
+    pub principal: Option<Arc<hearth_engine::rules::Principal>>,
 }
 
 pub(crate) enum StoreCmd {
     Apply(ApplyCmd),
+    /// Binds a device's client id to its user (see
+    /// `ServerCore::bind_device`): Ok(whether its access changed), or
+    /// Err(the user the id belongs to).
+    Bind {
+        client_id: u64,
+        user: String,
+        access: u64,
+        answer: oneshot::Sender<Result<Result<bool, String>, String>>,
+    },
     /// A small write, to learn whether the store can still write.
     Probe(oneshot::Sender<Result<(), String>>),
     /// Remove log entries past the retention (`log_retention_ms`).
@@ -379,6 +390,28 @@ impl StoreHandle {
         });
     }
 
+    /// Binds a device's client id to its user (under `[auth]`): Ok(whether
+    /// its access changed since its last connection), or Err(the user the
+    /// id belongs to); the outer error is a store failure.
+    pub async fn bind(
+        &self,
+        client_id: u64,
+        user: String,
+        access: u64,
+    ) -> Result<Result<bool, String>, String> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(StoreCmd::Bind {
+                client_id,
+                user,
+                access,
+                answer: tx,
+            })
+            .await
+            .map_err(|_| "the store has stopped".to_string())?;
+        rx.await.map_err(|_| "the store has stopped".to_string())?
+    }
+
     /// Whether the store can write: its last write if recent, else a probe.
     pub async fn health(&self) -> Result<(), String> {
         if let Some(result) = self.health.recent(HEALTH_FRESH) {
@@ -532,6 +565,30 @@ impl Store {
                 let _ = answer.send(result);
             }
             StoreCmd::Compact => self.compact(),
+            StoreCmd::Bind {
+                client_id,
+                user,
+                access,
+                answer,
+            } => {
+                let conn = self.core.connection();
+                let result = conn
+                    .execute_batch("BEGIN IMMEDIATE")
+                    .map_err(hearth_engine::ServerError::from)
+                    .and_then(|()| self.core.bind_device(client_id, &user, access));
+                let result = match result {
+                    Ok(bound) => match self.core.connection().execute_batch("COMMIT") {
+                        Ok(()) => Ok(bound),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                if result.is_err() {
+                    let _ = self.core.connection().execute_batch("ROLLBACK");
+                    Metrics::add(&self.metrics.store_errors, 1);
+                }
+                let _ = answer.send(result);
+            }
             StoreCmd::Apply(cmd) => {
                 let queue = self.queues.entry(cmd.conn_id).or_default();
                 if queue.is_empty() {
@@ -632,6 +689,9 @@ impl Store {
         let mut batch = Vec::with_capacity(count);
         let mut owner = Vec::with_capacity(count);
         for (i, cmd) in cmds.iter_mut().enumerate() {
+            if let Some(who) = &cmd.principal {
+                self.core.set_principal(cmd.client_id, who.clone());
+            }
             for m in cmd.mutations.drain(..) {
                 batch.push((cmd.client_id, m));
                 owner.push(i);

@@ -55,6 +55,11 @@ impl Served {
 
     /// [`Served::start`] with more `hearth serve` arguments.
     pub fn start_with(dir: &Path, schema: &str, args: &[&str]) -> Served {
+        Served::start_env(dir, schema, args, &[])
+    }
+
+    /// [`Served::start_with`] with environment variables for the server.
+    pub fn start_env(dir: &Path, schema: &str, args: &[&str], envs: &[(&str, &str)]) -> Served {
         let schema_file = dir.join("schema.toml");
         std::fs::write(&schema_file, schema).unwrap();
         let data = dir.join("data");
@@ -66,6 +71,7 @@ impl Served {
             .arg(&data)
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

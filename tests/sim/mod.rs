@@ -781,6 +781,7 @@ fn short(msg: &ServerMsg) -> String {
             client_seq, code, ..
         } => format!("Rejected(#{client_seq} {code})"),
         ServerMsg::Error { code, .. } => format!("Error({code})"),
+        ServerMsg::Reload { cursor, tables } => format!("Reload({tables:?} at {cursor})"),
         ServerMsg::Presence { room, .. } => format!("Presence({room})"),
         ServerMsg::Relay { room, .. } => format!("Relay({room})"),
         ServerMsg::RoomRefused { room, code, .. } => format!("RoomRefused({room} {code})"),
@@ -2977,6 +2978,7 @@ impl World {
                     cursor: self.server.head(),
                     schema_version: Some(1),
                     subscriptions: Vec::new(),
+                    token: None,
                 };
                 self.send_up(id, vec![hello]);
                 id

@@ -72,6 +72,14 @@ pub enum ClientError {
     /// (an unknown conflict, a column of another policy, an edit past the end).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The token names another user than the one this device's database
+    /// belongs to: open it with `reset` (which wipes it) to change users.
+    #[error("this device's database belongs to user '{stored}', but the token is for '{token}': open it with reset to wipe it and sign in as another user")]
+    UserChanged { stored: String, token: String },
+    /// The server refused the token (`AUTH`) or it expired
+    /// (`AUTH_EXPIRED`): the message names the failed check.
+    #[error("{code}: {message}")]
+    Auth { code: String, message: String },
     /// The device already holds `max` subscriptions (`subscriptions_max`).
     #[error("this device already holds {max} subscriptions, the most it may hold: unsubscribe from one first")]
     TooManySubscriptions { max: usize },
@@ -90,6 +98,9 @@ impl ClientError {
             ClientError::Server { .. } => "SERVER",
             ClientError::InvalidArgument(_) => "INVALID_ARGUMENT",
             ClientError::TooManySubscriptions { .. } => "TOO_MANY_SUBSCRIPTIONS",
+            ClientError::UserChanged { .. } => "AUTH_USER_CHANGED",
+            ClientError::Auth { code, .. } if code == "AUTH_EXPIRED" => "AUTH_EXPIRED",
+            ClientError::Auth { .. } => "AUTH",
         }
     }
 }
@@ -307,6 +318,11 @@ pub struct Client {
     /// The clock and mutation of an exec whose transaction has not committed
     /// yet (see `record_mutation`).
     staged: Option<(Clock, Mutation)>,
+    /// Tables re-loading after the user's read access changed, whose rows
+    /// not sent again are evicted when their loads finish (`_hearth_stale`).
+    stale_tables: RefCell<BTreeSet<String>>,
+    /// The token the next Hello carries (see [`Client::set_token`]).
+    token: Option<String>,
 }
 
 const INTERNAL_TABLES: &str = "
@@ -468,6 +484,7 @@ impl Client {
             None => None,
         };
         let deferred = Client::load_deferred(&conn)?;
+        let stale_tables = Client::load_stale_tables(&conn)?;
         let mut client = Client {
             conn,
             config,
@@ -493,6 +510,8 @@ impl Client {
             local_text: RefCell::new(HashMap::new()),
             positional: RefCell::new(None),
             staged: None,
+            stale_tables: RefCell::new(stale_tables),
+            token: None,
             text_session: splitmix64(client_id ^ new_client_id.rotate_left(29)).max(1),
         };
         Self::install_gate(&mut client.conn, client.gate.clone())?;

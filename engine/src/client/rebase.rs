@@ -21,6 +21,9 @@ impl Client {
         let mut planned = Vec::with_capacity(changes.len());
         for change in changes {
             let table = self.table(&change.table)?;
+            if author.is_some() {
+                self.unmark_stale(&table.name, &change.pk)?;
+            }
             let op = match &change.op {
                 // A row that left this device's subscriptions: gone locally,
                 // unless a pending write still touches it (it stays until

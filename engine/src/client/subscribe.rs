@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS _hearth_subscriptions (
   load   BLOB NOT NULL,
   rows   INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS _hearth_stale (
+  tbl TEXT NOT NULL,
+  pk  NOT NULL,
+  PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _hearth_deferred (
   tbl TEXT NOT NULL,
   pk  NOT NULL,
@@ -364,12 +369,23 @@ impl Client {
         }
         if done {
             if let Some(stream) = self.stream_of(id)? {
-                if crate::protocol::whole_table_of(&stream).is_some() {
-                    // A whole table is whole again: it syncs as before.
-                    self.conn.execute(
-                        "DELETE FROM _hearth_subscriptions WHERE id = ?1",
-                        [to_i64(id)],
-                    )?;
+                let table = match crate::protocol::whole_table_of(&stream) {
+                    Some(table) => {
+                        // A whole table is whole again: it syncs as before.
+                        self.conn.execute(
+                            "DELETE FROM _hearth_subscriptions WHERE id = ?1",
+                            [to_i64(id)],
+                        )?;
+                        Some(table.to_string())
+                    }
+                    None => self
+                        .schema
+                        .as_ref()
+                        .and_then(|s| s.streams.get(&stream))
+                        .map(|s| s.table.clone()),
+                };
+                if let Some(table) = table {
+                    self.sweep_if_loaded(&table, out)?;
                 }
             }
         }
@@ -541,6 +557,113 @@ impl Client {
             }
         }
         self.evict_rows(gone, out)
+    }
+
+    /// What this device's user may read of `tables` changed (`Reload`, see
+    /// [`crate::protocol::ServerMsg::Reload`]): every row of them is marked
+    /// stale (`_hearth_stale`), every subscription to them loads again from
+    /// its first row, and each that syncs whole loads as a `*TABLE`
+    /// pseudo-subscription. A row the server sends from here on (a chunk
+    /// or an entry) is unmarked; when a table has no load left under way,
+    /// its rows still marked are evicted. So rows the user may still read
+    /// never leave the app's view, and the others go once the loads say so.
+    pub(super) fn reload_tables(&mut self, tables: &[String], out: &mut Output) -> Result<()> {
+        let Some(schema) = self.schema.clone() else {
+            return Ok(());
+        };
+        let restart = postcard::to_allocvec(&Load::After(None)).expect("encode load");
+        let mut known = Vec::new();
+        for name in tables {
+            let Some(table) = schema.table(name) else {
+                continue;
+            };
+            known.push(name.clone());
+            self.conn.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO _hearth_stale (tbl, pk) SELECT ?1, {} FROM main.{}",
+                    ident(table.pk_name()),
+                    ident(name)
+                ),
+                [name],
+            )?;
+            self.stale_tables.borrow_mut().insert(name.clone());
+            if schema.streamed(name) {
+                for stream in schema.streams_of(name) {
+                    self.conn.execute(
+                        "UPDATE _hearth_subscriptions SET load = ?1, rows = 0 WHERE stream = ?2",
+                        params![&restart, stream.name],
+                    )?;
+                }
+            } else {
+                let sub = crate::protocol::whole_table_load(name);
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO _hearth_subscriptions (id, stream, params, load, rows)
+                         VALUES (?1, ?2, ?3, ?4, 0)",
+                    )?
+                    .execute(params![
+                        to_i64(sub.id),
+                        sub.stream,
+                        postcard::to_allocvec(&sub.params).expect("encode params"),
+                        &restart
+                    ])?;
+            }
+        }
+        for name in known {
+            self.sweep_if_loaded(&name, out)?;
+        }
+        Ok(())
+    }
+
+    /// When no load of `table` is under way any more, evicts its rows still
+    /// marked stale by a [`Client::reload_tables`].
+    pub(super) fn sweep_if_loaded(&mut self, table: &str, out: &mut Output) -> Result<()> {
+        if !self.stale_tables.borrow().contains(table) {
+            return Ok(());
+        }
+        let Some(schema) = self.schema.clone() else {
+            return Ok(());
+        };
+        let loading = self.load_subscriptions()?.into_iter().any(|(sub, _)| {
+            sub.load != Load::Done
+                && match crate::protocol::whole_table_of(&sub.stream) {
+                    Some(t) => t == table,
+                    None => schema
+                        .streams
+                        .get(&sub.stream)
+                        .is_some_and(|s| s.table == table),
+                }
+        });
+        if loading {
+            return Ok(());
+        }
+        let gone: Vec<(String, Value)> = self
+            .conn
+            .prepare("SELECT pk FROM _hearth_stale WHERE tbl = ?1")?
+            .query_map([table], |r| r.get::<_, Value>(0))?
+            .map(|pk| pk.map(|pk| (table.to_string(), pk)))
+            .collect::<rusqlite::Result<_>>()?;
+        self.conn
+            .execute("DELETE FROM _hearth_stale WHERE tbl = ?1", [table])?;
+        self.stale_tables.borrow_mut().remove(table);
+        self.evict_rows(gone, out)
+    }
+
+    /// The server sent this row (it is still the device's): not stale.
+    pub(super) fn unmark_stale(&self, table: &str, pk: &Value) -> Result<()> {
+        if self.stale_tables.borrow().contains(table) {
+            self.conn
+                .prepare_cached("DELETE FROM _hearth_stale WHERE tbl = ?1 AND pk = ?2")?
+                .execute(params![table, pk])?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn load_stale_tables(conn: &Connection) -> Result<BTreeSet<String>> {
+        Ok(conn
+            .prepare("SELECT DISTINCT tbl FROM _hearth_stale")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     fn evict_rows(&mut self, gone: Vec<(String, Value)>, out: &mut Output) -> Result<()> {

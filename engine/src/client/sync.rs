@@ -19,7 +19,32 @@ impl Client {
             cursor: self.cursor,
             schema_version: self.schema.as_ref().map(|s| s.version),
             subscriptions,
+            token: self.token.clone(),
         }]
+    }
+
+    /// The token the next Hello carries (None for a server without
+    /// `[auth]`). A device's database belongs to one user: a token whose
+    /// `sub` differs from the user this database first synced as is
+    /// refused here ([`ClientError::UserChanged`], `AUTH_USER_CHANGED`);
+    /// the app wipes the database to change users. The token is not
+    /// verified here (the server does that); its `sub` is only read.
+    pub fn set_token(&mut self, token: Option<String>) -> Result<()> {
+        if let Some(sub) = token.as_deref().and_then(token_subject) {
+            if let Some(stored) = meta_get::<String>(&self.conn, "user")? {
+                if stored != sub {
+                    return Err(ClientError::UserChanged { stored, token: sub });
+                }
+            }
+        }
+        self.token = token;
+        Ok(())
+    }
+
+    /// The user this device's database belongs to (the `sub` of the first
+    /// token a server accepted from it), if any.
+    pub fn user(&self) -> Result<Option<String>> {
+        Ok(meta_get::<String>(&self.conn, "user")?)
     }
 
     /// The connection is gone. Everything unanswered will be sent again.
@@ -213,6 +238,12 @@ impl Client {
                 if floor > self.cursor {
                     self.reload_after_compaction(floor, &mut out)?;
                 }
+                // The server took the token: the database is this user's.
+                if let Some(sub) = self.token.as_deref().and_then(token_subject) {
+                    if meta_get::<String>(&self.conn, "user")?.is_none() {
+                        meta_set(&self.conn, "user", sub)?;
+                    }
+                }
                 self.session = Session::Ready {
                     sent_upto: 0,
                     caught_up: false,
@@ -290,6 +321,18 @@ impl Client {
                 }
                 self.clock.observe(hlc);
                 self.on_rows(id, cursor, rows, last, done, &mut out)?;
+            }
+            ServerMsg::Reload { cursor, tables } => {
+                if !matches!(self.session, Session::Ready { .. }) {
+                    return Err(ClientError::Protocol("Reload before Welcome".into()));
+                }
+                if cursor != self.cursor {
+                    return Err(ClientError::Protocol(format!(
+                        "a Reload at {cursor} reached a device at {}",
+                        self.cursor
+                    )));
+                }
+                self.reload_tables(&tables, &mut out)?;
             }
             ServerMsg::SubscriptionRefused { id, code, reason } => {
                 self.subscription_refused(id, code, reason, &mut out)?;
@@ -805,4 +848,16 @@ impl Client {
             .push(Event::TablesChanged(tables.into_iter().collect()));
         Ok(true)
     }
+}
+
+/// The `sub` claim of a JWT, read without verifying it (the server does);
+/// None when the token is not a JWT with a string `sub`.
+pub fn token_subject(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(claims.get("sub")?.as_str()?.to_string())
 }
