@@ -489,3 +489,256 @@ async fn a_device_belongs_to_one_user() {
     // Alice herself still syncs.
     alice.sync();
 }
+
+/// A test Ed25519 key pair (generated for this test with `openssl genpkey
+/// -algorithm ed25519`): the private key as PKCS#8 DER, the public key as a
+/// JWK's `x`.
+const ED25519_PKCS8_HEX: &str = "302e020100300506032b65700422042030a3a3a587ee07ca06c31b6b2eaabee2e834ba6e57e18729a75783509272a190";
+const ED25519_X: &str = "43jcV39GjaUhB1wIsy0HKlV9IV6mcJKH6aldcXcO0ns";
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// A key set file: keys are picked by `kid`, an unknown `kid` is refused
+/// naming it, and a token signed with HS256 using the public key as the
+/// secret (the HMAC/RSA confusion attack) is refused on its algorithm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_picks_keys_by_kid_and_refuses_confusion() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": ED25519_X, "kid": "k1", "use": "sig"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let schema = SCHEMA.replace(
+        "hs256_secret_env = \"HEARTH_TEST_JWT_SECRET\"",
+        &format!("jwks_file = {:?}", jwks.to_str().unwrap()),
+    );
+    let server = Served::start_env(dir.path(), &schema, &[], &[]);
+    let claims = json!({"sub": "alice", "iss": ISSUER, "aud": "hearth", "exp": now_s() + 3600});
+    let ed = |kid: Option<&str>| {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_string);
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_ed_der(&hex(ED25519_PKCS8_HEX)),
+        )
+        .unwrap()
+    };
+    let welcome = hello_answer(&server.url, 1, Some(ed(Some("k1")))).await;
+    assert!(matches!(welcome, ServerMsg::Welcome { .. }), "{welcome:?}");
+    // One key and no kid: that key.
+    let welcome = hello_answer(&server.url, 2, Some(ed(None))).await;
+    assert!(matches!(welcome, ServerMsg::Welcome { .. }), "{welcome:?}");
+    let answer = hello_answer(&server.url, 3, Some(ed(Some("k9")))).await;
+    assert_refused(&answer, "AUTH", "unknown key id");
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("k1".into());
+    let confused = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(ED25519_X.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let answer = hello_answer(&server.url, 4, Some(confused)).await;
+    assert_refused(&answer, "AUTH", "alg");
+}
+
+/// A token that expires while connected closes the connection with
+/// `AUTH_EXPIRED`, which is not a refusal: a write made with an expired
+/// token is queued (never rolled back) and applied once a new token comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_keeps_pending_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path());
+    let mut alice = User::new(dir.path(), "alice", &server);
+    alice.exec_ok(
+        "INSERT INTO lists (id, owner) VALUES ('l1', 'alice'); \
+         INSERT INTO members (id, list_id, user_id) VALUES ('m1', 'l1', 'alice')",
+    );
+
+    // A live connection whose token has two seconds left.
+    let short = sign(&json!({"sub": "alice", "iss": ISSUER, "aud": "hearth", "exp": now_s() + 2}));
+    let mut ws = native_client::connect(&server.url, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let hello = ClientMsg::Hello {
+        client_id: 77,
+        cursor: 0,
+        schema_version: None,
+        subscriptions: Vec::new(),
+        token: Some(short),
+    };
+    ws.send(Message::Binary(encode_client(&hello).into()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut welcomed = false;
+    let ended = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the server ends the connection")
+            .expect("a frame")
+            .expect("a frame");
+        if let Message::Binary(bytes) = frame {
+            match decode_server(&bytes, FRAME_BYTES_MAX).unwrap() {
+                ServerMsg::Welcome { .. } => welcomed = true,
+                ServerMsg::Error { code, message } => break (code, message),
+                _ => {}
+            }
+        }
+    };
+    assert!(welcomed);
+    assert_eq!(ended.0, "AUTH_EXPIRED", "{}", ended.1);
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(500) && after <= Duration::from_secs(4),
+        "closed {after:?} after the Hello, for a token with 2 s left"
+    );
+
+    // The CLI with an expired token: the write is kept and queued.
+    alice.token =
+        sign(&json!({"sub": "alice", "iss": ISSUER, "aud": "hearth", "exp": now_s() - 10}));
+    let out = alice.run(&[
+        "exec",
+        "INSERT INTO todos (id, list_id, owner, title) VALUES ('t1', 'l1', 'alice', 'offline')",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let line = json_line(&out);
+    assert_eq!(line["status"], "queued", "{line}");
+    assert_eq!(line["code"], "AUTH_EXPIRED", "{line}");
+    assert_eq!(alice.ids("todos"), ["t1"]);
+    assert!(server.query("SELECT id FROM todos").is_empty());
+    // A new token: the queued write goes through.
+    alice.token = token_for("alice");
+    alice.sync();
+    assert_eq!(
+        server.query("SELECT id, title FROM todos"),
+        vec![json!({"id": "t1", "title": "offline"})]
+    );
+}
+
+/// An in-process server under a key set file, with small rates: a flood of
+/// frames closes its own connection `RATE_LIMITED`, a user past their
+/// connections is refused, and other users carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_and_too_many_connections_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": ED25519_X, "kid": "k1"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let schema = SCHEMA.replace(
+        "hs256_secret_env = \"HEARTH_TEST_JWT_SECRET\"",
+        &format!("jwks_file = {:?}", jwks.to_str().unwrap()),
+    );
+    let server = common::start_server_with(dir.path(), &schema, |c| {
+        c.frames_per_s = 50;
+        c.connections_per_user_max = 2;
+        // One frame of the largest size still fits the byte burst.
+        c.set_frame_bytes_max(1024 * 1024);
+        c.bytes_per_s = 1024 * 1024;
+    })
+    .await;
+    let url = common::url(&server);
+    let token = |sub: &str| {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("k1".into());
+        jsonwebtoken::encode(
+            &header,
+            &json!({"sub": sub, "iss": ISSUER, "aud": "hearth", "exp": now_s() + 3600}),
+            &EncodingKey::from_ed_der(&hex(ED25519_PKCS8_HEX)),
+        )
+        .unwrap()
+    };
+    let session = |client_id: u64, sub: &str| {
+        let (url, token) = (url.clone(), token(sub));
+        async move {
+            let mut ws = native_client::connect(&url, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let hello = ClientMsg::Hello {
+                client_id,
+                cursor: 0,
+                schema_version: None,
+                subscriptions: Vec::new(),
+                token: Some(token),
+            };
+            ws.send(Message::Binary(encode_client(&hello).into()))
+                .await
+                .unwrap();
+            let first = loop {
+                let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                    .await
+                    .expect("an answer")
+                    .expect("a frame")
+                    .expect("a frame");
+                if let Message::Binary(bytes) = frame {
+                    break decode_server(&bytes, FRAME_BYTES_MAX).unwrap();
+                }
+            };
+            (ws, first)
+        }
+    };
+    // A flood of heartbeats: past 100 frames at once (two seconds' worth).
+    let (mut flood, first) = session(1, "mallory").await;
+    assert!(matches!(first, ServerMsg::Welcome { .. }), "{first:?}");
+    for _ in 0..300 {
+        if flood
+            .send(Message::Binary(encode_client(&ClientMsg::Heartbeat).into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(5), flood.next()).await {
+            Ok(Some(Ok(Message::Binary(bytes)))) => {
+                if let ServerMsg::Error { code, message } =
+                    decode_server(&bytes, FRAME_BYTES_MAX).unwrap()
+                {
+                    break (code, message);
+                }
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("the flood's connection ended without an error: {other:?}"),
+        }
+    };
+    assert_eq!(ended.0, "RATE_LIMITED", "{}", ended.1);
+    assert!(ended.1.contains("frames"), "{}", ended.1);
+
+    // Two connections for alice are fine, a third is refused; bob's is not.
+    let (a1, first) = session(10, "alice").await;
+    assert!(matches!(first, ServerMsg::Welcome { .. }), "{first:?}");
+    let (_a2, first) = session(11, "alice").await;
+    assert!(matches!(first, ServerMsg::Welcome { .. }), "{first:?}");
+    let (_a3, first) = session(12, "alice").await;
+    assert_refused(&first, "RATE_LIMITED", "alice");
+    let (_b, first) = session(20, "bob").await;
+    assert!(matches!(first, ServerMsg::Welcome { .. }), "{first:?}");
+    // One of alice's ends: she may connect again.
+    drop(a1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_a4, first) = session(13, "alice").await;
+        if matches!(first, ServerMsg::Welcome { .. }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice's slot was not given back: {first:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

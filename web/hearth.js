@@ -64,9 +64,9 @@
   // Resolves once the database has its schema: at once on a device that synced before,
   // after the first contact with the server on a fresh device.
   async function open(options) {
-    const { server = defaultServer(), name = "default" } = options || {};
+    const { server = defaultServer(), name = "default", token, reset = false } = options || {};
     const page = await loadPage();
-    return page.open(new URL("hearth-worker.js", base).href, String(name), String(server));
+    return page.open(new URL("hearth-worker.js", base).href, String(name), String(server), token, Boolean(reset));
   }
 
   window.Hearth = Object.freeze({ open });

@@ -24,9 +24,9 @@ function defaultServer() {
 }
 
 export async function open(options) {
-  const { server = defaultServer(), name = "default" } = options || {};
+  const { server = defaultServer(), name = "default", token, reset = false } = options || {};
   const page = await loadPage();
-  return page.open(new URL("hearth-worker.js", base).href, String(name), String(server));
+  return page.open(new URL("hearth-worker.js", base).href, String(name), String(server), token, Boolean(reset));
 }
 
 export default Object.freeze({ open });

@@ -29,7 +29,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// `TooManySubscriptions`; rooms: `Request::JoinRoom`, `LeaveRoom`, `SendToRoom`;
 /// `Notice::RoomMembers`, `RoomMessage`, `RoomRefused`; `Reply::RoomJoined`, `RoomLeft`,
 /// `RoomSent`; `ErrorCode::BadRoom` .. `NotInRoom`.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: identity: `Request::Open`'s `token` and `reset`, `Request::SetToken`,
+/// `Notice::TokenNeeded`, `ErrorCode::Auth`, `AuthExpired`, `AuthUserChanged`.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The largest frame either side accepts. A bound keeps one runaway query result from
 /// exhausting a tab's memory; hitting it is a clear error, never a silent truncation.
@@ -111,7 +113,19 @@ pub enum Request {
     /// for as long as it lives: when the worker is granted it, the tab is gone. The reply,
     /// [`Reply::Opened`], comes once the database has a schema (from storage at once, or
     /// from the server's first Welcome on a fresh device).
-    Open { server: String, tab_lock: String },
+    ///
+    /// `token` is the user's token (a JWT) for a server whose schema has `[auth]`; a
+    /// database belongs to the user it first synced as, and a token for another user is
+    /// refused ([`ErrorCode::AuthUserChanged`]) unless `reset`, which wipes the database
+    /// (pending writes included) and starts it anew for the new user.
+    Open {
+        server: String,
+        tab_lock: String,
+        token: Option<String>,
+        reset: bool,
+    },
+    /// A new token (after [`Notice::TokenNeeded`]): the worker connects with it at once.
+    SetToken { token: String },
     /// Run statements that change the database, as one transaction. The reply comes only
     /// once the change is durable in the device's storage, not merely committed in memory.
     Exec { sql: String, params: Vec<Value> },
@@ -250,6 +264,10 @@ pub enum Notice {
         code: String,
         reason: String,
     },
+    /// The server refused the token (`code` AUTH, naming the failed check) or it expired
+    /// (AUTH_EXPIRED): the worker does not connect again until a tab sends
+    /// [`Request::SetToken`]. Pending writes stay. Sent to every tab.
+    TokenNeeded { code: String, message: String },
 }
 
 /// The device's sync state as tabs see it.
@@ -281,6 +299,8 @@ pub enum Reply {
     /// The first rows of a live query.
     Subscribed(Rows),
     Unsubscribed,
+    /// The worker took a new token ([`Request::SetToken`]).
+    TokenSet,
     Synced(SyncStatus),
     Status(SyncStatus),
     /// The subscription a [`Request::SubscribeStream`] holds, as of now (durable). When
@@ -360,6 +380,12 @@ pub enum ErrorCode {
     RoomFull,
     /// A message to a room the tab has not joined.
     NotInRoom,
+    /// The server refused the token (the message names the failed check).
+    Auth,
+    /// The token expired; a new one is needed (pending writes stay).
+    AuthExpired,
+    /// The database belongs to another user than the token's: open it with `reset`.
+    AuthUserChanged,
 }
 
 impl ErrorCode {
@@ -388,6 +414,9 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "TOO_MANY_ROOMS",
             ErrorCode::RoomFull => "ROOM_FULL",
             ErrorCode::NotInRoom => "NOT_IN_ROOM",
+            ErrorCode::Auth => "AUTH",
+            ErrorCode::AuthExpired => "AUTH_EXPIRED",
+            ErrorCode::AuthUserChanged => "AUTH_USER_CHANGED",
         }
     }
 }
@@ -413,6 +442,9 @@ impl ErrorCode {
             "TOO_MANY_ROOMS" => ErrorCode::TooManyRooms,
             "ROOM_FULL" => ErrorCode::RoomFull,
             "NOT_IN_ROOM" => ErrorCode::NotInRoom,
+            "AUTH" => ErrorCode::Auth,
+            "AUTH_EXPIRED" => ErrorCode::AuthExpired,
+            "AUTH_USER_CHANGED" => ErrorCode::AuthUserChanged,
             _ => ErrorCode::Protocol,
         }
     }

@@ -185,12 +185,23 @@ impl Client {
     /// database `name`, syncing with `server` (a `ws:`/`wss:` URL; the first tab's choice
     /// wins). Resolves once the database has a schema: at once on a device that has synced
     /// before, after the first contact with the server on a fresh one.
-    pub async fn open(worker_url: &str, name: &str, server: &str) -> Result<Client, ErrorReply> {
+    ///
+    /// `token` is the user's token for a server whose schema has `[auth]` (see
+    /// [`Request::Open`]); `reset` lets a token for another user wipe the database.
+    pub async fn open(
+        worker_url: &str,
+        name: &str,
+        server: &str,
+        token: Option<String>,
+        reset: bool,
+    ) -> Result<Client, ErrorReply> {
         let tab_lock = hold_tab_lock().await;
         let client = Client::connect(worker_url, name)?;
         let request = Request::Open {
             server: server.to_owned(),
             tab_lock,
+            token,
+            reset,
         };
         match client.inner.request(request)?.await {
             Ok(Ok(Reply::Opened(status))) => {
@@ -407,6 +418,15 @@ impl Client {
     /// Removes a listener added by [`Client::on`].
     pub fn off(&self, id: u32) {
         self.inner.listeners.borrow_mut().retain(|(i, _)| *i != id);
+    }
+
+    /// Gives the worker a new token (after `Notice::TokenNeeded`): it connects with it at
+    /// once. Fails with AUTH_USER_CHANGED for another user's token.
+    pub async fn set_token(&self, token: String) -> Result<(), ErrorReply> {
+        match self.call(Request::SetToken { token }).await? {
+            Reply::TokenSet => Ok(()),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Resolves once every local write has reached the server, the device has caught up
@@ -640,7 +660,8 @@ impl Inner {
             | Notice::Rejected { .. }
             | Notice::RoomMembers { .. }
             | Notice::RoomMessage { .. }
-            | Notice::RoomRefused { .. } => {}
+            | Notice::RoomRefused { .. }
+            | Notice::TokenNeeded { .. } => {}
         }
         // Listeners may add or remove listeners: call a snapshot.
         let listeners: Vec<Listener> = self

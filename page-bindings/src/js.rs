@@ -23,12 +23,64 @@ const JS_SAFE_INTEGER_MAX: i64 = (1 << 53) - 1;
 /// Connects this tab to the database `name`, hosted by the SharedWorker script at
 /// `worker_url`, syncing with `server`. Resolves to a [`Database`] once the database has
 /// a schema (at once on a device that synced before; after the first sync on a new one).
+///
+/// `token` is undefined, a string, or a function returning a string or a promise of one:
+/// the user's token (a JWT) for a server whose schema has `[auth]`. A function is called
+/// again whenever the server refuses the token or says it expired (the worker waits,
+/// pending writes kept, until it has a new one). `reset` lets a token for another user
+/// wipe this device's database and start it anew for that user (AUTH_USER_CHANGED
+/// without it).
 #[wasm_bindgen]
-pub fn open(worker_url: String, name: String, server: String) -> Promise {
+pub fn open(
+    worker_url: String,
+    name: String,
+    server: String,
+    token: JsValue,
+    reset: bool,
+) -> Promise {
     future_to_promise(async move {
-        let client = Client::open(&worker_url, &name, &server)
+        let provider = token.dyn_ref::<Function>().cloned();
+        let first = match &provider {
+            Some(f) => Some(call_token(f).await.map_err(js_error)?),
+            None if token.is_undefined() || token.is_null() => None,
+            None => Some(token.as_string().ok_or_else(|| {
+                js_error(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    "token must be a string or a function returning one",
+                ))
+            })?),
+        };
+        let client = Client::open(&worker_url, &name, &server, first, reset)
             .await
             .map_err(js_error)?;
+        if let Some(provider) = provider {
+            // The server refused or expired the token: ask the app again, once at a time.
+            let asking = Rc::new(std::cell::Cell::new(false));
+            let again = client.clone();
+            client.on(move |notice| {
+                if !matches!(notice, Notice::TokenNeeded { .. }) || asking.get() {
+                    return;
+                }
+                asking.set(true);
+                let (provider, client, asking) =
+                    (provider.clone(), again.clone(), Rc::clone(&asking));
+                wasm_bindgen_futures::spawn_local(async move {
+                    match call_token(&provider).await {
+                        Ok(token) => {
+                            if let Err(err) = client.set_token(token).await {
+                                web_sys::console::error_1(
+                                    &format!("Hearth: the new token was not taken: {err}").into(),
+                                );
+                            }
+                        }
+                        Err(err) => web_sys::console::error_1(
+                            &format!("Hearth: the token function failed: {err}").into(),
+                        ),
+                    }
+                    asking.set(false);
+                });
+            });
+        }
         Ok(Database {
             client,
             name,
@@ -36,6 +88,23 @@ pub fn open(worker_url: String, name: String, server: String) -> Promise {
         }
         .into())
     })
+}
+
+/// Calls the app's token function; its result may be a string or a promise of one.
+async fn call_token(provider: &Function) -> Result<String, ErrorReply> {
+    let bad = |why: String| ErrorReply::new(ErrorCode::Auth, format!("the token function {why}"));
+    let value = provider
+        .call0(&JsValue::UNDEFINED)
+        .map_err(|e| bad(format!("threw: {e:?}")))?;
+    let value = match value.dyn_into::<Promise>() {
+        Ok(promise) => wasm_bindgen_futures::JsFuture::from(promise)
+            .await
+            .map_err(|e| bad(format!("rejected: {e:?}")))?,
+        Err(value) => value,
+    };
+    value
+        .as_string()
+        .ok_or_else(|| bad("returned something other than a string".into()))
 }
 
 /// A database handle for one tab.
@@ -173,10 +242,12 @@ impl Database {
     /// REJECTED and `mutation`, `serverCode`, `reason`). Returns a function that removes
     /// the callback.
     pub fn on(&self, kind: String, callback: Function) -> Result<Function, JsValue> {
-        if !matches!(kind.as_str(), "status" | "change" | "rejected") {
+        if !matches!(kind.as_str(), "status" | "change" | "rejected" | "auth") {
             return Err(js_error(ErrorReply::new(
                 ErrorCode::InvalidArgument,
-                format!("unknown event {kind:?}: use \"status\", \"change\" or \"rejected\""),
+                format!(
+                    "unknown event {kind:?}: use \"status\", \"change\", \"rejected\" or \"auth\""
+                ),
             )));
         }
         let id = self.client.on(move |notice| {
@@ -205,6 +276,10 @@ impl Database {
                     let _ = Reflect::set(&error, &"reason".into(), &reason.as_str().into());
                     error
                 }
+                ("auth", Notice::TokenNeeded { code, message }) => js_error(ErrorReply::new(
+                    ErrorCode::from_engine(code),
+                    message.clone(),
+                )),
                 _ => return,
             };
             if let Err(err) = callback.call1(&JsValue::UNDEFINED, &value) {

@@ -279,6 +279,12 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
         rooms: None,
         principal: None,
         auth_deadline: None,
+        user_slot: None,
+        rates: [
+            Bucket::new(config.frames_per_s),
+            Bucket::new(config.mutations_per_s),
+            Bucket::new(config.bytes_per_s),
+        ],
     };
     let end = conn.serve().await;
     if conn.joined {
@@ -356,6 +362,62 @@ struct Conn {
     /// (`exp` plus the leeway), when the connection closes `AUTH_EXPIRED`.
     principal: Option<Arc<hearth_engine::rules::Principal>>,
     auth_deadline: Option<Instant>,
+    /// Under `[auth]`, this connection counted against its user's.
+    user_slot: Option<UserSlot>,
+    /// Frames, mutations and bytes received, against the configured rates.
+    rates: [Bucket; 3],
+}
+
+/// A token bucket: `per_s` a second, holding at most two seconds' worth.
+struct Bucket {
+    per_s: u64,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_s: u64) -> Bucket {
+        Bucket {
+            per_s,
+            level: 2.0 * per_s as f64,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes `n`; false when the bucket does not hold that many.
+    fn take(&mut self, n: u64, now: Instant) -> bool {
+        let capacity = 2.0 * self.per_s as f64;
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.per_s as f64;
+        self.level = (self.level + refill).min(capacity);
+        self.at = now;
+        if self.level < n as f64 {
+            return false;
+        }
+        self.level -= n as f64;
+        true
+    }
+}
+
+/// The code of a connection past one of its rates, or a user past their
+/// connections.
+pub(crate) const RATE_LIMITED: &str = "RATE_LIMITED";
+
+/// Counts a user's open connections while it lives.
+struct UserSlot {
+    state: Arc<AppState>,
+    user: String,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut users = self.state.users.lock().expect("users lock");
+        if let Some(n) = users.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// Most flagged ranges a connection keeps; past it, it filters every entry
@@ -489,6 +551,25 @@ impl Conn {
                     CloseReason::Auth,
                 )
             })?;
+            {
+                let mut users = self.state.users.lock().expect("users lock");
+                let open = users.entry(verified.principal.sub.clone()).or_insert(0);
+                if *open >= self.state.config.connections_per_user_max {
+                    return Err(fatal(
+                        RATE_LIMITED,
+                        format!(
+                            "user '{}' already has {} open connections, the most a user may have",
+                            verified.principal.sub, self.state.config.connections_per_user_max
+                        ),
+                        CloseReason::BadInput,
+                    ));
+                }
+                *open += 1;
+            }
+            self.user_slot = Some(UserSlot {
+                state: self.state.clone(),
+                user: verified.principal.sub.clone(),
+            });
             let now_s = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -839,6 +920,31 @@ impl Conn {
                 ),
                 CloseReason::BadInput,
             ));
+        }
+        let now = Instant::now();
+        let [frames, mutations, bytes_in] = &mut self.rates;
+        for (ok, what, per_s) in [
+            (frames.take(1, now), "frames", config.frames_per_s),
+            (
+                mutations.take(count, now),
+                "mutations",
+                config.mutations_per_s,
+            ),
+            (
+                bytes_in.take(bytes.len() as u64, now),
+                "bytes",
+                config.bytes_per_s,
+            ),
+        ] {
+            if !ok {
+                return Err(fatal(
+                    RATE_LIMITED,
+                    format!(
+                        "this connection sent more than {per_s} {what} a second (with a burst of twice that): reconnect after a pause"
+                    ),
+                    CloseReason::BadInput,
+                ));
+            }
         }
         // Take room in the store queue before decoding, so that decoded
         // mutations never exceed the budget.

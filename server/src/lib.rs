@@ -129,6 +129,16 @@ pub struct ServerConfig {
     /// rooms per connection, members per room), the relay rate per member,
     /// and how long a connection in a room may be silent.
     pub rooms: hearth_engine::rooms::RoomsConfig,
+    /// Per connection, frames received per second (a burst of twice as
+    /// many is taken); past it the connection closes `RATE_LIMITED`.
+    pub frames_per_s: u64,
+    /// Per connection, mutations pushed per second (burst twice).
+    pub mutations_per_s: u64,
+    /// Per connection, bytes received per second (burst twice).
+    pub bytes_per_s: u64,
+    /// Under `[auth]`, open sync connections per user; one more is refused
+    /// `RATE_LIMITED` at its Hello.
+    pub connections_per_user_max: usize,
 }
 
 const MIB: usize = 1024 * 1024;
@@ -175,6 +185,10 @@ impl ServerConfig {
             connections_max: 10_000,
             sync_connections_max: 9_936,
             rooms: hearth_engine::rooms::RoomsConfig::default(),
+            frames_per_s: 10_000,
+            mutations_per_s: 100_000,
+            bytes_per_s: 64 * MIB as u64,
+            connections_per_user_max: 64,
         };
         config.set_frame_bytes_max(hearth_engine::protocol::FRAME_BYTES_MAX);
         config
@@ -201,7 +215,25 @@ impl ServerConfig {
     pub fn check(&self) -> Result<(), String> {
         let device_max = hearth_engine::protocol::FRAME_BYTES_MAX;
         let rooms = &self.rooms;
-        let rules: [(bool, String); 10] = [
+        let rules: [(bool, String); 13] = [
+            (
+                self.bytes_per_s.saturating_mul(2) >= self.frame_bytes_max as u64,
+                format!(
+                    "bytes_per_s {} takes a burst of twice that, which must hold one frame of frame_bytes_max {}",
+                    self.bytes_per_s, self.frame_bytes_max
+                ),
+            ),
+            (
+                self.mutations_per_s.saturating_mul(2) >= self.push_mutations_max as u64,
+                format!(
+                    "mutations_per_s {} takes a burst of twice that, which must hold one push of push_mutations_max {}",
+                    self.mutations_per_s, self.push_mutations_max
+                ),
+            ),
+            (
+                self.frames_per_s > 0 && self.connections_per_user_max > 0,
+                "frames_per_s and connections_per_user_max must be at least 1".to_string(),
+            ),
             (
                 self.frame_bytes_max <= device_max,
                 format!(
@@ -351,6 +383,8 @@ pub(crate) struct AppState {
     pub rooms: Arc<rooms::RoomHub>,
     /// Token checks, when the schema has `[auth]`.
     pub auth: Option<Arc<auth::Verifier>>,
+    /// Open sync connections per user (under `[auth]`).
+    pub users: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// A running server.
@@ -453,6 +487,7 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
     rooms::spawn_ticker(room_hub.clone(), shutdown_rx.clone());
     let state = Arc::new(AppState {
         auth,
+        users: Default::default(),
         rooms: room_hub,
         store,
         shutdown: shutdown_rx.clone(),

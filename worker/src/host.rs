@@ -294,6 +294,9 @@ struct Host {
     /// The server's member list of each room this device is in, on this connection.
     room_members: HashMap<String, BTreeMap<MemberId, Member>>,
     heartbeat_scheduled: bool,
+    /// The server refused or expired the token: no connection until a tab sends a new
+    /// one (`Request::SetToken`).
+    auth_blocked: bool,
 }
 
 impl Host {
@@ -315,6 +318,7 @@ impl Host {
             reconnect_gen: 0,
             reconnect_scheduled: false,
             network_online: true,
+            auth_blocked: false,
             next_ticket: 1,
             durable_ticket: 0,
             last_change_ticket: 0,
@@ -471,9 +475,63 @@ impl Host {
             Db::Opening(_) => unreachable!("requests wait in the queue while the database opens"),
         };
         match request {
-            Request::Open { server, tab_lock } => {
+            Request::Open {
+                server,
+                tab_lock,
+                token,
+                reset,
+            } => {
                 if self.server.is_none() {
                     self.server = Some(server);
+                }
+                if token.is_some() {
+                    match client.set_token(token.clone()) {
+                        Ok(()) => {}
+                        Err(ClientError::UserChanged { .. }) if reset => {
+                            // Another user signs in on this device: the database starts
+                            // anew for them (the app asked for it with `reset`).
+                            let Db::Open { client, durability } =
+                                std::mem::replace(&mut self.db, Db::Opening(Vec::new()))
+                            else {
+                                unreachable!("matched above")
+                            };
+                            self.drop_socket();
+                            let reopened = client
+                                .reset(random_client_id())
+                                .and_then(|mut c| c.set_token(token).map(|()| c));
+                            match reopened {
+                                Ok(client) => {
+                                    self.db = Db::Open {
+                                        client: Box::new(client),
+                                        durability,
+                                    };
+                                    self.lives.clear();
+                                    self.holds.clear();
+                                }
+                                Err(err) => {
+                                    let error = engine_error(&err);
+                                    self.db = Db::Failed(error.clone());
+                                    return self.respond(port_id, id, Err(error));
+                                }
+                            }
+                            self.broadcast(&Notice::Changed { tables: Vec::new() });
+                            return self.on_request(
+                                port_id,
+                                id,
+                                Request::Open {
+                                    server: String::new(),
+                                    tab_lock,
+                                    token: None,
+                                    reset: false,
+                                },
+                            );
+                        }
+                        Err(err) => return self.respond(port_id, id, Err(engine_error(&err))),
+                    }
+                    if self.auth_blocked {
+                        self.auth_blocked = false;
+                        self.failed_attempts = 0;
+                    }
                 }
                 let has_schema = client.schema().is_some();
                 if !tab_lock.is_empty() {
@@ -487,6 +545,22 @@ impl Host {
                     self.open_waiters.push((port_id, id));
                 }
                 self.connect();
+            }
+            Request::SetToken { token } => {
+                let result = client
+                    .set_token(Some(token))
+                    .map(|()| Reply::TokenSet)
+                    .map_err(|err| engine_error(&err));
+                let taken = result.is_ok();
+                self.respond(port_id, id, result);
+                if taken {
+                    self.auth_blocked = false;
+                    self.failed_attempts = 0;
+                    self.reconnect_gen += 1;
+                    self.reconnect_scheduled = false;
+                    self.drop_socket();
+                    self.connect();
+                }
             }
             Request::Exec { sql, params } => {
                 let params = to_engine_values(params);
@@ -1093,6 +1167,7 @@ impl Host {
 
     fn connect(&mut self) {
         if self.socket.is_some()
+            || self.auth_blocked
             || !self.network_online
             || self.reconnect_scheduled
             || !matches!(self.db, Db::Open { .. })
@@ -1206,6 +1281,16 @@ impl Host {
                     self.failed_attempts = 0;
                     return self.reconnect_after_failure();
                 }
+                self.update_status();
+            }
+            Err(ClientError::Server { code, message })
+                if matches!(code.as_str(), "AUTH" | "AUTH_EXPIRED" | "AUTH_USER_CHANGED") =>
+            {
+                // Not a refusal of any write: they stay pending until a tab gives a new
+                // token, and nothing is tried before that.
+                self.drop_socket();
+                self.auth_blocked = true;
+                self.broadcast(&Notice::TokenNeeded { code, message });
                 self.update_status();
             }
             Err(err) => {

@@ -41,6 +41,29 @@ impl Client {
         Ok(())
     }
 
+    /// Wipes this device's database (every table, Hearth's and the app's:
+    /// pending writes included) and opens it anew under `new_client_id`:
+    /// what an app does to sign in as another user on a device (see
+    /// [`Client::set_token`]).
+    pub fn reset(self, new_client_id: u64) -> Result<Client> {
+        let Client { conn, config, .. } = self;
+        let objects: Vec<(String, String)> = conn
+            .prepare(
+                "SELECT type, name FROM main.sqlite_schema WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+        for (kind, name) in objects {
+            let kind = if kind == "view" { "VIEW" } else { "TABLE" };
+            conn.execute_batch(&format!(
+                "DROP {kind} IF EXISTS main.{}",
+                crate::schema::ident(&name)
+            ))?;
+        }
+        Client::open(conn, new_client_id, config)
+    }
+
     /// The user this device's database belongs to (the `sub` of the first
     /// token a server accepted from it), if any.
     pub fn user(&self) -> Result<Option<String>> {
