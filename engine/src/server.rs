@@ -564,8 +564,10 @@ impl ServerCore {
                          ON CONFLICT(client_id) DO UPDATE SET access = excluded.access",
                     )?
                     .execute(params![to_i64(client_id), user, to_i64(access)])?;
-                // A device new to the server has nothing to re-load.
-                Ok(Ok(known.is_some()))
+                // A device the server has not seen under [auth] may hold rows
+                // from before: as good as changed (the caller skips a device
+                // that holds nothing yet).
+                Ok(Ok(true))
             }
         }
     }

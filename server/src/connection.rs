@@ -577,7 +577,8 @@ impl Conn {
             let left_s = (verified.exp_s + verifier.leeway_s()).saturating_sub(now_s);
             self.auth_deadline = Some(Instant::now() + Duration::from_secs(left_s));
             self.principal = Some(verified.principal.clone());
-            identity = Some((verified.principal, changed));
+            // A device with nothing yet has nothing to re-load.
+            identity = Some((verified.principal, changed && hello.cursor > 0));
         }
         let ring = self.state.store.ring.clone();
         // From here the fan-out flags what concerns this connection; what

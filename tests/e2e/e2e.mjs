@@ -8,6 +8,7 @@
 // that it can SIGKILL the whole browser like a crash and start it again on the profile.
 
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { once } from "node:events";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import net from "node:net";
@@ -28,6 +29,7 @@ import {
   startLive,
   startStaticStandIn,
   startServer,
+  TEST_PAGE_PATH,
   waitFor,
   waitLive,
   withTimeout,
@@ -886,6 +888,129 @@ where = "list_id = :list"
       // Bob, still heartbeating, is still there.
       await new Promise((resolve) => setTimeout(resolve, 1000));
       check(JSON.stringify(await namesIn(b1, room)) === JSON.stringify(["bob"]), "bob stays");
+    });
+
+    await test("permissions: two users see only their lists; sharing brings a list live, unsharing takes it away; a token refreshed while offline keeps pending writes", async () => {
+      const secret = "an e2e secret, long enough for HS256 use";
+      process.env.HEARTH_E2E_JWT_SECRET = secret;
+      const dir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-auth-"));
+      cleanups.push(() => rm(dir, { recursive: true, force: true }));
+      const schema = path.join(dir, "auth.toml");
+      const member = "list_id IN (SELECT list_id FROM members WHERE user_id = auth.sub)";
+      await writeFile(
+        schema,
+        `version = 1
+[auth]
+hs256_secret_env = "HEARTH_E2E_JWT_SECRET"
+audience = "hearth"
+leeway_s = 0
+[tables.lists]
+create = "CREATE TABLE lists (id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL DEFAULT '')"
+rules = { read = "id IN (SELECT list_id FROM members WHERE user_id = auth.sub)", insert = "owner = auth.sub", update = "owner = auth.sub", delete = "owner = auth.sub" }
+[tables.members]
+create = "CREATE TABLE members (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, user_id TEXT NOT NULL)"
+rules = { read = "${member}", insert = "EXISTS (SELECT 1 FROM lists WHERE lists.id = list_id AND lists.owner = auth.sub)", delete = "EXISTS (SELECT 1 FROM lists WHERE lists.id = list_id AND lists.owner = auth.sub)" }
+[tables.todos]
+create = "CREATE TABLE todos (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, title TEXT NOT NULL DEFAULT '')"
+rules = { read = "${member}", insert = "${member}", update = "${member}", delete = "${member}" }
+`,
+      );
+      const authed = await startServer({ schema });
+      cleanups.push(() => authed.cleanup());
+      const b64 = (value) => Buffer.from(typeof value === "string" ? value : JSON.stringify(value)).toString("base64url");
+      const jwt = (sub, seconds) => {
+        const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub, aud: "hearth", exp: Math.floor(Date.now() / 1000) + seconds })}`;
+        return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+      };
+      const openAs = async (device, token) => {
+        const page = await device.newPage();
+        page.on("pageerror", (error) => console.error(`  [page error] ${error.message}`));
+        await withTimeout(page.goto(`${authed.origin}${TEST_PAGE_PATH}`), "page load");
+        await withTimeout(
+          page.evaluate(async (token) => {
+            window.tok = token;
+            window.asked = 0;
+            window.db = await Hearth.open({ name: "auth", token: () => { window.asked += 1; return window.tok; } });
+            window.events = { rejected: [], auth: [] };
+            db.on("rejected", (e) => window.events.rejected.push({ code: e.serverCode, reason: e.reason }));
+            db.on("auth", (e) => window.events.auth.push({ code: e.code, message: e.message }));
+          }, token),
+          "Hearth.open with a token",
+        );
+        return page;
+      };
+      const [a, b] = [await browser.newContext(), await browser.newContext()];
+      cleanups.push(() => a.close(), () => b.close());
+      await routeTestPage(a);
+      await routeTestPage(b);
+      const alice = await openAs(a, jwt("alice", 3600));
+      // Bob's first token runs out while the test goes on; the page gives a new one.
+      const bobExpiresAt = Date.now() + 12_000;
+      const bob = await openAs(b, jwt("bob", 12));
+      for (const [tab, who] of [[alice, "alice"], [bob, "bob"]]) {
+        const r = await call(
+          tab,
+          "exec",
+          `INSERT INTO lists (id, owner, name) VALUES ('${who}-list', '${who}', '${who}''s');
+           INSERT INTO members (id, list_id, user_id) VALUES ('${who}-m', '${who}-list', '${who}');
+           INSERT INTO todos (id, list_id, title) VALUES ('${who}-t1', '${who}-list', 'first of ${who}')`,
+        );
+        check(r.ok, JSON.stringify(r));
+        await withTimeout(tab.evaluate(() => db.sync()), `${who} synced`);
+      }
+      await startLive(alice, "todos", "SELECT id FROM todos ORDER BY id");
+      await startLive(bob, "todos", "SELECT id FROM todos ORDER BY id");
+      await startLive(bob, "lists", "SELECT id FROM lists ORDER BY id");
+      await waitLive(alice, "todos", (rows) => rows.map((r) => r.id).join() === "alice-t1", "alice holds only hers");
+      await waitLive(bob, "todos", (rows) => rows.map((r) => r.id).join() === "bob-t1", "bob holds only his");
+      // Alice shares her list with bob: it appears on his device, live, whole.
+      let r = await call(alice, "exec", "INSERT INTO members (id, list_id, user_id) VALUES ('share', 'alice-list', 'bob')");
+      check(r.ok, JSON.stringify(r));
+      await waitLive(bob, "todos", (rows) => rows.map((r) => r.id).join() === "alice-t1,bob-t1", "alice's list appears on bob's device");
+      await waitLive(bob, "lists", (rows) => rows.map((r) => r.id).join() === "alice-list,bob-list", "with the list row");
+      // ... and a todo she adds later arrives live.
+      r = await call(alice, "exec", "INSERT INTO todos (id, list_id, title) VALUES ('alice-t2', 'alice-list', 'second')");
+      check(r.ok, JSON.stringify(r));
+      await waitLive(bob, "todos", (rows) => rows.map((r) => r.id).join() === "alice-t1,alice-t2,bob-t1", "a new todo of the shared list reaches bob");
+      // Unsharing takes it away again.
+      r = await call(alice, "exec", "DELETE FROM members WHERE id = 'share'");
+      check(r.ok, JSON.stringify(r));
+      await waitLive(bob, "todos", (rows) => rows.map((r) => r.id).join() === "bob-t1", "the unshared list leaves bob's device");
+      await waitLive(bob, "lists", (rows) => rows.map((r) => r.id).join() === "bob-list", "with its list row");
+      check((await bob.evaluate(() => window.events.rejected)).length === 0, "nothing of bob's was refused");
+
+      // Bob goes offline and writes; his token expires meanwhile; the page has a new one
+      // when the worker asks. The write is never rolled back and reaches the server.
+      await b.setOffline(true);
+      r = await call(bob, "exec", "INSERT INTO todos (id, list_id, title) VALUES ('bob-t2', 'bob-list', 'written offline')");
+      check(r.ok, JSON.stringify(r));
+      const wait = bobExpiresAt + 1500 - Date.now();
+      if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+      await bob.evaluate((token) => { window.tok = token; }, jwt("bob", 3600));
+      await b.setOffline(false);
+      await withTimeout(bob.evaluate(() => db.sync()), "bob's pending write goes with the new token");
+      const auth = await bob.evaluate(() => window.events.auth);
+      check(auth.some((e) => e.code === "AUTH_EXPIRED"), `bob was told his token expired: ${JSON.stringify(auth)}`);
+      check((await bob.evaluate(() => window.events.rejected)).length === 0, "the offline write was not refused");
+      await waitLive(bob, "todos", (rows) => rows.map((r) => r.id).join() === "bob-t1,bob-t2", "bob's offline write stays");
+      // Alice never sees bob's list; a fresh device of alice's has hers only.
+      check((await call(alice, "query", "SELECT id FROM todos ORDER BY id")).value.map((x) => x.id).join() === "alice-t1,alice-t2", "alice's device holds hers");
+      const a2 = await browser.newContext();
+      cleanups.push(() => a2.close());
+      await routeTestPage(a2);
+      const alice2 = await openAs(a2, jwt("alice", 3600));
+      await withTimeout(alice2.evaluate(() => db.sync()), "alice's second device synced");
+      check((await call(alice2, "query", "SELECT id FROM todos ORDER BY id")).value.map((x) => x.id).join() === "alice-t1,alice-t2", "a fresh device of alice's holds hers only");
+      // Bob's token on alice's device: refused, unless the app asks for a reset.
+      const other = await alice2.evaluate(async (token) => {
+        try {
+          await Hearth.open({ name: "auth", token });
+          return "opened";
+        } catch (error) {
+          return error.code;
+        }
+      }, jwt("bob", 3600));
+      check(other === "AUTH_USER_CHANGED", `another user's token on alice's device: ${other}`);
     });
 
     await test("demo app: the list shows who else has it open, live", async () => {

@@ -297,6 +297,9 @@ struct Host {
     /// The server refused or expired the token: no connection until a tab sends a new
     /// one (`Request::SetToken`).
     auth_blocked: bool,
+    /// The token the server refused, and why: the same token is not tried again, and
+    /// the tabs are asked again after a backoff.
+    refused: Option<(String, String, String)>,
 }
 
 impl Host {
@@ -319,6 +322,7 @@ impl Host {
             reconnect_scheduled: false,
             network_online: true,
             auth_blocked: false,
+            refused: None,
             next_ticket: 1,
             durable_ticket: 0,
             last_change_ticket: 0,
@@ -547,6 +551,18 @@ impl Host {
                 self.connect();
             }
             Request::SetToken { token } => {
+                if let Some((refused, code, message)) = self.refused.clone() {
+                    if refused == token && self.auth_blocked {
+                        // The app gave the token the server just refused: ask again later
+                        // rather than hammer the server with it.
+                        let error = ErrorReply::new(
+                            ErrorCode::from_engine(&code),
+                            format!("the server refused this token already ({message}): the token function must return a new one"),
+                        );
+                        self.respond(port_id, id, Err(error));
+                        return self.ask_token_later(code, message);
+                    }
+                }
                 let result = client
                     .set_token(Some(token))
                     .map(|()| Reply::TokenSet)
@@ -1288,8 +1304,10 @@ impl Host {
             {
                 // Not a refusal of any write: they stay pending until a tab gives a new
                 // token, and nothing is tried before that.
+                let token = client.token().unwrap_or_default().to_string();
                 self.drop_socket();
                 self.auth_blocked = true;
+                self.refused = Some((token, code.clone(), message.clone()));
                 self.broadcast(&Notice::TokenNeeded { code, message });
                 self.update_status();
             }
@@ -1351,6 +1369,23 @@ impl Host {
             if host.reconnect_gen == scheduled {
                 host.reconnect_scheduled = false;
                 host.connect();
+            }
+        });
+        set_timeout(delay, move || fire(()));
+    }
+
+    /// Asks the tabs for a token again after the reconnect backoff, while the worker
+    /// still has none the server takes.
+    fn ask_token_later(&mut self, code: String, message: String) {
+        let exponent = self.failed_attempts.min(16) as i32;
+        let delay = (RECONNECT_BASE_MS * 2f64.powi(exponent)).min(RECONNECT_MAX_MS);
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
+        let fire = self.later(move |host, ()| {
+            if host.auth_blocked {
+                host.broadcast(&Notice::TokenNeeded {
+                    code: code.clone(),
+                    message: message.clone(),
+                });
             }
         });
         set_timeout(delay, move || fire(()));

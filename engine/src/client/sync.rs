@@ -64,6 +64,11 @@ impl Client {
         Client::open(conn, new_client_id, config)
     }
 
+    /// The token the next Hello carries.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// The user this device's database belongs to (the `sub` of the first
     /// token a server accepted from it), if any.
     pub fn user(&self) -> Result<Option<String>> {
