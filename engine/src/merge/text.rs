@@ -34,7 +34,7 @@
 //! This module depends on `std`, `yrs` and `similar` only (no `crate::` paths),
 //! so tests can include it by `#[path]`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 
 use yrs::block::ItemContent;
@@ -211,11 +211,17 @@ impl TextDoc {
         if update.is_empty() {
             return Ok(());
         }
+        // The walk first, so that yrs decodes only what it has checked (found by fuzz/,
+        // target text_update): it reads every block and delete range it counts, so an
+        // update claiming more than its bytes hold is refused before yrs reserves memory
+        // for the claimed counts (a 20-byte update asked for 71 GB); and it refuses the
+        // values yrs's decoder would panic on in a debug build (a client id past 53 bits,
+        // a clock past u32).
+        let scanned = scan_blocks(update)?;
         let decoded = Update::decode_v1(update).map_err(|e| TextError::Malformed(e.to_string()))?;
-        let blocks = scan_blocks(update)?;
         {
             let txn = self.doc.transact();
-            check_integrable(&txn.state_vector(), blocks, &decoded)?;
+            check_integrable(&txn.state_vector(), scanned)?;
         }
         if decoded.is_empty() {
             return Ok(());
@@ -315,10 +321,13 @@ impl TextDoc {
     ///
     /// Empty slices (no change) are skipped.
     ///
-    /// Errors: [`TextError::Malformed`] if any input is not a v1 update.
+    /// Errors: [`TextError::Malformed`] if any input is not a v1 update of plain
+    /// text under [`ROOT`] (as [`TextDoc::apply_update`] takes).
     pub fn merge_updates(updates: &[&[u8]]) -> Result<Vec<u8>, TextError> {
         let updates: Vec<&[u8]> = updates.iter().copied().filter(|u| !u.is_empty()).collect();
         for u in &updates {
+            // As in `apply_update`: checked before yrs decodes it.
+            scan_blocks(u)?;
             Update::decode_v1(u).map_err(|e| TextError::Malformed(e.to_string()))?;
         }
         yrs::merge_updates_v1(&updates).map_err(|e| TextError::Malformed(e.to_string()))
@@ -449,37 +458,77 @@ const BLOCK_SKIP: u8 = 10;
 const HAS_ORIGIN: u8 = 0b1000_0000;
 const HAS_RIGHT_ORIGIN: u8 = 0b0100_0000;
 const HAS_PARENT_SUB: u8 = 0b0010_0000;
+// Content kinds (an item's info & 0b1111), as yrs's `ItemContent::decode` reads them.
+const CONTENT_DELETED: u8 = 1;
+const CONTENT_STRING: u8 = 4;
 
-/// Reads the blocks of a v1 update, per client in clock order, the way yrs
-/// decodes them. Only plain text under [`ROOT`] is accepted: string and
-/// deleted content, GC and skip ranges.
-fn scan_blocks(update: &[u8]) -> Result<Vec<(ClientID, VecDeque<ScannedBlock>)>, TextError> {
+/// A v1 update as [`scan_blocks`] reads it.
+struct Scanned {
+    /// Its blocks, per client in clock order.
+    blocks: Vec<(ClientID, VecDeque<ScannedBlock>)>,
+    /// Its delete set: (client, clocks) ranges.
+    deletes: Vec<(ClientID, std::ops::Range<u32>)>,
+}
+
+/// Reads the blocks and the delete set of a v1 update, the way yrs decodes
+/// them. Only plain text under [`ROOT`] is accepted: string and deleted
+/// content, GC and skip ranges. Client ids past 53 bits, clocks past `u32` and
+/// a client's blocks listed twice are malformed (yrs's decoder would
+/// `debug_assert` on the first, overflow on the second, and integrate the third
+/// out of order).
+fn scan_blocks(update: &[u8]) -> Result<Scanned, TextError> {
     let bad = |e: yrs::encoding::read::Error| TextError::Malformed(e.to_string());
+    let past_u32 = || TextError::Malformed("clock overflow".into());
     let mut decoder = DecoderV1::new(Cursor::new(update));
+    // yrs's `read_client` and `read_id`, with the client id checked first.
+    let read_client = |decoder: &mut DecoderV1| -> Result<ClientID, TextError> {
+        let client: u64 = decoder.read_var().map_err(bad)?;
+        if client >> 53 != 0 {
+            return Err(TextError::Malformed(format!(
+                "client id {client} is over 53 bits"
+            )));
+        }
+        Ok(ClientID::new(client))
+    };
+    let read_id = |decoder: &mut DecoderV1| -> Result<ID, TextError> {
+        let client = read_client(decoder)?;
+        Ok(ID::new(client, decoder.read_var().map_err(bad)?))
+    };
     let clients: u32 = decoder.read_var().map_err(bad)?;
     let mut out: Vec<(ClientID, VecDeque<ScannedBlock>)> = Vec::new();
+    let mut listed = HashSet::new();
     for _ in 0..clients {
         let count: u32 = decoder.read_var().map_err(bad)?;
-        let client = decoder.read_client().map_err(bad)?;
+        let client = read_client(&mut decoder)?;
+        // yrs appends a second list of the same client's blocks to the first, out of
+        // clock order, and trips over it when integrating; no encoder writes one.
+        if !listed.insert(client) {
+            return Err(TextError::Malformed(format!(
+                "client {} listed twice",
+                client.get()
+            )));
+        }
         let mut clock: u32 = decoder.read_var().map_err(bad)?;
         let mut blocks = VecDeque::new();
         for _ in 0..count {
             let info = decoder.read_info().map_err(bad)?;
-            let (len, deps) = match info & 0b1_1111 {
+            // The whole info byte, as yrs matches it: a GC or skip block has no
+            // flags (with flags, the same low bits start an item).
+            let (len, deps) = match info {
                 BLOCK_SKIP => {
                     let len: u32 = decoder.read_var().map_err(bad)?;
                     // A hole: nothing to integrate, the clock moves on.
-                    clock = clock.saturating_add(len);
+                    clock = clock.checked_add(len).ok_or_else(past_u32)?;
                     continue;
                 }
                 BLOCK_GC => (decoder.read_len().map_err(bad)?, Vec::new()),
                 _ => {
                     let mut deps = Vec::new();
                     if info & HAS_ORIGIN != 0 {
-                        deps.push(decoder.read_left_id().map_err(bad)?);
+                        deps.push(read_id(&mut decoder)?);
                     }
                     if info & HAS_RIGHT_ORIGIN != 0 {
-                        deps.push(decoder.read_right_id().map_err(bad)?);
+                        deps.push(read_id(&mut decoder)?);
                     }
                     if info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0 {
                         if decoder.read_parent_info().map_err(bad)? {
@@ -498,15 +547,15 @@ fn scan_blocks(update: &[u8]) -> Result<Vec<(ClientID, VecDeque<ScannedBlock>)>,
                             return Err(TextError::Malformed("a map entry, not text".into()));
                         }
                     }
-                    let content = ItemContent::decode(&mut decoder, info).map_err(bad)?;
-                    match content {
-                        ItemContent::String(_) | ItemContent::Deleted(_) => {}
-                        other => {
-                            return Err(TextError::Malformed(format!(
-                                "content other than plain text: {other:?}"
-                            )))
-                        }
+                    // Only string and deleted content are decoded: yrs reserves memory
+                    // for the claimed length of other kinds before reading them.
+                    let content_ref = info & 0b1111;
+                    if content_ref != CONTENT_DELETED && content_ref != CONTENT_STRING {
+                        return Err(TextError::Malformed(format!(
+                            "content other than plain text (kind {content_ref})"
+                        )));
                     }
+                    let content = ItemContent::decode(&mut decoder, info).map_err(bad)?;
                     (content.len_utf16(), deps)
                 }
             };
@@ -515,13 +564,28 @@ fn scan_blocks(update: &[u8]) -> Result<Vec<(ClientID, VecDeque<ScannedBlock>)>,
                 continue;
             }
             blocks.push_back(ScannedBlock { clock, len, deps });
-            clock = clock
-                .checked_add(len)
-                .ok_or_else(|| TextError::Malformed("clock overflow".into()))?;
+            clock = clock.checked_add(len).ok_or_else(past_u32)?;
         }
         out.push((client, blocks));
     }
-    Ok(out)
+    // The delete set (yrs's `IdSet::decode`): per client, (clock, length) ranges.
+    let mut deletes = Vec::new();
+    let delete_clients: u32 = decoder.read_var().map_err(bad)?;
+    for _ in 0..delete_clients {
+        decoder.reset_ds_cur_val();
+        let client = read_client(&mut decoder)?;
+        let ranges: u32 = decoder.read_var().map_err(bad)?;
+        for _ in 0..ranges {
+            let start = decoder.read_ds_clock().map_err(bad)?;
+            let len = decoder.read_ds_len().map_err(bad)?;
+            let end = start.checked_add(len).ok_or_else(past_u32)?;
+            deletes.push((client, start..end));
+        }
+    }
+    Ok(Scanned {
+        blocks: out,
+        deletes,
+    })
 }
 
 /// Whether yrs could integrate every block and delete of `update` into a
@@ -529,11 +593,11 @@ fn scan_blocks(update: &[u8]) -> Result<Vec<(ClientID, VecDeque<ScannedBlock>)>,
 /// order per client once their clock meets the client's state (no gap) and
 /// every id they name is present; blocks of one client may wait for another
 /// client's blocks of the same update, so this runs to a fixed point.
-fn check_integrable(
-    state: &StateVector,
-    mut blocks: Vec<(ClientID, VecDeque<ScannedBlock>)>,
-    update: &Update,
-) -> Result<(), TextError> {
+fn check_integrable(state: &StateVector, scanned: Scanned) -> Result<(), TextError> {
+    let Scanned {
+        mut blocks,
+        deletes,
+    } = scanned;
     let mut seen: HashMap<ClientID, u32> = HashMap::new();
     let clock_of = |seen: &HashMap<ClientID, u32>, c: &ClientID| {
         seen.get(c).copied().unwrap_or_else(|| state.get(c))
@@ -563,9 +627,11 @@ fn check_integrable(
     if blocks.iter().any(|(_, q)| !q.is_empty()) {
         return Err(TextError::MissingBase);
     }
-    for (client, ranges) in update.delete_set().iter() {
+    // yrs applies a delete range that starts below the client's clock and ends
+    // at or below it; any other (even an empty one) it keeps pending.
+    for (client, range) in &deletes {
         let have = clock_of(&seen, client);
-        if ranges.iter().any(|r| r.end > have) {
+        if range.start >= have || range.end > have {
             return Err(TextError::MissingBase);
         }
     }

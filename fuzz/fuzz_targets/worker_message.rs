@@ -1,0 +1,5 @@
+#![no_main]
+//! See `hearth_fuzz::bridge_frame`: a frame from the worker, as a tab decodes it.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    hearth_fuzz::bridge_frame::<hearth_bridge::WorkerMessage>(data)
+});
