@@ -154,7 +154,7 @@ pub struct Access {
     who: Arc<Principal>,
     /// Per (table with a read rule, lookup index): the looked-up rows that
     /// match for this user, by key (postcard bytes) → the selected value.
-    grants: BTreeMap<(String, usize), BTreeMap<Vec<u8>, Value>>,
+    grants: crate::rules::Grants,
     /// Per table with a read rule: its parameters (claims, lookup lists).
     params: BTreeMap<String, BTreeMap<String, Param>>,
 }
@@ -162,11 +162,7 @@ pub struct Access {
 impl Access {
     /// `grants` as [`crate::server::read_grants`] reads them at the
     /// link's cursor.
-    pub fn new(
-        schema: &Schema,
-        who: Arc<Principal>,
-        grants: BTreeMap<(String, usize), BTreeMap<Vec<u8>, Value>>,
-    ) -> Access {
+    pub fn new(schema: &Schema, who: Arc<Principal>, grants: crate::rules::Grants) -> Access {
         let mut access = Access {
             who,
             grants,

@@ -48,6 +48,11 @@ use crate::filter::{Filter, Param};
 use crate::schema::{ident, Table};
 use crate::value::Value;
 
+/// What the read rules' lookups yield for one user: per (table with a read
+/// rule, lookup index), the looked-up rows that match, by key (the key's
+/// postcard bytes) → the selected value.
+pub type Grants = BTreeMap<(String, usize), BTreeMap<Vec<u8>, Value>>;
+
 /// The code of a write a rule refuses.
 pub const FORBIDDEN: &str = "FORBIDDEN";
 

@@ -2298,10 +2298,8 @@ pub fn read_grants(
     schema: &Schema,
     who: &crate::rules::Principal,
     at: u64,
-) -> Result<std::collections::BTreeMap<(String, usize), std::collections::BTreeMap<Vec<u8>, Value>>>
-{
-    use std::collections::BTreeMap;
-    let mut out: BTreeMap<(String, usize), BTreeMap<Vec<u8>, Value>> = BTreeMap::new();
+) -> Result<crate::rules::Grants> {
+    let mut out = crate::rules::Grants::new();
     let mut any = false;
     for (table, rules) in &schema.rules {
         let Some(rule) = &rules.read else { continue };
