@@ -21,7 +21,7 @@ seconds="${1:-20}"
   echo "usage: $0 [SECONDS_PER_TARGET]" >&2
   exit 2
 }
-targets=(client_frame server_frame push_len page_message worker_message schema filter text_update)
+targets=(client_frame server_frame push_len page_message worker_message schema filter text_update token)
 
 say() { printf 'fuzz: %s\n' "$*"; }
 

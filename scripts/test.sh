@@ -26,6 +26,13 @@ cargo check -p hearth-engine --target wasm32-unknown-unknown
 step "native tests: engine, server, CLI, integration over real sockets, simulation"
 cargo test --release --workspace
 
+# Fuzzing builds its own (instrumented) copy of the crates, so it runs in the background
+# beside the browser tests, which mostly wait on the browser, and is checked at the end.
+step "fuzzing every decoder of network and page bytes, 20 s per target (in the background)"
+fuzz_log="$(mktemp)"
+bash scripts/fuzz.sh 20 >"$fuzz_log" 2>&1 &
+fuzz_pid=$!
+
 step "wasm tests in headless Chromium (SharedWorker, IndexedDB)"
 cargo test --release -p hearth-worker --target wasm32-unknown-unknown
 
@@ -33,5 +40,13 @@ if true; then
   step "browser end-to-end tests against the real server"
   tests/e2e/run.sh
 fi
+
+step "fuzzing results"
+if ! wait "$fuzz_pid"; then
+  cat "$fuzz_log"
+  echo "fuzzing found a crash (or could not run): see above" >&2
+  exit 1
+fi
+grep -E '^(target|total|[a-z_]+ +[0-9]+ )|^fuzz: (built|no crash)' "$fuzz_log" || cat "$fuzz_log"
 
 step "all tests passed in $((SECONDS - started)) s"

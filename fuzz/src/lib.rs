@@ -79,6 +79,49 @@ pub fn schema(data: &[u8]) {
     }
 }
 
+/// The HS256 secret of the `token` target's server, and its Ed25519 key set (the public
+/// half of `seeds::ED25519_PKCS8_HEX`).
+pub const TOKEN_SECRET: &str = "the fuzz target's secret, long enough for HS256";
+pub const ED25519_X: &str = "43jcV39GjaUhB1wIsy0HKlV9IV6mcJKH6aldcXcO0ns";
+
+fn verifiers() -> &'static [hearth_server::auth::Verifier; 2] {
+    static VERIFIERS: OnceLock<[hearth_server::auth::Verifier; 2]> = OnceLock::new();
+    VERIFIERS.get_or_init(|| {
+        // Set once, before any verifier reads it, in this one process.
+        std::env::set_var("HEARTH_FUZZ_JWT_SECRET", TOKEN_SECRET);
+        let jwks = std::env::temp_dir().join(format!("hearth-fuzz-jwks-{}.json", std::process::id()));
+        std::fs::write(
+            &jwks,
+            format!(r#"{{"keys": [{{"kty": "OKP", "crv": "Ed25519", "x": "{ED25519_X}", "kid": "k1"}}]}}"#),
+        )
+        .expect("write the key set");
+        let auth = |hs256: bool| hearth_engine::rules::Auth {
+            hs256_secret_env: hs256.then(|| "HEARTH_FUZZ_JWT_SECRET".to_string()),
+            jwks_file: (!hs256).then(|| jwks.to_str().unwrap().to_string()),
+            issuer: Some("https://auth.example.test".into()),
+            audience: Some("hearth".into()),
+            leeway_s: 30,
+        };
+        [
+            hearth_server::auth::Verifier::new(&auth(true)).expect("an HS256 verifier"),
+            hearth_server::auth::Verifier::new(&auth(false)).expect("a key set verifier"),
+        ]
+    })
+}
+
+/// `token`: a Hello's token, as the server checks it (with an HS256 secret, and with an
+/// Ed25519 key set) and as a device reads its `sub`: errors, never panics; a token the
+/// server takes has a non-empty `sub`.
+pub fn token(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    for verifier in verifiers() {
+        if let Ok(verified) = verifier.verify(Some(&text)) {
+            assert!(!verified.principal.sub.is_empty());
+        }
+    }
+    let _ = hearth_engine::client::token_subject(&text);
+}
+
 /// `text_update`: a yrs v1 update, as the server merges a device's `ColumnOp::Text` and a
 /// device applies the server's, into a document holding some text; when it applied, the
 /// document's state must load back. Also the bytes as a whole state (`TextDoc::load`) and
@@ -196,6 +239,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("schema", schema),
     ("filter", filter),
     ("text_update", text_update),
+    ("token", token),
 ];
 
 #[cfg(test)]
@@ -245,6 +289,9 @@ mod tests {
                     "worker_message" => hearth_bridge::decode::<WorkerMessage>(&bytes).is_ok(),
                     "schema" => Schema::parse(std::str::from_utf8(&bytes).unwrap()).is_ok(),
                     "text_update" => text_base().apply_update(&bytes).is_ok(),
+                    // Every token seed has the shape of a JWT (some are refused: alg
+                    // none, a wrong key, expired), so the fuzzer starts inside the format.
+                    "token" => bytes.iter().filter(|&&b| b == b'.').count() == 2,
                     "filter" => {
                         let tables = &demo_schema().tables;
                         let table = tables.values().nth(bytes[0] as usize % tables.len());

@@ -21,6 +21,45 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("schema", schema()),
         ("filter", filter()),
         ("text_update", text_update()),
+        ("token", token()),
+    ]
+}
+
+/// The private half of `crate::ED25519_X`, as PKCS#8 DER (a test key).
+const ED25519_PKCS8_HEX: &str = "302e020100300506032b65700422042030a3a3a587ee07ca06c31b6b2eaabee2e834ba6e57e18729a75783509272a190";
+
+fn token() -> Seeds {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let claims = serde_json::json!({
+        "sub": "alice", "iss": "https://auth.example.test", "aud": "hearth",
+        "exp": 4_000_000_000u64, "nbf": 1_000, "role": ["admin"], "n": 1.5
+    });
+    let hs = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(crate::TOKEN_SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let der: Vec<u8> = (0..ED25519_PKCS8_HEX.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&ED25519_PKCS8_HEX[i..i + 2], 16).unwrap())
+        .collect();
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some("k1".into());
+    let ed = encode(&header, &claims, &EncodingKey::from_ed_der(&der)).unwrap();
+    let b64 = |s: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    let none = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(&claims.to_string())
+    );
+    vec![
+        ("hs256", hs.into_bytes()),
+        ("eddsa", ed.into_bytes()),
+        ("none", none.into_bytes()),
     ]
 }
 
@@ -97,6 +136,7 @@ fn client() -> Seeds {
                 cursor: 17,
                 schema_version: Some(2),
                 subscriptions: vec![subscription()],
+                token: Some("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln".into()),
             },
         ),
         ("push", push()),
@@ -210,6 +250,13 @@ fn server() -> Seeds {
             },
         ),
         (
+            "reload",
+            ServerMsg::Reload {
+                cursor: 9,
+                tables: vec!["todos".into(), "lists".into()],
+            },
+        ),
+        (
             "subscription-refused",
             ServerMsg::SubscriptionRefused {
                 id: 42,
@@ -301,6 +348,8 @@ fn page() -> Seeds {
                 Request::Open {
                     server: "ws://localhost/sync".into(),
                     tab_lock: "tab-1".into(),
+                    token: Some("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln".into()),
+                    reset: true,
                 },
             ),
         ),
@@ -357,6 +406,15 @@ fn page() -> Seeds {
             ),
         ),
         ("sync", request(6, Request::Sync { timeout_ms: 5000 })),
+        (
+            "set-token",
+            request(
+                7,
+                Request::SetToken {
+                    token: "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln".into(),
+                },
+            ),
+        ),
         ("bye", PageMessage::Bye),
         ("network", PageMessage::Network { online: true }),
     ];
@@ -420,6 +478,13 @@ fn worker() -> Seeds {
         ),
         ("status", WorkerMessage::Notice(Notice::Status(status))),
         (
+            "token-needed",
+            WorkerMessage::Notice(Notice::TokenNeeded {
+                code: "AUTH_EXPIRED".into(),
+                message: "exp: the token expired".into(),
+            }),
+        ),
+        (
             "changed",
             WorkerMessage::Notice(Notice::Changed {
                 tables: vec!["todos".into()],
@@ -469,10 +534,26 @@ where = "list_id = :list AND done = FALSE"
 table = "lists"
 "#;
 
+const AUTH_SCHEMA: &str = r#"version = 1
+[auth]
+hs256_secret_env = "X"
+issuer = "https://auth.example.test"
+[tables.members]
+create = "CREATE TABLE members (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, user_id TEXT NOT NULL)"
+rules = { read = "user_id = auth.sub OR list_id IN (SELECT list_id FROM members WHERE user_id = auth.sub)", insert = "true" }
+[tables.todos]
+create = "CREATE TABLE todos (id TEXT PRIMARY KEY, list_id TEXT NOT NULL, owner TEXT)"
+[tables.todos.rules]
+read = "list_id NOT IN (SELECT list_id FROM members WHERE user_id = auth.sub AND id <> 'x') AND owner IS NOT NULL"
+update = "owner = auth.sub AND EXISTS (SELECT 1 FROM members m WHERE m.list_id = list_id)"
+delete = "false"
+"#;
+
 fn schema() -> Seeds {
     vec![
         ("demo", DEMO_SCHEMA.as_bytes().to_vec()),
         ("streams", STREAMS_SCHEMA.as_bytes().to_vec()),
+        ("auth", AUTH_SCHEMA.as_bytes().to_vec()),
     ]
 }
 

@@ -26,6 +26,7 @@ mod subscribe;
 mod sync;
 
 pub use subscribe::{subscription_id, SubscriptionInfo};
+pub use sync::token_subject;
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
