@@ -5,7 +5,8 @@
 //! Run: `cargo build --release --bin hearth && cargo run --release --example
 //! bench_streams [scenario]` (it needs `target/release/hearth`; `HEARTH_BIN`
 //! picks another build). The optional argument runs only the scenarios whose
-//! name contains it: `load`, `fanout`, `bandwidth`. Prints each figure beside
+//! name contains it: `load`, `fanout` (both fan-out runs), `fanout-rules`,
+//! `bandwidth`. Prints each figure beside
 //! its target, `MISSED` where a target is not met, and writes
 //! target/bench/streams.json. Every scenario is bounded in time (90 s).
 //!
@@ -53,6 +54,14 @@
 //!     CPU than the server. Printed beside the shared figures: the server's
 //!     and this program's CPU (in cores) and, per write, when its first and
 //!     its last connection got it.
+//! - `fanout-rules`: the `fanout` scenario again under `[auth]` (issue 11):
+//!   every connection presents its user's token, and `items` has the read
+//!   rule `owner = auth.sub OR room IN (SELECT room FROM members WHERE
+//!   user_id = auth.sub)`, every user a member of the shared room, so each
+//!   delivery passes a claim comparison and a lookup list. Its figures are
+//!   `fanout_rules.*`; `fanout_rules.flood_rate_off_over_on` and
+//!   `fanout_rules.paced_p99_on_over_off` compare them with `fanout`'s,
+//!   target ≤ 1.5 each.
 //! - `bandwidth`: a raw connection subscribed to a 10,000-row stream; 1,000
 //!   one-column edits (`title` of rows spread over the stream), each pushed
 //!   once the previous one was delivered. `bandwidth.row_level_bytes_per_edit`
@@ -106,6 +115,60 @@ where = "owner = :me"
 table = "items"
 where = "room = :r"
 "#;
+
+/// The same items under `[auth]` (the `fanout-rules` scenario): a user
+/// reads their own items and those of the rooms they are a member of, a
+/// lookup in `members`, so every delivery passes a read rule with a claim
+/// and a lookup list, per connection.
+const RULES_SCHEMA: &str = r#"
+version = 1
+[auth]
+hs256_secret_env = "HEARTH_BENCH_JWT_SECRET"
+leeway_s = 30
+[tables.members]
+create = "CREATE TABLE members (id TEXT PRIMARY KEY, room TEXT NOT NULL, user_id TEXT NOT NULL)"
+rules = { read = "user_id = auth.sub", insert = "true" }
+[tables.items]
+create = """
+CREATE TABLE items (
+  id    TEXT PRIMARY KEY,
+  owner TEXT NOT NULL,
+  room  TEXT NOT NULL,
+  title TEXT NOT NULL,
+  done  INTEGER NOT NULL DEFAULT 0,
+  note  TEXT
+)"""
+merge = "lww"
+[tables.items.rules]
+read = "owner = auth.sub OR room IN (SELECT room FROM members WHERE user_id = auth.sub)"
+insert = "true"
+update = "true"
+
+[streams.mine]
+table = "items"
+where = "owner = :me"
+
+[streams.room]
+table = "items"
+where = "room = :r"
+"#;
+
+const BENCH_SECRET: &str = "the benchmark's HS256 secret, 32 bytes or more";
+
+/// An HS256 token for `sub`, valid for an hour, signed with `BENCH_SECRET`.
+fn token_for(sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(BENCH_SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
 
 /// Every scenario ends within this, or is reported as unfinished.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(90);
@@ -221,6 +284,11 @@ struct Writer {
 
 impl Writer {
     async fn connect(url: &str) -> Writer {
+        Writer::connect_as(url, None).await
+    }
+
+    /// A writer presenting `token` (under `[auth]`).
+    async fn connect_as(url: &str, token: Option<String>) -> Writer {
         let mut ws = native_client::connect(url, Duration::from_secs(10))
             .await
             .unwrap();
@@ -230,7 +298,7 @@ impl Writer {
             cursor: 0,
             schema_version: None,
             subscriptions: Vec::new(),
-            token: None,
+            token,
         }))
         .await
         .unwrap();
@@ -565,6 +633,7 @@ async fn subscriber(
     n: usize,
     writer_id: u64,
     delivered: Arc<AtomicU64>,
+    rules: bool,
 ) -> Arc<Heard> {
     let mut ws = light_connect(&url).await;
     ws.send(binary(&ClientMsg::Hello {
@@ -575,7 +644,7 @@ async fn subscriber(
             subscription(1, "mine", "me", &format!("u{n}")),
             subscription(2, "room", "r", "shared"),
         ],
-        token: None,
+        token: rules.then(|| token_for(&format!("u{n}"))),
     }))
     .await
     .unwrap();
@@ -933,13 +1002,39 @@ async fn shared_paced(
     }
 }
 
-async fn fanout() -> Vec<Figure> {
+async fn fanout(rules: bool) -> Vec<Figure> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let server = Server::start();
+    let server = if rules {
+        Server::start_env(RULES_SCHEMA, &[("HEARTH_BENCH_JWT_SECRET", BENCH_SECRET)])
+    } else {
+        Server::start()
+    };
     let url = server.url();
-    let mut writer = Writer::connect(&url).await;
+    let mut writer = Writer::connect_as(&url, rules.then(|| token_for("writer"))).await;
+    if rules {
+        // Every user is a member of the shared room.
+        let members: Vec<RowChange> = (0..CONNECTIONS)
+            .map(|n| RowChange {
+                table: "members".into(),
+                pk: text(format!("m{n}")),
+                op: RowOp::Upsert {
+                    insert: true,
+                    columns: vec![
+                        ("room".into(), ColumnOp::Set(text("shared"))),
+                        ("user_id".into(), ColumnOp::Set(text(format!("u{n}")))),
+                    ],
+                },
+            })
+            .collect();
+        writer.push(members).await;
+        match tokio::time::timeout(Duration::from_secs(20), writer.acks.recv()).await {
+            Ok(Some(Some(_))) => {}
+            other => panic!("the memberships were not applied: {other:?}"),
+        }
+    }
     let delivered = Arc::new(AtomicU64::new(0));
-    let mut heard = vec![subscriber(url.clone(), 0, writer.client_id, delivered.clone()).await];
+    let mut heard =
+        vec![subscriber(url.clone(), 0, writer.client_id, delivered.clone(), rules).await];
     // Let the connection settle before measuring.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let alone = private_phase(&server, &mut writer, &heard[0], &delivered, "1 connection").await;
@@ -949,7 +1044,7 @@ async fn fanout() -> Vec<Figure> {
         let opened = futures_util::future::join_all(
             batch
                 .iter()
-                .map(|&n| subscriber(url.clone(), n, writer.client_id, delivered.clone())),
+                .map(|&n| subscriber(url.clone(), n, writer.client_id, delivered.clone(), rules)),
         )
         .await;
         heard.extend(opened);
@@ -1023,7 +1118,7 @@ async fn fanout() -> Vec<Figure> {
         percentile_ms(&lat, 0.99),
     );
     drop(heard);
-    vec![
+    let figures = vec![
         Figure::new(
             "fanout.shared_paced_p99",
             paced.p99_ms,
@@ -1098,7 +1193,49 @@ async fn fanout() -> Vec<Figure> {
             "x",
             Target::AtMost(2.0),
         ),
-    ]
+    ];
+    if !rules {
+        return figures;
+    }
+    // The same figures under read rules, named `fanout_rules.*`.
+    figures
+        .into_iter()
+        .map(|mut f| {
+            let rest = f.name.strip_prefix("fanout.").unwrap_or(f.name);
+            f.name = Box::leak(format!("fanout_rules.{rest}").into_boxed_str());
+            f
+        })
+        .collect()
+}
+
+/// Read rules against none, from the two fan-out runs: deliveries a second
+/// (flood) and the paced p99, each within 1.5x (issue 11's target).
+fn rules_cost(figures: &[Figure]) -> Vec<Figure> {
+    let get = |name: &str| figures.iter().find(|f| f.name == name).map(|f| f.value);
+    let mut out = Vec::new();
+    if let (Some(off), Some(on)) = (
+        get("fanout.shared_flood_deliveries_per_s"),
+        get("fanout_rules.shared_flood_deliveries_per_s"),
+    ) {
+        out.push(Figure::new(
+            "fanout_rules.flood_rate_off_over_on",
+            off / on,
+            "x",
+            Target::AtMost(1.5),
+        ));
+    }
+    if let (Some(off), Some(on)) = (
+        get("fanout.shared_paced_p99"),
+        get("fanout_rules.shared_paced_p99"),
+    ) {
+        out.push(Figure::new(
+            "fanout_rules.paced_p99_on_over_off",
+            on / off,
+            "x",
+            Target::AtMost(1.5),
+        ));
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -1299,6 +1436,10 @@ async fn main() {
             "1,000 connections, each on a private and a shared stream",
         ),
         (
+            "fanout-rules",
+            "the same 1,000 connections under [auth], each row passing a read rule with a lookup",
+        ),
+        (
             "bandwidth",
             "1,000 one-column edits across a 10,000-row subscription",
         ),
@@ -1313,7 +1454,8 @@ async fn main() {
         let run = async {
             match name {
                 "load" => initial_load().await,
-                "fanout" => fanout().await,
+                "fanout" => fanout(false).await,
+                "fanout-rules" => fanout(true).await,
                 _ => bandwidth().await,
             }
         };
@@ -1333,6 +1475,8 @@ async fn main() {
         );
         figures.extend(got);
     }
+    let ratios = rules_cost(&figures);
+    figures.extend(ratios);
     println!();
     println!(
         "{:<46} {:>14} {:<7} {:<12} verdict",

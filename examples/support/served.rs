@@ -14,6 +14,11 @@ impl Served {
     /// Serves `schema` with `target/release/hearth` (beside this program's
     /// binary), or the build `HEARTH_BIN` names (say, an older commit's).
     pub fn start_with(schema: &str) -> Served {
+        Served::start_env(schema, &[])
+    }
+
+    /// [`Served::start_with`] with environment variables for the server.
+    pub fn start_env(schema: &str, envs: &[(&str, &str)]) -> Served {
         let exe = std::env::current_exe().unwrap();
         let bin = std::env::var_os("HEARTH_BIN")
             .map(std::path::PathBuf::from)
@@ -32,6 +37,7 @@ impl Served {
             .arg(&schema_file)
             .arg("--data")
             .arg(dir.path().join("data"))
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
