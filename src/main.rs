@@ -127,17 +127,19 @@ const EXIT_REJECTED: u8 = 3;
 /// (`AUTH_USER_CHANGED`).
 const EXIT_AUTH: u8 = 4;
 
+/// The server's own words for an error it sent, else the error.
+fn server_message(e: &SyncError) -> String {
+    match e {
+        SyncError::Client(hearth_engine::ClientError::Server { message, .. }) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// A refused token or device, said on stderr (`hearth: CODE: reason`).
 fn auth_refusal(e: &SyncError) -> Option<ExitCode> {
     match e.server_code() {
         Some(code @ ("AUTH" | "AUTH_USER_CHANGED")) => {
-            let message = match e {
-                SyncError::Client(hearth_engine::ClientError::Server { message, .. }) => {
-                    message.clone()
-                }
-                other => other.to_string(),
-            };
-            eprintln!("hearth: {code}: {message}");
+            eprintln!("hearth: {code}: {}", server_message(e));
             Some(ExitCode::from(EXIT_AUTH))
         }
         _ => None,
@@ -452,8 +454,12 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                 }
                 // An expired token: like an unreachable server, the device
                 // keeps its pending writes until it has a new one.
-                Err(e) if e.server_code() == Some("AUTH_EXPIRED") => {
-                    eprintln!("hearth: AUTH_EXPIRED: {e}");
+                // An expired token, or a server limiting this device's rate:
+                // like an unreachable server, the device keeps its pending
+                // writes and tries again later.
+                Err(e) if matches!(e.server_code(), Some("AUTH_EXPIRED" | "RATE_LIMITED")) => {
+                    let code = e.server_code().unwrap_or_default();
+                    eprintln!("hearth: {code}: {}", server_message(&e));
                     Ok(ExitCode::from(EXIT_UNREACHABLE))
                 }
                 Err(e) => match auth_refusal(&e) {

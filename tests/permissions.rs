@@ -306,7 +306,13 @@ async fn bad_tokens_are_refused_naming_the_check() {
             "number sub",
             Some(sign(&with("sub", json!(42)))),
             "AUTH",
-            "sub",
+            "sub: the claim has the wrong type",
+        ),
+        (
+            "text exp",
+            Some(sign(&with("exp", json!("soon")))),
+            "AUTH",
+            "exp: the claim has the wrong type",
         ),
         (
             "oversized",
@@ -741,4 +747,156 @@ async fn floods_and_too_many_connections_are_rate_limited() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A user removed from a list while their device holds pending writes to
+/// its rows: the writes are refused and rolled back, and the rows leave the
+/// device once they settle (none stays behind, seen or hidden by a write).
+#[test]
+fn rows_with_pending_writes_leave_once_the_writes_settle() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path());
+    let alice = User::new(dir.path(), "alice", &server);
+    let bob = User::new(dir.path(), "bob", &server);
+    alice.exec_ok(
+        "INSERT INTO lists (id, owner) VALUES ('l1', 'alice'); \
+         INSERT INTO members (id, list_id, user_id) VALUES ('m1', 'l1', 'alice'), ('m2', 'l1', 'bob'); \
+         INSERT INTO todos (id, list_id, owner, title) VALUES ('t1', 'l1', 'alice', 'milk'), ('t2', 'l1', 'alice', 'eggs')",
+    );
+    bob.sync();
+    assert_eq!(bob.ids("members"), ["m1", "m2"]);
+    assert_eq!(bob.ids("todos"), ["t1", "t2"]);
+    // Offline, bob deletes a membership (hiding its row on his device) and
+    // edits a todo.
+    let offline = User {
+        url: common::cli::OFFLINE.to_string(),
+        ..User::new(dir.path(), "bob", &server)
+    };
+    for sql in [
+        "DELETE FROM members WHERE id = 'm1'",
+        "UPDATE todos SET title = 'oat milk' WHERE id = 't1'",
+    ] {
+        let line = offline.exec(sql);
+        assert_eq!(line["status"], "queued", "{line}");
+    }
+    alice.exec_ok("DELETE FROM members WHERE id = 'm2'");
+    bob.sync();
+    bob.sync();
+    assert_eq!(bob.ids("members"), Vec::<String>::new());
+    assert_eq!(bob.ids("todos"), Vec::<String>::new());
+    assert_eq!(bob.ids("lists"), Vec::<String>::new());
+    assert_eq!(
+        server.query("SELECT id, title FROM todos ORDER BY id"),
+        vec![
+            json!({"id": "t1", "title": "milk"}),
+            json!({"id": "t2", "title": "eggs"})
+        ]
+    );
+}
+
+/// An initial load under a read rule names no row the user may not read:
+/// not by a row, and not by the key a chunk says it reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_never_names_a_hidden_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema =
+        format!("{SCHEMA}\n[streams.list_todos]\ntable = \"todos\"\nwhere = \"list_id = :list\"\n");
+    let server = Served::start_env(dir.path(), &schema, &[], &[(SECRET_ENV, SECRET)]);
+    let alice = User::new(dir.path(), "alice", &server);
+    alice.exec_ok(
+        "INSERT INTO lists (id, owner) VALUES ('l1', 'alice'); \
+         INSERT INTO members (id, list_id, user_id) VALUES ('m1', 'l1', 'alice'); \
+         INSERT INTO todos (id, list_id, owner, title) VALUES ('t1', 'l1', 'alice', 'a'), ('t2', 'l1', 'alice', 'b'), ('t3', 'l1', 'alice', 'c')",
+    );
+    // Zed, a member of nothing, subscribes to alice's list on a raw socket
+    // and reads every frame until the load is done.
+    let mut ws = native_client::connect(&server.url, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut params = std::collections::BTreeMap::new();
+    params.insert(
+        "list".to_string(),
+        hearth_engine::filter::Param::One(hearth_engine::Value::Text("l1".into())),
+    );
+    let hello = ClientMsg::Hello {
+        client_id: 4242,
+        cursor: 0,
+        schema_version: None,
+        subscriptions: vec![hearth_engine::protocol::Subscription {
+            id: 1,
+            stream: "list_todos".into(),
+            params,
+            load: hearth_engine::protocol::Load::After(None),
+        }],
+        token: Some(token_for("zed")),
+    };
+    ws.send(Message::Binary(encode_client(&hello).into()))
+        .await
+        .unwrap();
+    let mut everything = String::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("the load ends")
+            .expect("a frame")
+            .expect("a frame");
+        let Message::Binary(bytes) = frame else {
+            continue;
+        };
+        let msg = decode_server(&bytes, FRAME_BYTES_MAX).unwrap();
+        everything.push_str(&format!("{msg:?}\n"));
+        if matches!(msg, ServerMsg::Rows { done: true, .. }) {
+            break;
+        }
+    }
+    for hidden in ["t1", "t2", "t3", "l1"] {
+        assert!(
+            !everything.contains(&format!("\"{hidden}\"")),
+            "zed heard of {hidden}:\n{everything}"
+        );
+    }
+}
+
+/// Claims named like columns, and array claims: `tenant_id =
+/// auth.tenant_id` in a write rule compares the row's column with the
+/// claim, and `grp IN auth.groups` in a read rule reads the array.
+#[test]
+fn claims_named_like_columns_and_array_claims() {
+    let schema = r#"
+version = 1
+[auth]
+hs256_secret_env = "HEARTH_TEST_JWT_SECRET"
+leeway_s = 0
+[tables.docs]
+create = "CREATE TABLE docs (id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, grp TEXT NOT NULL, body TEXT)"
+[tables.docs.rules]
+read = "grp IN auth.groups"
+insert = "tenant_id = auth.tenant_id"
+update = "tenant_id = auth.tenant_id"
+delete = "false"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Served::start_env(dir.path(), schema, &[], &[(SECRET_ENV, SECRET)]);
+    let token = |sub: &str, groups: Json| {
+        sign(&json!({"sub": sub, "tenant_id": "acme", "groups": groups, "exp": now_s() + 3600}))
+    };
+    let mut alice = User::new(dir.path(), "alice", &server);
+    alice.token = token("alice", json!(["g1", "g2"]));
+    let mut bob = User::new(dir.path(), "bob", &server);
+    bob.token = token("bob", json!(["g2"]));
+    alice.exec_ok(
+        "INSERT INTO docs (id, tenant_id, grp, body) VALUES ('d1', 'acme', 'g1', 'a'), ('d2', 'acme', 'g2', 'b'), ('d3', 'acme', 'g3', 'c')",
+    );
+    let reason =
+        alice.exec_forbidden("INSERT INTO docs (id, tenant_id, grp) VALUES ('d4', 'other', 'g1')");
+    assert!(reason.contains("tenant_id = auth.tenant_id"), "{reason}");
+    // Alice's own device keeps what her groups read; d3 (g3) leaves it.
+    alice.sync();
+    assert_eq!(alice.ids("docs"), ["d1", "d2"]);
+    bob.sync();
+    assert_eq!(bob.ids("docs"), ["d2"]);
+    assert_eq!(
+        server.query("SELECT count(*) AS n FROM docs"),
+        vec![json!({"n": 3})]
+    );
 }

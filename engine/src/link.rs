@@ -110,6 +110,24 @@ pub struct Refused {
 struct Sub {
     sub: Subscription,
     table: String,
+    /// The key the device last heard its load reached (`Rows.last`). Under
+    /// a read rule it is the last row sent, not the last row read: a row
+    /// the user may not read is never named, not even by its key.
+    told_last: Option<Value>,
+}
+
+impl Sub {
+    fn new(sub: Subscription, table: String) -> Sub {
+        let told_last = match &sub.load {
+            Load::After(last) => last.clone(),
+            Load::Done => None,
+        };
+        Sub {
+            sub,
+            table,
+            told_last,
+        }
+    }
 }
 
 pub struct Link {
@@ -367,6 +385,7 @@ impl Link {
         for s in self.subs.values_mut() {
             if tables.contains(&s.table) {
                 s.sub.load = Load::After(None);
+                s.told_last = None;
             }
         }
         if self.due.as_ref().is_some_and(|c| {
@@ -379,13 +398,7 @@ impl Link {
         for table in tables {
             if !self.schema.streamed(table) {
                 let sub = crate::protocol::whole_table_load(table);
-                self.subs.insert(
-                    sub.id,
-                    Sub {
-                        sub,
-                        table: table.clone(),
-                    },
-                );
+                self.subs.insert(sub.id, Sub::new(sub, table.clone()));
             }
         }
         self.recount_reloads();
@@ -468,13 +481,14 @@ impl Link {
         self.told = floor;
         for s in self.subs.values_mut() {
             s.sub.load = Load::After(None);
+            s.told_last = None;
         }
         self.due = None;
         for sub in crate::protocol::whole_table_loads(&self.schema) {
             let table = whole_table_of(&sub.stream)
                 .expect("a whole-table stream")
                 .to_string();
-            self.subs.insert(sub.id, Sub { sub, table });
+            self.subs.insert(sub.id, Sub::new(sub, table));
         }
         self.recount_reloads();
     }
@@ -607,7 +621,7 @@ impl Link {
                 );
             }
             let table = table.to_string();
-            self.subs.insert(sub.id, Sub { sub, table });
+            self.subs.insert(sub.id, Sub::new(sub, table));
             self.recount_reloads();
             return None;
         }
@@ -650,7 +664,7 @@ impl Link {
         }
         let table = stream.table.clone();
         self.changed.push(SubEvent::Taken(sub.clone()));
-        self.subs.insert(sub.id, Sub { sub, table });
+        self.subs.insert(sub.id, Sub::new(sub, table));
         None
     }
 
@@ -699,32 +713,50 @@ impl Link {
             return Vec::new();
         }
         if chunk.as_of == self.cursor {
-            return vec![self.deliver(chunk)];
+            return self.deliver(chunk).into_iter().collect();
         }
         self.due = Some(chunk);
         Vec::new()
     }
 
-    fn deliver(&mut self, chunk: LoadChunk) -> ServerMsg {
+    /// A chunk at the cursor: the subscription's load moves on, and the
+    /// device gets its rows. Under a read rule the device hears of the
+    /// load's progress only through rows it may read: `last` is the last
+    /// such row, and a chunk that brings none (and does not finish the
+    /// load) is not sent at all, so neither keys nor counts of hidden rows
+    /// leak.
+    fn deliver(&mut self, chunk: LoadChunk) -> Option<ServerMsg> {
+        let mut last = chunk.last.clone();
         if let Some(s) = self.subs.get_mut(&chunk.id) {
             s.sub.load = if chunk.done {
                 Load::Done
             } else {
                 Load::After(chunk.last.clone())
             };
+            if self.schema.read_rule(&s.table).is_some() || self.schema.readable_by_none(&s.table) {
+                if let Some(row) = chunk.rows.last() {
+                    s.told_last = Some(row.pk.clone());
+                }
+                last = s.told_last.clone();
+                if chunk.rows.is_empty() && !chunk.done {
+                    return None;
+                }
+            } else {
+                s.told_last = chunk.last.clone();
+            }
             if chunk.done {
                 self.recount_reloads();
             }
         }
         self.told = self.cursor;
-        ServerMsg::Rows {
+        Some(ServerMsg::Rows {
             id: chunk.id,
             cursor: chunk.as_of,
             hlc: self.hlc,
             rows: chunk.rows,
-            last: chunk.last,
+            last,
             done: chunk.done,
-        }
+        })
     }
 
     /// The log position of a chunk read ahead and waiting for the cursor,
@@ -768,7 +800,7 @@ impl Link {
     fn after_entries(&mut self, head: u64, out: &mut Vec<ServerMsg>) {
         if self.due.as_ref().is_some_and(|c| c.as_of == self.cursor) {
             let chunk = self.due.take().expect("checked");
-            out.push(self.deliver(chunk));
+            out.extend(self.deliver(chunk));
         }
         if self.cursor >= head {
             out.push(self.caught_up_frame());
@@ -862,7 +894,7 @@ impl Link {
         }
         if self.due.as_ref().is_some_and(|c| c.as_of == self.cursor) {
             let chunk = self.due.take().expect("checked");
-            out.push(self.deliver(chunk));
+            out.extend(self.deliver(chunk));
         }
         out
     }
@@ -898,7 +930,7 @@ impl Link {
         }
         if self.due.as_ref().is_some_and(|c| c.as_of == self.cursor) {
             let chunk = self.due.take().expect("checked");
-            out.push(self.deliver(chunk));
+            out.extend(self.deliver(chunk));
         }
         out
     }

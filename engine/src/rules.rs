@@ -141,17 +141,30 @@ impl TableRules {
 pub struct Principal {
     pub sub: String,
     pub claims: BTreeMap<String, Value>,
+    /// The claims that are arrays of strings, numbers or booleans, as lists
+    /// (for a read rule's `col IN auth.groups`).
+    pub lists: BTreeMap<String, Vec<Value>>,
 }
 
 impl Principal {
     /// From a token's verified claims (a JSON object with a string `sub`).
     pub fn from_claims(claims: &serde_json::Map<String, serde_json::Value>) -> Option<Principal> {
         let sub = claims.get("sub")?.as_str()?.to_string();
+        let lists = claims
+            .iter()
+            .filter_map(|(k, v)| {
+                let items = v.as_array()?;
+                items
+                    .iter()
+                    .all(|i| i.is_string() || i.is_number() || i.is_boolean())
+                    .then(|| (k.clone(), items.iter().map(claim_value).collect()))
+            })
+            .collect();
         let claims = claims
             .iter()
             .map(|(k, v)| (k.clone(), claim_value(v)))
             .collect();
-        Some(Principal { sub, claims })
+        Some(Principal { sub, claims, lists })
     }
 
     /// A claim's value, NULL when the token has none.
@@ -226,13 +239,22 @@ impl ReadRule {
         let mut out = BTreeMap::new();
         for name in &self.claims {
             let param = format!("{AUTH_PARAM}{name}");
-            let mut v = who.claim(name);
-            let fits =
-                |f: &Filter, v: &Value| f.params().get(&param).is_none_or(|t| t.affinity.admits(v));
-            if !fits(&self.filter, &v) || !self.lookups.iter().all(|l| fits(&l.filter, &v)) {
-                v = Value::Null;
-            }
-            out.insert(param, Param::One(v));
+            let filters =
+                || std::iter::once(&self.filter).chain(self.lookups.iter().map(|l| &l.filter));
+            let fits = |v: &Value| {
+                filters().all(|f| f.params().get(&param).is_none_or(|t| t.affinity.admits(v)))
+            };
+            let list = filters().any(|f| f.params().get(&param).is_some_and(|t| t.list));
+            let value = if list {
+                // `col IN auth.groups`: the array's items that fit (a claim
+                // that is no array is an empty list).
+                let items = who.lists.get(name).cloned().unwrap_or_default();
+                Param::Many(items.into_iter().filter(|v| fits(v)).collect())
+            } else {
+                let v = who.claim(name);
+                Param::One(if fits(&v) { v } else { Value::Null })
+            };
+            out.insert(param, value);
         }
         out
     }
@@ -461,9 +483,11 @@ fn compile_lookup(
 }
 
 /// A write rule made into one SQLite statement per table and action:
-/// `SELECT coalesce((rule), 0) = 1 FROM (SELECT ?1 AS "col", ...) AS "table",
-/// (SELECT ?n AS "claim", ...) AS auth`, the row's values bound first (in
-/// the table's column order), then the claims the rule names.
+/// `SELECT coalesce((rule), 0) IS 1 FROM (SELECT ?1 AS "col", ...) AS
+/// "table"`, each `auth.<claim>` in the rule replaced by a parameter; the
+/// row's values are bound first (in the table's column order), then the
+/// claims the rule names (arrays and objects as their JSON text, so
+/// `x IN (SELECT value FROM json_each(auth.groups))` reads an array claim).
 #[derive(Clone, Debug, PartialEq)]
 pub struct WriteRule {
     pub source: String,
@@ -473,10 +497,15 @@ pub struct WriteRule {
 
 impl WriteRule {
     pub fn new(source: &str, table: &Table) -> WriteRule {
+        let n = table.columns.len();
         let mut claims: Vec<String> = Vec::new();
-        // Claims named in the rule, outside quotes: `auth.<name>`.
+        // Each `auth.<claim>` outside quotes becomes a bound parameter (the
+        // row's values are ?1..?n, the claims follow), so a claim named like
+        // a column is never ambiguous with it.
         let bytes = source.as_bytes();
+        let mut text = String::with_capacity(source.len());
         let mut i = 0;
+        let mut copied = 0;
         while i < bytes.len() {
             match bytes[i] {
                 b'\'' | b'"' => i = skip_quoted(bytes, i).unwrap_or(bytes.len()),
@@ -491,14 +520,26 @@ impl WriteRule {
                         j += 1;
                     }
                     let name = &source[start..j];
-                    if !name.is_empty() && !claims.iter().any(|c| c == name) {
-                        claims.push(name.to_string());
+                    if name.is_empty() {
+                        i += 1;
+                        continue;
                     }
-                    i = j.max(i + 1);
+                    let at = match claims.iter().position(|c| c == name) {
+                        Some(at) => at,
+                        None => {
+                            claims.push(name.to_string());
+                            claims.len() - 1
+                        }
+                    };
+                    text.push_str(&source[copied..i]);
+                    text.push_str(&format!("?{}", n + at + 1));
+                    copied = j;
+                    i = j;
                 }
                 _ => i += 1,
             }
         }
+        text.push_str(&source[copied..]);
         let row = table
             .columns
             .iter()
@@ -506,19 +547,8 @@ impl WriteRule {
             .map(|(i, c)| format!("?{} AS {}", i + 1, ident(&c.name)))
             .collect::<Vec<_>>()
             .join(", ");
-        let n = table.columns.len();
-        let auth = if claims.is_empty() {
-            "NULL AS \"_\"".to_string()
-        } else {
-            claims
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("?{} AS {}", n + i + 1, ident(c)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         let sql = format!(
-            "SELECT coalesce(({source}\n), 0) IS 1 FROM (SELECT {row}) AS {}, (SELECT {auth}) AS auth",
+            "SELECT coalesce(({text}\n), 0) IS 1 FROM (SELECT {row}) AS {}",
             ident(&table.name)
         );
         WriteRule {

@@ -110,6 +110,8 @@ const CONFLICTS_CREATE: &str = "CREATE TABLE hearth_conflicts (
 pub enum SchemaError {
     #[error("schema file is not valid TOML or has an unknown key: {0}")]
     Toml(String),
+    #[error("[auth]: {0}")]
+    Auth(String),
     #[error("schema has no tables: add at least one [tables.NAME] section")]
     NoTables,
     #[error("table '{table}': {problem}")]
@@ -402,14 +404,24 @@ fn check_rules(
         return Ok(BTreeMap::new());
     };
     if auth.hs256_secret_env.is_some() == auth.jwks_file.is_some() {
-        return Err(SchemaError::Toml(
-            "[auth] needs exactly one of hs256_secret_env (the environment variable holding an HS256 secret) or jwks_file (a JSON Web Key Set for RS256, ES256 or EdDSA)".into(),
+        return Err(SchemaError::Auth(
+            "needs exactly one of hs256_secret_env (the environment variable holding an HS256 secret) or jwks_file (a JSON Web Key Set for RS256, ES256 or EdDSA)".into(),
         ));
     }
-    if tables.contains_key(CONFLICTS_TABLE) {
-        return Err(SchemaError::Toml(
-            "manual-merge columns are not available under [auth] yet: the conflicts table would show every device the values of rows it may not read".into(),
-        ));
+    for table in tables.values() {
+        if let Some(column) = table
+            .columns
+            .iter()
+            .find(|c| c.policy == MergePolicy::Manual)
+        {
+            return Err(table_error(
+                &table.name,
+                format!(
+                    "column '{}' merges manually, which is not available under [auth] yet: the conflicts table would show every device the values of rows it may not read",
+                    column.name
+                ),
+            ));
+        }
     }
     let scratch = Connection::open_in_memory().map_err(|e| SchemaError::Toml(e.to_string()))?;
     for table in tables.values() {

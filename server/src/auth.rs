@@ -190,6 +190,10 @@ impl Verifier {
                 code: AUTH_EXPIRED,
                 message: "exp: the token expired".into(),
             },
+            // The library says "missing" for a claim of the wrong type too.
+            ErrorKind::MissingRequiredClaim(c) if payload_has(token, c) => {
+                fail(format!("{c}: the claim has the wrong type"))
+            }
             kind => fail(describe(kind)),
         })?;
         let claims = data.claims;
@@ -212,6 +216,21 @@ impl Verifier {
     pub fn leeway_s(&self) -> u64 {
         self.leeway_s
     }
+}
+
+/// Whether a token's payload has the claim `name` (of any type).
+fn payload_has(token: &str, name: &str) -> bool {
+    use base64::Engine as _;
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get(name).is_some())
 }
 
 /// The `alg` a token's header names, read without the library (which

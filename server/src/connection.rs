@@ -561,7 +561,7 @@ impl Conn {
                             "user '{}' already has {} open connections, the most a user may have",
                             verified.principal.sub, self.state.config.connections_per_user_max
                         ),
-                        CloseReason::BadInput,
+                        CloseReason::RateLimited,
                     ));
                 }
                 *open += 1;
@@ -943,7 +943,7 @@ impl Conn {
                     format!(
                         "this connection sent more than {per_s} {what} a second (with a burst of twice that): reconnect after a pause"
                     ),
-                    CloseReason::BadInput,
+                    CloseReason::RateLimited,
                 ));
             }
         }

@@ -60,10 +60,12 @@ pub enum CloseReason {
     LogCompacted,
     /// The token was refused, or expired while connected.
     Auth,
+    /// Past a rate (`RATE_LIMITED`).
+    RateLimited,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::ClientClosed,
         CloseReason::PeerGone,
         CloseReason::PeerTimeout,
@@ -75,6 +77,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::LogCompacted,
         CloseReason::Auth,
+        CloseReason::RateLimited,
     ];
 
     pub fn label(self) -> &'static str {
@@ -90,6 +93,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::LogCompacted => "log_compacted",
             CloseReason::Auth => "auth",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 

@@ -505,10 +505,13 @@ impl Client {
         let Some(schema) = &self.schema else {
             return Ok(());
         };
+        // A row of a table that syncs whole goes only when the server said
+        // so (a deferred eviction: its read rule no longer lets it stay).
         let candidates: Vec<(String, Value)> = candidates
             .into_iter()
             .filter(|(t, pk)| {
-                schema.streamed(t) && !self.pending_rows.contains_key(&row_key(t, pk))
+                (schema.streamed(t) || self.deferred.borrow().contains(&row_key(t, pk)))
+                    && !self.pending_rows.contains_key(&row_key(t, pk))
             })
             .collect();
         if candidates.is_empty() {
@@ -520,7 +523,8 @@ impl Client {
             let t = self.table(&table)?;
             let deferred = self.deferred.borrow().contains(&row_key(&table, &pk));
             if let Some(row) = rows::read_row(&self.conn, t, &pk)? {
-                if deferred || !self.held(&subs, &table, &row) {
+                let streamed = self.schema.as_ref().is_some_and(|s| s.streamed(&table));
+                if deferred || (streamed && !self.held(&subs, &table, &row)) {
                     gone.push((table, pk));
                 }
             }
@@ -572,6 +576,22 @@ impl Client {
             return Ok(());
         };
         let restart = postcard::to_allocvec(&Load::After(None)).expect("encode load");
+        // Rows a pending write touches are marked too, present or not (a
+        // pending delete hides one that comes back if the write is refused).
+        let pending: Vec<(String, Value)> = if self.pending > 0 {
+            self.load_pending()?
+                .into_iter()
+                .flat_map(|(_, m, _)| m.changes.into_iter().map(|c| (c.table, c.pk)))
+                .filter(|(t, _)| tables.contains(t))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (table, pk) in &pending {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO _hearth_stale (tbl, pk) VALUES (?1, ?2)")?
+                .execute(params![table, pk])?;
+        }
         let mut known = Vec::new();
         for name in tables {
             let Some(table) = schema.table(name) else {
