@@ -375,12 +375,15 @@ async fn write_then_sync(
                     seq: s,
                     code,
                     reason,
-                } if *s == seq => Some((code.clone(), reason.clone())),
+                    undone,
+                } if *s == seq => Some((code.clone(), reason.clone(), undone_json(undone))),
                 _ => None,
             });
             match rejected {
-                Some((code, reason)) => {
-                    println!("{}", line(seq, "rejected", Some(reason), Some(code)));
+                Some((code, reason, undone)) => {
+                    let mut out = line(seq, "rejected", Some(reason), Some(code));
+                    out["undone"] = undone;
+                    println!("{out}");
                     Ok(ExitCode::from(EXIT_REJECTED))
                 }
                 None => {
@@ -436,9 +439,14 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                     let rejected: Vec<serde_json::Value> = events
                         .iter()
                         .filter_map(|e| match e {
-                            Event::Rejected { seq, code, reason } => {
-                                Some(serde_json::json!({"mutation": seq, "code": code, "reason": reason}))
-                            }
+                            Event::Rejected {
+                                seq,
+                                code,
+                                reason,
+                                undone,
+                            } => Some(
+                                serde_json::json!({"mutation": seq, "code": code, "reason": reason, "undone": undone_json(undone)}),
+                            ),
                             _ => None,
                         })
                         .collect();
@@ -594,4 +602,13 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
             .await
         }
     }
+}
+
+/// The rows a refused write had written, as the CLI prints them:
+/// `[{"table": "todos", "key": "t1"}, ...]`.
+fn undone_json(undone: &[(String, hearth_engine::Value)]) -> serde_json::Value {
+    undone
+        .iter()
+        .map(|(table, key)| serde_json::json!({"table": table, "key": key.to_json()}))
+        .collect()
 }

@@ -8,7 +8,18 @@
 // page (a browser rule), so the page and hearth.js come from the same server.
 //
 //   const db = await Hearth.open({ server, name })   // resolves once the schema is there
-//   await db.exec(sql, params)        -> { mutation, rowsAffected }, once durable on the device
+//   await db.exec(sql, params)        -> { mutation, rowsAffected, settled }, once durable on
+//                                        the device; `await settled` -> the server's verdict:
+//                                        { status: "applied", serverSeq } or { status:
+//                                        "rejected", code, reason, undone: [{ table, key }] }
+//                                        ({ status: "local" } when no synced row changed)
+//   await db.settled(mutation)        -> the same verdict for a write made earlier (or in
+//                                        another tab, or before a reload)
+//   await db.pending()                -> the outbox: [{ mutation, tables, rows, madeAt,
+//                                        attempts, sent }]
+//   await db.discard(mutation)        -> { undone }: a queued write dropped, rolled back,
+//                                        never sent; NOT_PENDING, or SENT once it went out
+//   SQL: hearth_pending(table, key)   -> 1 while a local write to that row awaits the server
 //   await db.editText(table, key, column, [{ index, delete, insert }])
 //                                     -> like exec; positions in code points, not UTF-16 units
 //   await db.resolve(conflictId, value) -> like exec; closes a hearth_conflicts row
@@ -29,7 +40,8 @@
 //   room.send(message)                -> fire and forget; coalesced latest-wins per sender
 //   await room.leave()
 // Errors are `Error`s with a stable `code`: SQL_ERROR, INVALID_ARGUMENT, OFFLINE, REJECTED,
-// BAD_SUBSCRIPTION, BAD_ROOM, PRESENCE_TOO_LARGE, NOT_IN_ROOM, ...
+// BAD_SUBSCRIPTION, BAD_ROOM, PRESENCE_TOO_LARGE, NOT_IN_ROOM, NOT_PENDING, SENT,
+// UNKNOWN_MUTATION, ... The "rejected" event's error has mutation, serverCode, reason, undone.
 (function () {
   "use strict";
 

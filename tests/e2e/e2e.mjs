@@ -355,7 +355,7 @@ async function main() {
     });
 
     // --- Rejected write. ---
-    await test("a write the server refuses raises `rejected` with the reason and is rolled back", async () => {
+    await test("a write the server refuses raises `rejected` with the reason and is rolled back; receipts, hearth_pending, the outbox and discard", async () => {
       const dir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-schema-"));
       const schema = path.join(dir, "users.toml");
       await writeFile(
@@ -369,22 +369,65 @@ async function main() {
       cleanups.push(() => a.close(), () => b.close());
       const ta = await openTab(a, unique.origin, "users");
       const tb = await openTab(b, unique.origin, "users");
+      const ta2 = await openTab(a, unique.origin, "users");
       await a.setOffline(true);
       await waitFor(ta, () => !db.status().online, null, "A offline");
-      await startLive(ta, "users", "SELECT id FROM users ORDER BY id");
+      await startLive(ta, "users", "SELECT id, hearth_pending('users', id) AS pending FROM users ORDER BY id");
       let r = await call(tb, "exec", "INSERT INTO users (id, email, name) VALUES ('b1', 'same@example.com', 'B')");
       check(r.ok, JSON.stringify(r));
       await withTimeout(tb.evaluate(() => db.sync()), "B synced");
+      const bVerdict = await withTimeout(tb.evaluate((m) => window.settled[m], r.value.mutation), "B's verdict");
+      check(bVerdict.status === "applied" && bVerdict.serverSeq >= 1, `B's write settled: ${JSON.stringify(bVerdict)}`);
       r = await call(ta, "exec", "INSERT INTO users (id, email, name) VALUES ('a1', 'same@example.com', 'A')");
       check(r.ok, `locally the write is fine: ${JSON.stringify(r)}`);
-      await waitLive(ta, "users", (rows) => rows.map((x) => x.id).join() === "a1", "A sees its own write first");
+      const refused = r.value.mutation;
+      await waitLive(ta, "users", (rows) => JSON.stringify(rows) === JSON.stringify([{ id: "a1", pending: 1 }]), "A sees its own write first, marked pending");
+      // A second offline write, dropped on purpose from another tab of A: undone, every tab told.
+      const kept = await call(ta, "exec", "INSERT INTO users (id, email, name) VALUES ('a2', 'a2@example.com', 'A2')");
+      check(kept.ok, JSON.stringify(kept));
+      const outbox = await ta2.evaluate(() => db.pending());
+      check(
+        outbox.length === 2 &&
+          outbox[0].mutation === refused &&
+          JSON.stringify(outbox[1].rows) === JSON.stringify([{ table: "users", key: "a2" }]) &&
+          JSON.stringify(outbox[1].tables) === JSON.stringify(["users"]) &&
+          outbox.every((w) => w.attempts === 0 && w.sent === false && Math.abs(w.madeAt - Date.now()) < 60_000),
+        `the outbox: ${JSON.stringify(outbox)}`,
+      );
+      const discarded = await ta2.evaluate((m) => db.discard(m), kept.value.mutation);
+      check(JSON.stringify(discarded) === JSON.stringify({ undone: [{ table: "users", key: "a2" }] }), `discard: ${JSON.stringify(discarded)}`);
+      await waitFor(ta, () => window.events.rejected.some((e) => e.serverCode === "DISCARDED"), null, "the other tab hears of the discard");
+      const keptVerdict = await withTimeout(ta.evaluate((m) => window.settled[m], kept.value.mutation), "the discarded write's verdict");
+      check(keptVerdict.status === "rejected" && keptVerdict.code === "DISCARDED", JSON.stringify(keptVerdict));
+      await waitLive(ta, "users", (rows) => rows.map((x) => x.id).join() === "a1", "the discarded row is gone");
+      const again = await ta2.evaluate((m) => db.discard(m).then(() => "ok", (e) => e.code), kept.value.mutation);
+      check(again === "NOT_PENDING", `discarding twice: ${again}`);
       await a.setOffline(false);
-      await waitFor(ta, () => window.events.rejected.length > 0, null, "the rejected event");
-      const [rejected] = await ta.evaluate(() => window.events.rejected);
-      check(rejected.code === "REJECTED" && /UNIQUE/i.test(rejected.reason) && rejected.mutation === r.value.mutation, `rejected: ${JSON.stringify(rejected)}`);
-      await waitLive(ta, "users", (rows) => rows.map((x) => x.id).join() === "b1", "A's row rolled back, B's row there");
+      await waitFor(ta, () => window.events.rejected.some((e) => e.serverCode !== "DISCARDED"), null, "the rejected event");
+      const rejected = (await ta.evaluate(() => window.events.rejected)).find((e) => e.serverCode !== "DISCARDED");
+      check(rejected.code === "REJECTED" && /UNIQUE/i.test(rejected.reason) && rejected.mutation === refused, `rejected: ${JSON.stringify(rejected)}`);
+      check(JSON.stringify(rejected.undone) === JSON.stringify([{ table: "users", key: "a1" }]), `undone: ${JSON.stringify(rejected.undone)}`);
+      const verdict = await withTimeout(ta.evaluate((m) => window.settled[m], refused), "A's verdict");
+      check(
+        verdict.status === "rejected" && verdict.code === rejected.serverCode && verdict.reason === rejected.reason && JSON.stringify(verdict.undone) === JSON.stringify(rejected.undone),
+        `A's write settled as refused: ${JSON.stringify(verdict)}`,
+      );
+      await waitLive(ta, "users", (rows) => JSON.stringify(rows) === JSON.stringify([{ id: "b1", pending: 0 }]), "A's row rolled back, B's row there, confirmed");
       const status = await withTimeout(ta.evaluate(() => db.sync()), "A synced");
       check(status.pending === 0, JSON.stringify(status));
+      // After a reload the verdict is still there; an unknown write is named as such.
+      await withTimeout(ta2.reload(), "reload");
+      const later = await withTimeout(
+        ta2.evaluate(async (m) => {
+          const db = await Hearth.open({ name: "users" });
+          const unknown = await db.settled(1e9).then(() => "ok", (e) => e.code);
+          const bad = await db.settled("x").then(() => "ok", (e) => e.code);
+          return { verdict: await db.settled(m), unknown, bad, pending: await db.pending() };
+        }, refused),
+        "settled after a reload",
+      );
+      check(JSON.stringify(later.verdict) === JSON.stringify(verdict), `after a reload: ${JSON.stringify(later)}`);
+      check(later.unknown === "UNKNOWN_MUTATION" && later.bad === "INVALID_ARGUMENT" && later.pending.length === 0, JSON.stringify(later));
     });
 
     // --- Values cross the JS boundary exactly; reads never open a transaction. ---
@@ -642,6 +685,12 @@ where = "list_id = :list"
       await one.fill("#new-todo-title", "Bread");
       await one.press("#new-todo-title", "Enter");
       await waitFor(one, () => document.querySelector("#pending:not([hidden])")?.textContent === "1 pending", null, "pending count shown");
+      await waitFor(
+        one,
+        () => [...document.querySelectorAll(".todo.unconfirmed .title")].map((t) => t.textContent).join() === "Bread",
+        null,
+        "only the unconfirmed todo marked",
+      );
     });
 
     await test("demo app: notes typed on one device show letter by letter on another; a due-date conflict is a banner on both, and a click resolves it", async () => {

@@ -187,7 +187,11 @@ export async function openTab(context, origin, name = "e2e") {
       window.events = { status: [], change: [], rejected: [] };
       for (const kind of Object.keys(window.events)) {
         db.on(kind, (value) =>
-          window.events[kind].push(kind === "rejected" ? { code: value.code, message: value.message, reason: value.reason, mutation: value.mutation } : value),
+          window.events[kind].push(
+            kind === "rejected"
+              ? { code: value.code, message: value.message, reason: value.reason, mutation: value.mutation, serverCode: value.serverCode, undone: value.undone }
+              : value,
+          ),
         );
       }
     }, name),
@@ -202,7 +206,15 @@ export function call(page, method, sql, params = []) {
     page.evaluate(
       async ([method, sql, params]) => {
         try {
-          return { ok: true, value: await window.db[method](sql, params) };
+          let value = await window.db[method](sql, params);
+          // A write's `settled` promise stays in the page (by mutation number): a promise
+          // does not cross to the test.
+          if (value && value.settled instanceof Promise) {
+            window.settled = window.settled || {};
+            window.settled[value.mutation] = value.settled;
+            value = { ...value, settled: "in window.settled" };
+          }
+          return { ok: true, value };
         } catch (error) {
           return { ok: false, code: error.code, message: error.message, isError: error instanceof Error };
         }
