@@ -265,6 +265,8 @@ fn mime_type(file: &Path) -> Result<&'static str, String> {
         "png" => "image/png",
         "ico" => "image/x-icon",
         "txt" => "text/plain; charset=utf-8",
+        // hearth.d.ts: TypeScript declarations, read by editors and tsc, not run.
+        "ts" => "application/typescript; charset=utf-8",
         _ => {
             return Err(format!(
                 "no MIME type known for {}: add its extension to mime_type in build.rs",
