@@ -10,7 +10,8 @@
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { once } from "node:events";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import http from "node:http";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -25,8 +26,10 @@ import {
   metric,
   openTab,
   routeTestPage,
+  repoRoot,
   snapshotAssets,
   startLive,
+  startStaticDir,
   startStaticStandIn,
   startServer,
   TEST_PAGE_PATH,
@@ -1045,6 +1048,85 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
       await waitFor(px, () => document.querySelector("#present")?.textContent.includes("Yasmin"), null, "Y back on X");
       await y.close();
       await waitFor(px, () => !document.querySelector("#present")?.textContent.includes("Yasmin"), null, "Y's closed device gone from X", 5000);
+    });
+
+    // --- 8. Serving an app: from the sync server, and from another origin. ---
+    await test("serve --app: the app's files at /, Hearth's own beside them for any origin, traversal refused; a page on another origin with a copied worker syncs, two tabs on one worker", async () => {
+      const root = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-app-"));
+      cleanups.push(() => rm(root, { recursive: true, force: true }));
+      await writeFile(path.join(root, "secret.txt"), "outside the app");
+      const appDir = path.join(root, "app");
+      await mkdir(path.join(appDir, "css"), { recursive: true });
+      await writeFile(path.join(appDir, "index.html"), `<!doctype html><title>my app</title><script src="/hearth.js"></script>`);
+      await writeFile(path.join(appDir, "css", "a b.css"), "body { color: teal }");
+      const sync = await startServer({ app: appDir });
+      cleanups.push(() => sync.cleanup());
+
+      const get = async (url) => {
+        const r = await fetch(sync.origin + url, { headers: { origin: "http://elsewhere.test" } });
+        return { status: r.status, type: r.headers.get("content-type"), cors: r.headers.get("access-control-allow-origin"), body: await r.text() };
+      };
+      const index = await get("/");
+      check(index.status === 200 && index.body.includes("my app") && index.type.startsWith("text/html") && !index.cors, `/ is the app's index: ${JSON.stringify(index)}`);
+      const css = await get("/css/a%20b.css");
+      check(css.status === 200 && css.type.startsWith("text/css") && css.body.includes("teal"), `a nested file with a space: ${JSON.stringify(css)}`);
+      check((await get("/app.js")).status === 404 && (await get("/nothing.html")).status === 404, "the demo's files are gone, missing files are 404");
+      for (const own of ["/hearth.js", "/hearth.mjs", "/hearth-worker.js"]) {
+        const r = await get(own);
+        check(r.status === 200 && r.type.startsWith("text/javascript") && r.cors === "*", `${own} for any origin: ${JSON.stringify({ ...r, body: undefined })}`);
+      }
+      const types = await get("/hearth.d.ts");
+      check(types.status === 200 && types.body === (await readFile(path.join(repoRoot, "web/hearth.d.ts"), "utf8")), "/hearth.d.ts is web/hearth.d.ts");
+      // Raw request paths, as a hostile client sends them (fetch would normalise them).
+      const raw = (target) =>
+        new Promise((resolve, reject) => {
+          http.get({ host: "127.0.0.1", port: Number(sync.addr.split(":").pop()), path: target }, (res) => {
+            let body = "";
+            res.on("data", (c) => (body += c)).on("end", () => resolve({ status: res.statusCode, body }));
+          }).on("error", reject);
+        });
+      for (const target of ["/../secret.txt", "/%2e%2e/secret.txt", "/css/..%2f..%2fsecret.txt", "/css%5c..%5c..%5csecret.txt"]) {
+        const r = await raw(target);
+        check(r.status === 400 && !r.body.includes("outside"), `${target} refused: ${JSON.stringify(r)}`);
+      }
+
+      // Another origin: a static host with the app's page and its copy of the worker file.
+      const siteDir = path.join(root, "site");
+      await mkdir(siteDir);
+      await writeFile(path.join(siteDir, "index.html"), `<!doctype html><title>elsewhere</title><script src="${sync.origin}/hearth.js"></script>`);
+      await writeFile(path.join(siteDir, "hearth-worker.js"), await (await fetch(sync.origin + "/hearth-worker.js")).text());
+      const site = await startStaticDir(siteDir);
+      cleanups.push(() => site.stop());
+      check(site.origin !== sync.origin, "two origins");
+      const device = await browser.newContext();
+      cleanups.push(() => device.close());
+      const tab = async () => {
+        const page = await device.newPage();
+        page.on("pageerror", (error) => console.error(`  [page error] ${error.message}`));
+        await withTimeout(page.goto(site.origin + "/"), "cross-origin page load");
+        await withTimeout(page.evaluate(async () => (window.db = await Hearth.open({ name: "elsewhere", workerUrl: "/hearth-worker.js" }))), "Hearth.open cross-origin");
+        return page;
+      };
+      const [one, two] = [await tab(), await tab()];
+      const { targetInfos } = await (await browser.newBrowserCDPSession()).send("Target.getTargets");
+      const workers = targetInfos.filter((t) => t.type === "shared_worker" && t.url.startsWith(site.origin));
+      check(workers.length === 1 && workers[0].url.includes("assets="), `one worker, the site's copy: ${JSON.stringify(workers.map((w) => w.url))}`);
+      const list = uid("list");
+      await startLive(two, "lists", "SELECT name FROM lists WHERE id = ?", [list]);
+      const before = await metric(sync.origin, APPLIED);
+      const r = await call(one, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "from elsewhere"]);
+      check(r.ok, JSON.stringify(r));
+      await waitLive(two, "lists", (rows) => rows.length === 1 && rows[0].name === "from elsewhere", "tab 2 sees tab 1's write");
+      await withTimeout(one.evaluate(() => db.sync()), "sync with the server on the other origin");
+      check((await metric(sync.origin, APPLIED)) === before + 1, "the write reached the sync server");
+      // And a device on the sync server's own origin (the app served by --app) gets it.
+      const home = await browser.newContext();
+      cleanups.push(() => home.close());
+      const page = await home.newPage();
+      await page.goto(sync.origin + "/");
+      await withTimeout(page.evaluate(async () => (window.db = await Hearth.open({ name: "home" }))), "open on the app's own origin");
+      await startLive(page, "lists", "SELECT name FROM lists WHERE id = ?", [list]);
+      await waitLive(page, "lists", (rows) => rows.length === 1, "the other device gets the write");
     });
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});

@@ -54,10 +54,11 @@ export function withTimeout(promise, what, ms = STEP_TIMEOUT_MS) {
 
 // Starts `hearth serve` on `listen` (default: a free loopback port) with a fresh or given
 // data directory. Resolves once its first stdout line names the address.
-export async function startServer({ data, schema, listen = "127.0.0.1:0" } = {}) {
+export async function startServer({ data, schema, app, listen = "127.0.0.1:0" } = {}) {
   const dataDir = data || (await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-data-")));
   const args = ["serve", "--listen", listen, "--data", dataDir];
   if (schema) args.push("--schema", schema);
+  if (app) args.push("--app", app);
   const child = spawn(hearthBinary(), args, { stdio: ["ignore", "pipe", "inherit"] });
   const lines = createInterface({ input: child.stdout });
   const first = await withTimeout(
@@ -90,7 +91,7 @@ export async function startServer({ data, schema, listen = "127.0.0.1:0" } = {})
     // its server URL, so the port must not change).
     async restart() {
       await this.stop();
-      return startServer({ data: dataDir, schema, listen: addr });
+      return startServer({ data: dataDir, schema, app, listen: addr });
     },
     async cleanup() {
       await this.stop();
@@ -132,6 +133,31 @@ export async function startStaticStandIn(addr, assets) {
   server.listen(port, host);
   await once(server, "listening");
   return {
+    async stop() {
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+// A plain static web server for `dir` on a free loopback port: an app's own origin, apart
+// from the sync server's (as a CDN or a dev server would be).
+const STATIC_TYPES = { ".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css" };
+export async function startStaticDir(dir) {
+  const server = http.createServer(async (req, res) => {
+    const name = new URL(req.url, "http://x").pathname.replace(/\/$/, "/index.html");
+    if (name.split("/").includes("..")) return res.writeHead(400).end();
+    try {
+      const body = await readFile(path.join(dir, name));
+      res.writeHead(200, { "content-type": STATIC_TYPES[path.extname(name)] || "application/octet-stream", "cache-control": "no-cache" }).end(body);
+    } catch {
+      res.writeHead(404).end("not found");
+    }
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  return {
+    origin: `http://127.0.0.1:${server.address().port}`,
     async stop() {
       server.closeAllConnections();
       await new Promise((resolve) => server.close(resolve));
