@@ -26,6 +26,7 @@ import {
   metric,
   openTab,
   routeTestPage,
+  reactAsModule,
   repoRoot,
   snapshotAssets,
   startLive,
@@ -1127,6 +1128,71 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
       await withTimeout(page.evaluate(async () => (window.db = await Hearth.open({ name: "home" }))), "open on the app's own origin");
       await startLive(page, "lists", "SELECT name FROM lists WHERE id = ?", [list]);
       await waitLive(page, "lists", (rows) => rows.length === 1, "the other device gets the write");
+    });
+
+    await test("React: useLiveQuery shows live rows and updates when another tab writes; useHearthStatus shows online, offline and pending", async () => {
+      const appDir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-react-"));
+      cleanups.push(() => rm(appDir, { recursive: true, force: true }));
+      await writeFile(path.join(appDir, "react.mjs"), await reactAsModule());
+      // An app as its developer would write it: React from its import map, the hooks and
+      // the library from the sync server.
+      await writeFile(
+        path.join(appDir, "index.html"),
+        `<!doctype html><meta charset="utf-8"><title>react app</title>
+<script type="importmap">{"imports": {"react": "/react.mjs", "react-dom/client": "/react.mjs"}}</script>
+<div id="root"></div>
+<script type="module">
+import { createElement as h, useEffect, useState } from "react";
+import { createRoot } from "react-dom/client";
+import { useHearthStatus, useLiveQuery } from "/hearth-react.mjs";
+import { open } from "/hearth.mjs";
+function Lists({ db }) {
+  const { rows, loading } = useLiveQuery(db, "SELECT id, name FROM lists WHERE name LIKE ? ORDER BY name", ["react %"]);
+  const status = useHearthStatus(db);
+  return h("div", null,
+    h("p", { id: "status" }, status ? (status.online ? "online" : "offline") + ", " + status.pending + " pending" : "opening"),
+    loading ? h("p", { id: "loading" }, "loading") : h("ul", { id: "rows" }, rows.map((row) => h("li", { key: row.id }, row.name))));
+}
+function App() {
+  const [db, setDb] = useState(null);
+  useEffect(() => { open({ name: "react" }).then((db) => { window.db = db; setDb(db); }); }, []);
+  return h(Lists, { db });
+}
+createRoot(document.getElementById("root")).render(h(App));
+</script>`,
+      );
+      const app = await startServer({ app: appDir });
+      cleanups.push(() => app.cleanup());
+      const device = await browser.newContext();
+      cleanups.push(() => device.close());
+      const tab = async () => {
+        const page = await device.newPage();
+        page.on("pageerror", (error) => console.error(`  [react page error] ${error.message}`));
+        await page.goto(app.origin + "/");
+        await waitFor(page, () => window.db && document.querySelector("#rows"), null, "React app rendered its rows");
+        return page;
+      };
+      const [one, two] = [await tab(), await tab()];
+      const shown = (page) => page.evaluate(() => [...document.querySelectorAll("#rows li")].map((li) => li.textContent));
+      const statusIs = (page, text, what) =>
+        waitFor(page, (text) => document.querySelector("#status")?.textContent === text, text, what).catch(async (error) => {
+          const [shown, status] = await page.evaluate(() => [document.querySelector("#status")?.textContent, db.status()]);
+          throw new Error(`${error.message}; shows "${shown}", db.status() ${JSON.stringify(status)}`);
+        });
+      await statusIs(one, "online, 0 pending", "status online");
+      check((await shown(one)).length === 0, "no rows at first");
+      let r = await call(two, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [uid("list"), "react one"]);
+      check(r.ok, JSON.stringify(r));
+      await waitFor(one, () => [...document.querySelectorAll("#rows li")].some((li) => li.textContent === "react one"), null, "tab 1 shows tab 2's row");
+      await statusIs(one, "online, 0 pending", "the write confirmed by the server");
+      await device.setOffline(true);
+      await statusIs(one, "offline, 0 pending", "status offline");
+      r = await call(two, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [uid("list"), "react two"]);
+      check(r.ok, JSON.stringify(r));
+      await statusIs(one, "offline, 1 pending", "one write pending");
+      check(JSON.stringify(await shown(one)) === JSON.stringify(["react one", "react two"]), `rows in order: ${await shown(one)}`);
+      await device.setOffline(false);
+      await statusIs(one, "online, 0 pending", "back online, nothing pending");
     });
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});

@@ -165,6 +165,39 @@ export async function startStaticDir(dir) {
   };
 }
 
+// React from tests/e2e/node_modules (the npm registry's package, production build) as one
+// ES module, for an import map: React ships CommonJS only, so its files are wrapped in a
+// minimal require() here instead of a bundler. Exports React's API and react-dom/client's.
+const REACT_FILES = {
+  react: "react/cjs/react.production.js",
+  "react-dom": "react-dom/cjs/react-dom.production.js",
+  "react-dom/client": "react-dom/cjs/react-dom-client.production.js",
+  scheduler: "scheduler/cjs/scheduler.production.js",
+};
+const REACT_EXPORTS = ["Children", "Component", "Fragment", "StrictMode", "createContext", "createElement", "memo", "useCallback", "useContext", "useEffect", "useLayoutEffect", "useMemo", "useReducer", "useRef", "useState", "useSyncExternalStore"];
+export async function reactAsModule() {
+  let code = "const defs = {};\n";
+  for (const [name, file] of Object.entries(REACT_FILES)) {
+    const source = await readFile(path.join(import.meta.dirname, "node_modules", file), "utf8");
+    code += `defs[${JSON.stringify(name)}] = function (module, exports, require) {\n${source}\n};\n`;
+  }
+  code += `const cache = {};
+function require(name) {
+  if (!(name in cache)) {
+    const module = { exports: {} };
+    cache[name] = module;
+    defs[name](module, module.exports, require);
+  }
+  return cache[name].exports;
+}
+const React = require("react");
+export default React;
+export const { ${REACT_EXPORTS.join(", ")} } = React;
+export const { createRoot, hydrateRoot } = require("react-dom/client");
+`;
+  return code;
+}
+
 // With WEB_DIR set (e.g. WEB_DIR=web), pages of `context` get the demo app's own files
 // (index.html, app.js, app.css) from that directory instead of the server, so a change
 // to the app can be looked at without rebuilding the binary. Call before any page loads.
