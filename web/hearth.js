@@ -82,5 +82,15 @@
     return page.open(workerScript(workerUrl), String(name), String(server), token, Boolean(reset));
   }
 
+  // Offline cold start: a service worker (hearth-sw.js) takes control only after the page
+  // that registered it loaded, so it is handed the URLs this page loaded, to keep them for
+  // the next load. Other service workers ignore the message.
+  if ("serviceWorker" in navigator) {
+    navigator.serviceWorker.ready.then((registration) => {
+      const urls = [location.href, ...performance.getEntriesByType("resource").map((entry) => entry.name)];
+      if (registration.active) registration.active.postMessage({ hearth: "cache", urls });
+    }, () => {});
+  }
+
   window.Hearth = Object.freeze({ open });
 })();

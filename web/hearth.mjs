@@ -38,4 +38,12 @@ export async function open(options) {
   return page.open(workerScript(workerUrl), String(name), String(server), token, Boolean(reset));
 }
 
+// Offline cold start: hand a service worker (hearth-sw.js) what this page loaded (see hearth.js).
+if ("serviceWorker" in navigator) {
+  navigator.serviceWorker.ready.then((registration) => {
+    const urls = [location.href, ...performance.getEntriesByType("resource").map((entry) => entry.name)];
+    if (registration.active) registration.active.postMessage({ hearth: "cache", urls });
+  }, () => {});
+}
+
 export default Object.freeze({ open });

@@ -20,6 +20,7 @@ import {
   CHROMIUM,
   CHROMIUM_ARGS,
   call,
+  clientAssets,
   check,
   demoFromWebDir,
   launchBrowser,
@@ -614,7 +615,7 @@ where = "list_id = :list"
     });
 
     // --- The demo app. ---
-    await test("demo app: a todo added in one tab shows in another; the app loads with the server down", async () => {
+    await test("demo app: a todo added in one tab shows in another; after one load, the app opens with the server down, with its data", async () => {
       const demo = await startServer();
       cleanups.push(() => demo.cleanup());
       const device = await browser.newContext();
@@ -636,9 +637,21 @@ where = "list_id = :list"
       await waitFor(two, () => [...document.querySelectorAll(".todo .title")].some((t) => t.textContent === "Oat milk"), null, "todo in tab 2");
       await two.click(".todo input[type=checkbox]");
       await waitFor(one, () => document.querySelector(".todo.done"), null, "tick shows in tab 1");
-      await one.evaluate(() => navigator.serviceWorker.ready);
-      await one.reload(); // now controlled by the service worker, which caches the shell
-      await waitFor(one, () => window.db && navigator.serviceWorker.controller, null, "controlled page");
+      // Hearth's files are content-hashed and immutable; the entry points that name them
+      // are revalidated on each load.
+      const hashed = (await clientAssets(demo.origin)).filter((f) => f.startsWith("/pkg/"));
+      for (const [file, cache] of [["/hearth.js", "no-cache"], ["/hearth-sw.js", "no-cache"], [hashed[0], "public, max-age=31536000, immutable"]]) {
+        const got = (await fetch(demo.origin + file)).headers.get("cache-control");
+        check(got === cache, `${file}: cache-control ${got}, expected ${cache}`);
+      }
+      // One load is enough: hearth-sw.js (registered by the demo) keeps Hearth's files at
+      // install and the page's own, which hearth.js hands it.
+      await waitFor(
+        one,
+        (urls) => caches.open("hearth").then((cache) => Promise.all(urls.map((u) => cache.match(u)))).then((hits) => hits.every(Boolean)),
+        ["/", "/app.js", "/app.css", "/hearth.js", ...hashed],
+        "the service worker cached the first load",
+      );
       await demo.stop();
       await waitFor(one, () => document.querySelector("#sync.offline"), null, "offline shown");
       await one.reload();
@@ -1130,7 +1143,7 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
       await waitLive(page, "lists", (rows) => rows.length === 1, "the other device gets the write");
     });
 
-    await test("React: useLiveQuery shows live rows and updates when another tab writes; useHearthStatus shows online, offline and pending", async () => {
+    await test("React: useLiveQuery shows live rows and updates when another tab writes; useHearthStatus shows online, offline and pending; under the app's own service worker (importScripts hearth-sw.js) it opens with the server down", async () => {
       const appDir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-react-"));
       cleanups.push(() => rm(appDir, { recursive: true, force: true }));
       await writeFile(path.join(appDir, "react.mjs"), await reactAsModule());
@@ -1159,8 +1172,11 @@ function App() {
   return h(Lists, { db });
 }
 createRoot(document.getElementById("root")).render(h(App));
+navigator.serviceWorker.register("/sw.js");
 </script>`,
       );
+      // The app's own service worker, with Hearth's inside it.
+      await writeFile(path.join(appDir, "sw.js"), `importScripts("/hearth-sw.js");\n`);
       const app = await startServer({ app: appDir });
       cleanups.push(() => app.cleanup());
       const device = await browser.newContext();
@@ -1193,6 +1209,18 @@ createRoot(document.getElementById("root")).render(h(App));
       check(JSON.stringify(await shown(one)) === JSON.stringify(["react one", "react two"]), `rows in order: ${await shown(one)}`);
       await device.setOffline(false);
       await statusIs(one, "online, 0 pending", "back online, nothing pending");
+      // Offline cold start through the app's service worker: React, the hooks and the page
+      // come from its cache, the rows from the device's database.
+      await waitFor(
+        one,
+        (urls) => caches.open("hearth").then((cache) => Promise.all(urls.map((u) => cache.match(u)))).then((hits) => hits.every(Boolean)),
+        ["/", "/react.mjs", "/hearth-react.mjs", "/hearth.mjs"],
+        "the app's service worker cached the app",
+      );
+      await app.stop();
+      await one.reload();
+      await waitFor(one, () => document.querySelectorAll("#rows li").length === 2, null, "the app opens with the server down, with its rows");
+      await statusIs(one, "offline, 0 pending", "and says it is offline");
     });
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});

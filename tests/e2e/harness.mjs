@@ -100,18 +100,21 @@ export async function startServer({ data, schema, app, listen = "127.0.0.1:0" } 
   };
 }
 
-// The files a page needs to run Hearth, fetched from a running server.
-export const CLIENT_ASSETS = [
-  "/hearth.js",
-  "/hearth-worker.js",
-  "/pkg/hearth_page.js",
-  "/pkg/hearth_page_bg.wasm",
-  "/pkg/hearth_worker.js",
-  "/pkg/hearth_worker_bg.wasm",
-];
+// The files a page needs to run Hearth on a running server: the stable entry points and
+// the content-hashed files they name (/pkg/NAME.<hash>.EXT, new with each build).
+export async function clientAssets(origin) {
+  const entries = ["/hearth.js", "/hearth-worker.js"];
+  const hashed = new Set();
+  for (const file of entries) {
+    const text = await (await fetch(origin + file)).text();
+    for (const match of text.matchAll(/pkg\/[\w-]+\.[0-9a-f]{16}\.\w+/g)) hashed.add("/" + match[0]);
+  }
+  if (hashed.size !== 4) throw new Error(`expected 4 hashed files named by ${entries}, found ${[...hashed]}`);
+  return [...entries, ...hashed];
+}
 export async function snapshotAssets(origin) {
   const assets = new Map();
-  for (const file of CLIENT_ASSETS) {
+  for (const file of await clientAssets(origin)) {
     const response = await fetch(origin + file);
     if (!response.ok) throw new Error(`GET ${file}: ${response.status}`);
     assets.set(file, { type: response.headers.get("content-type"), body: Buffer.from(await response.arrayBuffer()) });
