@@ -1065,7 +1065,7 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
     });
 
     // --- 8. Serving an app: from the sync server, and from another origin. ---
-    await test("serve --app: the app's files at /, Hearth's own beside them for any origin, traversal refused; a page on another origin with a copied worker syncs, two tabs on one worker", async () => {
+    await test("serve --app: the app's files at /, Hearth's own beside them for any origin, traversal refused; a page on another origin with a copied worker syncs, two tabs on one worker, and opens with the sync server down", async () => {
       const root = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-app-"));
       cleanups.push(() => rm(root, { recursive: true, force: true }));
       await writeFile(path.join(root, "secret.txt"), "outside the app");
@@ -1107,8 +1107,14 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
       // Another origin: a static host with the app's page and its copy of the worker file.
       const siteDir = path.join(root, "site");
       await mkdir(siteDir);
-      await writeFile(path.join(siteDir, "index.html"), `<!doctype html><title>elsewhere</title><script src="${sync.origin}/hearth.js"></script>`);
+      await writeFile(
+        path.join(siteDir, "index.html"),
+        `<!doctype html><title>elsewhere</title><script src="${sync.origin}/hearth.js"></script>
+<script>navigator.serviceWorker.register("/sw.js")</script>`,
+      );
       await writeFile(path.join(siteDir, "hearth-worker.js"), await (await fetch(sync.origin + "/hearth-worker.js")).text());
+      // The site's service worker keeps Hearth's files from the sync server's origin too.
+      await writeFile(path.join(siteDir, "sw.js"), `self.hearthAssets = "${sync.origin}/";\nimportScripts("${sync.origin}/hearth-sw.js");\n`);
       const site = await startStaticDir(siteDir);
       cleanups.push(() => site.stop());
       check(site.origin !== sync.origin, "two origins");
@@ -1122,8 +1128,10 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
         return page;
       };
       const [one, two] = [await tab(), await tab()];
-      const { targetInfos } = await (await browser.newBrowserCDPSession()).send("Target.getTargets");
-      const workers = targetInfos.filter((t) => t.type === "shared_worker" && t.url.startsWith(site.origin));
+      const cdp = await browser.newBrowserCDPSession();
+      const siteWorkers = async () =>
+        (await cdp.send("Target.getTargets")).targetInfos.filter((t) => t.type === "shared_worker" && t.url.startsWith(site.origin));
+      const workers = await siteWorkers();
       check(workers.length === 1 && workers[0].url.includes("assets="), `one worker, the site's copy: ${JSON.stringify(workers.map((w) => w.url))}`);
       const list = uid("list");
       await startLive(two, "lists", "SELECT name FROM lists WHERE id = ?", [list]);
@@ -1141,6 +1149,23 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
       await withTimeout(page.evaluate(async () => (window.db = await Hearth.open({ name: "home" }))), "open on the app's own origin");
       await startLive(page, "lists", "SELECT name FROM lists WHERE id = ?", [list]);
       await waitLive(page, "lists", (rows) => rows.length === 1, "the other device gets the write");
+
+      // Offline cold start of the site: its files and Hearth's (from the other origin) come
+      // from its service worker's cache, with the sync server down and the tabs closed.
+      await waitFor(
+        one,
+        (urls) => caches.open("hearth").then((cache) => Promise.all(urls.map((u) => cache.match(u)))).then((hits) => hits.every(Boolean)),
+        [site.origin + "/", site.origin + "/hearth-worker.js", sync.origin + "/hearth.js", sync.origin + "/hearth-worker.js"],
+        "the site's service worker cached the site and Hearth",
+      );
+      await sync.stop();
+      await Promise.all([one.close(), two.close()]);
+      // The worker goes with its last tab: the next tab starts it from the cache.
+      const gone = Date.now() + 5000;
+      while ((await siteWorkers()).length > 0) check(Date.now() < gone, "the site's worker ended within 5 s of its last tab");
+      const cold = await tab();
+      const row = await call(cold, "query", "SELECT name FROM lists WHERE id = ?", [list]);
+      check(row.ok && row.value.length === 1 && row.value[0].name === "from elsewhere", `the site opens with its data, the sync server down: ${JSON.stringify(row)}`);
     });
 
     await test("React: useLiveQuery shows live rows and updates when another tab writes; useHearthStatus shows online, offline and pending; under the app's own service worker (importScripts hearth-sw.js) it opens with the server down", async () => {
