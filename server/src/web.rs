@@ -18,8 +18,9 @@ use axum::response::{IntoResponse, Response};
 
 use crate::Asset;
 
-/// Whether the embedded file at `path` is Hearth's own rather than the demo app's:
-/// everything under `/pkg/`, and the top-level files named `hearth*`.
+/// Whether an embedded file at `path` is Hearth's own rather than the demo app's:
+/// everything under `/pkg/`, and the top-level files named `hearth*`. Only the embedded
+/// files are served as Hearth's; another such name is looked up like any app file.
 pub fn is_hearth_own(path: &str) -> bool {
     path.starts_with("/pkg/")
         || path
@@ -51,11 +52,12 @@ pub async fn serve(
 ) -> Response {
     let path = uri.path();
     let embedded = |p: &str| assets.iter().find(|(asset, _, _)| *asset == p);
+    // Hearth's files win over an app's file of the same name; any other name (an app's
+    // `/hearthstone.png`) is the app's.
     if is_hearth_own(path) {
-        return match embedded(path) {
-            Some((_, bytes, mime)) => respond(path, bytes.to_vec(), mime, headers, true),
-            None => not_found(),
-        };
+        if let Some((_, bytes, mime)) = embedded(path) {
+            return respond(path, bytes.to_vec(), mime, headers, true);
+        }
     }
     let Some(dir) = app_dir else {
         let path = if path == "/" { "/index.html" } else { path };

@@ -1073,6 +1073,7 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
       await mkdir(path.join(appDir, "css"), { recursive: true });
       await writeFile(path.join(appDir, "index.html"), `<!doctype html><title>my app</title><script src="/hearth.js"></script>`);
       await writeFile(path.join(appDir, "css", "a b.css"), "body { color: teal }");
+      await writeFile(path.join(appDir, "hearthstone.txt"), "the app's own");
       const sync = await startServer({ app: appDir });
       cleanups.push(() => sync.cleanup());
 
@@ -1084,6 +1085,8 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
       check(index.status === 200 && index.body.includes("my app") && index.type.startsWith("text/html") && !index.cors, `/ is the app's index: ${JSON.stringify(index)}`);
       const css = await get("/css/a%20b.css");
       check(css.status === 200 && css.type.startsWith("text/css") && css.body.includes("teal"), `a nested file with a space: ${JSON.stringify(css)}`);
+      const named = await get("/hearthstone.txt");
+      check(named.status === 200 && named.body === "the app's own" && !named.cors, `an app file named hearth*: ${JSON.stringify(named)}`);
       check((await get("/app.js")).status === 404 && (await get("/nothing.html")).status === 404, "the demo's files are gone, missing files are 404");
       for (const own of ["/hearth.js", "/hearth.mjs", "/hearth-worker.js"]) {
         const r = await get(own);
