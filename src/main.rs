@@ -49,6 +49,11 @@ struct ServeArgs {
     /// cursor is older re-loads its subscriptions. Default: keep it all.
     #[arg(long, value_parser = humantime::parse_duration)]
     log_retention: Option<std::time::Duration>,
+    /// Serve the app's static files from DIR at `/`, in place of the demo
+    /// app. Hearth's own files (/hearth.js, /hearth-worker.js, /pkg/...)
+    /// stay served beside them.
+    #[arg(long, value_name = "DIR")]
+    app: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
         data: PathBuf::from("hearth-data"),
         listen: "127.0.0.1:8787".parse().expect("default address"),
         log_retention: None,
+        app: None,
     }));
     let result = match command {
         Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
@@ -191,6 +197,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Look for expired entries a few times per retention, at most each minute.
         config.compact_every_ms = (ms / 4).clamp(1, 60_000);
     }
+    config.app_dir = args.app.clone();
     let running = hearth_server::start(config, hearth::assets::ASSETS).await?;
     // Whoever reads our stdout may go away (a closed pipe); serving matters
     // more than these lines, so write errors are ignored rather than fatal.
@@ -210,6 +217,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tables.join(", "),
         args.data.display()
     ));
+    match &args.app {
+        Some(dir) => say(format!("hearth: serving the app in {} at /", dir.display())),
+        None => say("hearth: serving the demo app at / (--app DIR serves yours)".to_string()),
+    }
     // Ctrl-C or a service manager's SIGTERM: stop taking connections and let
     // the store finish its batch. (SIGKILL loses nothing acknowledged either.)
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

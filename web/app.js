@@ -471,6 +471,6 @@ async function main() {
 }
 
 if ("serviceWorker" in navigator) {
-  navigator.serviceWorker.register("sw.js").catch((error) => console.warn("no offline app shell:", error));
+  navigator.serviceWorker.register("hearth-sw.js").catch((error) => console.warn("no offline app shell:", error));
 }
 main();

@@ -4,10 +4,14 @@
 // `hearth.mjs` offers the same API as an ES module (`import { open } from ".../hearth.mjs"`).
 //
 // Everything else is resolved relative to this script's own URL, so the files can be
-// served under any path prefix. The SharedWorker script must be same-origin with the
-// page (a browser rule), so the page and hearth.js come from the same server.
+// served under any path prefix, and the sync endpoint defaults to `sync` beside it. The
+// SharedWorker script must be same-origin with the page (a browser rule): a page on
+// another origin than the sync server keeps a copy of the server's /hearth-worker.js
+// among its own files and passes its URL as `workerUrl`; the worker is then told (in its
+// URL's `assets` parameter) to load the rest from the server this script came from.
 //
-//   const db = await Hearth.open({ server, name })   // resolves once the schema is there
+//   const db = await Hearth.open({ server, name, token, reset, workerUrl })
+//                                     // resolves once the schema is there
 //   await db.exec(sql, params)        -> { mutation, rowsAffected, settled }, once durable on
 //                                        the device; `await settled` -> the server's verdict:
 //                                        { status: "applied", serverSeq } or { status:
@@ -65,10 +69,19 @@
     return pageModule;
   }
 
-  // The sync endpoint: the page's own origin at /sync, over wss when the page is https.
+  // The sync endpoint: `sync` beside this script, over wss when it came over https.
   function defaultServer() {
-    const url = new URL("/sync", location.href);
+    const url = new URL("sync", base);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    return url.href;
+  }
+
+  // The SharedWorker's script: hearth-worker.js beside this script, or the app's own copy
+  // of it, which is told where Hearth's files are unless they are beside it.
+  function workerScript(workerUrl) {
+    if (workerUrl === undefined || workerUrl === null) return new URL("hearth-worker.js", base).href;
+    const url = new URL(String(workerUrl), location.href);
+    if (new URL(".", url).href !== base.href) url.searchParams.set("assets", base.href);
     return url.href;
   }
 
@@ -76,9 +89,19 @@
   // Resolves once the database has its schema: at once on a device that synced before,
   // after the first contact with the server on a fresh device.
   async function open(options) {
-    const { server = defaultServer(), name = "default", token, reset = false } = options || {};
+    const { server = defaultServer(), name = "default", token, reset = false, workerUrl } = options || {};
     const page = await loadPage();
-    return page.open(new URL("hearth-worker.js", base).href, String(name), String(server), token, Boolean(reset));
+    return page.open(workerScript(workerUrl), String(name), String(server), token, Boolean(reset));
+  }
+
+  // Offline cold start: a service worker (hearth-sw.js) takes control only after the page
+  // that registered it loaded, so it is handed the URLs this page loaded, to keep them for
+  // the next load. Other service workers ignore the message.
+  if ("serviceWorker" in navigator) {
+    navigator.serviceWorker.ready.then((registration) => {
+      const urls = [location.href, ...performance.getEntriesByType("resource").map((entry) => entry.name)];
+      if (registration.active) registration.active.postMessage({ hearth: "cache", urls });
+    }, () => {});
   }
 
   window.Hearth = Object.freeze({ open });
