@@ -13,13 +13,20 @@ import { useEffect, useState } from "react";
 
 // Parameters compared by value, so that `[list]` written afresh on each render does not
 // restart the query. BigInts and blobs are values too.
+// Each value is tagged with its type, so that values JSON would conflate (null, NaN and
+// the infinities; the string "5n" and the bigint 5n) stay apart.
 function paramsKey(params) {
-  return JSON.stringify(params ?? [], (_, value) => {
-    if (typeof value === "bigint") return `${value}n`;
-    if (value instanceof Uint8Array) return `bytes:${Array.from(value).join(",")}`;
-    if (value instanceof ArrayBuffer) return `bytes:${Array.from(new Uint8Array(value)).join(",")}`;
-    return value === undefined ? null : value;
-  });
+  const list = Array.isArray(params) ? params : params == null ? [] : [params];
+  return JSON.stringify(
+    list.map((value) => {
+      if (typeof value === "bigint") return ["bigint", String(value)];
+      if (typeof value === "number") return ["number", Object.is(value, -0) ? "-0" : String(value)];
+      if (value instanceof Uint8Array) return ["bytes", Array.from(value)];
+      if (value instanceof ArrayBuffer) return ["bytes", Array.from(new Uint8Array(value))];
+      if (value === undefined || value === null) return ["null"];
+      return [typeof value, value];
+    }),
+  );
 }
 
 const LOADING = Object.freeze({ rows: Object.freeze([]), loading: true, error: null });

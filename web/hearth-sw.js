@@ -29,6 +29,8 @@
   "use strict";
 
   const CACHE = "hearth";
+  // How long a request waits for the network before a cached copy answers.
+  const NETWORK_WAIT_MS = 3000;
   const base = new URL(self.hearthAssets || "./", self.location.href);
   // Rewritten by the build to this build's content-hashed names.
   const HEARTH_FILES = [
@@ -101,20 +103,41 @@
             (hit) => hit || fetch(request).then((response) => keep(cache, request, response).then(() => response)),
           );
         }
-        return fetch(request).then(
-          (response) => {
-            event.waitUntil(keep(cache, request, response));
-            return response;
-          },
-          (error) =>
-            cache
-              .match(request)
-              .then((hit) => hit || (request.mode === "navigate" ? cache.match(request, { ignoreSearch: true }) : undefined))
-              .then((hit) => {
-                if (hit) return hit;
-                throw error;
-              }),
-        );
+        // A server that accepts the connection but never answers must not hold the page:
+        // after NETWORK_WAIT_MS a cached copy answers, if there is one (without one the
+        // network is waited for; it refreshes the cache whenever it completes).
+        const network = fetch(request).then((response) => {
+          event.waitUntil(keep(cache, request, response));
+          return response;
+        });
+        const cached = () =>
+          cache.match(request).then((hit) => hit || (request.mode === "navigate" ? cache.match(request, { ignoreSearch: true }) : undefined));
+        return new Promise((resolve, reject) => {
+          let done = false;
+          const finish = (response) => {
+            if (!done) {
+              done = true;
+              resolve(response);
+            }
+          };
+          const timer = setTimeout(() => cached().then((hit) => hit && finish(hit)), NETWORK_WAIT_MS);
+          network.then(
+            (response) => {
+              clearTimeout(timer);
+              finish(response);
+            },
+            (error) => {
+              clearTimeout(timer);
+              cached().then((hit) => {
+                if (hit) finish(hit);
+                else if (!done) {
+                  done = true;
+                  reject(error);
+                }
+              });
+            },
+          );
+        });
       }),
     );
   });

@@ -151,13 +151,35 @@ fn hearth_pending_is_true_until_the_last_write_to_the_row_settles() {
         ),
         vec![vec![Value::Integer(0), Value::Integer(0)]]
     );
+    // A key spelled as text or as a number names the same row, as in SQL.
+    exec(
+        &mut a,
+        "INSERT INTO lists (id, name) VALUES ('7', 'seven')",
+        1_003,
+    );
+    assert_eq!(
+        rows(
+            &a,
+            "SELECT hearth_pending('lists', '7'), hearth_pending('lists', 7), hearth_pending('lists', 7.0)"
+        ),
+        vec![vec![Value::Integer(1), Value::Integer(1), Value::Integer(1)]]
+    );
+    // A live query calling it re-runs on any synced table's change, even one
+    // it does not read.
+    let read = a
+        .tables_read("SELECT hearth_pending('todos', 'mine') AS p")
+        .unwrap();
+    assert!(
+        read.contains(&"todos".to_string()) && read.contains(&"lists".to_string()),
+        "{read:?}"
+    );
     // After a restart the outbox still marks the row.
     drop(a);
     let mut a = device(&path, 9);
     assert_eq!(marks(&a), expect(1));
     // The first write settles; the second still holds the row.
     let first = a.pending_seqs().unwrap()[0];
-    let events = common::sync_refusing(&mut srv, &mut a, &[first + 1]);
+    let events = common::sync_refusing(&mut srv, &mut a, &[first + 1, first + 2]);
     assert!(events
         .iter()
         .any(|e| matches!(e, Event::Rejected { seq, .. } if *seq == first + 1)));

@@ -50,7 +50,15 @@ pub async fn serve(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Response {
-    let path = uri.path();
+    // One spelling per file: the path is percent-decoded before anything is matched, and
+    // empty segments (`//name`) or encoded slashes are refused, so that Hearth's files
+    // cannot be shadowed by another spelling of their names and no redirect below can
+    // start with `//` (which a browser takes for another host).
+    let path = match canonical_path(uri.path()) {
+        Ok(path) => path,
+        Err(why) => return (StatusCode::BAD_REQUEST, format!("bad path: {why}\n")).into_response(),
+    };
+    let path = path.as_str();
     let embedded = |p: &str| assets.iter().find(|(asset, _, _)| *asset == p);
     // Hearth's files win over an app's file of the same name; any other name (an app's
     // `/hearthstone.png`) is the app's.
@@ -66,7 +74,7 @@ pub async fn serve(
             None => not_found(),
         };
     };
-    let relative = match relative_path(path) {
+    let relative = match relative_path(uri.path()) {
         Ok(relative) => relative,
         Err(why) => return (StatusCode::BAD_REQUEST, format!("bad path: {why}\n")).into_response(),
     };
@@ -78,8 +86,14 @@ pub async fn serve(
         _ => return not_found(),
     };
     if file.is_dir() {
-        // `/docs` → `/docs/`, so that the index's relative links resolve inside it.
-        let location = format!("{}/", path.trim_end_matches('/'));
+        // `/docs` → `/docs/`, so that the index's relative links resolve inside it (the
+        // path as sent, which `canonical_path` checked starts with one slash; the query
+        // kept).
+        let mut location = format!("{}/", uri.path().trim_end_matches('/'));
+        if let Some(query) = uri.query() {
+            location.push('?');
+            location.push_str(query);
+        }
         return (
             StatusCode::MOVED_PERMANENTLY,
             [(header::LOCATION, location)],
@@ -144,6 +158,24 @@ fn respond(
         );
     }
     response
+}
+
+/// The URL path percent-decoded, or why it is refused: not UTF-8, an encoded `/` or `\`,
+/// or an empty segment (`//`) anywhere but at the end.
+pub fn canonical_path(url_path: &str) -> Result<String, &'static str> {
+    let lower = url_path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return Err("an encoded slash or backslash");
+    }
+    let decoded = percent_decode(url_path).ok_or("bad percent-encoding or not UTF-8")?;
+    let Some(rest) = decoded.strip_prefix('/') else {
+        return Err("it does not start with /");
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if !rest.is_empty() && rest.split('/').any(str::is_empty) {
+        return Err("an empty segment (//)");
+    }
+    Ok(decoded)
 }
 
 /// The file path inside the app directory for a URL path: percent-decoded, `index.html`
@@ -273,6 +305,25 @@ mod tests {
         assert!(!is_content_hashed("/hearth.js"));
         assert!(!is_content_hashed("/pkg/x.0123456789abcdeg.js"));
         assert!(!is_content_hashed("/0123456789abcdef.js"));
+    }
+
+    #[test]
+    fn one_spelling_per_path() {
+        assert_eq!(canonical_path("/%68earth.js").unwrap(), "/hearth.js");
+        assert_eq!(canonical_path("/hearth%2ejs").unwrap(), "/hearth.js");
+        assert_eq!(canonical_path("/").unwrap(), "/");
+        assert_eq!(canonical_path("/docs/").unwrap(), "/docs/");
+        for bad in [
+            "//hearth.js",
+            "//evil.com",
+            "/%2fhearth.js",
+            "/a//b",
+            "/a%2Fb",
+            "/a%5cb",
+            "x",
+        ] {
+            assert!(canonical_path(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1180,6 +1180,18 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
         return page;
       };
       const [one, two] = [await tab(), await tab()];
+      // A workerUrl the browser could never start is refused up front, with a code.
+      const refusals = await withTimeout(
+        one.evaluate(async () => {
+          const codes = [];
+          for (const workerUrl of [undefined, "", 123, {}, "javascript:alert(1)", "data:text/javascript,", "https://elsewhere.example/w.js"]) {
+            codes.push(await Hearth.open({ name: "bad", workerUrl }).then(() => "opened", (e) => e.code));
+          }
+          return codes;
+        }),
+        "bad workerUrl values",
+      );
+      check(refusals.every((c) => c === "INVALID_ARGUMENT"), `bad workerUrl values: ${JSON.stringify(refusals)}`);
       const cdp = await browser.newBrowserCDPSession();
       const siteWorkers = async () =>
         (await cdp.send("Target.getTargets")).targetInfos.filter((t) => t.type === "shared_worker" && t.url.startsWith(site.origin));

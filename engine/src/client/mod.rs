@@ -422,8 +422,20 @@ impl Client {
             let why = match gate.mode {
                 GateMode::Internal => return Authorization::Allow,
                 GateMode::Query => {
-                    if let AuthAction::Read { table_name, .. } = ctx.action {
-                        gate.read.insert(table_name.to_string());
+                    match ctx.action {
+                        AuthAction::Read { table_name, .. } => {
+                            gate.read.insert(table_name.to_string());
+                        }
+                        // Which rows it asks about is known only when it runs: a
+                        // query calling it depends on every synced table, so a
+                        // live query re-runs whenever any write or verdict lands.
+                        AuthAction::Function { function_name }
+                            if function_name.eq_ignore_ascii_case("hearth_pending") =>
+                        {
+                            let synced: Vec<String> = gate.synced.iter().cloned().collect();
+                            gate.read.extend(synced);
+                        }
+                        _ => {}
                     }
                     crate::authorize::query(&ctx)
                 }

@@ -145,8 +145,10 @@ pub(super) fn record(conn: &rusqlite::Connection, seq: u64, verdict: &Verdict) -
 impl Client {
     /// Registers `hearth_pending(table, key)`: 1 while a local write to the
     /// row of `table` whose primary key is `key` awaits the server's
-    /// verdict, else 0. Usable in any query and live query; a live query
-    /// that reads `table` runs again when a verdict arrives.
+    /// verdict, else 0 (`'7'` and `7` name the same row, as in SQL). Usable
+    /// in any query and live query: a query calling it reads every synced
+    /// table (see `install_gate`), so a live query runs again whenever a
+    /// write or a verdict lands.
     pub(super) fn install_pending_function(&mut self) -> Result<()> {
         let rows = PendingRows(self.pending_rows.0.clone());
         self.conn.create_scalar_function(
@@ -164,7 +166,30 @@ impl Client {
                     }
                     rusqlite::types::ValueRef::Blob(b) => Value::Blob(b.to_vec()),
                 };
-                Ok(rows.contains(&row_key(&table, &key)))
+                // The key as the app passes it may differ in type from the key
+                // as stored (primary keys are INTEGER or TEXT, and SQL's `id =
+                // '7'` matches the row 7 by affinity): the other spelling
+                // counts too.
+                let others = match &key {
+                    Value::Integer(i) => vec![Value::Text(i.to_string())],
+                    Value::Real(r) if r.fract() == 0.0 && r.abs() < 9.0e15 => {
+                        vec![
+                            Value::Integer(*r as i64),
+                            Value::Text((*r as i64).to_string()),
+                        ]
+                    }
+                    Value::Text(t) => t
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|i| i.to_string() == *t)
+                        .map(Value::Integer)
+                        .into_iter()
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Ok(std::iter::once(&key)
+                    .chain(&others)
+                    .any(|k| rows.contains(&row_key(&table, k))))
             },
         )?;
         Ok(())
