@@ -182,16 +182,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let schema = Schema::parse(&source).with_context(|| format!("bad schema ({origin})"))?;
     let tables: Vec<&str> = schema.tables.keys().map(String::as_str).collect();
-    let mut config =
-        hearth_server::ServerConfig::new(args.listen, args.data.clone(), schema.clone());
+    let mut server = hearth_server::Server::builder()
+        .schema(schema.clone())
+        .data_dir(args.data.clone())
+        .listen(args.listen)
+        .assets(hearth::assets::ASSETS);
     if let Some(retention) = args.log_retention {
         let ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         anyhow::ensure!(ms > 0, "--log-retention must be longer than 0");
-        config.log_retention_ms = Some(ms);
-        // Look for expired entries a few times per retention, at most each minute.
-        config.compact_every_ms = (ms / 4).clamp(1, 60_000);
+        server = server.configure(move |config| {
+            config.log_retention_ms = Some(ms);
+            // Look for expired entries a few times per retention, at most each minute.
+            config.compact_every_ms = (ms / 4).clamp(1, 60_000);
+        });
     }
-    let running = hearth_server::start(config, hearth::assets::ASSETS).await?;
+    let running = server.start().await?;
     // Whoever reads our stdout may go away (a closed pipe); serving matters
     // more than these lines, so write errors are ignored rather than fatal.
     let say = |line: String| {

@@ -462,6 +462,9 @@ pub(crate) fn open(
     let path = config.data_dir.join("hearth.db");
     let mut core = ServerCore::open(open_connection(&path)?, config.schema.clone())?;
     core.set_entry_bytes_max(config.log_entry_bytes_max);
+    for validator in &config.validators.0 {
+        core.add_validator(validator.clone());
+    }
     let reader = open_connection(&path)?;
     reader.execute_batch("PRAGMA query_only = ON;")?;
     metrics.server_seq.store(core.head(), Ordering::Relaxed);
@@ -698,7 +701,16 @@ impl Store {
             }
         }
         self.core.set_now_ms(now_ms());
-        match self.core.apply_batch(&batch) {
+        let result = self.core.apply_batch(&batch);
+        // A failing validator refused its mutation with VALIDATOR_FAILED;
+        // why it failed is for the operator, not the device.
+        for failure in self.core.take_validator_failures() {
+            eprintln!(
+                "hearth: validator failed on mutation {} of client {} (refused VALIDATOR_FAILED): {}",
+                failure.client_seq, failure.client_id, failure.detail
+            );
+        }
+        match result {
             Ok(outcomes) => {
                 drop(batch);
                 self.health.record_batch(Ok(()));
