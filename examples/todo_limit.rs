@@ -64,6 +64,10 @@ pub fn todo_limit(ctx: &Context<'_>, mutation: &MutationView<'_>) -> Result<(), 
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The server logs through `tracing` (a failed validator is an ERROR).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1);
     let listen = args
         .next()

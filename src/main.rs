@@ -49,6 +49,38 @@ struct ServeArgs {
     /// cursor is older re-loads its subscriptions. Default: keep it all.
     #[arg(long, value_parser = humantime::parse_duration)]
     log_retention: Option<std::time::Duration>,
+    /// How the server's log (on stderr) is written: `text` for people,
+    /// `json` for log collectors (one object per line with `timestamp`,
+    /// `level`, `target`, `message` and the event's fields).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sends the server's `tracing` events (INFO and above) to stderr.
+fn init_logs(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        // Flattened: `message` and the fields sit beside `level` and `target`.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+    if let Err(e) = installed {
+        eprintln!("hearth: cannot set up logging: {e}");
+    }
 }
 
 #[derive(clap::Args)]
@@ -157,6 +189,7 @@ fn main() -> ExitCode {
         data: PathBuf::from("hearth-data"),
         listen: "127.0.0.1:8787".parse().expect("default address"),
         log_retention: None,
+        log_format: LogFormat::Text,
     }));
     let result = match command {
         Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
@@ -172,6 +205,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
     let (source, origin) = match &args.schema {
         Some(path) => (
             std::fs::read_to_string(path)
@@ -215,6 +249,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tables.join(", "),
         args.data.display()
     ));
+    tracing::info!(
+        addr = %running.addr,
+        schema_version = schema.version,
+        data = %args.data.display(),
+        "serving http://{} with schema version {} from {origin}",
+        running.addr,
+        schema.version
+    );
     // Ctrl-C or a service manager's SIGTERM: stop taking connections and let
     // the store finish its batch. (SIGKILL loses nothing acknowledged either.)
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -223,6 +265,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     say("hearth: shutting down".to_string());
+    tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }

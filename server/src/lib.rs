@@ -491,8 +491,10 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
     if let Some(files) = raise_open_file_limit() {
         let fit = usize::try_from(files.saturating_sub(FILES_RESERVED)).unwrap_or(usize::MAX);
         if fit < config.connections_max {
-            eprintln!(
-                "hearth: the open-file limit is {files}: at most {fit} connections (not {})",
+            tracing::warn!(
+                open_files = files,
+                connections_max = fit,
+                "the open-file limit is {files}: at most {fit} connections (not {})",
                 config.connections_max
             );
             config.connections_max = fit.max(2);
@@ -511,13 +513,13 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
             auth::Verifier::new(auth).map_err(StartError::Auth)?,
         )),
         None => {
-            eprintln!(
-                "hearth: the schema has no [auth] section: anyone who reaches /sync can read and write every row"
+            tracing::warn!(
+                "the schema has no [auth] section: anyone who reaches /sync can read and write every row"
             );
             None
         }
     };
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&config.schema));
     let (store, store_thread) = store::open(&config, metrics.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -590,7 +592,7 @@ async fn serve(
                     e.kind(),
                     std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
                 ) {
-                    eprintln!("hearth: accept failed: {e}");
+                    tracing::warn!(error = %e, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 continue;
