@@ -9,13 +9,16 @@ mod common;
 #[path = "../examples/todo_limit.rs"]
 mod todo_limit;
 
+use std::sync::{Arc, Mutex};
+
 use common::*;
 use hearth_engine::{Client, Event, Schema, DEMO_SCHEMA};
 use hearth_server::{Refuse, Server, VALIDATOR_FAILED};
 use serde_json::json;
 
-/// The example's rule, plus a rule that panics on a todo titled `boom`
-/// and one that fails through `?` on a todo titled `bad sql`.
+/// The example's rule, plus a rule that panics on a todo titled `boom`,
+/// one that fails through `?` on a todo titled `bad sql` and one that
+/// refuses a todo titled `bad code` with an invalid code.
 async fn start(dir: &std::path::Path) -> hearth_server::Running {
     Server::builder()
         .schema(Schema::parse(DEMO_SCHEMA).unwrap())
@@ -38,9 +41,32 @@ async fn start(dir: &std::path::Path) -> hearth_server::Running {
             }
             Ok::<(), Refuse>(())
         })
+        .validate(|_ctx, mutation| {
+            for todo in mutation.changes_to("todos") {
+                if todo.value("title") == Some(&text("bad code")) {
+                    return Err(Refuse::new("not a code", "codes are A-Z0-9_"));
+                }
+            }
+            Ok(())
+        })
         .start()
         .await
         .expect("server starts")
+}
+
+/// A log in memory.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn refusals(events: &[Event]) -> Vec<(u64, String, String)> {
@@ -166,6 +192,15 @@ async fn the_101st_todo_of_a_list_is_refused_and_rolled_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_validator_refuses_only_its_mutation() {
+    // The server's log, as JSON lines, into a buffer (the store thread logs).
+    let log = Log::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .expect("the only subscriber of this test binary");
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
     let url = url(&server);
@@ -180,6 +215,7 @@ async fn a_failing_validator_refuses_only_its_mutation() {
     let boom = add_todo(&mut a, "t2", "l", "boom");
     let between = add_todo(&mut a, "t3", "l", "between");
     let bad = add_todo(&mut a, "t4", "l", "bad sql");
+    let bad_code = add_todo(&mut a, "t7", "l", "bad code");
     let after = add_todo(&mut a, "t5", "l", "after");
     let events = sync(&mut a, &url).await;
     let refused = refusals(&events);
@@ -188,7 +224,11 @@ async fn a_failing_validator_refuses_only_its_mutation() {
             .iter()
             .map(|(s, c, _)| (*s, c.as_str()))
             .collect::<Vec<_>>(),
-        vec![(boom, VALIDATOR_FAILED), (bad, VALIDATOR_FAILED)],
+        vec![
+            (boom, VALIDATOR_FAILED),
+            (bad, VALIDATOR_FAILED),
+            (bad_code, VALIDATOR_FAILED)
+        ],
         "{refused:?}"
     );
     // The device is told the server's rules failed, not the panic's text
@@ -208,14 +248,31 @@ async fn a_failing_validator_refuses_only_its_mutation() {
             json!({"title": "after"})
         ]
     );
-    assert!(before < boom && boom < between && between < bad && bad < after);
+    assert!(before < boom && boom < between && between < bad && bad_code < after);
 
     // The store is still writing for everyone.
     sync(&mut b, &url).await;
     add_todo(&mut b, "t6", "l", "later");
     assert_eq!(refusals(&sync(&mut b, &url).await), vec![]);
     assert_eq!(count(&mut b, "l"), json!(4));
-    assert_eq!(metric(&server, "hearth_mutations_rejected_total").await, 2);
+    assert_eq!(metric(&server, "hearth_mutations_rejected_total").await, 3);
+    // The operator's log has what the device was not told.
+    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let failures: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["level"] == "ERROR")
+        .collect();
+    assert_eq!(failures.len(), 3, "{log}");
+    for (line, (seq, needle)) in failures.iter().zip([
+        (boom, "panicked: a bug in the app's rule"),
+        (bad, "no_such_table"),
+        (bad_code, "invalid code \"not a code\""),
+    ]) {
+        assert_eq!(line["client_seq"], seq, "{line}");
+        assert_eq!(line["client_id"], a.client_id(), "{line}");
+        assert!(line["detail"].as_str().unwrap().contains(needle), "{line}");
+    }
     server.shutdown().await;
 }
 
