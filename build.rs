@@ -6,11 +6,17 @@
 //!    lock that the outer cargo holds while it runs this script.
 //! 2. Runs wasm-bindgen (the `wasm-bindgen-cli-support` library, same version as the
 //!    `wasm-bindgen` crate, so no CLI install is needed) with the `web` target.
-//! 3. Copies `web/` beside the generated files into `$OUT_DIR/web/`, and writes
+//! 3. Renames each generated file to carry a hash of its contents
+//!    (`pkg/hearth_page.<16 hex digits>.js`), so that the server can let browsers cache
+//!    it for good: a new build is a new URL.
+//! 4. Copies `web/` beside the generated files into `$OUT_DIR/web/`, replacing in its
+//!    scripts each `pkg/NAME` of a generated file with its hashed name (so the stable
+//!    entry points, `hearth.js`, `hearth-worker.js`, `hearth-sw.js`, name the files of
+//!    this build), and writes
 //!    `$OUT_DIR/assets.rs`, which the binary `include!`s:
 //!    `pub static ASSETS: &[(&str, &[u8], &str)]` = (URL path, bytes, MIME type).
 //!
-//! Set `HEARTH_SKIP_WASM=1` to skip steps 1-2 during native-only work (`cargo check` and
+//! Set `HEARTH_SKIP_WASM=1` to skip steps 1-3 during native-only work (`cargo check` and
 //! clippy loops): `ASSETS` then holds only `web/`, and a warning says so.
 
 use std::env;
@@ -68,6 +74,7 @@ fn build() -> Result<(), String> {
     fs::create_dir_all(web_out.join("pkg"))
         .map_err(|e| format!("cannot create {web_out:?}: {e}"))?;
 
+    let mut hashed = Vec::new();
     if env::var_os("HEARTH_SKIP_WASM").is_some_and(|v| !v.is_empty() && v != "0") {
         println!(
             "cargo:warning=HEARTH_SKIP_WASM is set: the binary embeds web/ without the wasm, \
@@ -79,11 +86,12 @@ fn build() -> Result<(), String> {
         for (_, stem) in WASM_CRATES {
             bindgen(&wasm_dir.join(format!("{stem}.wasm")), &web_out.join("pkg"))?;
         }
+        hashed = hash_names(&web_out.join("pkg"))?;
         // Shown by `cargo build -vv`; the build time matters to everyone who runs it.
         eprintln!("hearth build.rs: wasm built in {:.1?}", started.elapsed());
     }
 
-    copy_dir(&root.join("web"), &web_out)?;
+    copy_dir(&root.join("web"), &web_out, &hashed)?;
     write_assets(&web_out, &out_dir.join("assets.rs"))
 }
 
@@ -200,16 +208,55 @@ fn bindgen(wasm: &Path, out: &Path) -> Result<(), String> {
         .map_err(|e| format!("wasm-bindgen on {}: {e:#}", wasm.display()))
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
+/// Renames every file in `pkg` to `STEM.<hash>.EXT`, the hash being 16 hex digits of
+/// FNV-1a over its contents. Returns (`pkg/NAME`, `pkg/HASHED NAME`) pairs.
+fn hash_names(pkg: &Path) -> Result<Vec<(String, String)>, String> {
+    let mut renamed = Vec::new();
+    for entry in fs::read_dir(pkg).map_err(|e| format!("cannot read {pkg:?}: {e}"))? {
+        let path = entry
+            .map_err(|e| format!("cannot read {pkg:?}: {e}"))?
+            .path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| format!("a file name that is not UTF-8 in {pkg:?}"))?
+            .to_owned();
+        let (stem, extension) = name
+            .split_once('.')
+            .ok_or_else(|| format!("{name} in {pkg:?} has no extension"))?;
+        let bytes = fs::read(&path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+        let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let hashed = format!("{stem}.{hash:016x}.{extension}");
+        fs::rename(&path, pkg.join(&hashed)).map_err(|e| format!("cannot rename {path:?}: {e}"))?;
+        renamed.push((format!("pkg/{name}"), format!("pkg/{hashed}")));
+    }
+    // Longest first, so that no name is replaced inside a longer one.
+    renamed.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
+    Ok(renamed)
+}
+
+fn copy_dir(from: &Path, to: &Path, hashed: &[(String, String)]) -> Result<(), String> {
     for entry in fs::read_dir(from).map_err(|e| format!("cannot read {from:?}: {e}"))? {
         let entry = entry.map_err(|e| format!("cannot read {from:?}: {e}"))?;
         let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
+        let path = entry.path();
+        if path.is_dir() {
             fs::create_dir_all(&target).map_err(|e| format!("cannot create {target:?}: {e}"))?;
-            copy_dir(&entry.path(), &target)?;
+            copy_dir(&path, &target, hashed)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("js" | "mjs")
+        ) {
+            let mut text =
+                fs::read_to_string(&path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+            for (name, hashed_name) in hashed {
+                text = text.replace(name.as_str(), hashed_name);
+            }
+            fs::write(&target, text).map_err(|e| format!("cannot write {target:?}: {e}"))?;
         } else {
-            fs::copy(entry.path(), &target)
-                .map_err(|e| format!("cannot copy {:?}: {e}", entry.path()))?;
+            fs::copy(&path, &target).map_err(|e| format!("cannot copy {path:?}: {e}"))?;
         }
     }
     Ok(())
@@ -265,6 +312,8 @@ fn mime_type(file: &Path) -> Result<&'static str, String> {
         "png" => "image/png",
         "ico" => "image/x-icon",
         "txt" => "text/plain; charset=utf-8",
+        // hearth.d.ts: TypeScript declarations, read by editors and tsc, not run.
+        "ts" => "application/typescript; charset=utf-8",
         _ => {
             return Err(format!(
                 "no MIME type known for {}: add its extension to mime_type in build.rs",

@@ -8,7 +8,8 @@
 #   chromium-driver   the browser for wasm-bindgen-test and the playwright-core e2e tests
 #   wasm32 target     std for wasm32-unknown-unknown
 #   wasm-bindgen-cli  wasm-bindgen-test-runner, at exactly the wasm-bindgen version in Cargo.lock
-#   playwright-core   the e2e driver, pinned in tests/e2e/package-lock.json (no browser download)
+#   playwright-core   the e2e driver, pinned in tests/e2e/package-lock.json (no browser download),
+#                     with typescript (tsc for tests/types) and react, react-dom (the hooks' test)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,12 +62,18 @@ if ! command -v node >/dev/null || (( $(node -p 'process.versions.node.split("."
   exit 1
 fi
 e2e="$root/tests/e2e"
-wanted_pw="$(node -p "require('$e2e/package-lock.json').packages['node_modules/playwright-core'].version")"
-have_pw="$(node -p "require('$e2e/node_modules/playwright-core/package.json').version" 2>/dev/null || true)"
-if [[ "$have_pw" == "$wanted_pw" ]]; then
-  say "playwright-core $have_pw is installed in tests/e2e"
+# playwright-core, TypeScript (tsc for tests/types) and React (for the hooks' browser
+# test), each at the version pinned in tests/e2e/package-lock.json.
+stale=""
+for package in playwright-core typescript react react-dom; do
+  wanted="$(node -p "require('$e2e/package-lock.json').packages['node_modules/$package'].version")"
+  have="$(node -p "require('$e2e/node_modules/$package/package.json').version" 2>/dev/null || true)"
+  [[ "$have" == "$wanted" ]] || stale+=" $package@$wanted"
+done
+if [[ -z "$stale" ]]; then
+  say "playwright-core, typescript, react and react-dom are installed in tests/e2e"
 else
-  say "installing playwright-core $wanted_pw in tests/e2e"
+  say "installing$stale in tests/e2e"
   (cd "$e2e" && npm ci --no-audit --no-fund)
 fi
 

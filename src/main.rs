@@ -54,6 +54,11 @@ struct ServeArgs {
     /// `level`, `target`, `message` and the event's fields).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve the app's static files from DIR at `/`, in place of the demo
+    /// app. Hearth's own files (/hearth.js, /hearth-worker.js, /pkg/...)
+    /// stay served beside them.
+    #[arg(long, value_name = "DIR")]
+    app: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -190,6 +195,7 @@ fn main() -> ExitCode {
         listen: "127.0.0.1:8787".parse().expect("default address"),
         log_retention: None,
         log_format: LogFormat::Text,
+        app: None,
     }));
     let result = match command {
         Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
@@ -230,6 +236,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             config.compact_every_ms = (ms / 4).clamp(1, 60_000);
         });
     }
+    if let Some(app) = args.app.clone() {
+        server = server.app_dir(app);
+    }
     let running = server.start().await?;
     // Whoever reads our stdout may go away (a closed pipe); serving matters
     // more than these lines, so write errors are ignored rather than fatal.
@@ -249,6 +258,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tables.join(", "),
         args.data.display()
     ));
+    match &args.app {
+        Some(dir) => say(format!("hearth: serving the app in {} at /", dir.display())),
+        None => say("hearth: serving the demo app at / (--app DIR serves yours)".to_string()),
+    }
     tracing::info!(
         addr = %running.addr,
         schema_version = schema.version,
@@ -423,12 +436,15 @@ async fn write_then_sync(
                     seq: s,
                     code,
                     reason,
-                } if *s == seq => Some((code.clone(), reason.clone())),
+                    undone,
+                } if *s == seq => Some((code.clone(), reason.clone(), undone_json(undone))),
                 _ => None,
             });
             match rejected {
-                Some((code, reason)) => {
-                    println!("{}", line(seq, "rejected", Some(reason), Some(code)));
+                Some((code, reason, undone)) => {
+                    let mut out = line(seq, "rejected", Some(reason), Some(code));
+                    out["undone"] = undone;
+                    println!("{out}");
                     Ok(ExitCode::from(EXIT_REJECTED))
                 }
                 None => {
@@ -484,9 +500,14 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                     let rejected: Vec<serde_json::Value> = events
                         .iter()
                         .filter_map(|e| match e {
-                            Event::Rejected { seq, code, reason } => {
-                                Some(serde_json::json!({"mutation": seq, "code": code, "reason": reason}))
-                            }
+                            Event::Rejected {
+                                seq,
+                                code,
+                                reason,
+                                undone,
+                            } => Some(
+                                serde_json::json!({"mutation": seq, "code": code, "reason": reason, "undone": undone_json(undone)}),
+                            ),
                             _ => None,
                         })
                         .collect();
@@ -642,4 +663,13 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
             .await
         }
     }
+}
+
+/// The rows a refused write had written, as the CLI prints them:
+/// `[{"table": "todos", "key": "t1"}, ...]`.
+fn undone_json(undone: &[(String, hearth_engine::Value)]) -> serde_json::Value {
+    undone
+        .iter()
+        .map(|(table, key)| serde_json::json!({"table": table, "key": key.to_json()}))
+        .collect()
 }

@@ -73,7 +73,9 @@ fn refusals(events: &[Event]) -> Vec<(u64, String, String)> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::Rejected { seq, code, reason } => Some((*seq, code.clone(), reason.clone())),
+            Event::Rejected {
+                seq, code, reason, ..
+            } => Some((*seq, code.clone(), reason.clone())),
             _ => None,
         })
         .collect()
@@ -134,6 +136,12 @@ async fn the_101st_todo_of_a_list_is_refused_and_rolled_back() {
         "list full already has 100 todos, the most a list may hold"
     );
     assert!(elsewhere > over);
+    // The device names what the refusal undid: the 101st todo's row.
+    let undone = events.iter().find_map(|e| match e {
+        Event::Rejected { seq, undone, .. } if *seq == over => Some(undone.clone()),
+        _ => None,
+    });
+    assert_eq!(undone, Some(vec![("todos".to_string(), text("f100"))]));
     assert_eq!(
         count(&mut a, "full"),
         json!(100),

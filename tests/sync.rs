@@ -165,9 +165,9 @@ async fn refused_write_is_rolled_back_with_a_reason_and_others_survive() {
     let reason = events
         .iter()
         .find_map(|e| match e {
-            Event::Rejected { seq, code, reason } if *seq == clash => {
-                Some((code.clone(), reason.clone()))
-            }
+            Event::Rejected {
+                seq, code, reason, ..
+            } if *seq == clash => Some((code.clone(), reason.clone())),
             _ => None,
         })
         .expect("B's clashing insert is refused");

@@ -162,7 +162,10 @@ function renderTodos(todos) {
       );
       const item = el(
         "li",
-        { class: todo.done ? "todo done" : "todo" },
+        {
+          class: `todo${todo.done ? " done" : ""}${todo.unconfirmed ? " unconfirmed" : ""}`,
+          title: todo.unconfirmed ? "Not yet confirmed by the server" : "",
+        },
         el("input", {
           type: "checkbox",
           checked: !!todo.done,
@@ -367,6 +370,7 @@ function selectList(id) {
   if (!id) return renderTodos([]);
   state.stopTodos = state.db.live(
     `SELECT id, title, done, likes, tags, due, notes <> '' AS has_notes,
+            hearth_pending('todos', id) AS unconfirmed,
             EXISTS (SELECT 1 FROM hearth_conflicts c
                      WHERE c.table_name = 'todos' AND c.row_key = json_quote(todos.id)) AS conflict
        FROM todos WHERE list_id = ? ORDER BY done, position, title`,
@@ -390,7 +394,11 @@ async function main() {
   window.db = db; // handy in the console
   showStatus(db.status());
   db.on("status", showStatus);
-  db.on("rejected", (error) => toast(`The server refused a change and it was undone: ${error.reason}`, "error"));
+  db.on("rejected", (error) => {
+    const undone = (error.undone || []).map((row) => `${row.table} ${row.key}`).join(", ");
+    const what = error.serverCode === "DISCARDED" ? "A queued change was discarded" : `The server refused a change (${error.serverCode})`;
+    toast(`${what} and it was undone: ${error.reason}${undone ? `. Undone: ${undone}` : ""}`, "error");
+  });
 
   db.live(
     `SELECT l.id, l.name,
@@ -463,6 +471,6 @@ async function main() {
 }
 
 if ("serviceWorker" in navigator) {
-  navigator.serviceWorker.register("sw.js").catch((error) => console.warn("no offline app shell:", error));
+  navigator.serviceWorker.register("hearth-sw.js").catch((error) => console.warn("no offline app shell:", error));
 }
 main();

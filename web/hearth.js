@@ -4,11 +4,26 @@
 // `hearth.mjs` offers the same API as an ES module (`import { open } from ".../hearth.mjs"`).
 //
 // Everything else is resolved relative to this script's own URL, so the files can be
-// served under any path prefix. The SharedWorker script must be same-origin with the
-// page (a browser rule), so the page and hearth.js come from the same server.
+// served under any path prefix, and the sync endpoint defaults to `sync` beside it. The
+// SharedWorker script must be same-origin with the page (a browser rule): a page on
+// another origin than the sync server keeps a copy of the server's /hearth-worker.js
+// among its own files and passes its URL as `workerUrl`; the worker is then told (in its
+// URL's `assets` parameter) to load the rest from the server this script came from.
 //
-//   const db = await Hearth.open({ server, name })   // resolves once the schema is there
-//   await db.exec(sql, params)        -> { mutation, rowsAffected }, once durable on the device
+//   const db = await Hearth.open({ server, name, token, reset, workerUrl })
+//                                     // resolves once the schema is there
+//   await db.exec(sql, params)        -> { mutation, rowsAffected, settled }, once durable on
+//                                        the device; `await settled` -> the server's verdict:
+//                                        { status: "applied", serverSeq } or { status:
+//                                        "rejected", code, reason, undone: [{ table, key }] }
+//                                        ({ status: "local" } when no synced row changed)
+//   await db.settled(mutation)        -> the same verdict for a write made earlier (or in
+//                                        another tab, or before a reload)
+//   await db.pending()                -> the outbox: [{ mutation, tables, rows, madeAt,
+//                                        attempts, sent }]
+//   await db.discard(mutation)        -> { undone }: a queued write dropped, rolled back,
+//                                        never sent; NOT_PENDING, or SENT once it went out
+//   SQL: hearth_pending(table, key)   -> 1 while a local write to that row awaits the server
 //   await db.editText(table, key, column, [{ index, delete, insert }])
 //                                     -> like exec; positions in code points, not UTF-16 units
 //   await db.resolve(conflictId, value) -> like exec; closes a hearth_conflicts row
@@ -29,7 +44,8 @@
 //   room.send(message)                -> fire and forget; coalesced latest-wins per sender
 //   await room.leave()
 // Errors are `Error`s with a stable `code`: SQL_ERROR, INVALID_ARGUMENT, OFFLINE, REJECTED,
-// BAD_SUBSCRIPTION, BAD_ROOM, PRESENCE_TOO_LARGE, NOT_IN_ROOM, ...
+// BAD_SUBSCRIPTION, BAD_ROOM, PRESENCE_TOO_LARGE, NOT_IN_ROOM, NOT_PENDING, SENT,
+// UNKNOWN_MUTATION, ... The "rejected" event's error has mutation, serverCode, reason, undone.
 (function () {
   "use strict";
 
@@ -53,10 +69,19 @@
     return pageModule;
   }
 
-  // The sync endpoint: the page's own origin at /sync, over wss when the page is https.
+  // The sync endpoint: `sync` beside this script, over wss when it came over https.
   function defaultServer() {
-    const url = new URL("/sync", location.href);
+    const url = new URL("sync", base);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    return url.href;
+  }
+
+  // The SharedWorker's script: hearth-worker.js beside this script, or the app's own copy
+  // of it, which is told where Hearth's files are unless they are beside it.
+  function workerScript(workerUrl) {
+    if (workerUrl === undefined || workerUrl === null) return new URL("hearth-worker.js", base).href;
+    const url = new URL(String(workerUrl), location.href);
+    if (new URL(".", url).href !== base.href) url.searchParams.set("assets", base.href);
     return url.href;
   }
 
@@ -64,9 +89,19 @@
   // Resolves once the database has its schema: at once on a device that synced before,
   // after the first contact with the server on a fresh device.
   async function open(options) {
-    const { server = defaultServer(), name = "default", token, reset = false } = options || {};
+    const { server = defaultServer(), name = "default", token, reset = false, workerUrl } = options || {};
     const page = await loadPage();
-    return page.open(new URL("hearth-worker.js", base).href, String(name), String(server), token, Boolean(reset));
+    return page.open(workerScript(workerUrl), String(name), String(server), token, Boolean(reset));
+  }
+
+  // Offline cold start: a service worker (hearth-sw.js) takes control only after the page
+  // that registered it loaded, so it is handed the URLs this page loaded, to keep them for
+  // the next load. Other service workers ignore the message.
+  if ("serviceWorker" in navigator) {
+    navigator.serviceWorker.ready.then((registration) => {
+      const urls = [location.href, ...performance.getEntriesByType("resource").map((entry) => entry.name)];
+      if (registration.active) registration.active.postMessage({ hearth: "cache", urls });
+    }, () => {});
   }
 
   window.Hearth = Object.freeze({ open });

@@ -31,7 +31,10 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// `RoomSent`; `ErrorCode::BadRoom` .. `NotInRoom`.
 /// 5: identity: `Request::Open`'s `token` and `reset`, `Request::SetToken`,
 /// `Notice::TokenNeeded`, `ErrorCode::Auth`, `AuthExpired`, `AuthUserChanged`.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: the outbox as the app sees it: `Request::Settled`, `Pending`, `Discard`;
+/// `Reply::Settled`, `Pending`, `Discarded`; `Notice::Rejected`'s `undone`;
+/// `ErrorCode::NotPending`, `Sent`, `UnknownMutation`.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The largest frame either side accepts. A bound keeps one runaway query result from
 /// exhausting a tab's memory; hitting it is a clear error, never a silent truncation.
@@ -88,6 +91,45 @@ pub struct StreamSubscription {
     /// How many tabs hold it now. 0: no tab has claimed it since the worker started (a
     /// restart) or since the tabs that held it went away; it stays on the device.
     pub tabs: u32,
+}
+
+/// A row, named by its table and primary key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowRef {
+    pub table: String,
+    pub key: Value,
+}
+
+/// The server's verdict on one local write ([`Request::Settled`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Applied as the server's log entry `server_seq`.
+    Applied { server_seq: u64 },
+    /// Refused by the server (or `TOO_LARGE`, or `DISCARDED` by the app); its effects
+    /// were undone on the device: `undone` lists the rows it had written.
+    Rejected {
+        code: String,
+        reason: String,
+        undone: Vec<RowRef>,
+    },
+}
+
+/// One write of the outbox ([`Request::Pending`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingWrite {
+    pub mutation: u64,
+    /// The tables it writes, sorted.
+    pub tables: Vec<String>,
+    /// The rows it writes, each once.
+    pub rows: Vec<RowRef>,
+    /// When it was made, in milliseconds since the Unix epoch (the device's hybrid
+    /// logical clock).
+    pub made_at_ms: u64,
+    /// How many times it went out to the server.
+    pub attempts: u64,
+    /// It went out at least once, so the server may have it: it can no longer be
+    /// discarded.
+    pub sent: bool,
 }
 
 /// A message from a tab to the worker.
@@ -184,6 +226,16 @@ pub enum Request {
     /// A fire-and-forget `message` (JSON text) for the room's other members
     /// ([`Reply::RoomSent`]); the server relays them coalesced, latest wins per sender.
     SendToRoom { room: String, message: String },
+    /// The verdict on local write `mutation` (the `mutation` of a [`Reply::Exec`]), as
+    /// [`Reply::Settled`] once the server gave it (at once if it has). `UnknownMutation`
+    /// for a write this device does not know.
+    Settled { mutation: u64 },
+    /// The outbox: [`Reply::Pending`].
+    Pending,
+    /// Drop pending write `mutation` on purpose: undone, never sent, settled as rejected
+    /// with code `DISCARDED` (every tab hears it as [`Notice::Rejected`]). Answered with
+    /// [`Reply::Discarded`] once durable; `NotPending` or `Sent` otherwise.
+    Discard { mutation: u64 },
 }
 
 /// A member of a room, as a tab sees it.
@@ -232,6 +284,8 @@ pub enum Notice {
         mutation: u64,
         code: String,
         reason: String,
+        /// The rows the write had written, now as the server has them.
+        undone: Vec<RowRef>,
     },
     /// A chunk of the initial load of subscription `id` is in the database and durable:
     /// `rows` so far; `done` when the load is complete. Sent to every tab.
@@ -316,6 +370,12 @@ pub enum Reply {
     RoomJoined,
     RoomLeft,
     RoomSent,
+    Settled(Verdict),
+    Pending(Vec<PendingWrite>),
+    /// The rows the discarded write had written.
+    Discarded {
+        undone: Vec<RowRef>,
+    },
 }
 
 /// A failed request: the stable code the page turns into `Error.code`, and a message
@@ -380,6 +440,14 @@ pub enum ErrorCode {
     RoomFull,
     /// A message to a room the tab has not joined.
     NotInRoom,
+    /// `discard` of a write that is not pending: it settled already, or was never made.
+    NotPending,
+    /// `discard` of a write that went out to the server, which may have applied it: wait
+    /// for its verdict (`settled`) instead.
+    Sent,
+    /// `settled` of a write this device does not know: never made, or settled more than
+    /// `RECEIPTS_KEPT` writes ago.
+    UnknownMutation,
     /// The server refused the token (the message names the failed check).
     Auth,
     /// The token expired; a new one is needed (pending writes stay).
@@ -414,6 +482,9 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "TOO_MANY_ROOMS",
             ErrorCode::RoomFull => "ROOM_FULL",
             ErrorCode::NotInRoom => "NOT_IN_ROOM",
+            ErrorCode::NotPending => "NOT_PENDING",
+            ErrorCode::Sent => "SENT",
+            ErrorCode::UnknownMutation => "UNKNOWN_MUTATION",
             ErrorCode::Auth => "AUTH",
             ErrorCode::AuthExpired => "AUTH_EXPIRED",
             ErrorCode::AuthUserChanged => "AUTH_USER_CHANGED",
@@ -442,6 +513,9 @@ impl ErrorCode {
             "TOO_MANY_ROOMS" => ErrorCode::TooManyRooms,
             "ROOM_FULL" => ErrorCode::RoomFull,
             "NOT_IN_ROOM" => ErrorCode::NotInRoom,
+            "NOT_PENDING" => ErrorCode::NotPending,
+            "SENT" => ErrorCode::Sent,
+            "UNKNOWN_MUTATION" => ErrorCode::UnknownMutation,
             "AUTH" => ErrorCode::Auth,
             "AUTH_EXPIRED" => ErrorCode::AuthExpired,
             "AUTH_USER_CHANGED" => ErrorCode::AuthUserChanged,

@@ -45,7 +45,8 @@ pub mod value;
 
 pub use change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};
 pub use client::{
-    Client, ClientConfig, ClientError, Event, ExecOutcome, Output, QueryResult, Status,
+    Client, ClientConfig, ClientError, Event, ExecOutcome, Output, PendingWrite, QueryResult,
+    Settlement, Status, Verdict,
 };
 pub use filter::{Filter, Param};
 pub use hlc::{Clock, Hlc, Stamp};

@@ -233,7 +233,7 @@ impl Access {
 
     /// The entry's changes to looked-up tables, applied to the grants: the
     /// tables whose readable rows changed.
-    fn update(&mut self, schema: &Schema, entry: &LogEntry) -> Vec<String> {
+    pub(crate) fn update(&mut self, schema: &Schema, entry: &LogEntry) -> Vec<String> {
         let mut changed = Vec::new();
         for image in &entry.images {
             let Some(change) = entry.changes.get(image.change as usize) else {

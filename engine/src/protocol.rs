@@ -208,7 +208,11 @@ pub enum ServerMsg {
     /// and each of them that syncs whole loads as a `*TABLE`
     /// pseudo-subscription; the rows the device holds stay until their
     /// tables' loads finish, then those no load brought back are evicted.
-    /// The server's link does the same at the same point.
+    /// The server's link does the same at the same point. A device whose
+    /// connection ends between those entries and the `Reload` re-loads on
+    /// its next connection, right after the Welcome: the server finds that
+    /// the entry at its cursor changed its access
+    /// ([`crate::server::read_access`]).
     Reload { cursor: u64, tables: Vec<String> },
     /// The server refused a subscription (`BAD_SUBSCRIPTION`, `LIMIT`):
     /// the device drops it.

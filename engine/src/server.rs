@@ -2442,6 +2442,44 @@ pub fn read_grants(
     Ok(out)
 }
 
+/// What `who` may read at log position `at` (the lookups of
+/// [`read_grants`], as a link's [`crate::link::Access`]), and whether the
+/// entry at `at` changed it.
+///
+/// A link sends a `Reload` right after the entries up to the one that
+/// changed what its user may read; a device whose connection ended between
+/// the two has its cursor at that entry and never re-loaded, while the
+/// access read at its cursor is already the new one. So when the entry at
+/// the cursor changed the access (or was compacted away, which leaves it
+/// unknown), the caller re-loads the device's filtered tables at the
+/// Welcome ([`crate::link::Link::set_access`]); a device that did take the
+/// `Reload` re-loads once more, which costs reading and changes nothing.
+pub fn read_access(
+    conn: &Connection,
+    schema: &Schema,
+    who: std::sync::Arc<crate::rules::Principal>,
+    at: u64,
+) -> Result<(crate::link::Access, bool)> {
+    use crate::link::Access;
+    if at == 0 {
+        let grants = read_grants(conn, schema, &who, 0)?;
+        return Ok((Access::new(schema, who, grants), false));
+    }
+    match ServerCore::read_log(conn, at - 1, 1)?.pop() {
+        Some(entry) if entry.server_seq == at => {
+            let grants = read_grants(conn, schema, &who, at - 1)?;
+            let mut access = Access::new(schema, who, grants);
+            let changed = !entry.images.is_empty() && !access.update(schema, &entry).is_empty();
+            Ok((access, changed))
+        }
+        _ => {
+            let grants = read_grants(conn, schema, &who, at)?;
+            let compacted = at <= log_floor(conn)?;
+            Ok((Access::new(schema, who, grants), compacted))
+        }
+    }
+}
+
 /// A digest of what decides which rows a user may read, besides the data:
 /// the read rules and the claims they read. A device whose digest changed
 /// since its last connection re-loads its filtered tables.

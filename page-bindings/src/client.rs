@@ -15,8 +15,9 @@ use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
 use hearth_bridge::{
-    decode, encode, DecodeError, ErrorCode, ErrorReply, Notice, PageMessage, Reply, Request, Rows,
-    StreamParam, StreamSubscription, SyncStatus, TextEdit, Value, WorkerMessage,
+    decode, encode, DecodeError, ErrorCode, ErrorReply, Notice, PageMessage, PendingWrite, Reply,
+    Request, RowRef, Rows, StreamParam, StreamSubscription, SyncStatus, TextEdit, Value, Verdict,
+    WorkerMessage,
 };
 use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
 use tokio::sync::oneshot;
@@ -418,6 +419,37 @@ impl Client {
     /// Removes a listener added by [`Client::on`].
     pub fn off(&self, id: u32) {
         self.inner.listeners.borrow_mut().retain(|(i, _)| *i != id);
+    }
+
+    /// The server's verdict on local write `mutation` (the `mutation` of an
+    /// [`ExecResult`]): resolves once the server applied or refused it, at once if it has.
+    /// Fails with UNKNOWN_MUTATION for a write this device does not know (never made, or
+    /// settled more than `RECEIPTS_KEPT` writes ago).
+    pub async fn settled(&self, mutation: u64) -> Result<Verdict, ErrorReply> {
+        match self.call(Request::Settled { mutation }).await? {
+            Reply::Settled(verdict) => Ok(verdict),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The outbox: the writes waiting for the server, oldest first.
+    pub async fn pending(&self) -> Result<Vec<PendingWrite>, ErrorReply> {
+        match self.call(Request::Pending).await? {
+            Reply::Pending(writes) => Ok(writes),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Drops pending write `mutation` on purpose: undone on the device (the later pending
+    /// writes redone over what is left), never sent, settled as rejected with code
+    /// DISCARDED; every tab hears it as a rejection. Resolves, once durable, to the rows
+    /// it had written. Fails with NOT_PENDING (settled already, or never made) or SENT (it
+    /// went out to the server, which may have applied it: wait for its verdict).
+    pub async fn discard(&self, mutation: u64) -> Result<Vec<RowRef>, ErrorReply> {
+        match self.call(Request::Discard { mutation }).await? {
+            Reply::Discarded { undone } => Ok(undone),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Gives the worker a new token (after `Notice::TokenNeeded`): it connects with it at

@@ -7,8 +7,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use hearth_bridge::{
-    ErrorCode, ErrorReply, Notice, RoomMember, Rows, StreamParam, StreamSubscription, SyncStatus,
-    TextEdit, Value,
+    ErrorCode, ErrorReply, Notice, PendingWrite, RoomMember, RowRef, Rows, StreamParam,
+    StreamSubscription, SyncStatus, TextEdit, Value, Verdict,
 };
 use js_sys::{Array, BigInt, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
@@ -117,7 +117,7 @@ pub struct Database {
 
 #[wasm_bindgen]
 impl Database {
-    /// `exec(sql, params?)`: resolves to `{mutation, rowsAffected}` once the change is
+    /// `exec(sql, params?)`: resolves to `{mutation, rowsAffected, settled}` once the change is
     /// durable on this device. `mutation` is the sequence number of the write queued for
     /// the server, or `null` when no synced table changed.
     pub fn exec(&self, sql: String, params: JsValue) -> Promise {
@@ -125,7 +125,7 @@ impl Database {
         future_to_promise(async move {
             let params = params_from_js(&params).map_err(js_error)?;
             let done = client.exec(&sql, params).await.map_err(js_error)?;
-            exec_result_to_js(&done)
+            exec_result_to_js(&done, &client)
         })
     }
 
@@ -160,7 +160,7 @@ impl Database {
                 .edit_text(&table, key, &column, edits)
                 .await
                 .map_err(js_error)?;
-            exec_result_to_js(&done)
+            exec_result_to_js(&done, &client)
         })
     }
 
@@ -182,7 +182,7 @@ impl Database {
                 .resolve(&conflict_id, value)
                 .await
                 .map_err(js_error)?;
-            exec_result_to_js(&done)
+            exec_result_to_js(&done, &client)
         })
     }
 
@@ -265,6 +265,7 @@ impl Database {
                         mutation,
                         code,
                         reason,
+                        undone,
                     },
                 ) => {
                     let error = js_error(ErrorReply::new(
@@ -274,6 +275,9 @@ impl Database {
                     let _ = Reflect::set(&error, &"mutation".into(), &(*mutation as f64).into());
                     let _ = Reflect::set(&error, &"serverCode".into(), &code.as_str().into());
                     let _ = Reflect::set(&error, &"reason".into(), &reason.as_str().into());
+                    if let Ok(undone) = row_refs_to_js(undone) {
+                        let _ = Reflect::set(&error, &"undone".into(), &undone);
+                    }
                     error
                 }
                 ("auth", Notice::TokenNeeded { code, message }) => js_error(ErrorReply::new(
@@ -289,6 +293,51 @@ impl Database {
         let client = self.client.clone();
         let off = Closure::once_into_js(move || client.off(id));
         Ok(off.unchecked_into())
+    }
+
+    /// `settled(mutation)`: resolves to the server's verdict on local write `mutation` (the
+    /// `mutation` of an exec result, also after a page reload): `{status: "applied",
+    /// serverSeq}` or `{status: "rejected", code, reason, undone: [{table, key}]}` (a
+    /// discarded write: code DISCARDED). Waits while the write is pending. Rejects with
+    /// UNKNOWN_MUTATION for a write this device does not know (never made here, or
+    /// settled more than 10,000 writes ago).
+    pub fn settled(&self, mutation: JsValue) -> Promise {
+        let client = self.client.clone();
+        future_to_promise(async move {
+            let mutation = mutation_arg(&mutation).map_err(js_error)?;
+            let verdict = client.settled(mutation).await.map_err(js_error)?;
+            verdict_to_js(&verdict)
+        })
+    }
+
+    /// `pending()`: resolves to the outbox, oldest first: `[{mutation, tables, rows:
+    /// [{table, key}], madeAt (ms since the epoch), attempts, sent}]`.
+    pub fn pending(&self) -> Promise {
+        let client = self.client.clone();
+        future_to_promise(async move {
+            let writes = client.pending().await.map_err(js_error)?;
+            let out = Array::new();
+            for write in &writes {
+                out.push(&pending_write_to_js(write)?);
+            }
+            Ok(out.into())
+        })
+    }
+
+    /// `discard(mutation)`: drops pending write `mutation` on purpose: undone on this
+    /// device, never sent; its `settled` resolves as rejected with code DISCARDED and every
+    /// tab gets the "rejected" event. Resolves to `{undone: [{table, key}]}` once durable.
+    /// Rejects with NOT_PENDING (settled already, or never made) or SENT (it went out to
+    /// the server, which may have applied it: wait for `settled` instead).
+    pub fn discard(&self, mutation: JsValue) -> Promise {
+        let client = self.client.clone();
+        future_to_promise(async move {
+            let mutation = mutation_arg(&mutation).map_err(js_error)?;
+            let undone = client.discard(mutation).await.map_err(js_error)?;
+            let object = Object::new();
+            Reflect::set(&object, &"undone".into(), &row_refs_to_js(&undone)?)?;
+            Ok(object.into())
+        })
     }
 
     /// `sync({timeoutMs}?)`: resolves to the status once every local write reached the
@@ -774,8 +823,26 @@ fn subscription_to_js(sub: &StreamSubscription) -> Result<JsValue, JsValue> {
     Ok(object.into())
 }
 
-fn exec_result_to_js(done: &ExecResult) -> Result<JsValue, JsValue> {
+/// `{mutation, rowsAffected, settled}`: `settled` is a promise of the server's verdict
+/// (`{status: "local"}` at once for a write that changed no synced row).
+fn exec_result_to_js(done: &ExecResult, client: &Client) -> Result<JsValue, JsValue> {
     let result = Object::new();
+    let settled = match done.mutation {
+        Some(mutation) => {
+            let client = client.clone();
+            future_to_promise(async move {
+                let verdict = client.settled(mutation).await.map_err(js_error)?;
+                verdict_to_js(&verdict)
+            })
+        }
+        None => {
+            let local = Object::new();
+            Reflect::set(&local, &"status".into(), &"local".into())?;
+            let local: JsValue = local.into();
+            future_to_promise(async move { Ok(local) })
+        }
+    };
+    Reflect::set(&result, &"settled".into(), &settled)?;
     let mutation = done
         .mutation
         .map_or(JsValue::NULL, |m| JsValue::from(m as f64));
@@ -787,6 +854,63 @@ fn exec_result_to_js(done: &ExecResult) -> Result<JsValue, JsValue> {
         &(done.rows_affected as f64).into(),
     )?;
     Ok(result.into())
+}
+
+fn row_refs_to_js(rows: &[RowRef]) -> Result<JsValue, JsValue> {
+    let out = Array::new();
+    for row in rows {
+        let object = Object::new();
+        Reflect::set(&object, &"table".into(), &row.table.as_str().into())?;
+        Reflect::set(&object, &"key".into(), &value_to_js(&row.key))?;
+        out.push(&object);
+    }
+    Ok(out.into())
+}
+
+/// `{status: "applied", serverSeq}` or `{status: "rejected", code, reason, undone}`.
+fn verdict_to_js(verdict: &Verdict) -> Result<JsValue, JsValue> {
+    let object = Object::new();
+    match verdict {
+        Verdict::Applied { server_seq } => {
+            Reflect::set(&object, &"status".into(), &"applied".into())?;
+            Reflect::set(&object, &"serverSeq".into(), &(*server_seq as f64).into())?;
+        }
+        Verdict::Rejected {
+            code,
+            reason,
+            undone,
+        } => {
+            Reflect::set(&object, &"status".into(), &"rejected".into())?;
+            Reflect::set(&object, &"code".into(), &code.as_str().into())?;
+            Reflect::set(&object, &"reason".into(), &reason.as_str().into())?;
+            Reflect::set(&object, &"undone".into(), &row_refs_to_js(undone)?)?;
+        }
+    }
+    Ok(object.into())
+}
+
+/// `{mutation, tables, rows, madeAt, attempts, sent}`.
+fn pending_write_to_js(write: &PendingWrite) -> Result<JsValue, JsValue> {
+    let object = Object::new();
+    Reflect::set(&object, &"mutation".into(), &(write.mutation as f64).into())?;
+    let tables: Array = write.tables.iter().map(|t| JsValue::from_str(t)).collect();
+    Reflect::set(&object, &"tables".into(), &tables)?;
+    Reflect::set(&object, &"rows".into(), &row_refs_to_js(&write.rows)?)?;
+    Reflect::set(&object, &"madeAt".into(), &(write.made_at_ms as f64).into())?;
+    Reflect::set(&object, &"attempts".into(), &(write.attempts as f64).into())?;
+    Reflect::set(&object, &"sent".into(), &write.sent.into())?;
+    Ok(object.into())
+}
+
+/// A write's number (the `mutation` of an exec result), or INVALID_ARGUMENT.
+fn mutation_arg(value: &JsValue) -> Result<u64, ErrorReply> {
+    match value.as_f64() {
+        Some(n) if n >= 1.0 && n.fract() == 0.0 && n <= JS_SAFE_INTEGER_MAX as f64 => Ok(n as u64),
+        _ => Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            "mutation must be a write's number: the `mutation` of an exec result (a positive integer)",
+        )),
+    }
 }
 
 /// A string argument, or INVALID_ARGUMENT naming it.

@@ -69,6 +69,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves the app's static files from `dir` at `/` (Hearth's own
+    /// assets stay served beside them); `start` refuses a missing directory.
+    pub fn app_dir(self, dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        self.configure(move |config| config.app_dir = Some(dir))
+    }
+
     /// Adds a server rule: `rule(ctx, mutation)` runs on every mutation a
     /// device pushes, after the rules added before it, inside the merge
     /// transaction, once the mutation merged and passed the schema's write

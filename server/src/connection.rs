@@ -633,14 +633,16 @@ impl Conn {
                 )?;
                 let acks = hearth_engine::server::missed_acks(&conn, &hello)?;
                 // What the user could read at the device's cursor (or at the
-                // floor, from which a device below it re-loads).
+                // floor, from which a device below it re-loads), and whether
+                // the entry there changed it (its `Reload` may not have
+                // reached the device).
                 let grants = match &identity {
                     Some((who, _)) => {
                         let floor = hearth_engine::server::log_floor(&conn)?;
-                        Some(hearth_engine::server::read_grants(
+                        Some(hearth_engine::server::read_access(
                             &conn,
                             &schema,
-                            who,
+                            who.clone(),
                             hello.cursor.max(floor),
                         )?)
                     }
@@ -658,12 +660,10 @@ impl Conn {
         if let ServerMsg::Error { message, .. } = answer {
             return Err(fatal("HANDSHAKE", message, CloseReason::Handshake));
         }
-        if let (Some((who, changed)), Some(grants)) = (identity, grants) {
-            let schema = self.state.store.schema.clone();
-            self.link.set_access(
-                hearth_engine::link::Access::new(&schema, who, grants),
-                changed,
-            );
+        if let (Some((_, changed)), Some((access, at_cursor))) = (identity, grants) {
+            // A device with nothing yet has nothing to re-load.
+            self.link
+                .set_access(access, changed || (at_cursor && hello.cursor > 0));
         }
         let mut greeting = self.link.on_welcome(answer, known_head);
         // The acks compaction took from the log go right after the Welcome.

@@ -55,6 +55,7 @@ mod connection;
 mod metrics;
 mod rooms;
 mod store;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -176,6 +177,10 @@ pub struct ServerConfig {
     /// the merge transaction (see [`Server::builder`] and
     /// [`hearth_engine::validate`]). None by default.
     pub validators: Validators,
+    /// The app's static files, served at `/` in place of the demo app (Hearth's own files
+    /// stay served beside them; see [`web`]). Must be a directory; `start` refuses to
+    /// start otherwise.
+    pub app_dir: Option<PathBuf>,
 }
 
 /// The validators of a [`ServerConfig`], in the order they run.
@@ -237,6 +242,7 @@ impl ServerConfig {
             bytes_per_s: 64 * MIB as u64,
             connections_per_user_max: 64,
             validators: Validators::default(),
+            app_dir: None,
         };
         config.set_frame_bytes_max(hearth_engine::protocol::FRAME_BYTES_MAX);
         config
@@ -402,6 +408,11 @@ pub enum StartError {
     Auth(String),
     #[error("cannot open the store: {0}")]
     Sqlite(rusqlite::Error),
+    #[error("cannot serve the app directory {path}: {error}")]
+    AppDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: SocketAddr,
@@ -503,6 +514,17 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
                 .min(config.connections_max * 15 / 16)
                 .max(1);
         }
+    }
+    if let Some(dir) = &config.app_dir {
+        let app_dir = |error| StartError::AppDir {
+            path: dir.clone(),
+            error,
+        };
+        let canonical = std::fs::canonicalize(dir).map_err(app_dir)?;
+        if !canonical.is_dir() {
+            return Err(app_dir(std::io::Error::other("not a directory")));
+        }
+        config.app_dir = Some(canonical);
     }
     std::fs::create_dir_all(&config.data_dir).map_err(|error| StartError::DataDir {
         path: config.data_dir.clone(),
@@ -821,36 +843,11 @@ async fn asset_handler(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let path = match uri.path() {
-        "/" => "/index.html",
-        p => p,
-    };
-    let Some((_, bytes, mime)) = state.assets.iter().find(|(p, _, _)| *p == path) else {
-        return (StatusCode::NOT_FOUND, "not found\n").into_response();
-    };
-    // Assets are not content-hashed in their names, so browsers revalidate
-    // each load; the ETag makes that a cheap 304.
-    let etag = format!("\"{:016x}\"", fnv1a(bytes));
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        == Some(etag.as_str())
-    {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
-    }
-    (
-        [
-            (header::CONTENT_TYPE, mime.to_string()),
-            (header::CACHE_CONTROL, "no-cache".to_string()),
-            (header::ETAG, etag),
-        ],
-        *bytes,
+    web::serve(
+        state.assets,
+        state.config.app_dir.as_deref(),
+        &uri,
+        &headers,
     )
-        .into_response()
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    .await
 }

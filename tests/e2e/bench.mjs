@@ -23,7 +23,7 @@ import { chromium } from "playwright-core";
 import {
   CHROMIUM,
   CHROMIUM_ARGS,
-  CLIENT_ASSETS,
+  clientAssets,
   hearthBinary,
   launchBrowser,
   metric,
@@ -264,7 +264,7 @@ async function main() {
       let raw = 0;
       let gzip = 0;
       const files = {};
-      for (const file of CLIENT_ASSETS) {
+      for (const file of await clientAssets(server.origin)) {
         const body = Buffer.from(await (await fetch(server.origin + file)).arrayBuffer());
         const zipped = gzipSync(body, { level: 9 }).length;
         files[file] = { bytes: body.length, gzip_bytes: zipped };

@@ -10,7 +10,8 @@
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { once } from "node:events";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import http from "node:http";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -19,14 +20,18 @@ import {
   CHROMIUM,
   CHROMIUM_ARGS,
   call,
+  clientAssets,
   check,
   demoFromWebDir,
   launchBrowser,
   metric,
   openTab,
   routeTestPage,
+  reactAsModule,
+  repoRoot,
   snapshotAssets,
   startLive,
+  startStaticDir,
   startStaticStandIn,
   startServer,
   TEST_PAGE_PATH,
@@ -355,7 +360,7 @@ async function main() {
     });
 
     // --- Rejected write. ---
-    await test("a write the server refuses raises `rejected` with the reason and is rolled back", async () => {
+    await test("a write the server refuses raises `rejected` with the reason and is rolled back; receipts, hearth_pending, the outbox and discard", async () => {
       const dir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-schema-"));
       const schema = path.join(dir, "users.toml");
       await writeFile(
@@ -369,22 +374,65 @@ async function main() {
       cleanups.push(() => a.close(), () => b.close());
       const ta = await openTab(a, unique.origin, "users");
       const tb = await openTab(b, unique.origin, "users");
+      const ta2 = await openTab(a, unique.origin, "users");
       await a.setOffline(true);
       await waitFor(ta, () => !db.status().online, null, "A offline");
-      await startLive(ta, "users", "SELECT id FROM users ORDER BY id");
+      await startLive(ta, "users", "SELECT id, hearth_pending('users', id) AS pending FROM users ORDER BY id");
       let r = await call(tb, "exec", "INSERT INTO users (id, email, name) VALUES ('b1', 'same@example.com', 'B')");
       check(r.ok, JSON.stringify(r));
       await withTimeout(tb.evaluate(() => db.sync()), "B synced");
+      const bVerdict = await withTimeout(tb.evaluate((m) => window.settled[m], r.value.mutation), "B's verdict");
+      check(bVerdict.status === "applied" && bVerdict.serverSeq >= 1, `B's write settled: ${JSON.stringify(bVerdict)}`);
       r = await call(ta, "exec", "INSERT INTO users (id, email, name) VALUES ('a1', 'same@example.com', 'A')");
       check(r.ok, `locally the write is fine: ${JSON.stringify(r)}`);
-      await waitLive(ta, "users", (rows) => rows.map((x) => x.id).join() === "a1", "A sees its own write first");
+      const refused = r.value.mutation;
+      await waitLive(ta, "users", (rows) => JSON.stringify(rows) === JSON.stringify([{ id: "a1", pending: 1 }]), "A sees its own write first, marked pending");
+      // A second offline write, dropped on purpose from another tab of A: undone, every tab told.
+      const kept = await call(ta, "exec", "INSERT INTO users (id, email, name) VALUES ('a2', 'a2@example.com', 'A2')");
+      check(kept.ok, JSON.stringify(kept));
+      const outbox = await ta2.evaluate(() => db.pending());
+      check(
+        outbox.length === 2 &&
+          outbox[0].mutation === refused &&
+          JSON.stringify(outbox[1].rows) === JSON.stringify([{ table: "users", key: "a2" }]) &&
+          JSON.stringify(outbox[1].tables) === JSON.stringify(["users"]) &&
+          outbox.every((w) => w.attempts === 0 && w.sent === false && Math.abs(w.madeAt - Date.now()) < 60_000),
+        `the outbox: ${JSON.stringify(outbox)}`,
+      );
+      const discarded = await ta2.evaluate((m) => db.discard(m), kept.value.mutation);
+      check(JSON.stringify(discarded) === JSON.stringify({ undone: [{ table: "users", key: "a2" }] }), `discard: ${JSON.stringify(discarded)}`);
+      await waitFor(ta, () => window.events.rejected.some((e) => e.serverCode === "DISCARDED"), null, "the other tab hears of the discard");
+      const keptVerdict = await withTimeout(ta.evaluate((m) => window.settled[m], kept.value.mutation), "the discarded write's verdict");
+      check(keptVerdict.status === "rejected" && keptVerdict.code === "DISCARDED", JSON.stringify(keptVerdict));
+      await waitLive(ta, "users", (rows) => rows.map((x) => x.id).join() === "a1", "the discarded row is gone");
+      const again = await ta2.evaluate((m) => db.discard(m).then(() => "ok", (e) => e.code), kept.value.mutation);
+      check(again === "NOT_PENDING", `discarding twice: ${again}`);
       await a.setOffline(false);
-      await waitFor(ta, () => window.events.rejected.length > 0, null, "the rejected event");
-      const [rejected] = await ta.evaluate(() => window.events.rejected);
-      check(rejected.code === "REJECTED" && /UNIQUE/i.test(rejected.reason) && rejected.mutation === r.value.mutation, `rejected: ${JSON.stringify(rejected)}`);
-      await waitLive(ta, "users", (rows) => rows.map((x) => x.id).join() === "b1", "A's row rolled back, B's row there");
+      await waitFor(ta, () => window.events.rejected.some((e) => e.serverCode !== "DISCARDED"), null, "the rejected event");
+      const rejected = (await ta.evaluate(() => window.events.rejected)).find((e) => e.serverCode !== "DISCARDED");
+      check(rejected.code === "REJECTED" && /UNIQUE/i.test(rejected.reason) && rejected.mutation === refused, `rejected: ${JSON.stringify(rejected)}`);
+      check(JSON.stringify(rejected.undone) === JSON.stringify([{ table: "users", key: "a1" }]), `undone: ${JSON.stringify(rejected.undone)}`);
+      const verdict = await withTimeout(ta.evaluate((m) => window.settled[m], refused), "A's verdict");
+      check(
+        verdict.status === "rejected" && verdict.code === rejected.serverCode && verdict.reason === rejected.reason && JSON.stringify(verdict.undone) === JSON.stringify(rejected.undone),
+        `A's write settled as refused: ${JSON.stringify(verdict)}`,
+      );
+      await waitLive(ta, "users", (rows) => JSON.stringify(rows) === JSON.stringify([{ id: "b1", pending: 0 }]), "A's row rolled back, B's row there, confirmed");
       const status = await withTimeout(ta.evaluate(() => db.sync()), "A synced");
       check(status.pending === 0, JSON.stringify(status));
+      // After a reload the verdict is still there; an unknown write is named as such.
+      await withTimeout(ta2.reload(), "reload");
+      const later = await withTimeout(
+        ta2.evaluate(async (m) => {
+          const db = await Hearth.open({ name: "users" });
+          const unknown = await db.settled(1e9).then(() => "ok", (e) => e.code);
+          const bad = await db.settled("x").then(() => "ok", (e) => e.code);
+          return { verdict: await db.settled(m), unknown, bad, pending: await db.pending() };
+        }, refused),
+        "settled after a reload",
+      );
+      check(JSON.stringify(later.verdict) === JSON.stringify(verdict), `after a reload: ${JSON.stringify(later)}`);
+      check(later.unknown === "UNKNOWN_MUTATION" && later.bad === "INVALID_ARGUMENT" && later.pending.length === 0, JSON.stringify(later));
     });
 
     // --- Values cross the JS boundary exactly; reads never open a transaction. ---
@@ -610,7 +658,7 @@ where = "list_id = :list"
     });
 
     // --- The demo app. ---
-    await test("demo app: a todo added in one tab shows in another; the app loads with the server down", async () => {
+    await test("demo app: a todo added in one tab shows in another; after one load, the app opens with the server down, with its data", async () => {
       const demo = await startServer();
       cleanups.push(() => demo.cleanup());
       const device = await browser.newContext();
@@ -632,9 +680,21 @@ where = "list_id = :list"
       await waitFor(two, () => [...document.querySelectorAll(".todo .title")].some((t) => t.textContent === "Oat milk"), null, "todo in tab 2");
       await two.click(".todo input[type=checkbox]");
       await waitFor(one, () => document.querySelector(".todo.done"), null, "tick shows in tab 1");
-      await one.evaluate(() => navigator.serviceWorker.ready);
-      await one.reload(); // now controlled by the service worker, which caches the shell
-      await waitFor(one, () => window.db && navigator.serviceWorker.controller, null, "controlled page");
+      // Hearth's files are content-hashed and immutable; the entry points that name them
+      // are revalidated on each load.
+      const hashed = (await clientAssets(demo.origin)).filter((f) => f.startsWith("/pkg/"));
+      for (const [file, cache] of [["/hearth.js", "no-cache"], ["/hearth-sw.js", "no-cache"], [hashed[0], "public, max-age=31536000, immutable"]]) {
+        const got = (await fetch(demo.origin + file)).headers.get("cache-control");
+        check(got === cache, `${file}: cache-control ${got}, expected ${cache}`);
+      }
+      // One load is enough: hearth-sw.js (registered by the demo) keeps Hearth's files at
+      // install and the page's own, which hearth.js hands it.
+      await waitFor(
+        one,
+        (urls) => caches.open("hearth").then((cache) => Promise.all(urls.map((u) => cache.match(u)))).then((hits) => hits.every(Boolean)),
+        ["/", "/app.js", "/app.css", "/hearth.js", ...hashed],
+        "the service worker cached the first load",
+      );
       await demo.stop();
       await waitFor(one, () => document.querySelector("#sync.offline"), null, "offline shown");
       await one.reload();
@@ -642,6 +702,12 @@ where = "list_id = :list"
       await one.fill("#new-todo-title", "Bread");
       await one.press("#new-todo-title", "Enter");
       await waitFor(one, () => document.querySelector("#pending:not([hidden])")?.textContent === "1 pending", null, "pending count shown");
+      await waitFor(
+        one,
+        () => [...document.querySelectorAll(".todo.unconfirmed .title")].map((t) => t.textContent).join() === "Bread",
+        null,
+        "only the unconfirmed todo marked",
+      );
     });
 
     await test("demo app: notes typed on one device show letter by letter on another; a due-date conflict is a banner on both, and a click resolves it", async () => {
@@ -1045,6 +1111,193 @@ rules = { read = "${member}", insert = "${member}", update = "${member}", delete
       await waitFor(px, () => document.querySelector("#present")?.textContent.includes("Yasmin"), null, "Y back on X");
       await y.close();
       await waitFor(px, () => !document.querySelector("#present")?.textContent.includes("Yasmin"), null, "Y's closed device gone from X", 5000);
+    });
+
+    // --- 8. Serving an app: from the sync server, and from another origin. ---
+    await test("serve --app: the app's files at /, Hearth's own beside them for any origin, traversal refused; a page on another origin with a copied worker syncs, two tabs on one worker, and opens with the sync server down", async () => {
+      const root = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-app-"));
+      cleanups.push(() => rm(root, { recursive: true, force: true }));
+      await writeFile(path.join(root, "secret.txt"), "outside the app");
+      const appDir = path.join(root, "app");
+      await mkdir(path.join(appDir, "css"), { recursive: true });
+      await writeFile(path.join(appDir, "index.html"), `<!doctype html><title>my app</title><script src="/hearth.js"></script>`);
+      await writeFile(path.join(appDir, "css", "a b.css"), "body { color: teal }");
+      await writeFile(path.join(appDir, "hearthstone.txt"), "the app's own");
+      const sync = await startServer({ app: appDir });
+      cleanups.push(() => sync.cleanup());
+
+      const get = async (url) => {
+        const r = await fetch(sync.origin + url, { headers: { origin: "http://elsewhere.test" } });
+        return { status: r.status, type: r.headers.get("content-type"), cors: r.headers.get("access-control-allow-origin"), body: await r.text() };
+      };
+      const index = await get("/");
+      check(index.status === 200 && index.body.includes("my app") && index.type.startsWith("text/html") && !index.cors, `/ is the app's index: ${JSON.stringify(index)}`);
+      const css = await get("/css/a%20b.css");
+      check(css.status === 200 && css.type.startsWith("text/css") && css.body.includes("teal"), `a nested file with a space: ${JSON.stringify(css)}`);
+      const named = await get("/hearthstone.txt");
+      check(named.status === 200 && named.body === "the app's own" && !named.cors, `an app file named hearth*: ${JSON.stringify(named)}`);
+      check((await get("/app.js")).status === 404 && (await get("/nothing.html")).status === 404, "the demo's files are gone, missing files are 404");
+      for (const own of ["/hearth.js", "/hearth.mjs", "/hearth-worker.js"]) {
+        const r = await get(own);
+        check(r.status === 200 && r.type.startsWith("text/javascript") && r.cors === "*", `${own} for any origin: ${JSON.stringify({ ...r, body: undefined })}`);
+      }
+      const types = await get("/hearth.d.ts");
+      check(types.status === 200 && types.body === (await readFile(path.join(repoRoot, "web/hearth.d.ts"), "utf8")), "/hearth.d.ts is web/hearth.d.ts");
+      // Raw request paths, as a hostile client sends them (fetch would normalise them).
+      const raw = (target) =>
+        new Promise((resolve, reject) => {
+          http.get({ host: "127.0.0.1", port: Number(sync.addr.split(":").pop()), path: target }, (res) => {
+            let body = "";
+            res.on("data", (c) => (body += c)).on("end", () => resolve({ status: res.statusCode, body }));
+          }).on("error", reject);
+        });
+      for (const target of ["/../secret.txt", "/%2e%2e/secret.txt", "/css/..%2f..%2fsecret.txt", "/css%5c..%5c..%5csecret.txt"]) {
+        const r = await raw(target);
+        check(r.status === 400 && !r.body.includes("outside"), `${target} refused: ${JSON.stringify(r)}`);
+      }
+
+      // Another origin: a static host with the app's page and its copy of the worker file.
+      const siteDir = path.join(root, "site");
+      await mkdir(siteDir);
+      await writeFile(
+        path.join(siteDir, "index.html"),
+        `<!doctype html><title>elsewhere</title><script src="${sync.origin}/hearth.js"></script>
+<script>navigator.serviceWorker.register("/sw.js")</script>`,
+      );
+      await writeFile(path.join(siteDir, "hearth-worker.js"), await (await fetch(sync.origin + "/hearth-worker.js")).text());
+      // The site's service worker keeps Hearth's files from the sync server's origin too.
+      await writeFile(path.join(siteDir, "sw.js"), `self.hearthAssets = "${sync.origin}/";\nimportScripts("${sync.origin}/hearth-sw.js");\n`);
+      const site = await startStaticDir(siteDir);
+      cleanups.push(() => site.stop());
+      check(site.origin !== sync.origin, "two origins");
+      const device = await browser.newContext();
+      cleanups.push(() => device.close());
+      const tab = async () => {
+        const page = await device.newPage();
+        page.on("pageerror", (error) => console.error(`  [page error] ${error.message}`));
+        await withTimeout(page.goto(site.origin + "/"), "cross-origin page load");
+        await withTimeout(page.evaluate(async () => (window.db = await Hearth.open({ name: "elsewhere", workerUrl: "/hearth-worker.js" }))), "Hearth.open cross-origin");
+        return page;
+      };
+      const [one, two] = [await tab(), await tab()];
+      const cdp = await browser.newBrowserCDPSession();
+      const siteWorkers = async () =>
+        (await cdp.send("Target.getTargets")).targetInfos.filter((t) => t.type === "shared_worker" && t.url.startsWith(site.origin));
+      const workers = await siteWorkers();
+      check(workers.length === 1 && workers[0].url.includes("assets="), `one worker, the site's copy: ${JSON.stringify(workers.map((w) => w.url))}`);
+      const list = uid("list");
+      await startLive(two, "lists", "SELECT name FROM lists WHERE id = ?", [list]);
+      const before = await metric(sync.origin, APPLIED);
+      const r = await call(one, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [list, "from elsewhere"]);
+      check(r.ok, JSON.stringify(r));
+      await waitLive(two, "lists", (rows) => rows.length === 1 && rows[0].name === "from elsewhere", "tab 2 sees tab 1's write");
+      await withTimeout(one.evaluate(() => db.sync()), "sync with the server on the other origin");
+      check((await metric(sync.origin, APPLIED)) === before + 1, "the write reached the sync server");
+      // And a device on the sync server's own origin (the app served by --app) gets it.
+      const home = await browser.newContext();
+      cleanups.push(() => home.close());
+      const page = await home.newPage();
+      await page.goto(sync.origin + "/");
+      await withTimeout(page.evaluate(async () => (window.db = await Hearth.open({ name: "home" }))), "open on the app's own origin");
+      await startLive(page, "lists", "SELECT name FROM lists WHERE id = ?", [list]);
+      await waitLive(page, "lists", (rows) => rows.length === 1, "the other device gets the write");
+
+      // Offline cold start of the site: its files and Hearth's (from the other origin) come
+      // from its service worker's cache, with the sync server down and the tabs closed.
+      await waitFor(
+        one,
+        (urls) => caches.open("hearth").then((cache) => Promise.all(urls.map((u) => cache.match(u)))).then((hits) => hits.every(Boolean)),
+        [site.origin + "/", site.origin + "/hearth-worker.js", sync.origin + "/hearth.js", sync.origin + "/hearth-worker.js"],
+        "the site's service worker cached the site and Hearth",
+      );
+      await sync.stop();
+      await Promise.all([one.close(), two.close()]);
+      // The worker goes with its last tab: the next tab starts it from the cache.
+      const gone = Date.now() + 5000;
+      while ((await siteWorkers()).length > 0) check(Date.now() < gone, "the site's worker ended within 5 s of its last tab");
+      const cold = await tab();
+      const row = await call(cold, "query", "SELECT name FROM lists WHERE id = ?", [list]);
+      check(row.ok && row.value.length === 1 && row.value[0].name === "from elsewhere", `the site opens with its data, the sync server down: ${JSON.stringify(row)}`);
+    });
+
+    await test("React: useLiveQuery shows live rows and updates when another tab writes; useHearthStatus shows online, offline and pending; under the app's own service worker (importScripts hearth-sw.js) it opens with the server down", async () => {
+      const appDir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-react-"));
+      cleanups.push(() => rm(appDir, { recursive: true, force: true }));
+      await writeFile(path.join(appDir, "react.mjs"), await reactAsModule());
+      // An app as its developer would write it: React from its import map, the hooks and
+      // the library from the sync server.
+      await writeFile(
+        path.join(appDir, "index.html"),
+        `<!doctype html><meta charset="utf-8"><title>react app</title>
+<script type="importmap">{"imports": {"react": "/react.mjs", "react-dom/client": "/react.mjs"}}</script>
+<div id="root"></div>
+<script type="module">
+import { createElement as h, useEffect, useState } from "react";
+import { createRoot } from "react-dom/client";
+import { useHearthStatus, useLiveQuery } from "/hearth-react.mjs";
+import { open } from "/hearth.mjs";
+function Lists({ db }) {
+  const { rows, loading } = useLiveQuery(db, "SELECT id, name FROM lists WHERE name LIKE ? ORDER BY name", ["react %"]);
+  const status = useHearthStatus(db);
+  return h("div", null,
+    h("p", { id: "status" }, status ? (status.online ? "online" : "offline") + ", " + status.pending + " pending" : "opening"),
+    loading ? h("p", { id: "loading" }, "loading") : h("ul", { id: "rows" }, rows.map((row) => h("li", { key: row.id }, row.name))));
+}
+function App() {
+  const [db, setDb] = useState(null);
+  useEffect(() => { open({ name: "react" }).then((db) => { window.db = db; setDb(db); }); }, []);
+  return h(Lists, { db });
+}
+createRoot(document.getElementById("root")).render(h(App));
+navigator.serviceWorker.register("/sw.js");
+</script>`,
+      );
+      // The app's own service worker, with Hearth's inside it.
+      await writeFile(path.join(appDir, "sw.js"), `importScripts("/hearth-sw.js");\n`);
+      const app = await startServer({ app: appDir });
+      cleanups.push(() => app.cleanup());
+      const device = await browser.newContext();
+      cleanups.push(() => device.close());
+      const tab = async () => {
+        const page = await device.newPage();
+        page.on("pageerror", (error) => console.error(`  [react page error] ${error.message}`));
+        await page.goto(app.origin + "/");
+        await waitFor(page, () => window.db && document.querySelector("#rows"), null, "React app rendered its rows");
+        return page;
+      };
+      const [one, two] = [await tab(), await tab()];
+      const shown = (page) => page.evaluate(() => [...document.querySelectorAll("#rows li")].map((li) => li.textContent));
+      const statusIs = (page, text, what) =>
+        waitFor(page, (text) => document.querySelector("#status")?.textContent === text, text, what).catch(async (error) => {
+          const [shown, status] = await page.evaluate(() => [document.querySelector("#status")?.textContent, db.status()]);
+          throw new Error(`${error.message}; shows "${shown}", db.status() ${JSON.stringify(status)}`);
+        });
+      await statusIs(one, "online, 0 pending", "status online");
+      check((await shown(one)).length === 0, "no rows at first");
+      let r = await call(two, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [uid("list"), "react one"]);
+      check(r.ok, JSON.stringify(r));
+      await waitFor(one, () => [...document.querySelectorAll("#rows li")].some((li) => li.textContent === "react one"), null, "tab 1 shows tab 2's row");
+      await statusIs(one, "online, 0 pending", "the write confirmed by the server");
+      await device.setOffline(true);
+      await statusIs(one, "offline, 0 pending", "status offline");
+      r = await call(two, "exec", "INSERT INTO lists (id, name) VALUES (?, ?)", [uid("list"), "react two"]);
+      check(r.ok, JSON.stringify(r));
+      await statusIs(one, "offline, 1 pending", "one write pending");
+      check(JSON.stringify(await shown(one)) === JSON.stringify(["react one", "react two"]), `rows in order: ${await shown(one)}`);
+      await device.setOffline(false);
+      await statusIs(one, "online, 0 pending", "back online, nothing pending");
+      // Offline cold start through the app's service worker: React, the hooks and the page
+      // come from its cache, the rows from the device's database.
+      await waitFor(
+        one,
+        (urls) => caches.open("hearth").then((cache) => Promise.all(urls.map((u) => cache.match(u)))).then((hits) => hits.every(Boolean)),
+        ["/", "/react.mjs", "/hearth-react.mjs", "/hearth.mjs"],
+        "the app's service worker cached the app",
+      );
+      await app.stop();
+      await one.reload();
+      await waitFor(one, () => document.querySelectorAll("#rows li").length === 2, null, "the app opens with the server down, with its rows");
+      await statusIs(one, "offline, 0 pending", "and says it is offline");
     });
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});

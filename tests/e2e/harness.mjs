@@ -54,10 +54,11 @@ export function withTimeout(promise, what, ms = STEP_TIMEOUT_MS) {
 
 // Starts `hearth serve` on `listen` (default: a free loopback port) with a fresh or given
 // data directory. Resolves once its first stdout line names the address.
-export async function startServer({ data, schema, listen = "127.0.0.1:0" } = {}) {
+export async function startServer({ data, schema, app, listen = "127.0.0.1:0" } = {}) {
   const dataDir = data || (await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-data-")));
   const args = ["serve", "--listen", listen, "--data", dataDir];
   if (schema) args.push("--schema", schema);
+  if (app) args.push("--app", app);
   const child = spawn(hearthBinary(), args, { stdio: ["ignore", "pipe", "inherit"] });
   const lines = createInterface({ input: child.stdout });
   const first = await withTimeout(
@@ -90,7 +91,7 @@ export async function startServer({ data, schema, listen = "127.0.0.1:0" } = {})
     // its server URL, so the port must not change).
     async restart() {
       await this.stop();
-      return startServer({ data: dataDir, schema, listen: addr });
+      return startServer({ data: dataDir, schema, app, listen: addr });
     },
     async cleanup() {
       await this.stop();
@@ -99,18 +100,21 @@ export async function startServer({ data, schema, listen = "127.0.0.1:0" } = {})
   };
 }
 
-// The files a page needs to run Hearth, fetched from a running server.
-export const CLIENT_ASSETS = [
-  "/hearth.js",
-  "/hearth-worker.js",
-  "/pkg/hearth_page.js",
-  "/pkg/hearth_page_bg.wasm",
-  "/pkg/hearth_worker.js",
-  "/pkg/hearth_worker_bg.wasm",
-];
+// The files a page needs to run Hearth on a running server: the stable entry points and
+// the content-hashed files they name (/pkg/NAME.<hash>.EXT, new with each build).
+export async function clientAssets(origin) {
+  const entries = ["/hearth.js", "/hearth-worker.js"];
+  const hashed = new Set();
+  for (const file of entries) {
+    const text = await (await fetch(origin + file)).text();
+    for (const match of text.matchAll(/pkg\/[\w-]+\.[0-9a-f]{16}\.\w+/g)) hashed.add("/" + match[0]);
+  }
+  if (hashed.size !== 4) throw new Error(`expected 4 hashed files named by ${entries}, found ${[...hashed]}`);
+  return [...entries, ...hashed];
+}
 export async function snapshotAssets(origin) {
   const assets = new Map();
-  for (const file of CLIENT_ASSETS) {
+  for (const file of await clientAssets(origin)) {
     const response = await fetch(origin + file);
     if (!response.ok) throw new Error(`GET ${file}: ${response.status}`);
     assets.set(file, { type: response.headers.get("content-type"), body: Buffer.from(await response.arrayBuffer()) });
@@ -137,6 +141,64 @@ export async function startStaticStandIn(addr, assets) {
       await new Promise((resolve) => server.close(resolve));
     },
   };
+}
+
+// A plain static web server for `dir` on a free loopback port: an app's own origin, apart
+// from the sync server's (as a CDN or a dev server would be).
+const STATIC_TYPES = { ".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css" };
+export async function startStaticDir(dir) {
+  const server = http.createServer(async (req, res) => {
+    const name = new URL(req.url, "http://x").pathname.replace(/\/$/, "/index.html");
+    if (name.split("/").includes("..")) return res.writeHead(400).end();
+    try {
+      const body = await readFile(path.join(dir, name));
+      res.writeHead(200, { "content-type": STATIC_TYPES[path.extname(name)] || "application/octet-stream", "cache-control": "no-cache" }).end(body);
+    } catch {
+      res.writeHead(404).end("not found");
+    }
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  return {
+    origin: `http://127.0.0.1:${server.address().port}`,
+    async stop() {
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+// React from tests/e2e/node_modules (the npm registry's package, production build) as one
+// ES module, for an import map: React ships CommonJS only, so its files are wrapped in a
+// minimal require() here instead of a bundler. Exports React's API and react-dom/client's.
+const REACT_FILES = {
+  react: "react/cjs/react.production.js",
+  "react-dom": "react-dom/cjs/react-dom.production.js",
+  "react-dom/client": "react-dom/cjs/react-dom-client.production.js",
+  scheduler: "scheduler/cjs/scheduler.production.js",
+};
+const REACT_EXPORTS = ["Children", "Component", "Fragment", "StrictMode", "createContext", "createElement", "memo", "useCallback", "useContext", "useEffect", "useLayoutEffect", "useMemo", "useReducer", "useRef", "useState", "useSyncExternalStore"];
+export async function reactAsModule() {
+  let code = "const defs = {};\n";
+  for (const [name, file] of Object.entries(REACT_FILES)) {
+    const source = await readFile(path.join(import.meta.dirname, "node_modules", file), "utf8");
+    code += `defs[${JSON.stringify(name)}] = function (module, exports, require) {\n${source}\n};\n`;
+  }
+  code += `const cache = {};
+function require(name) {
+  if (!(name in cache)) {
+    const module = { exports: {} };
+    cache[name] = module;
+    defs[name](module, module.exports, require);
+  }
+  return cache[name].exports;
+}
+const React = require("react");
+export default React;
+export const { ${REACT_EXPORTS.join(", ")} } = React;
+export const { createRoot, hydrateRoot } = require("react-dom/client");
+`;
+  return code;
 }
 
 // With WEB_DIR set (e.g. WEB_DIR=web), pages of `context` get the demo app's own files
@@ -187,7 +249,11 @@ export async function openTab(context, origin, name = "e2e") {
       window.events = { status: [], change: [], rejected: [] };
       for (const kind of Object.keys(window.events)) {
         db.on(kind, (value) =>
-          window.events[kind].push(kind === "rejected" ? { code: value.code, message: value.message, reason: value.reason, mutation: value.mutation } : value),
+          window.events[kind].push(
+            kind === "rejected"
+              ? { code: value.code, message: value.message, reason: value.reason, mutation: value.mutation, serverCode: value.serverCode, undone: value.undone }
+              : value,
+          ),
         );
       }
     }, name),
@@ -202,7 +268,15 @@ export function call(page, method, sql, params = []) {
     page.evaluate(
       async ([method, sql, params]) => {
         try {
-          return { ok: true, value: await window.db[method](sql, params) };
+          let value = await window.db[method](sql, params);
+          // A write's `settled` promise stays in the page (by mutation number): a promise
+          // does not cross to the test.
+          if (value && value.settled instanceof Promise) {
+            window.settled = window.settled || {};
+            window.settled[value.mutation] = value.settled;
+            value = { ...value, settled: "in window.settled" };
+          }
+          return { ok: true, value };
         } catch (error) {
           return { ok: false, code: error.code, message: error.message, isError: error instanceof Error };
         }

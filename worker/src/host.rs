@@ -44,9 +44,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::{Rc, Weak};
 
 use hearth_bridge::{
-    decode, encode, frame_version, ErrorCode, ErrorReply, Notice, PageMessage, Reply, Request,
-    RoomMember, Rows, StreamParam, StreamSubscription, SyncStatus, Value, WorkerMessage,
-    PROTOCOL_VERSION,
+    decode, encode, frame_version, ErrorCode, ErrorReply, Notice, PageMessage, PendingWrite, Reply,
+    Request, RoomMember, RowRef, Rows, StreamParam, StreamSubscription, SyncStatus, Value, Verdict,
+    WorkerMessage, PROTOCOL_VERSION,
 };
 use hearth_engine::client::SubscriptionInfo;
 use hearth_engine::protocol::{
@@ -274,6 +274,8 @@ struct Host {
     open_waiters: Vec<(PortId, u32)>,
     /// Tabs whose `Sync` waits, keyed by a waiter number for the timeout.
     sync_waiters: Vec<(u64, PortId, u32)>,
+    /// Tabs whose `Settled` waits for the verdict on a pending write, by its number.
+    settle_waiters: HashMap<u64, Vec<(PortId, u32)>>,
     next_waiter: u64,
     server: Option<String>,
     socket: Option<Socket>,
@@ -313,6 +315,7 @@ impl Host {
             holds: HashMap::new(),
             open_waiters: Vec::new(),
             sync_waiters: Vec::new(),
+            settle_waiters: HashMap::new(),
             next_waiter: 1,
             server: None,
             socket: None,
@@ -431,6 +434,10 @@ impl Host {
         });
         self.open_waiters.retain(|(port, _)| *port != port_id);
         self.sync_waiters.retain(|(_, port, _)| *port != port_id);
+        self.settle_waiters.retain(|_, waiters| {
+            waiters.retain(|(port, _)| *port != port_id);
+            !waiters.is_empty()
+        });
         let rooms: Vec<String> = self
             .rooms
             .iter()
@@ -756,6 +763,54 @@ impl Host {
                 let result = self.send_to_room(room, port_id, message);
                 self.respond(port_id, id, result.map(|()| Reply::RoomSent));
             }
+            Request::Settled { mutation } => match client.settlement(mutation) {
+                Ok(hearth_engine::Settlement::Pending) => {
+                    self.settle_waiters
+                        .entry(mutation)
+                        .or_default()
+                        .push((port_id, id));
+                }
+                Ok(hearth_engine::Settlement::Settled(verdict)) => {
+                    self.respond(port_id, id, Ok(Reply::Settled(to_verdict(verdict))));
+                }
+                Ok(hearth_engine::Settlement::Unknown) => self.respond(
+                    port_id,
+                    id,
+                    Err(ErrorReply::new(
+                        ErrorCode::UnknownMutation,
+                        format!(
+                            "this device knows no write {mutation}: it was never made here, or settled more than {} writes ago",
+                            hearth_engine::client::RECEIPTS_KEPT
+                        ),
+                    )),
+                ),
+                Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
+            },
+            Request::Pending => {
+                let result = client
+                    .pending_writes()
+                    .map(|writes| Reply::Pending(writes.into_iter().map(to_pending_write).collect()))
+                    .map_err(|err| engine_error(&err));
+                self.respond(port_id, id, result);
+            }
+            Request::Discard { mutation } => match client.discard(mutation) {
+                Ok((undone, output)) => {
+                    let ticket = self.barrier();
+                    self.park(
+                        ticket,
+                        Parked::Reply {
+                            port: port_id,
+                            id,
+                            result: Ok(Reply::Discarded {
+                                undone: to_row_refs(undone),
+                            }),
+                        },
+                    );
+                    self.park_send(ticket, output.send);
+                    self.on_events(output.events);
+                }
+                Err(err) => self.respond(port_id, id, Err(engine_error(&err))),
+            },
             Request::Sync { timeout_ms } => {
                 let waiter = self.next_waiter;
                 self.next_waiter += 1;
@@ -1428,12 +1483,30 @@ impl Host {
                     self.rerun_live(&tables);
                     self.broadcast(&Notice::Changed { tables });
                 }
-                Event::Rejected { seq, code, reason } => {
+                Event::Rejected {
+                    seq,
+                    code,
+                    reason,
+                    undone,
+                } => {
+                    let undone = to_row_refs(undone);
+                    self.settle(
+                        seq,
+                        Verdict::Rejected {
+                            code: code.clone(),
+                            reason: reason.clone(),
+                            undone: undone.clone(),
+                        },
+                    );
                     self.broadcast(&Notice::Rejected {
                         mutation: seq,
                         code,
                         reason,
+                        undone,
                     });
+                }
+                Event::Applied { seq, server_seq } => {
+                    self.settle(seq, Verdict::Applied { server_seq });
                 }
                 Event::SchemaInstalled { .. } => {
                     let status = self.status();
@@ -1445,7 +1518,17 @@ impl Host {
                         self.lives.iter().flat_map(|l| l.tables.clone()).collect();
                     self.rerun_live(&all);
                 }
-                Event::Rewound { reason, .. } => {
+                Event::Rewound {
+                    reason, renumbered, ..
+                } => {
+                    // Waiters follow their writes to the new numbers.
+                    let mut moved = HashMap::new();
+                    for (old, new) in renumbered {
+                        if let Some(waiters) = self.settle_waiters.remove(&old) {
+                            moved.insert(new, waiters);
+                        }
+                    }
+                    self.settle_waiters.extend(moved);
                     web_sys::console::warn_1(
                         &format!("hearth-worker: took a new client id: {reason}").into(),
                     );
@@ -1461,8 +1544,15 @@ impl Host {
                     let notice = Notice::SubscriptionRefused { id, code, reason };
                     self.park(ticket, Parked::Broadcast(notice));
                 }
-                Event::Applied { .. } | Event::CaughtUp { .. } => {}
+                Event::CaughtUp { .. } => {}
             }
+        }
+    }
+
+    /// Answers the tabs waiting for the verdict on write `seq`.
+    fn settle(&mut self, seq: u64, verdict: Verdict) {
+        for (port, id) in self.settle_waiters.remove(&seq).unwrap_or_default() {
+            self.respond(port, id, Ok(Reply::Settled(verdict.clone())));
         }
     }
 
@@ -1686,23 +1776,58 @@ fn json_to_value(json: &serde_json::Value) -> Value {
     }
 }
 
+pub fn to_value(value: hearth_engine::Value) -> Value {
+    match value {
+        hearth_engine::Value::Null => Value::Null,
+        hearth_engine::Value::Integer(i) => Value::Integer(i),
+        hearth_engine::Value::Real(f) => Value::Real(f),
+        hearth_engine::Value::Text(s) => Value::Text(s),
+        hearth_engine::Value::Blob(b) => Value::Blob(b),
+    }
+}
+
+pub fn to_row_refs(rows: Vec<(String, hearth_engine::Value)>) -> Vec<RowRef> {
+    rows.into_iter()
+        .map(|(table, key)| RowRef {
+            table,
+            key: to_value(key),
+        })
+        .collect()
+}
+
+pub fn to_verdict(verdict: hearth_engine::Verdict) -> Verdict {
+    match verdict {
+        hearth_engine::Verdict::Applied { server_seq } => Verdict::Applied { server_seq },
+        hearth_engine::Verdict::Rejected {
+            code,
+            reason,
+            undone,
+        } => Verdict::Rejected {
+            code,
+            reason,
+            undone: to_row_refs(undone),
+        },
+    }
+}
+
+pub fn to_pending_write(write: hearth_engine::PendingWrite) -> PendingWrite {
+    PendingWrite {
+        mutation: write.seq,
+        tables: write.tables,
+        rows: to_row_refs(write.rows),
+        made_at_ms: write.made_at_ms,
+        attempts: write.attempts,
+        sent: write.sent,
+    }
+}
+
 pub fn to_rows(result: hearth_engine::QueryResult) -> Rows {
     Rows {
         columns: result.columns,
         rows: result
             .rows
             .into_iter()
-            .map(|row| {
-                row.into_iter()
-                    .map(|value| match value {
-                        hearth_engine::Value::Null => Value::Null,
-                        hearth_engine::Value::Integer(i) => Value::Integer(i),
-                        hearth_engine::Value::Real(f) => Value::Real(f),
-                        hearth_engine::Value::Text(s) => Value::Text(s),
-                        hearth_engine::Value::Blob(b) => Value::Blob(b),
-                    })
-                    .collect()
-            })
+            .map(|row| row.into_iter().map(to_value).collect())
             .collect(),
     }
 }

@@ -414,7 +414,7 @@ impl Client {
         if let Some((clock, mutation)) = self.staged.take() {
             self.next_seq = mutation.seq + 1;
             self.clock = clock;
-            count_rows(&mut self.pending_rows, &mutation);
+            count_rows(&mut self.pending_rows.lock(), &mutation);
             self.outbox_seqs.insert(mutation.seq);
         }
     }

@@ -22,9 +22,12 @@
 
 mod capture;
 mod rebase;
+mod receipts;
 mod subscribe;
 mod sync;
 
+use receipts::PendingRows;
+pub use receipts::{PendingWrite, Settlement, Verdict, DISCARDED, RECEIPTS_KEPT};
 pub use subscribe::{subscription_id, SubscriptionInfo};
 pub use sync::token_subject;
 
@@ -84,6 +87,16 @@ pub enum ClientError {
     /// The device already holds `max` subscriptions (`subscriptions_max`).
     #[error("this device already holds {max} subscriptions, the most it may hold: unsubscribe from one first")]
     TooManySubscriptions { max: usize },
+    /// `discard` of a mutation that is not in the outbox (settled already,
+    /// or never made).
+    #[error(
+        "write {0} is not pending: it has settled already (see its verdict) or was never made"
+    )]
+    NotPending(u64),
+    /// `discard` of a mutation that went out on a connection: the server
+    /// may have applied it, so only its verdict can tell.
+    #[error("write {0} was sent to the server, which may have applied it: wait for its verdict instead of discarding it")]
+    Sent(u64),
 }
 
 impl ClientError {
@@ -102,6 +115,8 @@ impl ClientError {
             ClientError::UserChanged { .. } => "AUTH_USER_CHANGED",
             ClientError::Auth { code, .. } if code == "AUTH_EXPIRED" => "AUTH_EXPIRED",
             ClientError::Auth { .. } => "AUTH",
+            ClientError::NotPending(_) => "NOT_PENDING",
+            ClientError::Sent(_) => "SENT",
         }
     }
 }
@@ -142,11 +157,14 @@ pub enum Event {
     TablesChanged(Vec<String>),
     /// The server applied this pending mutation as `server_seq`.
     Applied { seq: u64, server_seq: u64 },
-    /// The server refused this mutation; its effects were undone.
+    /// The server refused this mutation (or the device did: `TOO_LARGE`,
+    /// `DISCARDED`); its effects were undone. `undone`: the rows it wrote,
+    /// as (table, primary key), each once.
     Rejected {
         seq: u64,
         code: String,
         reason: String,
+        undone: Vec<(String, Value)>,
     },
     /// The schema arrived from the server and its tables exist now.
     SchemaInstalled { version: u64 },
@@ -273,8 +291,9 @@ pub struct Client {
     cursor: u64,
     next_seq: u64,
     pending: u64,
-    /// How many pending mutations touch each row.
-    pending_rows: HashMap<RowKey, u32>,
+    /// How many pending mutations touch each row (shared with the
+    /// `hearth_pending` SQL function, which reads it during app queries).
+    pending_rows: PendingRows,
     /// Rows the server moved out of this device's subscriptions while a
     /// pending write touched them (`_hearth_deferred`): evicted once no
     /// pending write does.
@@ -333,7 +352,15 @@ CREATE TABLE IF NOT EXISTS _hearth_outbox (
   hlc      INTEGER NOT NULL,
   mutation BLOB NOT NULL,
   undo     BLOB NOT NULL,
-  format   INTEGER NOT NULL DEFAULT 1
+  format   INTEGER NOT NULL DEFAULT 1,
+  attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS _hearth_receipts (
+  seq        INTEGER PRIMARY KEY,
+  server_seq INTEGER,
+  code       TEXT,
+  reason     TEXT,
+  undone     BLOB
 );";
 
 fn meta_get<T: rusqlite::types::FromSql>(
@@ -467,6 +494,17 @@ impl Client {
                 "ALTER TABLE _hearth_outbox ADD COLUMN format INTEGER NOT NULL DEFAULT 1",
             )?;
         }
+        // Outboxes written before attempts were counted: none counted.
+        let has_attempts: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_outbox') WHERE name = 'attempts')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_attempts {
+            conn.execute_batch(
+                "ALTER TABLE _hearth_outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
         let client_id = match meta_get::<i64>(&conn, "client_id")? {
             Some(id) => id as u64,
             None => {
@@ -495,7 +533,7 @@ impl Client {
             cursor,
             next_seq,
             pending: pending as u64,
-            pending_rows: HashMap::new(),
+            pending_rows: PendingRows::default(),
             deferred: RefCell::new(deferred),
             outbox_seqs: BTreeSet::new(),
             foreign_keys: false,
@@ -520,8 +558,9 @@ impl Client {
             client.install_capture(&schema)?;
             client.schema = Some(schema);
         }
+        client.install_pending_function()?;
         for (seq, mutation, _) in client.load_pending()? {
-            count_rows(&mut client.pending_rows, &mutation);
+            count_rows(&mut client.pending_rows.lock(), &mutation);
             client.outbox_seqs.insert(seq);
         }
         Ok(client)

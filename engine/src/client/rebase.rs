@@ -31,7 +31,7 @@ impl Client {
                 RowOp::Evict
                     if self
                         .pending_rows
-                        .contains_key(&row_key(&table.name, &change.pk)) =>
+                        .contains(&row_key(&table.name, &change.pk)) =>
                 {
                     self.defer_eviction(&table.name, &change.pk)?;
                     continue;
@@ -279,13 +279,18 @@ impl Client {
     /// remaining mutations touch are not involved. That is the common case
     /// (acks of a device's own writes) and costs O(changes). Otherwise every
     /// pending mutation is undone and redone (a full rebase).
+    ///
+    /// `verdicts` (one per mutation of `done`, in the same order) become
+    /// their receipts, in the same transaction that takes them out.
     pub(super) fn settle<'a>(
         &mut self,
         done: &[(u64, Mutation, Vec<Preimage>)],
+        verdicts: &[Verdict],
         incoming: impl Iterator<Item = &'a RowChange>,
         mut apply: impl FnMut(&mut Client) -> Result<()>,
     ) -> Result<()> {
-        let mut remaining = self.pending_rows.clone();
+        debug_assert_eq!(done.len(), verdicts.len());
+        let mut remaining = self.pending_rows.snapshot();
         for (_, m, _) in done {
             for c in &m.changes {
                 for key in keys_of(c) {
@@ -321,8 +326,9 @@ impl Client {
             let mut stmt = c
                 .conn
                 .prepare_cached("DELETE FROM _hearth_outbox WHERE seq = ?1")?;
-            for (seq, _, _) in done {
+            for ((seq, _, _), verdict) in done.iter().zip(verdicts) {
                 stmt.execute([to_i64(*seq)])?;
+                receipts::record(&c.conn, *seq, verdict)?;
             }
             Ok(())
         };
@@ -332,7 +338,7 @@ impl Client {
         // local view until the server decides, takes over.
         // From here on, "pending" means what stays pending: an eviction in
         // `apply` keeps a row only for a write that is still waiting.
-        let previous = std::mem::replace(&mut self.pending_rows, remaining);
+        let previous = self.pending_rows.replace(remaining);
         let fast = !overlaps
             && self
                 .replicated(|c| {
@@ -353,7 +359,7 @@ impl Client {
             remove(c)?;
             apply(c)
         }) {
-            self.pending_rows = previous;
+            self.pending_rows.replace(previous);
             return Err(e);
         }
         for (seq, _, _) in done {

@@ -349,7 +349,7 @@ impl Client {
         // A chunk read past the device's cursor comes after entries that held
         // nothing for it: the cursor moves with the rows.
         let saved_cursor = self.cursor;
-        let settled = self.settle(&[], rows.iter(), |c| {
+        let settled = self.settle(&[], &[], rows.iter(), |c| {
             c.cursor = cursor;
             c.apply_changes(&rows, Some(0))?;
             c.conn
@@ -511,7 +511,7 @@ impl Client {
             .into_iter()
             .filter(|(t, pk)| {
                 (schema.streamed(t) || self.deferred.borrow().contains(&row_key(t, pk)))
-                    && !self.pending_rows.contains_key(&row_key(t, pk))
+                    && !self.pending_rows.contains(&row_key(t, pk))
             })
             .collect();
         if candidates.is_empty() {
@@ -553,7 +553,7 @@ impl Client {
                     .map(|i| row.get::<_, Value>(i))
                     .collect::<rusqlite::Result<_>>()?;
                 let pk = values[t.pk].clone();
-                if !self.pending_rows.contains_key(&row_key(table, &pk))
+                if !self.pending_rows.contains(&row_key(table, &pk))
                     && !self.held(&subs, table, &values)
                 {
                     gone.push((table.to_string(), pk));

@@ -185,6 +185,16 @@ impl Client {
         if !batch.is_empty() {
             frames.push(ClientMsg::Push { mutations: batch });
         }
+        drop(rows);
+        drop(stmt);
+        if last > sent_upto {
+            // From here on the server may have them (`PendingWrite::sent`).
+            self.conn
+                .prepare_cached(
+                    "UPDATE _hearth_outbox SET attempts = attempts + 1 WHERE seq > ?1 AND seq <= ?2",
+                )?
+                .execute(params![to_i64(sent_upto), to_i64(last)])?;
+        }
         self.session = Session::Ready {
             sent_upto: last,
             caught_up,
@@ -443,6 +453,8 @@ impl Client {
             .collect();
         self.atomically(|c| {
             c.conn.execute("DELETE FROM _hearth_outbox", [])?;
+            // Receipts name the old numbers, which mean nothing any more.
+            c.conn.execute("DELETE FROM _hearth_receipts", [])?;
             let mut insert = c.conn.prepare_cached(
                 "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo, format) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
@@ -471,10 +483,10 @@ impl Client {
         self.text.borrow_mut().set_own(new_id);
         self.text_session = splitmix64(new_id ^ self.text_session).max(1);
         self.local_text.borrow_mut().clear();
-        self.pending_rows.clear();
+        self.pending_rows.lock().clear();
         self.outbox_seqs.clear();
         for (seq, mutation, _) in self.load_pending()? {
-            count_rows(&mut self.pending_rows, &mutation);
+            count_rows(&mut self.pending_rows.lock(), &mutation);
             self.outbox_seqs.insert(seq);
         }
         Ok(renumbered)
@@ -571,15 +583,29 @@ impl Client {
         let saved_cursor = self.cursor;
         let saved_clock = self.clock.clone();
         let mut tables = BTreeSet::new();
-        let result = self.settle(&acked, fresh.iter().flat_map(|e| e.changes.iter()), |c| {
-            for entry in &fresh {
-                c.apply_changes(&entry.changes, Some(entry.client_id))?;
-                tables.extend(entry.changes.iter().map(|change| change.table.clone()));
-                c.clock.observe(entry.hlc);
-                c.cursor = entry.server_seq;
-            }
-            Ok(())
-        });
+        let verdicts: Vec<Verdict> = acked
+            .iter()
+            .map(|(seq, _, _)| Verdict::Applied {
+                server_seq: fresh
+                    .iter()
+                    .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
+                    .map_or(0, |e| e.server_seq),
+            })
+            .collect();
+        let result = self.settle(
+            &acked,
+            &verdicts,
+            fresh.iter().flat_map(|e| e.changes.iter()),
+            |c| {
+                for entry in &fresh {
+                    c.apply_changes(&entry.changes, Some(entry.client_id))?;
+                    tables.extend(entry.changes.iter().map(|change| change.table.clone()));
+                    c.clock.observe(entry.hlc);
+                    c.cursor = entry.server_seq;
+                }
+                Ok(())
+            },
+        );
         if let Err(e) = result {
             self.cursor = saved_cursor;
             self.clock = saved_clock;
@@ -723,6 +749,13 @@ impl Client {
                     .conn
                     .prepare_cached("DELETE FROM _hearth_outbox WHERE seq = ?1")?;
                 stmt.execute([to_i64(entry.client_seq)])?;
+                receipts::record(
+                    &c.conn,
+                    entry.client_seq,
+                    &Verdict::Applied {
+                        server_seq: entry.server_seq,
+                    },
+                )?;
                 c.clock.observe(entry.hlc);
                 c.cursor = entry.server_seq;
             }
@@ -738,12 +771,13 @@ impl Client {
         self.pending -= acked.len() as u64;
         for (seq, mutation, _) in acked {
             self.outbox_seqs.remove(seq);
+            let mut pending_rows = self.pending_rows.lock();
             for change in &mutation.changes {
                 for key in keys_of(change) {
-                    if let Some(n) = self.pending_rows.get_mut(&key) {
+                    if let Some(n) = pending_rows.get_mut(&key) {
                         *n -= 1;
                         if *n == 0 {
-                            self.pending_rows.remove(&key);
+                            pending_rows.remove(&key);
                         }
                     }
                 }
@@ -789,11 +823,17 @@ impl Client {
         reason: &str,
         out: &mut Output,
     ) -> Result<()> {
-        if self.drop_pending(seq, out)? {
+        let verdict = |undone| Verdict::Rejected {
+            code: code.to_string(),
+            reason: reason.to_string(),
+            undone,
+        };
+        if let Some(undone) = self.drop_pending(seq, verdict, out)? {
             out.events.push(Event::Rejected {
                 seq,
                 code: code.to_string(),
                 reason: reason.to_string(),
+                undone,
             });
         }
         Ok(())
@@ -824,7 +864,10 @@ impl Client {
             self.rewind.first_reused = Some(self.rewind.first_reused.map_or(seq, |r| r.min(seq)));
             return Ok(());
         }
-        if self.drop_pending(seq, out)? {
+        if self
+            .drop_pending(seq, |_| Verdict::Applied { server_seq }, out)?
+            .is_some()
+        {
             out.events.push(Event::Applied { seq, server_seq });
         }
         Ok(())
@@ -832,12 +875,20 @@ impl Client {
 
     /// Takes pending mutation `seq` out: undone, the rest redone over the
     /// confirmed state, its text cells rebuilt, its rows evicted if no
-    /// subscription holds them. False when it was no longer pending.
-    fn drop_pending(&mut self, seq: u64, out: &mut Output) -> Result<bool> {
+    /// subscription holds them; its receipt is `verdict(rows it wrote)`.
+    /// The rows it wrote, or None when it was no longer pending.
+    fn drop_pending(
+        &mut self,
+        seq: u64,
+        verdict: impl FnOnce(Vec<(String, Value)>) -> Verdict,
+        out: &mut Output,
+    ) -> Result<Option<Vec<(String, Value)>>> {
         let rejected = self.load_pending_subset(&[seq])?;
         let Some((_, mutation, _)) = rejected.first() else {
-            return Ok(false); // Already handled before a reconnect.
+            return Ok(None); // Already handled before a reconnect.
         };
+        let undone = receipts::rows_of(mutation);
+        let verdicts = [verdict(undone.clone())];
         let tables: BTreeSet<String> = mutation.changes.iter().map(|c| c.table.clone()).collect();
         // The device's text documents hold the refused edits: rebuild them
         // from the confirmed ones and what stays pending, and show that.
@@ -858,7 +909,7 @@ impl Client {
             .iter()
             .map(|c| (c.table.clone(), c.pk.clone()))
             .collect();
-        self.settle(&rejected, std::iter::empty(), |c| {
+        self.settle(&rejected, &verdicts, std::iter::empty(), |c| {
             c.local_text.borrow_mut().clear();
             for (table, pk, column) in &text_cells {
                 let t = c.table(table)?;
@@ -874,7 +925,7 @@ impl Client {
         self.evict_unheld(candidates, out)?;
         out.events
             .push(Event::TablesChanged(tables.into_iter().collect()));
-        Ok(true)
+        Ok(Some(undone))
     }
 }
 

@@ -81,7 +81,9 @@ pub fn rejected(events: &[Event]) -> Vec<(u64, String, String)> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::Rejected { seq, code, reason } => Some((*seq, code.clone(), reason.clone())),
+            Event::Rejected {
+                seq, code, reason, ..
+            } => Some((*seq, code.clone(), reason.clone())),
             _ => None,
         })
         .collect()
