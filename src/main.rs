@@ -145,6 +145,19 @@ enum ClientAction {
     },
     /// List this device's subscriptions, one JSON object per line.
     Subscriptions,
+    /// List the outbox, oldest first: one JSON object per pending write
+    /// (mutation, tables, rows, madeAt in ms since the epoch, attempts, sent).
+    /// Works offline.
+    Pending,
+    /// Print the verdict on write MUTATION (the "mutation" exec printed), as
+    /// this device knows it, without syncing: {"mutation", "status":
+    /// "pending" | "applied" | "rejected", ...}. Exit 1 for a write this
+    /// device does not know.
+    Settled { mutation: u64 },
+    /// Drop pending write MUTATION on purpose: undone locally, never sent.
+    /// Works offline. Prints {"mutation", "undone"}. Exit 1 (NOT_PENDING,
+    /// SENT) when it settled already or went out to the server.
+    Discard { mutation: u64 },
     /// Edit a text column by position, then sync it. EDITS_JSON:
     /// '[{"index":0,"delete":0,"insert":"x"}]' (positions in Unicode
     /// characters, each edit on the text the previous one left). Prints one
@@ -645,6 +658,45 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        ClientAction::Pending => {
+            for w in device.pending_writes()? {
+                println!(
+                    "{}",
+                    serde_json::json!({"mutation": w.seq, "tables": w.tables, "rows": undone_json(&w.rows), "madeAt": w.made_at_ms, "attempts": w.attempts, "sent": w.sent})
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ClientAction::Settled { mutation } => {
+            use hearth_engine::{Settlement, Verdict};
+            let line = match device.settlement(mutation)? {
+                Settlement::Pending => serde_json::json!({"mutation": mutation, "status": "pending"}),
+                Settlement::Settled(Verdict::Applied { server_seq }) => {
+                    serde_json::json!({"mutation": mutation, "status": "applied", "serverSeq": server_seq})
+                }
+                Settlement::Settled(Verdict::Rejected {
+                    code,
+                    reason,
+                    undone,
+                }) => serde_json::json!({"mutation": mutation, "status": "rejected", "code": code, "reason": reason, "undone": undone_json(&undone)}),
+                Settlement::Unknown => anyhow::bail!(
+                    "UNKNOWN_MUTATION: this device knows no write {mutation}: never made here, or settled more than {} writes ago",
+                    hearth_engine::client::RECEIPTS_KEPT
+                ),
+            };
+            println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ClientAction::Discard { mutation } => match device.discard(mutation) {
+            Ok((undone, _)) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"mutation": mutation, "undone": undone_json(&undone)})
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => anyhow::bail!("{}: {e}", e.code()),
+        },
         ClientAction::EditText {
             table,
             key_json,

@@ -4,6 +4,7 @@ mod common;
 
 use std::process::{Command, Output};
 
+use common::cli::{stderr, OFFLINE};
 use common::*;
 use serde_json::{json, Value as Json};
 
@@ -164,8 +165,71 @@ async fn exec_refused_by_the_server_exits_3_with_the_reason() {
         line["reason"].as_str().unwrap().contains("UNIQUE"),
         "{line}"
     );
+    assert_eq!(line["undone"], json!([{"table": "accounts", "key": "a1"}]));
     let out = query_on(a, "SELECT id FROM accounts");
     assert_eq!(json_lines(&out), vec![json!({"id": "b1"})]);
+    // The verdict stays readable afterwards, without a server.
+    let mutation = line["mutation"].to_string();
+    let out = hearth(&["client", "--db", a, "settled", &mutation]);
+    assert!(out.status.success(), "{out:?}");
+    let settled = &json_lines(&out)[0];
+    assert_eq!(settled["status"], "rejected");
+    assert_eq!(settled["code"], line["code"]);
+    assert_eq!(settled["undone"], line["undone"]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_are_listed_and_one_can_be_discarded_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), ACCOUNTS_SCHEMA).await;
+    let url = url(&server);
+    let a = dir.path().join("a.db");
+    let a = a.to_str().unwrap();
+    assert!(sync_on(a, &url).status.success());
+    // Offline: two writes queue.
+    for (id, email) in [("a1", "one@example.com"), ("a2", "two@example.com")] {
+        let sql = format!("INSERT INTO accounts (id, email) VALUES ('{id}', '{email}')");
+        let out = exec_on(a, OFFLINE, &sql);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(json_lines(&out)[0]["status"], "queued", "{out:?}");
+    }
+    let out = hearth(&["client", "--db", a, "pending"]);
+    let pending = json_lines(&out);
+    assert_eq!(pending.len(), 2, "{out:?}");
+    assert_eq!(
+        pending[1]["rows"],
+        json!([{"table": "accounts", "key": "a2"}])
+    );
+    assert_eq!(pending[1]["tables"], json!(["accounts"]));
+    assert_eq!(
+        (&pending[1]["attempts"], &pending[1]["sent"]),
+        (&json!(0), &json!(false))
+    );
+    let second = pending[1]["mutation"].to_string();
+    let out = hearth(&["client", "--db", a, "discard", &second]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        json_lines(&out)[0]["undone"],
+        json!([{"table": "accounts", "key": "a2"}])
+    );
+    let out = hearth(&["client", "--db", a, "discard", &second]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains("NOT_PENDING"), "{out:?}");
+    let out = hearth(&["client", "--db", a, "settled", &second]);
+    assert_eq!(json_lines(&out)[0]["code"], "DISCARDED", "{out:?}");
+    let out = hearth(&["client", "--db", a, "settled", "99"]);
+    assert!(stderr(&out).contains("UNKNOWN_MUTATION"), "{out:?}");
+    // Back online the kept write goes; the discarded one never reaches the server.
+    assert!(sync_on(a, &url).status.success());
+    let first = pending[0]["mutation"].to_string();
+    let out = hearth(&["client", "--db", a, "settled", &first]);
+    assert_eq!(json_lines(&out)[0]["status"], "applied", "{out:?}");
+    let b = dir.path().join("b.db");
+    let b = b.to_str().unwrap();
+    assert!(sync_on(b, &url).status.success());
+    let out = query_on(b, "SELECT id FROM accounts ORDER BY id");
+    assert_eq!(json_lines(&out), vec![json!({"id": "a1"})]);
     server.shutdown().await;
 }
 
