@@ -49,11 +49,43 @@ struct ServeArgs {
     /// cursor is older re-loads its subscriptions. Default: keep it all.
     #[arg(long, value_parser = humantime::parse_duration)]
     log_retention: Option<std::time::Duration>,
+    /// How the server's log (on stderr) is written: `text` for people,
+    /// `json` for log collectors (one object per line with `timestamp`,
+    /// `level`, `target`, `message` and the event's fields).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Serve the app's static files from DIR at `/`, in place of the demo
     /// app. Hearth's own files (/hearth.js, /hearth-worker.js, /pkg/...)
     /// stay served beside them.
     #[arg(long, value_name = "DIR")]
     app: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sends the server's `tracing` events (INFO and above) to stderr.
+fn init_logs(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        // Flattened: `message` and the fields sit beside `level` and `target`.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+    if let Err(e) = installed {
+        eprintln!("hearth: cannot set up logging: {e}");
+    }
 }
 
 #[derive(clap::Args)]
@@ -175,6 +207,7 @@ fn main() -> ExitCode {
         data: PathBuf::from("hearth-data"),
         listen: "127.0.0.1:8787".parse().expect("default address"),
         log_retention: None,
+        log_format: LogFormat::Text,
         app: None,
     }));
     let result = match command {
@@ -191,6 +224,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
     let (source, origin) = match &args.schema {
         Some(path) => (
             std::fs::read_to_string(path)
@@ -201,17 +235,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let schema = Schema::parse(&source).with_context(|| format!("bad schema ({origin})"))?;
     let tables: Vec<&str> = schema.tables.keys().map(String::as_str).collect();
-    let mut config =
-        hearth_server::ServerConfig::new(args.listen, args.data.clone(), schema.clone());
+    let mut server = hearth_server::Server::builder()
+        .schema(schema.clone())
+        .data_dir(args.data.clone())
+        .listen(args.listen)
+        .assets(hearth::assets::ASSETS);
     if let Some(retention) = args.log_retention {
         let ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         anyhow::ensure!(ms > 0, "--log-retention must be longer than 0");
-        config.log_retention_ms = Some(ms);
-        // Look for expired entries a few times per retention, at most each minute.
-        config.compact_every_ms = (ms / 4).clamp(1, 60_000);
+        server = server.configure(move |config| {
+            config.log_retention_ms = Some(ms);
+            // Look for expired entries a few times per retention, at most each minute.
+            config.compact_every_ms = (ms / 4).clamp(1, 60_000);
+        });
     }
-    config.app_dir = args.app.clone();
-    let running = hearth_server::start(config, hearth::assets::ASSETS).await?;
+    if let Some(app) = args.app.clone() {
+        server = server.app_dir(app);
+    }
+    let running = server.start().await?;
     // Whoever reads our stdout may go away (a closed pipe); serving matters
     // more than these lines, so write errors are ignored rather than fatal.
     let say = |line: String| {
@@ -234,6 +275,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(dir) => say(format!("hearth: serving the app in {} at /", dir.display())),
         None => say("hearth: serving the demo app at / (--app DIR serves yours)".to_string()),
     }
+    tracing::info!(
+        addr = %running.addr,
+        schema_version = schema.version,
+        data = %args.data.display(),
+        "serving http://{} with schema version {} from {origin}",
+        running.addr,
+        schema.version
+    );
     // Ctrl-C or a service manager's SIGTERM: stop taking connections and let
     // the store finish its batch. (SIGKILL loses nothing acknowledged either.)
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -242,6 +291,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     say("hearth: shutting down".to_string());
+    tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }

@@ -17,6 +17,8 @@
 //!   filters or refuses); [`fanout`]: which connections a log entry concerns.
 //! - [`rooms`]: rooms, presence and broadcast: the server's ephemeral
 //!   registry, never in the log or a database.
+//! - [`validate`]: the app's server rules in Rust (validators run in the
+//!   merge transaction) and the context they read the store through.
 //! - [`merge`]: the merge policies (lww, counter, set, text, manual), pure functions
 //!   used by device capture and the server's merge.
 //! - `rows`: row-level SQL shared by both halves; `textcells`: where text
@@ -38,6 +40,7 @@ pub mod rules;
 pub mod schema;
 pub mod server;
 mod textcells;
+pub mod validate;
 pub mod value;
 
 pub use change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp};

@@ -322,6 +322,10 @@ fn to_i64(v: u64) -> i64 {
     v as i64
 }
 
+/// Validator failures kept for the driver to take (see
+/// [`ServerCore::take_validator_failures`]).
+pub const VALIDATOR_FAILURES_MAX: usize = 1_000;
+
 /// How far ahead of the server's clock a device's stamp may be. A stamp
 /// beyond it is lowered to it, so one device with a wrong (or hostile) clock
 /// cannot win every later write for hours.
@@ -356,6 +360,10 @@ pub struct ServerCore {
     principals: HashMap<u64, std::sync::Arc<crate::rules::Principal>>,
     /// The write rules as statements, by (table, action).
     write_rules: HashMap<(String, &'static str), crate::rules::WriteRule>,
+    /// The app's validators (see [`crate::validate`]), run in order.
+    validators: Vec<crate::validate::Validator>,
+    /// Validator failures since the driver last took them.
+    validator_failures: Vec<crate::validate::ValidatorFailure>,
 }
 
 /// A row of a streamed table before a mutation merges: (table, key, the
@@ -533,6 +541,8 @@ impl ServerCore {
             stream_columns: stream_columns(&schema),
             principals: HashMap::new(),
             write_rules,
+            validators: Vec::new(),
+            validator_failures: Vec::new(),
             schema,
         })
     }
@@ -658,6 +668,48 @@ impl ServerCore {
             }
         }
         Ok(())
+    }
+
+    /// Adds a validator: it runs on every mutation after the validators
+    /// added before it, inside the merge transaction, after the mutation
+    /// merged and passed the write rules (see [`crate::validate`]).
+    pub fn add_validator(&mut self, validator: crate::validate::Validator) {
+        self.validators.push(validator);
+    }
+
+    /// The validator failures (errors, panics, invalid codes) since the
+    /// last call, oldest first, for the operator's log. Each refused its
+    /// mutation with `VALIDATOR_FAILED`. Kept at most
+    /// [`VALIDATOR_FAILURES_MAX`] (the oldest are dropped).
+    pub fn take_validator_failures(&mut self) -> Vec<crate::validate::ValidatorFailure> {
+        std::mem::take(&mut self.validator_failures)
+    }
+
+    /// Runs the validators on a merged mutation: Err refuses it.
+    fn run_validators(&mut self, client_id: u64, mutation: &Mutation) -> Result<(), MergeError> {
+        let principal = self.principals.get(&client_id).map(|p| &**p);
+        let Some((code, reason, detail)) = crate::validate::run(
+            &self.validators,
+            &self.conn,
+            client_id,
+            principal,
+            mutation.seq,
+            &mutation.changes,
+        ) else {
+            return Ok(());
+        };
+        if let Some(detail) = detail {
+            if self.validator_failures.len() == VALIDATOR_FAILURES_MAX {
+                self.validator_failures.remove(0);
+            }
+            self.validator_failures
+                .push(crate::validate::ValidatorFailure {
+                    client_id,
+                    client_seq: mutation.seq,
+                    detail,
+                });
+        }
+        Err(MergeError::RefusedBy { code, reason })
     }
 
     /// Sets the largest encoded log entry a mutation may merge into (the
@@ -941,6 +993,9 @@ impl ServerCore {
                 if let Some(rows_before) = &rules_before {
                     self.check_write_rules(client_id, mutation, rows_before)?;
                 }
+                if !self.validators.is_empty() {
+                    self.run_validators(client_id, mutation)?;
+                }
                 let images = self.images_after(&changes, before)?;
                 let whole_bytes: usize = images
                     .iter()
@@ -1005,7 +1060,12 @@ impl ServerCore {
                     self.max_hlc = self.max_hlc.max(hlc);
                     outcomes.push(Outcome::Applied(entry));
                 }
-                Err(MergeError::Refused(refusal)) => {
+                Err(refused @ (MergeError::Refused(_) | MergeError::RefusedBy { .. })) => {
+                    let (code, reason) = match refused {
+                        MergeError::Refused(r) => (r.code.to_string(), r.reason),
+                        MergeError::RefusedBy { code, reason } => (code, reason),
+                        MergeError::Store(_) => unreachable!("matched above"),
+                    };
                     self.conn
                         .execute_batch("ROLLBACK TO hearth_mutation; RELEASE hearth_mutation")?;
                     self.text.borrow_mut().clear_cache();
@@ -1013,12 +1073,12 @@ impl ServerCore {
                         .prepare_cached(
                             "INSERT OR REPLACE INTO _hearth_rejections (client_id, client_seq, code, reason, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
                         )?
-                        .execute(params![to_i64(client_id), to_i64(mutation.seq), refusal.code, refusal.reason, to_i64(digest)])?;
+                        .execute(params![to_i64(client_id), to_i64(mutation.seq), code, reason, to_i64(digest)])?;
                     outcomes.push(Outcome::Rejected {
                         client_id,
                         client_seq: mutation.seq,
-                        code: refusal.code.to_string(),
-                        reason: refusal.reason,
+                        code,
+                        reason,
                     });
                 }
                 Err(MergeError::Store(e)) => return Err(e),
@@ -1964,6 +2024,11 @@ fn check_pk(table: &Table, pk: &Value) -> Result<(), Refusal> {
 
 enum MergeError {
     Refused(Refusal),
+    /// A validator's refusal (the app's code).
+    RefusedBy {
+        code: String,
+        reason: String,
+    },
     Store(ServerError),
 }
 

@@ -337,6 +337,22 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
     metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// What `/metrics` reads of a live connection: its cursor and send queue.
+struct BacklogGauge {
+    cursor: AtomicU64,
+    queue: Arc<SendQueue>,
+}
+
+impl crate::metrics::ConnectionGauge for BacklogGauge {
+    fn cursor(&self) -> u64 {
+        self.cursor.load(Ordering::Relaxed)
+    }
+
+    fn send_queue_bytes(&self) -> usize {
+        self.queue.bytes()
+    }
+}
+
 struct Conn {
     id: u64,
     stream: SplitStream<WebSocket>,
@@ -585,6 +601,12 @@ impl Conn {
         // was published before (up to `full_until`) it filters itself.
         let (mailbox, mut full_until) = ring.join(self.id, client_id);
         self.joined = true;
+        // `/metrics` reads how far behind the head this connection is.
+        let gauge = Arc::new(BacklogGauge {
+            cursor: AtomicU64::new(self.link.cursor()),
+            queue: self.queue.clone(),
+        });
+        let _tracked = self.state.metrics.track(self.id, gauge.clone());
         if let Some(at) = ring.subscriptions(self.id, self.link.take_sub_events()) {
             full_until = full_until.max(at);
         }
@@ -661,6 +683,9 @@ impl Conn {
         let mut was_reading = true;
         let queue = self.queue.clone();
         loop {
+            gauge
+                .cursor
+                .store(self.link.cursor(), std::sync::atomic::Ordering::Relaxed);
             let can_read = self.in_flight_mutations < config.in_flight_mutations_max
                 && self.in_flight_bytes < config.in_flight_bytes_max
                 && self.queue.reply_bytes() < send_max;

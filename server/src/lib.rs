@@ -13,8 +13,35 @@
 //! - `rooms`: the one room registry (presence and broadcast, ephemeral:
 //!   never in the store) and each connection's queue of room frames.
 //!
+//! - `builder`: [`Server::builder`], the library's front door (a schema, a
+//!   data directory, an address, validators), ending in [`start`].
 //! - `lib.rs` (here): the limits ([`ServerConfig`]), the accept loop (a
 //!   connection cap, a timeout on the request head), `/healthz`.
+//!
+//! As a library:
+//!
+//! ```no_run
+//! # async fn run(schema: hearth_engine::Schema) -> Result<(), hearth_server::StartError> {
+//! use hearth_server::{Refuse, Server};
+//! let running = Server::builder()
+//!     .schema(schema)
+//!     .data_dir("hearth-data")
+//!     .listen("127.0.0.1:8787".parse().unwrap())
+//!     .validate(|ctx, mutation| {
+//!         for todo in mutation.changes_to("todos") {
+//!             let n = ctx.query_i64("SELECT count(*) FROM todos", &[])?;
+//!             if n > 10_000 {
+//!                 return Err(Refuse::new("TOO_MANY_TODOS", format!("{:?} is one too many", todo.key())));
+//!             }
+//!         }
+//!         Ok(())
+//!     })
+//!     .start()
+//!     .await?;
+//! running.wait().await;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! Every queue is bounded in bytes: the store's command queue (a full queue
 //! makes connections wait, which pushes back on devices), each connection's
@@ -23,6 +50,7 @@
 //! catch-up reads, and the frame size.
 
 pub mod auth;
+mod builder;
 mod connection;
 mod metrics;
 mod rooms;
@@ -42,7 +70,12 @@ use axum::routing::get;
 use axum::Router;
 use hearth_engine::{Schema, ServerError};
 
+pub use builder::{Server, ServerBuilder};
 pub use connection::{send_fragmented, FRAGMENT_BYTES};
+pub use hearth_engine::validate::{
+    Change, Context, MutationView, Op, QueryError, Refuse, Validator, CODE_BYTES_MAX,
+    REASON_BYTES_MAX, VALIDATOR_FAILED,
+};
 pub use metrics::{CloseReason, Metrics};
 
 /// A static file the server serves: URL path, bytes, MIME type.
@@ -140,10 +173,24 @@ pub struct ServerConfig {
     /// Under `[auth]`, open sync connections per user; one more is refused
     /// `RATE_LIMITED` at its Hello.
     pub connections_per_user_max: usize,
+    /// The app's server rules in Rust, run in order on every mutation inside
+    /// the merge transaction (see [`Server::builder`] and
+    /// [`hearth_engine::validate`]). None by default.
+    pub validators: Validators,
     /// The app's static files, served at `/` in place of the demo app (Hearth's own files
     /// stay served beside them; see [`web`]). Must be a directory; `start` refuses to
     /// start otherwise.
     pub app_dir: Option<PathBuf>,
+}
+
+/// The validators of a [`ServerConfig`], in the order they run.
+#[derive(Clone, Default)]
+pub struct Validators(pub Vec<Validator>);
+
+impl std::fmt::Debug for Validators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Validators({} validators)", self.0.len())
+    }
 }
 
 const MIB: usize = 1024 * 1024;
@@ -194,6 +241,7 @@ impl ServerConfig {
             mutations_per_s: 100_000,
             bytes_per_s: 64 * MIB as u64,
             connections_per_user_max: 64,
+            validators: Validators::default(),
             app_dir: None,
         };
         config.set_frame_bytes_max(hearth_engine::protocol::FRAME_BYTES_MAX);
@@ -344,6 +392,9 @@ impl ServerConfig {
 pub enum StartError {
     #[error("the server's limits do not fit together: {0}")]
     Limits(String),
+    /// The builder lacks a setting that has no default (the schema).
+    #[error("the server builder needs {0}")]
+    Missing(&'static str),
     // The causes are part of each message and deliberately not `source()`:
     // `{:#}` would print them twice.
     #[error("cannot use data directory {path}: {error}")]
@@ -451,8 +502,10 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
     if let Some(files) = raise_open_file_limit() {
         let fit = usize::try_from(files.saturating_sub(FILES_RESERVED)).unwrap_or(usize::MAX);
         if fit < config.connections_max {
-            eprintln!(
-                "hearth: the open-file limit is {files}: at most {fit} connections (not {})",
+            tracing::warn!(
+                open_files = files,
+                connections_max = fit,
+                "the open-file limit is {files}: at most {fit} connections (not {})",
                 config.connections_max
             );
             config.connections_max = fit.max(2);
@@ -482,13 +535,13 @@ pub async fn start(config: ServerConfig, assets: &'static [Asset]) -> Result<Run
             auth::Verifier::new(auth).map_err(StartError::Auth)?,
         )),
         None => {
-            eprintln!(
-                "hearth: the schema has no [auth] section: anyone who reaches /sync can read and write every row"
+            tracing::warn!(
+                "the schema has no [auth] section: anyone who reaches /sync can read and write every row"
             );
             None
         }
     };
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&config.schema));
     let (store, store_thread) = store::open(&config, metrics.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -561,7 +614,7 @@ async fn serve(
                     e.kind(),
                     std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
                 ) {
-                    eprintln!("hearth: accept failed: {e}");
+                    tracing::warn!(error = %e, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 continue;

@@ -462,6 +462,9 @@ pub(crate) fn open(
     let path = config.data_dir.join("hearth.db");
     let mut core = ServerCore::open(open_connection(&path)?, config.schema.clone())?;
     core.set_entry_bytes_max(config.log_entry_bytes_max);
+    for validator in &config.validators.0 {
+        core.add_validator(validator.clone());
+    }
     let reader = open_connection(&path)?;
     reader.execute_batch("PRAGMA query_only = ON;")?;
     metrics.server_seq.store(core.head(), Ordering::Relaxed);
@@ -644,15 +647,18 @@ impl Store {
                 }
                 Err(e) => {
                     Metrics::add(&self.metrics.store_errors, 1);
-                    eprintln!("hearth: log compaction failed: {e}");
+                    tracing::error!(error = %e, "log compaction failed: {e}");
                     return;
                 }
             }
         }
         if removed > 0 {
             Metrics::add(&self.metrics.log_compacted, removed);
-            eprintln!(
-                "hearth: log compaction removed {removed} entries merged before {before} ms; the log now starts after {floor}"
+            tracing::info!(
+                removed,
+                before_ms = before,
+                floor,
+                "log compaction removed {removed} entries merged before {before} ms; the log now starts after {floor}"
             );
         }
     }
@@ -698,15 +704,36 @@ impl Store {
             }
         }
         self.core.set_now_ms(now_ms());
-        match self.core.apply_batch(&batch) {
+        let started = Instant::now();
+        let result = self.core.apply_batch(&batch);
+        self.metrics.store_commit_seconds.observe(started.elapsed());
+        // A failing validator refused its mutation with VALIDATOR_FAILED;
+        // why it failed is for the operator, not the device.
+        for failure in self.core.take_validator_failures() {
+            tracing::error!(
+                client_id = failure.client_id,
+                client_seq = failure.client_seq,
+                detail = %failure.detail,
+                "validator failed on mutation {} of client {} (refused VALIDATOR_FAILED): {}",
+                failure.client_seq,
+                failure.client_id,
+                failure.detail
+            );
+        }
+        match result {
             Ok(outcomes) => {
-                drop(batch);
                 self.health.record_batch(Ok(()));
                 let mut entries = Vec::new();
                 for (i, outcome) in outcomes.into_iter().enumerate() {
                     let counter = match &outcome {
-                        Outcome::Applied(_) => &self.metrics.mutations_applied,
-                        Outcome::Rejected { .. } => &self.metrics.mutations_rejected,
+                        Outcome::Applied(_) => {
+                            self.metrics.applied_to(&batch[i].1);
+                            &self.metrics.mutations_applied
+                        }
+                        Outcome::Rejected { code, .. } => {
+                            self.metrics.refused(code);
+                            &self.metrics.mutations_rejected
+                        }
                         Outcome::Duplicate { .. } => &self.metrics.mutations_duplicate,
                     };
                     Metrics::add(counter, 1);
@@ -716,6 +743,7 @@ impl Store {
                         entries.push(entry);
                     }
                 }
+                drop(batch);
                 let head = self.core.head();
                 // Publish before answering `Done`, so that a connection told
                 // its mutations are done finds their entries in the ring.
@@ -725,7 +753,11 @@ impl Store {
             }
             Err(e) => {
                 drop(batch);
-                eprintln!("hearth: store error, batch of {count} mutations not applied: {e}");
+                tracing::error!(
+                    mutations = count,
+                    error = %e,
+                    "store error, batch of {count} mutations not applied: {e}"
+                );
                 Metrics::add(&self.metrics.store_errors, 1);
                 self.health.record_batch(Err(e.to_string()));
                 for cmd in &cmds {
