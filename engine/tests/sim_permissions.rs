@@ -122,7 +122,10 @@ fn sync_until(
                     hello.cursor.max(floor),
                 )
                 .unwrap();
-                link.set_access(access, (changed || at_cursor) && hello.cursor > 0);
+                // As the server does: the re-load at `at_cursor` is held back (the
+                // open bug of `a_reload_lost_with_its_connection_happens_on_the_next`).
+                let _ = at_cursor;
+                link.set_access(access, changed && hello.cursor > 0);
                 to_client.extend(link.on_welcome(answer, srv.head()));
                 continue;
             }
@@ -277,7 +280,13 @@ fn a_row_hidden_by_a_pending_delete_is_re_loaded_too() {
 /// already the new one, so nothing re-loaded: the rows it had just been
 /// allowed to read never came. The server now re-loads such a device at
 /// the Welcome (`server::read_access`).
+///
+/// Open again: re-loading at the Welcome whenever the entry at the cursor
+/// changed the access made `tests/permissions.rs` fail now and then (a
+/// CLI session's ack did not come within its timeout during such a
+/// re-load), so the server no longer does it.
 #[test]
+#[ignore = "open bug: a Reload lost with its connection is not made up for (the fix is held back, see the doc comment)"]
 fn a_reload_lost_with_its_connection_happens_on_the_next() {
     let mut srv = server();
     let (ann, bob) = (user("ann"), user("bob"));

@@ -660,10 +660,13 @@ impl Conn {
         if let ServerMsg::Error { message, .. } = answer {
             return Err(fatal("HANDSHAKE", message, CloseReason::Handshake));
         }
-        if let (Some((_, changed)), Some((access, at_cursor))) = (identity, grants) {
-            // A device with nothing yet has nothing to re-load.
-            self.link
-                .set_access(access, changed || (at_cursor && hello.cursor > 0));
+        if let (Some((_, changed)), Some((access, _at_cursor))) = (identity, grants) {
+            // Open bug: a device whose connection ended between the entries that changed
+            // its access and the `Reload` after them (`_at_cursor`) should re-load here
+            // too; doing so made `tests/permissions.rs` time out now and then (a CLI
+            // session's ack waited behind the re-load, or a row went missing), so it is
+            // held back until that is understood (see `regression_reload_lost_*`).
+            self.link.set_access(access, changed);
         }
         let mut greeting = self.link.on_welcome(answer, known_head);
         // The acks compaction took from the log go right after the Welcome.
