@@ -238,6 +238,20 @@ fn regression_rewound_write_sees_its_own_earlier_writes() {
     check_seed_before_auth(985, 486);
 }
 
+/// Found by seed 2312 (at 141bcfe too, before the permissions shape): a
+/// device whose cursor compaction had passed (21, floor 32) took the floor
+/// as its cursor and, crashed before any load brought `keeps` back, deleted
+/// `k0`, a row it showed only through its own pending insert (which the
+/// server had merged into another device's row). The delete carried base 32
+/// though the device had never seen that device's update of `k0` (entry
+/// 31), and the `update-wins` table lost the row. Fixed: until a load
+/// brings a row back, a write to it carries the cursor the device had
+/// before the re-load (`Client::mutation_base`).
+#[test]
+fn regression_delete_after_compaction_had_not_seen_skipped_updates() {
+    check_seed_before_auth(2312, 383);
+}
+
 /// Open bug, found by seed 1053: a device that unsubscribes evicts the
 /// stream's rows at once, but the server routes entries by the old
 /// subscriptions until the Unsubscribe reaches it. An entry moving a row

@@ -148,7 +148,9 @@ pub enum ServerMsg {
         /// log: it drops (locally) every row its pending writes do not touch,
         /// restarts the load of each subscription, loads every whole table as
         /// the pseudo-subscription `*TABLE` (see [`whole_table_stream`]), and
-        /// takes the floor as its cursor. The server's link does the same.
+        /// takes the floor as its cursor (a write to a row no load has
+        /// brought back yet carries as its `base` the cursor it had before).
+        /// The server's link does the same.
         floor: u64,
         schema_version: u64,
         /// The schema's TOML text, sent when the device's version differs.

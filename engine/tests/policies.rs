@@ -655,6 +655,87 @@ fn update_wins_brings_a_concurrently_deleted_row_back_in_either_order() {
     }
 }
 
+/// Found by the simulation (seed 2312): a device whose cursor log
+/// compaction passed re-loads every row, and until the load brings a row
+/// back it shows only its own pending writes to it. A delete it makes then
+/// has not seen the updates in the entries it skipped, and under
+/// `update-wins` the row stays, as it would without compaction; the delete
+/// used to carry the log's floor as what its device had seen, and removed
+/// the row.
+#[test]
+fn update_wins_keeps_a_row_deleted_while_reloading_after_compaction() {
+    use hearth_engine::link::{Link, LinkConfig};
+    use hearth_engine::protocol::{ServerMsg, FRAME_BYTES_MAX};
+
+    let mut net = Net::new(CARDS);
+    let mut a = net.device();
+    let mut b = net.device();
+    // Offline, b writes n1: it will be on b only through this pending write.
+    b.exec(
+        "INSERT OR IGNORE INTO notes VALUES ('n1', 'from b', '', 0)",
+        &[],
+        1_000,
+    )
+    .unwrap();
+    // Meanwhile a makes n1 (later: b's insert will change nothing) and
+    // pins it; b sees neither, and compaction removes both entries.
+    net.server.set_now_ms(2_000);
+    a.exec(
+        "INSERT INTO notes VALUES ('n1', 'Title', 'Body', 0)",
+        &[],
+        2_000,
+    )
+    .unwrap();
+    net.sync(&mut a);
+    net.server.set_now_ms(3_000);
+    a.exec("UPDATE notes SET pinned = 1 WHERE id = 'n1'", &[], 3_000)
+        .unwrap();
+    net.sync(&mut a);
+    let floor = net.server.compact(5_000, u64::MAX).unwrap().floor;
+    assert_eq!(floor, net.server.head());
+    // b connects, takes the Welcome (its cursor moves to the floor, its
+    // rows are to re-load) and loses the connection before any row comes.
+    let mut link = Link::new(
+        std::sync::Arc::new(net.server.schema().clone()),
+        LinkConfig::default(),
+    );
+    let hello = link.on_hello(b.on_connected().remove(0)).unwrap();
+    let answer = net.server.greet(&hello, FRAME_BYTES_MAX).unwrap();
+    let welcome = link
+        .on_welcome(answer, net.server.head())
+        .into_iter()
+        .find(|m| matches!(m, ServerMsg::Welcome { .. }))
+        .unwrap();
+    b.handle(welcome, 0).unwrap();
+    b.on_disconnected();
+    assert_eq!(b.status().server_seq, floor);
+    assert_eq!(
+        rows(&b, "SELECT id, title FROM notes"),
+        vec![vec![text("n1"), text("from b")]]
+    );
+    // The user deletes the note b shows: a's pin was never on b.
+    b.exec("DELETE FROM notes WHERE id = 'n1'", &[], 4_000)
+        .unwrap();
+    net.server.set_now_ms(4_000);
+    net.settle(&mut [&mut a, &mut b]);
+    everywhere(
+        &net,
+        &[&a, &b],
+        "SELECT * FROM notes",
+        vec![vec![
+            text("n1"),
+            text("Title"),
+            text("Body"),
+            Value::Integer(1),
+        ]],
+    );
+    // Re-loaded, b has seen the pin: its delete now deletes.
+    b.exec("DELETE FROM notes WHERE id = 'n1'", &[], 5_000)
+        .unwrap();
+    net.settle(&mut [&mut a, &mut b]);
+    everywhere(&net, &[&a, &b], "SELECT * FROM notes", vec![]);
+}
+
 #[test]
 fn delete_wins_by_default_and_an_update_never_creates_a_row() {
     let mut net = Net::new(CARDS);

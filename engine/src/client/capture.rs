@@ -379,10 +379,11 @@ impl Client {
         let seq = self.next_seq;
         let mut clock = self.clock.clone();
         let hlc = clock.now(now_ms);
+        let base = self.mutation_base(&changes)?;
         let mutation = Mutation {
             seq,
             hlc,
-            base: self.cursor,
+            base,
             also_seen: Vec::new(),
             changes,
         };

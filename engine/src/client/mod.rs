@@ -289,6 +289,11 @@ pub struct Client {
     clock: Clock,
     schema: Option<Schema>,
     cursor: u64,
+    /// While re-loading after compaction moved the cursor to the log's
+    /// floor (`meta.reload_seen`): the cursor the device had really reached
+    /// before, the `base` of a write to a row no load has brought back yet
+    /// (see [`Client::mutation_base`]).
+    reload_seen: Option<u64>,
     next_seq: u64,
     pending: u64,
     /// How many pending mutations touch each row (shared with the
@@ -526,6 +531,7 @@ impl Client {
             }
         };
         let cursor = meta_get::<i64>(&conn, "cursor")?.unwrap_or(0) as u64;
+        let reload_seen = meta_get::<i64>(&conn, "reload_seen")?.map(|v| v as u64);
         let next_seq = meta_get::<i64>(&conn, "next_seq")?.unwrap_or(1) as u64;
         let hlc = meta_get::<i64>(&conn, "hlc")?.unwrap_or(0) as u64;
         let pending: i64 =
@@ -543,6 +549,7 @@ impl Client {
             clock: Clock::starting_at(Hlc(hlc)),
             schema: None,
             cursor,
+            reload_seen,
             next_seq,
             pending: pending as u64,
             pending_rows: PendingRows::default(),

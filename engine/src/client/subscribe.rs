@@ -389,6 +389,12 @@ impl Client {
                 }
             }
         }
+        if done && self.reload_seen.is_some() && self.loads_done()? {
+            // Every row is back: the cursor is what the device has seen.
+            self.conn
+                .execute("DELETE FROM _hearth_meta WHERE key = 'reload_seen'", [])?;
+            self.reload_seen = None;
+        }
         if !tables.is_empty() {
             out.events
                 .push(Event::TablesChanged(tables.into_iter().collect()));
@@ -420,12 +426,21 @@ impl Client {
     /// Pending writes stay and are sent as usual; the server answers those
     /// it already applied with `Acked`. The link on the server does the same
     /// on the same Welcome.
+    ///
+    /// The cursor at the floor does not mean the device has seen the
+    /// entries up to it: until a load brings a row back, a write to it
+    /// carries as its `base` the cursor the device had reached before
+    /// (`reload_seen`, see [`Client::mutation_base`]).
     pub(super) fn reload_after_compaction(&mut self, floor: u64, out: &mut Output) -> Result<()> {
         let Some(schema) = self.schema.clone() else {
             return Ok(());
         };
         let mut tables = BTreeSet::new();
         let saved_cursor = self.cursor;
+        let saved_seen = self.reload_seen;
+        // An earlier re-load still under way brought back only some rows:
+        // the others were seen no further than before it.
+        let seen = saved_seen.map_or(saved_cursor, |s| s.min(saved_cursor));
         // Under the pending writes (undone, then redone over what is left),
         // the confirmed state becomes empty: the loads fill it again.
         self.rebase(|c| {
@@ -470,14 +485,57 @@ impl Client {
                     ])?;
             }
             c.cursor = floor;
+            c.reload_seen = Some(seen);
+            meta_set(&c.conn, "reload_seen", to_i64(seen))?;
             Ok(())
         })
-        .inspect_err(|_| self.cursor = saved_cursor)?;
+        .inspect_err(|_| {
+            self.cursor = saved_cursor;
+            self.reload_seen = saved_seen;
+        })?;
         if !tables.is_empty() {
             out.events
                 .push(Event::TablesChanged(tables.into_iter().collect()));
         }
         Ok(())
+    }
+
+    /// The `base` of a new mutation: the cursor, the log prefix the device
+    /// has applied. After compaction moved the cursor to the log's floor over
+    /// entries the device never applied, a row no load has brought back yet
+    /// (its table's load has not passed its key) shows only what the device
+    /// saw before and its own pending writes: a mutation writing such a row
+    /// has seen the log no further than the cursor before the re-load, so
+    /// that, say, its delete does not remove under `update-wins` a row
+    /// another device updated in the entries it skipped.
+    pub(super) fn mutation_base(&self, changes: &[RowChange]) -> Result<u64> {
+        let (Some(seen), Some(schema)) = (self.reload_seen, &self.schema) else {
+            return Ok(self.cursor);
+        };
+        let subs = self.load_subscriptions()?;
+        let unloaded = changes.iter().any(|c| {
+            subs.iter().any(|(sub, _)| {
+                let Load::After(last) = &sub.load else {
+                    return false;
+                };
+                let table = match crate::protocol::whole_table_of(&sub.stream) {
+                    Some(t) => t,
+                    None => match schema.streams.get(&sub.stream) {
+                        Some(s) => s.table.as_str(),
+                        None => return false,
+                    },
+                };
+                table == c.table
+                    && last
+                        .as_ref()
+                        .is_none_or(|last| !crate::link::key_le(&c.pk, last))
+            })
+        });
+        Ok(if unloaded {
+            seen.min(self.cursor)
+        } else {
+            self.cursor
+        })
     }
 
     /// Whether one of the device's subscriptions holds a row of `table`
