@@ -108,6 +108,7 @@ impl Raw {
             schema_version: None,
             subscriptions: Vec::new(),
             token: None,
+            reloaded: Default::default(),
         };
         ws.send(Message::Binary(encode_client(&hello).into()))
             .await
@@ -237,6 +238,7 @@ async fn stalled_reader() -> Vec<Figure> {
         schema_version: None,
         subscriptions: Vec::new(),
         token: None,
+        reloaded: Default::default(),
     };
     stalled
         .send(Message::Binary(encode_client(&hello).into()))

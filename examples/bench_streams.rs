@@ -299,6 +299,7 @@ impl Writer {
             schema_version: None,
             subscriptions: Vec::new(),
             token,
+            reloaded: Default::default(),
         }))
         .await
         .unwrap();
@@ -567,6 +568,7 @@ async fn initial_load() -> Vec<Figure> {
         schema_version: Some(1),
         subscriptions: vec![subscription(1, "room", "r", "big")],
         token: None,
+        reloaded: Default::default(),
     }))
     .await
     .unwrap();
@@ -645,6 +647,7 @@ async fn subscriber(
             subscription(2, "room", "r", "shared"),
         ],
         token: rules.then(|| token_for(&format!("u{n}"))),
+        reloaded: Default::default(),
     }))
     .await
     .unwrap();
@@ -1259,6 +1262,7 @@ async fn bandwidth() -> Vec<Figure> {
         schema_version: Some(1),
         subscriptions: vec![subscription(1, "room", "r", "ten")],
         token: None,
+        reloaded: Default::default(),
     }))
     .await
     .unwrap();

@@ -43,6 +43,7 @@ fn hello() -> Message {
             schema_version: None,
             subscriptions: Vec::new(),
             token: None,
+            reloaded: Default::default(),
         })
         .into(),
     )
@@ -95,6 +96,7 @@ async fn malformed_frames_get_an_error_and_others_are_unaffected() {
         schema_version: None,
         subscriptions: Vec::new(),
         token: None,
+        reloaded: Default::default(),
     });
     future_version[0] = 9;
     let (code, msg) = error_for(&url, vec![Message::Binary(future_version.into())]).await;

@@ -43,6 +43,7 @@ fn hello(client_id: u64) -> Message {
             schema_version: None,
             subscriptions: Vec::new(),
             token: None,
+            reloaded: Default::default(),
         })
         .into(),
     )

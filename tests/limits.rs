@@ -29,6 +29,7 @@ async fn raw_session(url: &str, client_id: u64) -> native_client::Ws {
         schema_version: None,
         subscriptions: Vec::new(),
         token: None,
+        reloaded: Default::default(),
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await

@@ -115,6 +115,7 @@ async fn metrics_count_tables_refusal_codes_backlog_and_commit_time() {
         schema_version: None,
         subscriptions: Vec::new(),
         token: None,
+        reloaded: Default::default(),
     };
     ws.send(tokio_tungstenite::tungstenite::Message::Binary(
         hearth_engine::protocol::encode_client(&hello).into(),

@@ -180,6 +180,7 @@ async fn hello_answer(url: &str, client_id: u64, token: Option<String>) -> Serve
         schema_version: None,
         subscriptions: Vec::new(),
         token,
+        reloaded: Default::default(),
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await
@@ -581,6 +582,7 @@ async fn an_expired_token_keeps_pending_writes() {
         schema_version: None,
         subscriptions: Vec::new(),
         token: Some(short),
+        reloaded: Default::default(),
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await
@@ -679,6 +681,7 @@ async fn floods_and_too_many_connections_are_rate_limited() {
                 schema_version: None,
                 subscriptions: Vec::new(),
                 token: Some(token),
+                reloaded: Default::default(),
             };
             ws.send(Message::Binary(encode_client(&hello).into()))
                 .await
@@ -829,6 +832,7 @@ async fn a_load_never_names_a_hidden_row() {
             load: hearth_engine::protocol::Load::After(None),
         }],
         token: Some(token_for("zed")),
+        reloaded: Default::default(),
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await

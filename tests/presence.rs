@@ -53,6 +53,7 @@ impl Peer {
             schema_version: None,
             subscriptions: Vec::new(),
             token: None,
+            reloaded: Default::default(),
         };
         ws.send(frame(&hello)).await.unwrap();
         let mut peer = Peer {

@@ -12,8 +12,7 @@
 //!   failure's replay line says). Bits 4 and 5 are the merge-policy
 //!   workloads, bits 7 to 10 selective sync, the fan-out index, log
 //!   compaction and permissions (`[auth]` in half the seeds, see
-//!   `tests/sim/auth.rs`), all on by default but permissions, held back
-//!   while a lost `Reload` is not made up for (`SIM_OPEN_BUGS=1024`).
+//!   `tests/sim/auth.rs`), all on by default.
 //!
 //! A failing seed is shrunk to the smallest step count that still fails, and
 //! both are printed. Every bug the simulator found stays below as a named
@@ -310,12 +309,11 @@ fn regression_a_load_names_no_hidden_row() {
 /// after it; reconnected at that cursor, its access read there was already
 /// the new one, so nothing re-loaded and the `tasks` of `b` its
 /// subscription matches never came. Fixed: the server re-loads a device
-/// whose entry at the cursor changed its access (`server::read_access`).
-/// Open again: that re-load made `tests/permissions.rs` fail now and then
-/// (a CLI session's ack waited behind it), so it is held back, and the
-/// permissions shape with it (`sim::SHAPES_DEFAULT`).
+/// whose entry at the cursor changed its access (`server::read_access`)
+/// and whose Hello says it has not re-loaded at that cursor
+/// (`protocol::Reloaded`; re-loading every time made short CLI sessions
+/// re-load on every connection).
 #[test]
-#[ignore = "open bug: a Reload lost with its connection is not made up for (see the doc comment)"]
 fn regression_reload_lost_between_its_entries_and_itself() {
     check(Options {
         // Every shape of that run (0 to 10), so that it replays exactly.

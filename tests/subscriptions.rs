@@ -613,6 +613,7 @@ async fn server_refuses_bad_subscriptions_and_keeps_the_connection() {
         schema_version: None,
         subscriptions: Vec::new(),
         token: None,
+        reloaded: Default::default(),
     }))
     .await
     .unwrap();

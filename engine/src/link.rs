@@ -162,8 +162,14 @@ pub struct Link {
     /// lookups yield for that user at the cursor.
     access: Option<Access>,
     /// Tables to re-load right after the Welcome (the user's access changed
-    /// since the device last connected).
+    /// since the device last re-loaded).
     reload_at_welcome: Vec<String>,
+    /// The digest of the read rules and the claims they read (0 without
+    /// `[auth]`), which every `Reload` carries for the device to keep.
+    access_digest: u64,
+    /// Whether the device kept another digest: a `Reload` (with no tables,
+    /// if nothing needs re-loading) follows the Welcome to record this one.
+    tell_access: bool,
 }
 
 /// What a connection's user may read, kept at the link's cursor.
@@ -325,15 +331,34 @@ impl Link {
             reloads: 0,
             access: None,
             reload_at_welcome: Vec::new(),
+            access_digest: 0,
+            tell_access: false,
         }
     }
 
-    /// Under `[auth]`: who this device acts for and what its read rules'
-    /// lookups yield at the cursor (set after the Hello, before the
-    /// Welcome's messages are taken).
-    pub fn set_access(&mut self, access: Access, changed: bool) {
+    /// Under `[auth]`, after the Hello and before the Welcome's messages
+    /// are taken: who this device acts for and what its read rules' lookups
+    /// yield at the cursor (`access`), the digest of the rules and claims
+    /// it reads under (`digest`, [`crate::server::access_digest`]), what
+    /// the device last re-loaded for (its Hello's `reloaded`), and whether
+    /// the entry at the cursor changed its access (`at_cursor`, see
+    /// [`crate::server::read_access`]). A device that holds something
+    /// re-loads its filtered tables right after the Welcome when its digest
+    /// differs, or when the entry at its cursor changed its access and the
+    /// `Reload` after it never reached it (its connection ended between
+    /// the two).
+    pub fn set_access(
+        &mut self,
+        access: Access,
+        digest: u64,
+        reloaded: crate::protocol::Reloaded,
+        at_cursor: bool,
+    ) {
         self.access = Some(access);
-        if changed {
+        self.access_digest = digest;
+        self.tell_access = reloaded.access != digest;
+        let owed = at_cursor && reloaded.cursor < self.cursor;
+        if self.cursor > 0 && (self.tell_access || owed) {
             self.reload_at_welcome = self
                 .schema
                 .tables
@@ -459,11 +484,12 @@ impl Link {
             return out;
         }
         out.append(&mut self.refused);
-        if !reload.is_empty() {
+        if !reload.is_empty() || self.tell_access {
             self.reload_tables(&reload);
             out.push(ServerMsg::Reload {
                 cursor: self.cursor,
                 tables: reload,
+                access: self.access_digest,
             });
         }
         if self.cursor >= head {
@@ -874,7 +900,11 @@ impl Link {
                         hlc: self.hlc,
                         caught_up: false,
                     });
-                    out.push(ServerMsg::Reload { cursor, tables });
+                    out.push(ServerMsg::Reload {
+                        cursor,
+                        tables,
+                        access: self.access_digest,
+                    });
                 }
             }
         }

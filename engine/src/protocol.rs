@@ -42,7 +42,21 @@ use crate::value::Value;
 /// (`Join`, `Leave`, `Broadcast`, `Heartbeat`; `Presence`, `Relay`,
 /// `RoomRefused`).
 /// 5: identity and read rules (`Hello.token`, `Reload`).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: `Hello.reloaded` and `Reload.access`, so that a `Reload` lost with its
+/// connection is made good on the next one.
+pub const PROTOCOL_VERSION: u16 = 6;
+
+/// What a device last re-loaded for (see [`ServerMsg::Reload`]), as it
+/// tells the server in its `Hello`. Zeros for a device that never got a
+/// `Reload`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// The cursor of the last `Reload` the device took.
+    pub cursor: u64,
+    /// That `Reload`'s `access`: the digest of the read rules and of the
+    /// claims they read ([`crate::server::access_digest`]).
+    pub access: u64,
+}
 
 /// A device's subscription to a stream of the schema, as it tells the
 /// server (in `Hello`, and in `Subscribe`).
@@ -87,6 +101,11 @@ pub enum ClientMsg {
         /// The device user's token (a JWT), for a server under `[auth]`.
         /// It travels here, in the first frame, never in the URL.
         token: Option<String>,
+        /// What the device last re-loaded for: the server re-loads it at
+        /// the Welcome when its user's claims or the read rules changed
+        /// since (`access`), or when the entry at `cursor` changed what
+        /// its user may read and the `Reload` after it never arrived.
+        reloaded: Reloaded,
     },
     Push {
         mutations: Vec<Mutation>,
@@ -204,18 +223,27 @@ pub enum ServerMsg {
         done: bool,
     },
     /// What this device's user may read of `tables` changed at `cursor` (a
-    /// lookup a read rule makes, such as a membership, gained or lost rows):
+    /// lookup a read rule makes, such as a membership, gained or lost rows;
+    /// or, right after the Welcome, the user's claims or the read rules):
     /// right after the entries up to `cursor`, the device re-loads those
     /// tables. Every subscription to them loads again from its first row
     /// and each of them that syncs whole loads as a `*TABLE`
     /// pseudo-subscription; the rows the device holds stay until their
     /// tables' loads finish, then those no load brought back are evicted.
-    /// The server's link does the same at the same point. A device whose
-    /// connection ends between those entries and the `Reload` re-loads on
-    /// its next connection, right after the Welcome: the server finds that
-    /// the entry at its cursor changed its access
-    /// ([`crate::server::read_access`]).
-    Reload { cursor: u64, tables: Vec<String> },
+    /// The server's link does the same at the same point. The device keeps
+    /// `cursor` and `access` (the digest of the rules and claims it now
+    /// reads under) and says them in its next `Hello` ([`Reloaded`]), so a
+    /// `Reload` lost with its connection happens on the next one: the
+    /// server sees that the entry at the device's cursor changed its access
+    /// ([`crate::server::read_access`]) and that the device has not
+    /// re-loaded since. `tables` may be empty: the device just records
+    /// `access` (a device with nothing yet, or one re-loading everything
+    /// after compaction).
+    Reload {
+        cursor: u64,
+        tables: Vec<String>,
+        access: u64,
+    },
     /// The server refused a subscription (`BAD_SUBSCRIPTION`, `LIMIT`):
     /// the device drops it.
     SubscriptionRefused {
@@ -463,6 +491,7 @@ mod tests {
             schema_version: None,
             subscriptions: Vec::new(),
             token: None,
+            reloaded: Default::default(),
         });
         assert_eq!(push_len(&hello), None);
         assert_eq!(push_len(&[]), None);

@@ -548,36 +548,30 @@ impl ServerCore {
     }
 
     /// Binds a device to its user (under `[auth]`): a client id belongs to
-    /// the first user that used it. `access` is a digest of what the user's
-    /// read rules read of the token (see [`access_digest`]). Returns
-    /// `Err(user)` when the id belongs to another user, otherwise whether
-    /// the access changed since the device's last connection (its rows were
-    /// chosen by other claims or rules, so its filtered tables re-load).
+    /// the first user that used it. Returns `Err(user)` when the id belongs
+    /// to another user. (`_hearth_devices.access`, the digest protocol 5
+    /// kept here, is written 0: a device keeps its own since protocol 6, see
+    /// [`crate::protocol::Reloaded`].)
     pub fn bind_device(
         &mut self,
         client_id: u64,
         user: &str,
-        access: u64,
-    ) -> Result<std::result::Result<bool, String>> {
-        let known: Option<(String, i64)> = self
+    ) -> Result<std::result::Result<(), String>> {
+        let known: Option<String> = self
             .conn
-            .prepare_cached("SELECT user, access FROM _hearth_devices WHERE client_id = ?1")?
-            .query_row([to_i64(client_id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached("SELECT user FROM _hearth_devices WHERE client_id = ?1")?
+            .query_row([to_i64(client_id)], |r| r.get(0))
             .optional()?;
         match known {
-            Some((owner, _)) if owner != user => Ok(Err(owner)),
-            Some((_, was)) if was == to_i64(access) => Ok(Ok(false)),
-            _ => {
+            Some(owner) if owner != user => Ok(Err(owner)),
+            Some(_) => Ok(Ok(())),
+            None => {
                 self.conn
                     .prepare_cached(
-                        "INSERT INTO _hearth_devices (client_id, user, access) VALUES (?1, ?2, ?3)
-                         ON CONFLICT(client_id) DO UPDATE SET access = excluded.access",
+                        "INSERT INTO _hearth_devices (client_id, user, access) VALUES (?1, ?2, 0)",
                     )?
-                    .execute(params![to_i64(client_id), user, to_i64(access)])?;
-                // A device the server has not seen under [auth] may hold rows
-                // from before: as good as changed (the caller skips a device
-                // that holds nothing yet).
-                Ok(Ok(true))
+                    .execute(params![to_i64(client_id), user])?;
+                Ok(Ok(()))
             }
         }
     }
@@ -2105,6 +2099,8 @@ pub struct Hello {
     pub client_id: u64,
     pub cursor: u64,
     pub schema_version: Option<u64>,
+    /// What the device last re-loaded for.
+    pub reloaded: crate::protocol::Reloaded,
 }
 
 impl Hello {
@@ -2115,11 +2111,13 @@ impl Hello {
                 client_id,
                 cursor,
                 schema_version,
+                reloaded,
                 ..
             } => Some(Hello {
                 client_id,
                 cursor,
                 schema_version,
+                reloaded,
             }),
             _ => None,
         }
@@ -2451,9 +2449,9 @@ pub fn read_grants(
 /// the two has its cursor at that entry and never re-loaded, while the
 /// access read at its cursor is already the new one. So when the entry at
 /// the cursor changed the access (or was compacted away, which leaves it
-/// unknown), the caller re-loads the device's filtered tables at the
-/// Welcome ([`crate::link::Link::set_access`]); a device that did take the
-/// `Reload` re-loads once more, which costs reading and changes nothing.
+/// unknown) and the device's Hello says it has not re-loaded at that
+/// cursor ([`crate::protocol::Reloaded`]), the link re-loads the device's
+/// filtered tables at the Welcome ([`crate::link::Link::set_access`]).
 pub fn read_access(
     conn: &Connection,
     schema: &Schema,

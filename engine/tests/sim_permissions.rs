@@ -109,10 +109,7 @@ fn sync_until(
                 welcomed = true;
                 let hello = link.on_hello(msg).unwrap();
                 let digest = hearth_engine::server::access_digest(&schema, who);
-                let changed = srv
-                    .bind_device(hello.client_id, &who.sub, digest)
-                    .unwrap()
-                    .unwrap();
+                srv.bind_device(hello.client_id, &who.sub).unwrap().unwrap();
                 let answer = srv.greet(&hello, FRAME_BYTES_MAX).unwrap();
                 let floor = hearth_engine::server::log_floor(srv.connection()).unwrap();
                 let (access, at_cursor) = hearth_engine::server::read_access(
@@ -122,10 +119,7 @@ fn sync_until(
                     hello.cursor.max(floor),
                 )
                 .unwrap();
-                // As the server does: the re-load at `at_cursor` is held back (the
-                // open bug of `a_reload_lost_with_its_connection_happens_on_the_next`).
-                let _ = at_cursor;
-                link.set_access(access, changed && hello.cursor > 0);
+                link.set_access(access, digest, hello.reloaded, at_cursor);
                 to_client.extend(link.on_welcome(answer, srv.head()));
                 continue;
             }
@@ -279,14 +273,9 @@ fn a_row_hidden_by_a_pending_delete_is_re_loaded_too() {
 /// at that entry, and on the next Hello the access read at its cursor was
 /// already the new one, so nothing re-loaded: the rows it had just been
 /// allowed to read never came. The server now re-loads such a device at
-/// the Welcome (`server::read_access`).
-///
-/// Open again: re-loading at the Welcome whenever the entry at the cursor
-/// changed the access made `tests/permissions.rs` fail now and then (a
-/// CLI session's ack did not come within its timeout during such a
-/// re-load), so the server no longer does it.
+/// the Welcome (`server::read_access`) unless its Hello says it took that
+/// `Reload` (`protocol::Reloaded`).
 #[test]
-#[ignore = "open bug: a Reload lost with its connection is not made up for (the fix is held back, see the doc comment)"]
 fn a_reload_lost_with_its_connection_happens_on_the_next() {
     let mut srv = server();
     let (ann, bob) = (user("ann"), user("bob"));

@@ -137,6 +137,10 @@ fn client() -> Seeds {
                 schema_version: Some(2),
                 subscriptions: vec![subscription()],
                 token: Some("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln".into()),
+                reloaded: hearth_engine::protocol::Reloaded {
+                    cursor: 7,
+                    access: 42,
+                },
             },
         ),
         ("push", push()),
@@ -254,6 +258,7 @@ fn server() -> Seeds {
             ServerMsg::Reload {
                 cursor: 9,
                 tables: vec!["todos".into(), "lists".into()],
+                access: 0xfeed,
             },
         ),
         (

@@ -550,14 +550,14 @@ impl Conn {
                 .verify(token.as_deref())
                 .map_err(|f| fatal(f.code, f.message, CloseReason::Auth))?;
             let schema = self.state.store.schema.clone();
-            let access = hearth_engine::server::access_digest(&schema, &verified.principal);
+            let digest = hearth_engine::server::access_digest(&schema, &verified.principal);
             let bound = self
                 .state
                 .store
-                .bind(client_id, verified.principal.sub.clone(), access)
+                .bind(client_id, verified.principal.sub.clone())
                 .await
                 .map_err(|e| fatal("STORE", e, CloseReason::StoreError))?;
-            let changed = bound.map_err(|owner| {
+            bound.map_err(|owner| {
                 fatal(
                     crate::auth::AUTH_USER_CHANGED,
                     format!(
@@ -593,8 +593,7 @@ impl Conn {
             let left_s = (verified.exp_s + verifier.leeway_s()).saturating_sub(now_s);
             self.auth_deadline = Some(Instant::now() + Duration::from_secs(left_s));
             self.principal = Some(verified.principal.clone());
-            // A device with nothing yet has nothing to re-load.
-            identity = Some((verified.principal, changed && hello.cursor > 0));
+            identity = Some((verified.principal, digest));
         }
         let ring = self.state.store.ring.clone();
         // From here the fan-out flags what concerns this connection; what
@@ -634,8 +633,9 @@ impl Conn {
                 let acks = hearth_engine::server::missed_acks(&conn, &hello)?;
                 // What the user could read at the device's cursor (or at the
                 // floor, from which a device below it re-loads), and whether
-                // the entry there changed it (its `Reload` may not have
-                // reached the device).
+                // the entry there changed it (the `Reload` after it may not
+                // have reached the device: the link looks at the Hello's
+                // `reloaded`).
                 let grants = match &identity {
                     Some((who, _)) => {
                         let floor = hearth_engine::server::log_floor(&conn)?;
@@ -660,13 +660,9 @@ impl Conn {
         if let ServerMsg::Error { message, .. } = answer {
             return Err(fatal("HANDSHAKE", message, CloseReason::Handshake));
         }
-        if let (Some((_, changed)), Some((access, _at_cursor))) = (identity, grants) {
-            // Open bug: a device whose connection ended between the entries that changed
-            // its access and the `Reload` after them (`_at_cursor`) should re-load here
-            // too; doing so made `tests/permissions.rs` time out now and then (a CLI
-            // session's ack waited behind the re-load, or a row went missing), so it is
-            // held back until that is understood (see `regression_reload_lost_*`).
-            self.link.set_access(access, changed);
+        if let (Some((_, digest)), Some((access, at_cursor))) = (identity, grants) {
+            self.link
+                .set_access(access, digest, hello.reloaded, at_cursor);
         }
         let mut greeting = self.link.on_welcome(answer, known_head);
         // The acks compaction took from the log go right after the Welcome.

@@ -48,13 +48,11 @@ pub(crate) struct ApplyCmd {
 pub(crate) enum StoreCmd {
     Apply(ApplyCmd),
     /// Binds a device's client id to its user (see
-    /// `ServerCore::bind_device`): Ok(whether its access changed), or
-    /// Err(the user the id belongs to).
+    /// `ServerCore::bind_device`): Ok, or Err(the user the id belongs to).
     Bind {
         client_id: u64,
         user: String,
-        access: u64,
-        answer: oneshot::Sender<Result<Result<bool, String>, String>>,
+        answer: oneshot::Sender<Result<Result<(), String>, String>>,
     },
     /// A small write, to learn whether the store can still write.
     Probe(oneshot::Sender<Result<(), String>>),
@@ -390,21 +388,14 @@ impl StoreHandle {
         });
     }
 
-    /// Binds a device's client id to its user (under `[auth]`): Ok(whether
-    /// its access changed since its last connection), or Err(the user the
-    /// id belongs to); the outer error is a store failure.
-    pub async fn bind(
-        &self,
-        client_id: u64,
-        user: String,
-        access: u64,
-    ) -> Result<Result<bool, String>, String> {
+    /// Binds a device's client id to its user (under `[auth]`): Ok, or
+    /// Err(the user the id belongs to); the outer error is a store failure.
+    pub async fn bind(&self, client_id: u64, user: String) -> Result<Result<(), String>, String> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(StoreCmd::Bind {
                 client_id,
                 user,
-                access,
                 answer: tx,
             })
             .await
@@ -571,14 +562,13 @@ impl Store {
             StoreCmd::Bind {
                 client_id,
                 user,
-                access,
                 answer,
             } => {
                 let conn = self.core.connection();
                 let result = conn
                     .execute_batch("BEGIN IMMEDIATE")
                     .map_err(hearth_engine::ServerError::from)
-                    .and_then(|()| self.core.bind_device(client_id, &user, access));
+                    .and_then(|()| self.core.bind_device(client_id, &user));
                 let result = match result {
                     Ok(bound) => match self.core.connection().execute_batch("COMMIT") {
                         Ok(()) => Ok(bound),

@@ -309,17 +309,18 @@ impl World {
     /// After a Hello, as the server does before it greets: the device's
     /// client id bound to its user, and the link given what the user could
     /// read at the device's cursor.
-    pub(super) fn auth_bind(&mut self, id: u64, hello: &Hello) -> Result<Option<bool>, String> {
+    /// Returns the digest of the user's read rules and claims.
+    pub(super) fn auth_bind(&mut self, id: u64, hello: &Hello) -> Result<Option<u64>, String> {
         let Some(who) = self.link_user(id) else {
             return Ok(None);
         };
         let digest = hearth_engine::server::access_digest(&self.schema, &who);
         match self
             .server
-            .bind_device(hello.client_id, &who.sub, digest)
+            .bind_device(hello.client_id, &who.sub)
             .map_err(|e| format!("bind_device: {e}"))?
         {
-            Ok(changed) => Ok(Some(changed)),
+            Ok(()) => Ok(Some(digest)),
             Err(owner) => Err(format!(
                 "client id {} of link {id} ({}) is bound to user {owner}",
                 hello.client_id, who.sub
@@ -333,7 +334,7 @@ impl World {
         &mut self,
         id: u64,
         hello: &Hello,
-        changed: bool,
+        digest: u64,
     ) -> Result<(), String> {
         let Some(who) = self.link_user(id) else {
             return Ok(());
@@ -348,19 +349,19 @@ impl World {
             hello.cursor.max(floor),
         )
         .map_err(|e| format!("read_access: {e}"))?;
-        // As `server/src/connection.rs` does: only a changed digest re-loads (the
-        // re-load at `at_cursor` is held back, an open bug: see there).
-        let reload = changed && hello.cursor > 0;
+        let changed = hello.reloaded.access != digest;
+        let owed = at_cursor && hello.reloaded.cursor < hello.cursor;
         if let Some(link) = self.links.get_mut(&id) {
-            link.conn.set_access(access, reload);
+            link.conn
+                .set_access(access, digest, hello.reloaded, at_cursor);
         }
         self.trace(format!(
             "server: link {id} acts for {}{}",
             who.sub,
-            match (changed, at_cursor, reload) {
-                (_, _, false) => "",
-                (true, _, _) => " (a device new to its user or rules: re-loads)",
-                (false, _, true) => " (the entry at its cursor changed its access: re-loads)",
+            match (hello.cursor > 0, changed, owed) {
+                (false, _, _) | (true, false, false) => "",
+                (true, true, _) => " (a device new to its user or rules: re-loads)",
+                (true, false, true) => " (the entry at its cursor changed its access and the Reload after it was lost: re-loads)",
             }
         ));
         Ok(())
@@ -525,8 +526,11 @@ impl World {
                 .flat_map(|e| e.changes.iter().map(move |c| (e.server_seq, c)))
                 .collect(),
             ServerMsg::Rows { cursor, rows, .. } => rows.iter().map(|c| (*cursor, c)).collect(),
-            ServerMsg::Reload { .. } => {
-                self.stats.reloads += 1;
+            ServerMsg::Reload { tables, .. } => {
+                // One with no tables only records the access digest.
+                if !tables.is_empty() {
+                    self.stats.reloads += 1;
+                }
                 return Ok(());
             }
             _ => return Ok(()),

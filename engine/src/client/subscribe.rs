@@ -487,6 +487,9 @@ impl Client {
             c.cursor = floor;
             c.reload_seen = Some(seen);
             meta_set(&c.conn, "reload_seen", to_i64(seen))?;
+            // Everything loads again at the floor: whatever changed the
+            // user's access up to it is re-loaded for too.
+            meta_set(&c.conn, "reloaded_cursor", to_i64(floor))?;
             Ok(())
         })
         .inspect_err(|_| {
@@ -690,6 +693,22 @@ impl Client {
         for name in known {
             self.sweep_if_loaded(&name, out)?;
         }
+        Ok(())
+    }
+
+    /// What this device last re-loaded for (zeros if never), for the Hello.
+    pub(super) fn reloaded(&self) -> Result<crate::protocol::Reloaded> {
+        let get =
+            |key| -> Result<u64> { Ok(meta_get::<i64>(&self.conn, key)?.map_or(0, |v| v as u64)) };
+        Ok(crate::protocol::Reloaded {
+            cursor: get("reloaded_cursor")?,
+            access: get("reloaded_access")?,
+        })
+    }
+
+    pub(super) fn set_reloaded(&self, mark: crate::protocol::Reloaded) -> Result<()> {
+        meta_set(&self.conn, "reloaded_cursor", to_i64(mark.cursor))?;
+        meta_set(&self.conn, "reloaded_access", to_i64(mark.access))?;
         Ok(())
     }
 

@@ -20,6 +20,7 @@ impl Client {
             schema_version: self.schema.as_ref().map(|s| s.version),
             subscriptions,
             token: self.token.clone(),
+            reloaded: self.reloaded().unwrap_or_default(),
         }]
     }
 
@@ -360,7 +361,11 @@ impl Client {
                 self.clock.observe(hlc);
                 self.on_rows(id, cursor, rows, last, done, &mut out)?;
             }
-            ServerMsg::Reload { cursor, tables } => {
+            ServerMsg::Reload {
+                cursor,
+                tables,
+                access,
+            } => {
                 if !matches!(self.session, Session::Ready { .. }) {
                     return Err(ClientError::Protocol("Reload before Welcome".into()));
                 }
@@ -370,7 +375,10 @@ impl Client {
                         self.cursor
                     )));
                 }
+                // The re-load first, then the record of it: a crash between
+                // the two re-loads again, never loses one.
                 self.reload_tables(&tables, &mut out)?;
+                self.set_reloaded(crate::protocol::Reloaded { cursor, access })?;
             }
             ServerMsg::SubscriptionRefused { id, code, reason } => {
                 self.subscription_refused(id, code, reason, &mut out)?;
@@ -500,12 +508,15 @@ impl Client {
         if fresh.is_empty() {
             return Ok(());
         }
-        let mine: Vec<u64> = fresh
+        // This device's own entries by sequence number: each acks its
+        // pending mutation (looked up once per acked mutation below).
+        let mine: HashMap<u64, &LogEntry> = fresh
             .iter()
             .filter(|e| e.client_id == self.client_id)
-            .map(|e| e.client_seq)
+            .map(|e| (e.client_seq, *e))
             .collect();
-        let mut acked = self.load_pending_subset(&mine)?;
+        let mine_seqs: Vec<u64> = mine.keys().copied().collect();
+        let mut acked = self.load_pending_subset(&mine_seqs)?;
         // An entry under this device's id and a pending sequence number is
         // its ack only if it applied that very mutation: the digests agree
         // (entries stored before digests were kept carry 0, and then the
@@ -517,10 +528,7 @@ impl Client {
         let mut impostor = false;
         let mut first_reused = self.rewind.first_reused;
         acked.retain(|(seq, mutation, _)| {
-            let entry = fresh
-                .iter()
-                .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
-                .expect("acked mutations come from fresh entries");
+            let entry = mine[seq];
             let matches = if entry.digest != 0 {
                 entry.digest == mutation.digest()
             } else {
@@ -548,10 +556,7 @@ impl Client {
         // insert that lost to a later one, say) has a local document that
         // no longer matches: rebuild it from the confirmed one.
         for (seq, mutation, _) in &acked {
-            let entry = fresh
-                .iter()
-                .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
-                .expect("acked mutations come from fresh entries");
+            let entry = mine[seq];
             for change in &mutation.changes {
                 let RowOp::Upsert { columns, .. } = &change.op else {
                     continue;
@@ -586,10 +591,7 @@ impl Client {
         let verdicts: Vec<Verdict> = acked
             .iter()
             .map(|(seq, _, _)| Verdict::Applied {
-                server_seq: fresh
-                    .iter()
-                    .find(|e| e.client_id == self.client_id && e.client_seq == *seq)
-                    .map_or(0, |e| e.server_seq),
+                server_seq: mine[seq].server_seq,
             })
             .collect();
         let result = self.settle(
