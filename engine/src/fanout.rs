@@ -18,9 +18,14 @@
 //! [`crate::link::Link::skip_to`]. It ignores how far an initial load got
 //! (a load under way holds fewer rows, never more).
 //!
+//! [`Heard`] is the other end, one per connection: the flags it took, the
+//! head it took them at, and so how far it may pass over entries. It never
+//! passes an entry the fan-out has not yet said it may (a later head
+//! learned otherwise, say from a chunk of a load read ahead, is not enough).
+//!
 //! [`Filter::key`]: crate::filter::Filter::key
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::change::LogEntry;
@@ -288,6 +293,107 @@ impl<C: Ord + Copy> Fanout<C> {
     }
 }
 
+/// What one connection has heard from the fan-out, and so which entries
+/// after its cursor it may pass over without reading them
+/// ([`crate::link::Link::skip_to`]).
+///
+/// The fan-out decides at publish time which connections an entry
+/// concerns, and flags them ([`Fanout::concerned`]); a connection takes
+/// its flags later, reading the published head first, so that every entry
+/// up to that head that concerns it is among the flags it took. That head
+/// is `heard_until`, and it is the one bound on passing over: a driver may
+/// know the log goes further (a chunk of an initial load was read at a
+/// later position, a read of the log returned later entries, the head was
+/// looked at without taking the flags), but an entry past `heard_until` may
+/// concern the connection in flags not yet taken, so it goes through the
+/// link, never around it. (Passing over such entries up to a load chunk
+/// read ahead lost the rows they inserted below the load's position: both
+/// the live stream and the chunk, which starts after that position, missed
+/// them.)
+///
+/// Entries up to `full_until` (published before the connection or one of
+/// its subscriptions was registered, or flags past the mailbox's bound) are
+/// not known to the flags at all: the link filters them too.
+#[derive(Debug, Default)]
+pub struct Heard {
+    /// Every entry up to here that concerns the connection is in `ranges`
+    /// or at most `full_until`.
+    heard_until: u64,
+    /// Flagged runs of entries (first, last), in order.
+    ranges: VecDeque<(u64, u64)>,
+    full_until: u64,
+}
+
+/// Most flagged runs a connection keeps; past it, it filters every entry up
+/// to the last one itself.
+pub const HEARD_RANGES_MAX: usize = 4_096;
+
+impl Heard {
+    /// A connection registered with the fan-out when the head was `head`:
+    /// what was published before, the link filters itself.
+    pub fn joined(head: u64) -> Heard {
+        Heard {
+            heard_until: head,
+            ranges: VecDeque::new(),
+            full_until: head,
+        }
+    }
+
+    /// The connection took subscriptions when the head was `head`: entries
+    /// up to it were flagged without them.
+    pub fn subscribed(&mut self, head: u64) {
+        self.full_until = self.full_until.max(head);
+        self.heard_until = self.heard_until.max(head);
+    }
+
+    /// The flags the connection took (runs of entries it may get
+    /// something of, and the mailbox's own `full_until`), having read the
+    /// published head `head` before taking them.
+    pub fn flagged(
+        &mut self,
+        head: u64,
+        ranges: impl IntoIterator<Item = (u64, u64)>,
+        full_until: u64,
+    ) {
+        self.heard_until = self.heard_until.max(head);
+        self.full_until = self.full_until.max(full_until);
+        self.ranges.extend(ranges);
+        if self.ranges.len() > HEARD_RANGES_MAX {
+            // Far behind: filter everything up to the last flag.
+            let last = self.ranges.back().map_or(0, |r| r.1);
+            self.full_until = self.full_until.max(last);
+            self.ranges.clear();
+        }
+    }
+
+    /// The head as of the flags taken last: every entry up to it that
+    /// concerns the connection is known.
+    pub fn heard_until(&self) -> u64 {
+        self.heard_until
+    }
+
+    /// How far the entries after `cursor` may be passed over, the log
+    /// being known to reach `head`: up to the returned position (at least
+    /// `cursor + 1`), or None when the next entry goes through the link
+    /// (it may concern the connection, or the fan-out has not said yet).
+    pub fn passable(&mut self, cursor: u64, head: u64) -> Option<u64> {
+        let next = cursor + 1;
+        while self.ranges.front().is_some_and(|r| r.1 < next) {
+            self.ranges.pop_front();
+        }
+        if next <= self.full_until || self.ranges.front().is_some_and(|r| r.0 <= next) {
+            return None;
+        }
+        let to = self
+            .ranges
+            .front()
+            .map_or(self.heard_until, |r| r.0 - 1)
+            .min(self.heard_until)
+            .min(head);
+        (to >= next).then_some(to)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,5 +555,36 @@ where = "done = 0 OR list_id IN :lists"
             Concerned::Only(vec![2])
         );
         assert_eq!(f.len(), 2);
+    }
+
+    #[test]
+    fn entries_are_passed_over_only_up_to_the_head_the_flags_were_taken_at() {
+        // Joined at 10: entries up to it are filtered by the link.
+        let mut heard = Heard::joined(10);
+        assert_eq!(heard.passable(5, 10), None);
+        // Flags taken at head 20: entry 15 concerns the connection.
+        heard.flagged(20, [(15, 15)], 0);
+        assert_eq!(heard.passable(10, 20), Some(14));
+        assert_eq!(heard.passable(14, 20), None);
+        assert_eq!(heard.passable(15, 20), Some(20));
+        // The log is known to reach 30 (a chunk read there), but nothing
+        // was heard past 20: entries 21.. go through the link.
+        assert_eq!(heard.passable(20, 30), None);
+        // Until the flags up to 30 are taken.
+        heard.flagged(30, [(25, 26)], 0);
+        assert_eq!(heard.passable(20, 30), Some(24));
+        assert_eq!(heard.passable(26, 30), Some(30));
+        // A subscription taken at 40: entries up to it are filtered.
+        heard.subscribed(40);
+        assert_eq!(heard.passable(30, 40), None);
+        assert_eq!(heard.passable(40, 50), None);
+        // Past the bound on runs, everything up to the last is filtered.
+        let runs: Vec<(u64, u64)> = (0..=HEARD_RANGES_MAX as u64)
+            .map(|i| (100 + 2 * i, 100 + 2 * i))
+            .collect();
+        let last = runs.last().expect("runs").1;
+        heard.flagged(last + 10, runs, 0);
+        assert_eq!(heard.passable(last - 1, last + 10), None);
+        assert_eq!(heard.passable(last, last + 10), Some(last + 10));
     }
 }

@@ -14,7 +14,6 @@
 //! `in_flight_bytes_max`: it stops reading until the store answers) and for
 //! all connections (`store_queue_bytes_max`, taken before a push is decoded).
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +21,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use hearth_engine::fanout::Heard;
 use hearth_engine::link::{Link, LinkConfig, Step, LOG_COMPACTED};
 use hearth_engine::protocol::{decode_client, encode_server, CodecError, ServerMsg};
 use hearth_engine::rooms::Rooms;
@@ -436,10 +436,6 @@ impl Drop for UserSlot {
     }
 }
 
-/// Most flagged ranges a connection keeps; past it, it filters every entry
-/// up to the last one itself.
-const FLAGS_MAX: usize = 4_096;
-
 /// A catch-up read in progress: the entries after the link's cursor, with
 /// the catch-up budget they hold.
 type CatchUpRead = JoinHandle<Result<(Vec<LogEntry>, OwnedSemaphorePermit), String>>;
@@ -597,8 +593,9 @@ impl Conn {
         }
         let ring = self.state.store.ring.clone();
         // From here the fan-out flags what concerns this connection; what
-        // was published before (up to `full_until`) it filters itself.
-        let (mailbox, mut full_until) = ring.join(self.id, client_id);
+        // was published before it filters itself (see `Heard`).
+        let (mailbox, joined_at) = ring.join(self.id, client_id);
+        let mut heard = Heard::joined(joined_at);
         self.joined = true;
         // `/metrics` reads how far behind the head this connection is.
         let gauge = Arc::new(BacklogGauge {
@@ -607,10 +604,12 @@ impl Conn {
         });
         let _tracked = self.state.metrics.track(self.id, gauge.clone());
         if let Some(at) = ring.subscriptions(self.id, self.link.take_sub_events()) {
-            full_until = full_until.max(at);
+            heard.subscribed(at);
         }
-        let mut known_head = full_until;
-        let mut flags: VecDeque<(u64, u64)> = VecDeque::new();
+        // How far the log is known to reach. It can run ahead of what the
+        // fan-out has said (`heard`): a chunk or a read of the log may
+        // show later entries, which are then routed, never passed over.
+        let mut known_head = heard.heard_until();
         let reader = self.state.store.reader.clone();
         let schema = self.state.store.schema.clone();
         let frame_bytes_max = config.frame_bytes_max;
@@ -702,12 +701,20 @@ impl Conn {
                     loading = Some(self.read_load(read));
                 }
             }
-            // A chunk read at a position the published head has not reached
-            // yet (the store commits, then publishes): the head is looked at
-            // again until it has, since no publish may concern this device.
+            // A chunk read at a position past the head this connection knows:
+            // the entries up to it were committed, and maybe published with
+            // flags for this connection not taken yet (or the store commits,
+            // then publishes, and has not published yet). The flags are taken
+            // with the head, as when the mailbox wakes: a head learned
+            // without them would let entries that concern this device be
+            // passed over (see `Heard`). Until the published head reaches the
+            // chunk, it is looked at again.
             let due_ahead = self.link.due_at().is_some_and(|at| at > known_head);
             if due_ahead {
-                known_head = known_head.max(ring.head());
+                let head = ring.head();
+                known_head = known_head.max(head);
+                let taken = mailbox.take();
+                heard.flagged(head, taken.ranges, taken.full_until);
             }
             let due_ahead = self.link.due_at().is_some_and(|at| at > known_head);
             let want_changes = self.link.wants_entries(known_head) && catch_up.is_none();
@@ -734,7 +741,7 @@ impl Conn {
                         Received::Frame(bytes) => {
                             self.on_frame(bytes, client_id, &reply_tx).await?;
                             if let Some(at) = ring.subscriptions(self.id, self.link.take_sub_events()) {
-                                full_until = full_until.max(at);
+                                heard.subscribed(at);
                                 known_head = known_head.max(at);
                             }
                         }
@@ -762,31 +769,22 @@ impl Conn {
                 _ = mailbox.wait() => {
                     // The head first: every chunk up to it that concerns
                     // this connection is flagged by then.
-                    known_head = known_head.max(ring.head());
+                    let head = ring.head();
+                    known_head = known_head.max(head);
                     let taken = mailbox.take();
-                    flags.extend(taken.ranges);
-                    full_until = full_until.max(taken.full_until);
-                    if flags.len() > FLAGS_MAX {
-                        // Far behind: filter everything up to the last flag.
-                        full_until = full_until.max(flags.back().map_or(0, |r| r.1));
-                        flags.clear();
-                    }
+                    heard.flagged(head, taken.ranges, taken.full_until);
                 }
                 _ = queue.wait(|q| q.bytes() < send_max && q.reply_bytes() < send_max),
                     if (want_changes && !room) || reply_full => {}
                 _ = std::future::ready(()), if want_changes && room => {
-                    let next = self.link.cursor() + 1;
-                    while flags.front().is_some_and(|r| r.1 < next) {
-                        flags.pop_front();
-                    }
-                    if next > full_until && flags.front().is_none_or(|r| r.0 > next) {
-                        // Nothing up to the next flagged chunk concerns this device.
-                        let to = flags.front().map_or(known_head, |r| r.0 - 1).min(known_head);
+                    if let Some(to) = heard.passable(self.link.cursor(), known_head) {
+                        // Nothing up to `to` concerns this device.
                         for msg in self.link.skip_to(to, ring.max_hlc(), known_head) {
                             self.queue_msg(&msg, false);
                         }
                         continue;
                     }
+                    let next = self.link.cursor() + 1;
                     match ring.find(next) {
                         // A device re-loading whole tables filters their
                         // entries by the keys loaded: never a shared frame.

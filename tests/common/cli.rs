@@ -152,6 +152,13 @@ impl Device {
 
     /// `hearth client --db DB --server URL ARGS...`, against `url`.
     pub fn run_at(&self, url: &str, args: &[&str]) -> Output {
+        self.run_within(url, 10, args)
+    }
+
+    /// [`Device::run_at`] with the client's session bounded by `timeout_s`
+    /// instead of 10 s (for setup work that is large on purpose).
+    pub fn run_within(&self, url: &str, timeout_s: u64, args: &[&str]) -> Output {
+        let timeout = timeout_s.to_string();
         let mut all = vec![
             "client",
             "--db",
@@ -159,7 +166,7 @@ impl Device {
             "--server",
             url,
             "--timeout-s",
-            "10",
+            &timeout,
         ];
         all.extend_from_slice(args);
         hearth(&all)
