@@ -109,6 +109,7 @@ impl Raw {
             subscriptions: Vec::new(),
             token: None,
             reloaded: Default::default(),
+            first_pending: 0,
         };
         ws.send(Message::Binary(encode_client(&hello).into()))
             .await
@@ -239,6 +240,7 @@ async fn stalled_reader() -> Vec<Figure> {
         subscriptions: Vec::new(),
         token: None,
         reloaded: Default::default(),
+        first_pending: 0,
     };
     stalled
         .send(Message::Binary(encode_client(&hello).into()))

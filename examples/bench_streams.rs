@@ -300,6 +300,7 @@ impl Writer {
             subscriptions: Vec::new(),
             token,
             reloaded: Default::default(),
+            first_pending: 0,
         }))
         .await
         .unwrap();
@@ -569,6 +570,7 @@ async fn initial_load() -> Vec<Figure> {
         subscriptions: vec![subscription(1, "room", "r", "big")],
         token: None,
         reloaded: Default::default(),
+        first_pending: 0,
     }))
     .await
     .unwrap();
@@ -648,6 +650,7 @@ async fn subscriber(
         ],
         token: rules.then(|| token_for(&format!("u{n}"))),
         reloaded: Default::default(),
+        first_pending: 0,
     }))
     .await
     .unwrap();
@@ -1263,6 +1266,7 @@ async fn bandwidth() -> Vec<Figure> {
         subscriptions: vec![subscription(1, "room", "r", "ten")],
         token: None,
         reloaded: Default::default(),
+        first_pending: 0,
     }))
     .await
     .unwrap();

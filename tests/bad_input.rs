@@ -44,6 +44,7 @@ fn hello() -> Message {
             subscriptions: Vec::new(),
             token: None,
             reloaded: Default::default(),
+            first_pending: 0,
         })
         .into(),
     )
@@ -97,6 +98,7 @@ async fn malformed_frames_get_an_error_and_others_are_unaffected() {
         subscriptions: Vec::new(),
         token: None,
         reloaded: Default::default(),
+        first_pending: 0,
     });
     future_version[0] = 9;
     let (code, msg) = error_for(&url, vec![Message::Binary(future_version.into())]).await;

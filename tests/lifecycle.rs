@@ -44,6 +44,7 @@ fn hello(client_id: u64) -> Message {
             subscriptions: Vec::new(),
             token: None,
             reloaded: Default::default(),
+            first_pending: 0,
         })
         .into(),
     )

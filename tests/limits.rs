@@ -30,6 +30,7 @@ async fn raw_session(url: &str, client_id: u64) -> native_client::Ws {
         subscriptions: Vec::new(),
         token: None,
         reloaded: Default::default(),
+        first_pending: 0,
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await

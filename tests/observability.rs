@@ -116,6 +116,7 @@ async fn metrics_count_tables_refusal_codes_backlog_and_commit_time() {
         subscriptions: Vec::new(),
         token: None,
         reloaded: Default::default(),
+        first_pending: 0,
     };
     ws.send(tokio_tungstenite::tungstenite::Message::Binary(
         hearth_engine::protocol::encode_client(&hello).into(),

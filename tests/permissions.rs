@@ -181,6 +181,7 @@ async fn hello_answer(url: &str, client_id: u64, token: Option<String>) -> Serve
         subscriptions: Vec::new(),
         token,
         reloaded: Default::default(),
+        first_pending: 0,
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await
@@ -583,6 +584,7 @@ async fn an_expired_token_keeps_pending_writes() {
         subscriptions: Vec::new(),
         token: Some(short),
         reloaded: Default::default(),
+        first_pending: 0,
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await
@@ -682,6 +684,7 @@ async fn floods_and_too_many_connections_are_rate_limited() {
                 subscriptions: Vec::new(),
                 token: Some(token),
                 reloaded: Default::default(),
+                first_pending: 0,
             };
             ws.send(Message::Binary(encode_client(&hello).into()))
                 .await
@@ -833,6 +836,7 @@ async fn a_load_never_names_a_hidden_row() {
         }],
         token: Some(token_for("zed")),
         reloaded: Default::default(),
+        first_pending: 0,
     };
     ws.send(Message::Binary(encode_client(&hello).into()))
         .await

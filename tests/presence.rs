@@ -54,6 +54,7 @@ impl Peer {
             subscriptions: Vec::new(),
             token: None,
             reloaded: Default::default(),
+            first_pending: 0,
         };
         ws.send(frame(&hello)).await.unwrap();
         let mut peer = Peer {

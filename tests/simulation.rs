@@ -251,6 +251,25 @@ fn regression_delete_after_compaction_had_not_seen_skipped_updates() {
     check_seed_before_auth(2312, 383);
 }
 
+/// Found by seed 5014: a device restored from an older copy (pending #11
+/// to #16, which the server had applied as entries 43 to 48) connected
+/// below the log's floor (48). The Welcome moved its cursor to the floor;
+/// the acks of its compacted mutations follow the Welcome, and the device
+/// crashed before they arrived. On the next Hello its cursor was at the
+/// floor, so the server sent no acks; a mismatched #17 then made it
+/// rewind and renumber #11 to #16, which the server applied a second time
+/// with later stamps, overriding a write another device made after seeing
+/// the first. Fixed: the Hello names the device's first pending number and
+/// the server acks every compacted mutation from it (`missed_acks`).
+#[test]
+fn regression_acks_of_compacted_writes_lost_with_their_connection() {
+    check(Options {
+        // Every shape of that run (0 to 10), so that it replays exactly.
+        shapes: 0x7ff,
+        ..Options::new(5014, 496)
+    });
+}
+
 /// Open bug, found by seed 1053: a device that unsubscribes evicts the
 /// stream's rows at once, but the server routes entries by the old
 /// subscriptions until the Unsubscribe reaches it. An entry moving a row

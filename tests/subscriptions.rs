@@ -612,6 +612,7 @@ async fn server_refuses_bad_subscriptions_and_keeps_the_connection() {
         subscriptions: Vec::new(),
         token: None,
         reloaded: Default::default(),
+        first_pending: 0,
     }))
     .await
     .unwrap();

@@ -43,7 +43,8 @@ use crate::value::Value;
 /// `RoomRefused`).
 /// 5: identity and read rules (`Hello.token`, `Reload`).
 /// 6: `Hello.reloaded` and `Reload.access`, so that a `Reload` lost with its
-/// connection is made good on the next one.
+/// connection is made good on the next one; `Hello.first_pending`, so that
+/// acks of compacted entries lost with a connection are sent again.
 pub const PROTOCOL_VERSION: u16 = 6;
 
 /// What a device last re-loaded for (see [`ServerMsg::Reload`]), as it
@@ -106,6 +107,12 @@ pub enum ClientMsg {
         /// since (`access`), or when the entry at `cursor` changed what
         /// its user may read and the `Reload` after it never arrived.
         reloaded: Reloaded,
+        /// The device's first pending mutation number (0: none pending). The
+        /// server acks, right after the Welcome, every one from it on whose
+        /// log entry compaction removed (`Acked`), so a device that lost
+        /// those acks with a connection (they follow the Welcome that moved
+        /// its cursor to the log's floor) still hears of them.
+        first_pending: u64,
     },
     Push {
         mutations: Vec<Mutation>,
@@ -492,6 +499,7 @@ mod tests {
             subscriptions: Vec::new(),
             token: None,
             reloaded: Default::default(),
+            first_pending: 0,
         });
         assert_eq!(push_len(&hello), None);
         assert_eq!(push_len(&[]), None);

@@ -2101,6 +2101,8 @@ pub struct Hello {
     pub schema_version: Option<u64>,
     /// What the device last re-loaded for.
     pub reloaded: crate::protocol::Reloaded,
+    /// The device's first pending mutation number (0: none).
+    pub first_pending: u64,
 }
 
 impl Hello {
@@ -2112,12 +2114,14 @@ impl Hello {
                 cursor,
                 schema_version,
                 reloaded,
+                first_pending,
                 ..
             } => Some(Hello {
                 client_id,
                 cursor,
                 schema_version,
                 reloaded,
+                first_pending,
             }),
             _ => None,
         }
@@ -2163,25 +2167,29 @@ pub fn greet(
     })
 }
 
-/// For a device whose cursor is below the log's floor: `Acked` for each of
-/// its mutations whose entry compaction removed after its cursor (acks it
-/// never saw), in order, to send right after the `Welcome`. A device that
-/// still holds one pending learns its fate before it decides anything from
-/// the log (a re-send, or a rewind that would renumber it and apply it
-/// twice); one that does not ignores it. Empty when the cursor is at or
-/// above the floor. At most 10,000 (the oldest): a device holding more
-/// pending writes than that hears of the rest when it sends them again.
+/// For a device that holds pending mutations (`Hello.first_pending`):
+/// `Acked` for each of its mutations from that number on whose entry
+/// compaction removed (acks it may never have seen), in order, to send
+/// right after the `Welcome`. A device that still holds one pending learns
+/// its fate before it decides anything from the log (a re-send, or a rewind
+/// that would renumber it and apply it twice); one that does not ignores
+/// it. Keyed by the pending numbers, not the cursor: a device whose cursor
+/// the Welcome moved to the floor and whose connection ended before these
+/// acks arrived has its cursor at the floor next time, and still needs
+/// them (simulation seed 5014). Empty when nothing is pending. At most
+/// 10,000 (the oldest): a device holding more pending writes than that
+/// hears of the rest when it sends them again.
 pub fn missed_acks(conn: &Connection, hello: &Hello) -> Result<Vec<ServerMsg>> {
-    if hello.cursor >= log_floor(conn)? {
+    if hello.first_pending == 0 {
         return Ok(Vec::new());
     }
     let mut stmt = conn.prepare_cached(
-        "SELECT client_seq, seq, digest FROM _hearth_compacted WHERE client_id = ?1 AND seq > ?2
+        "SELECT client_seq, seq, digest FROM _hearth_compacted WHERE client_id = ?1 AND client_seq >= ?2
          ORDER BY client_seq LIMIT 10000",
     )?;
     let acks = stmt
         .query_map(
-            params![to_i64(hello.client_id), to_i64(hello.cursor)],
+            params![to_i64(hello.client_id), to_i64(hello.first_pending)],
             |r| {
                 Ok(ServerMsg::Acked {
                     client_seq: r.get::<_, i64>(0)? as u64,

@@ -141,6 +141,7 @@ fn client() -> Seeds {
                     cursor: 7,
                     access: 42,
                 },
+                first_pending: 11,
             },
         ),
         ("push", push()),

@@ -3055,6 +3055,7 @@ impl World {
                     subscriptions: Vec::new(),
                     token: None,
                     reloaded: Default::default(),
+                    first_pending: 0,
                 };
                 self.send_up(id, vec![hello]);
                 id

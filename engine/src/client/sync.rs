@@ -21,6 +21,7 @@ impl Client {
             subscriptions,
             token: self.token.clone(),
             reloaded: self.reloaded().unwrap_or_default(),
+            first_pending: self.outbox_seqs.first().copied().unwrap_or(0),
         }]
     }
 
