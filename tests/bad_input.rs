@@ -268,3 +268,57 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
     );
     server.shutdown().await;
 }
+
+/// Static files: a POST (or PUT, DELETE) to one is refused 405 with `Allow`,
+/// not answered with the file; a revalidation whose `If-None-Match` names
+/// the file's tag weakly, in a list, or as `*` gets 304 without the body,
+/// and another tag gets the file.
+#[tokio::test]
+async fn files_refuse_writes_and_revalidate_as_http_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = hearth_server::ServerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("server"),
+        hearth_engine::Schema::parse(DEMO_SCHEMA).unwrap(),
+    );
+    // The files `hearth serve` embeds.
+    let server = hearth_server::start(config, hearth::assets::ASSETS)
+        .await
+        .expect("server starts");
+    for method in ["POST", "PUT", "DELETE"] {
+        let (status, headers, _) = common::http_request(&server, method, "/hearth.js", &[]).await;
+        assert_eq!(status, 405, "{method}");
+        assert!(
+            headers
+                .iter()
+                .any(|(n, v)| n == "allow" && v == "GET, HEAD"),
+            "{method}: {headers:?}"
+        );
+    }
+    let (status, headers, body) = common::http_request(&server, "GET", "/hearth.js", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("window.Hearth"), "the file itself");
+    let etag = headers
+        .iter()
+        .find(|(n, _)| n == "etag")
+        .map(|(_, v)| v.clone())
+        .expect("an ETag");
+    let weak = format!("W/{etag}");
+    let listed = format!("\"elsewhere\", {weak}");
+    for tag in [etag.as_str(), weak.as_str(), listed.as_str(), "*"] {
+        let (status, _, body) =
+            common::http_request(&server, "GET", "/hearth.js", &[("If-None-Match", tag)]).await;
+        assert_eq!((status, body.as_str()), (304, ""), "If-None-Match: {tag}");
+    }
+    let (status, _, _) = common::http_request(
+        &server,
+        "GET",
+        "/hearth.js",
+        &[("If-None-Match", "\"elsewhere\"")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A HEAD is still answered.
+    let (status, _, _) = common::http_request(&server, "HEAD", "/hearth.js", &[]).await;
+    assert_eq!(status, 200);
+}

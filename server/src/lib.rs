@@ -840,9 +840,20 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
 
 async fn asset_handler(
     State(state): State<Arc<AppState>>,
+    method: axum::http::Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    // Files are read, never written: a POST (or any other method) to one is refused
+    // rather than answered with the file.
+    if method != axum::http::Method::GET && method != axum::http::Method::HEAD {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET, HEAD")],
+            format!("{method} is not allowed here: files are served with GET and HEAD\n"),
+        )
+            .into_response();
+    }
     web::serve(
         state.assets,
         state.config.app_dir.as_deref(),

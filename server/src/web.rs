@@ -106,6 +106,21 @@ pub async fn serve(
     }
 }
 
+/// Whether a request's `If-None-Match` matches `etag` (a strong tag, quoted), as RFC
+/// 9110 section 13.1.2 says: `*`, or a comma-separated list of tags (in one header or
+/// several) compared weakly, so `W/"x"` matches `"x"`. A header that is not text matches
+/// nothing.
+pub fn if_none_match_hits(headers: &HeaderMap, etag: &str) -> bool {
+    let opaque = etag.trim_start_matches("W/");
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == opaque)
+}
+
 fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "not found\n").into_response()
 }
@@ -123,11 +138,7 @@ fn respond(
     } else {
         CACHE_REVALIDATE
     };
-    let mut response = if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        == Some(etag.as_str())
-    {
+    let mut response = if if_none_match_hits(headers, &etag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         let mut response = bytes.into_response();
@@ -269,6 +280,29 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn if_none_match_compares_weakly_and_takes_lists_and_star() {
+        let etag = "\"00000000deadbeef\"";
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::IF_NONE_MATCH, HeaderValue::from_str(v).unwrap());
+            }
+            if_none_match_hits(&h, etag)
+        };
+        assert!(with(&["\"00000000deadbeef\""]));
+        assert!(with(&["W/\"00000000deadbeef\""]), "weak comparison");
+        assert!(with(&["*"]));
+        assert!(with(&["\"other\", W/\"00000000deadbeef\""]), "a list");
+        assert!(
+            with(&["\"other\"", "\"00000000deadbeef\""]),
+            "several headers"
+        );
+        assert!(!with(&[]));
+        assert!(!with(&["\"other\""]));
+        assert!(!with(&["\"00000000deadbee\""]));
+    }
 
     #[test]
     fn hearth_own_files_are_told_from_the_demo_and_the_app() {
