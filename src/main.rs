@@ -302,6 +302,7 @@ fn parse_params(params: Option<&str>) -> anyhow::Result<Vec<Value>> {
     };
     let json: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| invalid(format!("PARAMS_JSON is not valid JSON ({e})")))?;
+    refuse_inexact_integers("PARAMS_JSON", text)?;
     match json {
         serde_json::Value::Array(items) => items
             .iter()
@@ -340,6 +341,7 @@ fn stream_params(
             "PARAMS_JSON is not JSON ({e}): give '{{\"list\":\"groceries\"}}'"
         ))
     })?;
+    refuse_inexact_integers("PARAMS_JSON", params_json)?;
     s.filter
         .params_from_json(&json)
         .map_err(|e| invalid(format!("stream '{stream}': {e}")))
@@ -358,7 +360,52 @@ fn parse_value(what: &str, example: &str, text: &str) -> anyhow::Result<Value> {
             "{what} is not valid JSON ({e}); text needs quotes, e.g. {example}"
         ))
     })?;
+    refuse_inexact_integers(what, text)?;
     Value::from_json(&json).map_err(|e| invalid(format!("{what}: {e}")))
+}
+
+/// Refuses an integer literal (digits, no fraction or exponent) in valid JSON
+/// `text` that does not fit SQLite's 64 bits: serde_json reads one beyond
+/// 2^64 as an inexact real, which would be stored as another number.
+fn refuse_inexact_integers(what: &str, text: &str) -> anyhow::Result<()> {
+    let mut chars = text.char_indices().peekable();
+    while let Some((start, c)) = chars.next() {
+        match c {
+            // Skip a string, escapes included.
+            '"' => {
+                while let Some((_, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '-' | '0'..='9' => {
+                let mut end = start + c.len_utf8();
+                while let Some(&(i, c)) = chars.peek() {
+                    if !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')) {
+                        break;
+                    }
+                    end = i + c.len_utf8();
+                    chars.next();
+                }
+                let token = &text[start..end];
+                let integer = !token.contains(['.', 'e', 'E']);
+                // Within 64 bits unsigned, serde_json reads it exactly and
+                // `Value::from_json` refuses what SQLite cannot hold.
+                if integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
+                    return Err(invalid(format!(
+                        "{what}: integer {token} is outside SQLite's 64-bit range: give it as a string, or as a real (with a fraction or exponent) if an inexact number will do"
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// `[{"index": 0, "delete": 0, "insert": "x"}, ...]`; `delete` defaults to

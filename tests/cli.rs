@@ -288,6 +288,22 @@ async fn json_parameters_are_stored_exactly_or_refused() {
             && err.contains("18446744073709551615"),
         "{err}"
     );
+    // Beyond 2^64 too (JSON readers take those for reals), anywhere in the
+    // array, and in a stream's parameters.
+    for params in [
+        r#"["u1", "e1", 18446744073709551616]"#,
+        r#"["u1", "e1", -99999999999999999999999]"#,
+    ] {
+        let out = hearth(&[
+            "client", "--db", a, "--server", &url, "exec", insert, params,
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{params}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("INVALID_ARGUMENT") && err.contains("outside SQLite's 64-bit range"),
+            "{params}: {err}"
+        );
+    }
     // Parameters that are not JSON, or not an array: the same code.
     for params in ["not json", r#"{"a": 1}"#] {
         let out = hearth(&[
@@ -335,4 +351,20 @@ async fn json_parameters_are_stored_exactly_or_refused() {
         ]
     );
     server.shutdown().await;
+    // A string that looks like a large number, and reals, are fine.
+    let out = hearth(&[
+        "client",
+        "--db",
+        a,
+        "query",
+        "SELECT ?1 AS s, ?2 AS r",
+        r#"["18446744073709551616 \" 99999999999999999999", 1.5e300]"#,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("18446744073709551616 \\\" 99999999999999999999")
+            && stdout.contains("1.5e+300"),
+        "{stdout}"
+    );
 }
