@@ -232,6 +232,12 @@ async fn bad_tokens_are_refused_naming_the_check() {
         ("missing", None, "AUTH", "none was sent"),
         ("garbage", Some("not a token".into()), "AUTH", "not a JWT"),
         (
+            "four parts",
+            Some(format!("{}.extra", token_for("mallory"))),
+            "AUTH",
+            "not a JWT",
+        ),
+        (
             "alg none",
             Some(format!("{header_none}.{payload}.")),
             "AUTH",
@@ -414,6 +420,49 @@ fn write_rules_refuse_forged_and_foreign_writes() {
         ]
     );
     assert!(server.query("SELECT id FROM notes").is_empty());
+}
+
+/// A read rule widened (or narrowed) in a new schema: a device that
+/// synced under the old one re-loads, so it holds what the new rule lets
+/// its user read, not what the old one chose. Widening to `"true"` leaves
+/// the table with no read rule at all, which must still re-load it.
+#[test]
+fn a_changed_read_rule_re_loads_the_devices_that_synced_under_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path());
+    let alice = User::new(dir.path(), "alice", &server);
+    let bob = User::new(dir.path(), "bob", &server);
+    alice.exec_ok(
+        "INSERT INTO lists (id, owner, title) VALUES ('l1', 'alice', 'groceries'); \
+         INSERT INTO members (id, list_id, user_id) VALUES ('m1', 'l1', 'alice'); \
+         INSERT INTO todos (id, list_id, owner, title) VALUES ('t1', 'l1', 'alice', 'milk')",
+    );
+    bob.sync();
+    assert_eq!(bob.ids("todos"), Vec::<String>::new());
+    drop(server);
+
+    // Version 2: everyone reads every todo.
+    let widened = SCHEMA.replace("version = 1", "version = 2").replace(
+        "[tables.todos.rules]\nread = \"list_id IN (SELECT list_id FROM members WHERE user_id = auth.sub)\"",
+        "[tables.todos.rules]\nread = \"true\"",
+    );
+    assert_ne!(widened, SCHEMA.replace("version = 1", "version = 2"));
+    let server = Served::start_env(dir.path(), &widened, &[], &[(SECRET_ENV, SECRET)]);
+    let bob = User::new(dir.path(), "bob", &server);
+    bob.sync();
+    assert_eq!(bob.ids("todos"), ["t1"], "widened: the row arrives");
+    drop(server);
+
+    // Version 3: back to members only; the row leaves.
+    let narrowed = SCHEMA.replace("version = 1", "version = 3");
+    let server = Served::start_env(dir.path(), &narrowed, &[], &[(SECRET_ENV, SECRET)]);
+    let bob = User::new(dir.path(), "bob", &server);
+    bob.sync();
+    assert_eq!(
+        bob.ids("todos"),
+        Vec::<String>::new(),
+        "narrowed: the row leaves"
+    );
 }
 
 /// Read rules: a device holds exactly what its user may read. Sharing a

@@ -358,7 +358,13 @@ impl Link {
         self.access_digest = digest;
         self.tell_access = reloaded.access != digest;
         let owed = at_cursor && reloaded.cursor < self.cursor;
-        if self.cursor > 0 && (self.tell_access || owed) {
+        if self.cursor > 0 && self.tell_access {
+            // Other claims or rules: every table, since one whose rule was
+            // widened (to `"true"`, say) has no read rule any more but its
+            // rows on the device were chosen by the old one.
+            self.reload_at_welcome = self.schema.tables.keys().cloned().collect();
+        } else if self.cursor > 0 && owed {
+            // A lookup changed: the tables whose read rules look.
             self.reload_at_welcome = self
                 .schema
                 .tables

@@ -131,6 +131,13 @@ impl Verifier {
                 token.len()
             )));
         }
+        // A compact JWS is exactly three dot-separated parts (RFC 7515,
+        // section 7.1); say so before anything reads one of them.
+        if token.split('.').count() != 3 {
+            return Err(fail(
+                "the token is not a JWT: a JWT has three base64url parts separated by dots",
+            ));
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|e| match header_alg(token) {
             // A header that parses as JSON but names an algorithm the
             // library does not know (`none`, say).

@@ -557,7 +557,7 @@ impl Conn {
                 fatal(
                     crate::auth::AUTH_USER_CHANGED,
                     format!(
-                        "this device (client id {client_id}) belongs to another user than '{}' (it first synced as '{owner}'): open its database with reset to sign in as another user",
+                        "this device (client id {client_id}) belongs to another user than '{}' (it first synced as '{owner}'): open its database with reset (the CLI: use another --db) to sign in as another user",
                         verified.principal.sub
                     ),
                     CloseReason::Auth,

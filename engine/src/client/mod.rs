@@ -78,7 +78,7 @@ pub enum ClientError {
     InvalidArgument(String),
     /// The token names another user than the one this device's database
     /// belongs to: open it with `reset` (which wipes it) to change users.
-    #[error("this device's database belongs to user '{stored}', but the token is for '{token}': open it with reset to wipe it and sign in as another user")]
+    #[error("this device's database belongs to user '{stored}', but the token is for '{token}': open it with reset to wipe it and sign in as another user (the CLI: use another --db)")]
     UserChanged { stored: String, token: String },
     /// The server refused the token (`AUTH`) or it expired
     /// (`AUTH_EXPIRED`): the message names the failed check.

@@ -740,10 +740,26 @@ impl Client {
             .query_map([table], |r| r.get::<_, Value>(0))?
             .map(|pk| pk.map(|pk| (table.to_string(), pk)))
             .collect::<rusqlite::Result<_>>()?;
+        // The eviction first (it unmarks each row it removes, in its own
+        // transaction), then the marks of what it kept: a device stopped in
+        // between still has the marks of rows not yet evicted, and sweeps
+        // again at its next Welcome (`sweep_stale`).
+        self.evict_rows(gone, out)?;
         self.conn
             .execute("DELETE FROM _hearth_stale WHERE tbl = ?1", [table])?;
         self.stale_tables.borrow_mut().remove(table);
-        self.evict_rows(gone, out)
+        Ok(())
+    }
+
+    /// Sweeps every table still marked stale whose loads are done: a device
+    /// stopped after a load finished and before its sweep (or during it)
+    /// does it at the next Welcome.
+    pub(super) fn sweep_stale(&mut self, out: &mut Output) -> Result<()> {
+        let tables: Vec<String> = self.stale_tables.borrow().iter().cloned().collect();
+        for table in tables {
+            self.sweep_if_loaded(&table, out)?;
+        }
+        Ok(())
     }
 
     /// The server sent this row (it is still the device's): not stale.

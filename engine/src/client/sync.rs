@@ -278,6 +278,7 @@ impl Client {
                 if floor > self.cursor {
                     self.reload_after_compaction(floor, &mut out)?;
                 }
+                self.sweep_stale(&mut out)?;
                 // The server took the token: the database is this user's.
                 if let Some(sub) = self.token.as_deref().and_then(token_subject) {
                     if meta_get::<String>(&self.conn, "user")?.is_none() {
