@@ -270,16 +270,16 @@ fn regression_acks_of_compacted_writes_lost_with_their_connection() {
     });
 }
 
-/// Open bug, found by seed 1053: a device that unsubscribes evicts the
-/// stream's rows at once, but the server routes entries by the old
-/// subscriptions until the Unsubscribe reaches it. An entry moving a row
-/// from the dropped stream into one the device keeps then goes out as the
-/// change alone (held before and after), which the device cannot apply to
-/// a row it no longer has: the row is missing until it changes again. The
-/// fix is an `Unsubscribed` answer in the change stream, with the eviction
-/// done when it arrives (and at once when offline).
+/// Found by seed 1053: a device that unsubscribed evicted the stream's rows
+/// at once, but the server routes entries by the old subscriptions until
+/// the Unsubscribe reaches it. An entry moving a row from the dropped
+/// stream into one the device keeps then went out as the change alone
+/// (held before and after), which the device could not apply to a row it
+/// no longer had: the row was missing until it changed again. Fixed: the
+/// server answers `Unsubscribed` in order with the changes, and a device
+/// connected when it unsubscribes keeps the rows until then (or until the
+/// connection ends).
 #[test]
-#[ignore = "open bug: eviction at unsubscribe races entries routed by the old subscriptions (see the doc comment)"]
 fn regression_unsubscribe_races_a_row_moving_to_a_kept_stream() {
     check_seed_before_auth(1053, 498);
 }

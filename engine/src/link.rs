@@ -569,7 +569,9 @@ impl Link {
                     self.due = None;
                 }
                 // A read under way for it is dropped when it comes back.
-                Vec::new()
+                // The answer follows every entry routed by the old
+                // subscriptions (see `ServerMsg::Unsubscribed`).
+                vec![Step::Send(ServerMsg::Unsubscribed { id })]
             }
             // Rooms are the server's ephemeral lane (`crate::rooms`), which
             // the driver routes before the link: nothing of them reaches

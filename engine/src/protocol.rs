@@ -44,7 +44,9 @@ use crate::value::Value;
 /// 5: identity and read rules (`Hello.token`, `Reload`).
 /// 6: `Hello.reloaded` and `Reload.access`, so that a `Reload` lost with its
 /// connection is made good on the next one; `Hello.first_pending`, so that
-/// acks of compacted entries lost with a connection are sent again.
+/// acks of compacted entries lost with a connection are sent again;
+/// `Unsubscribed`, so that a device evicts an unsubscribed stream's rows
+/// only after the entries routed by it.
 pub const PROTOCOL_VERSION: u16 = 6;
 
 /// What a device last re-loaded for (see [`ServerMsg::Reload`]), as it
@@ -296,6 +298,15 @@ pub enum ServerMsg {
         server_seq: u64,
         digest: u64,
     },
+    /// The answer to `Unsubscribe { id }`, in order with the changes: every
+    /// entry sent before it was routed by the device's subscriptions with
+    /// `id` among them, every entry after it without. A device unsubscribing
+    /// while connected keeps the stream's rows until this arrives, then
+    /// evicts those no other subscription holds; evicting earlier would lose
+    /// a row that an entry already on its way moves into another stream the
+    /// device keeps (sent as the change alone, for a row the device would no
+    /// longer have).
+    Unsubscribed { id: u64 },
 }
 
 /// The name of the pseudo-subscription a device re-loading after

@@ -816,6 +816,7 @@ fn short(msg: &ServerMsg) -> String {
         ServerMsg::Presence { room, .. } => format!("Presence({room})"),
         ServerMsg::Relay { room, .. } => format!("Relay({room})"),
         ServerMsg::RoomRefused { room, code, .. } => format!("RoomRefused({room} {code})"),
+        ServerMsg::Unsubscribed { id } => format!("Unsubscribed({id})"),
         ServerMsg::Acked {
             client_seq,
             server_seq,

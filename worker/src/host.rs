@@ -276,6 +276,9 @@ struct Host {
     sync_waiters: Vec<(u64, PortId, u32)>,
     /// Tabs whose `Settled` waits for the verdict on a pending write, by its number.
     settle_waiters: HashMap<u64, Vec<(PortId, u32)>>,
+    /// Tabs waiting for an unsubscribe to complete (the server's
+    /// `Unsubscribed`, or the end of the connection), by subscription id.
+    unsubscribe_waiters: HashMap<u64, Vec<(PortId, u32)>>,
     next_waiter: u64,
     server: Option<String>,
     socket: Option<Socket>,
@@ -316,6 +319,7 @@ impl Host {
             open_waiters: Vec::new(),
             sync_waiters: Vec::new(),
             settle_waiters: HashMap::new(),
+            unsubscribe_waiters: HashMap::new(),
             next_waiter: 1,
             server: None,
             socket: None,
@@ -435,6 +439,10 @@ impl Host {
         self.open_waiters.retain(|(port, _)| *port != port_id);
         self.sync_waiters.retain(|(_, port, _)| *port != port_id);
         self.settle_waiters.retain(|_, waiters| {
+            waiters.retain(|(port, _)| *port != port_id);
+            !waiters.is_empty()
+        });
+        self.unsubscribe_waiters.retain(|_, waiters| {
             waiters.retain(|(port, _)| *port != port_id);
             !waiters.is_empty()
         });
@@ -721,16 +729,15 @@ impl Host {
                 self.holds.remove(&sub_id);
                 match client.unsubscribe(sub_id) {
                     Ok(output) => {
-                        // Answered once the eviction is durable.
+                        // Answered once the eviction is done and durable: at once
+                        // offline, else when the server's answer arrives (entries
+                        // routed by the subscription may still be on their way), see
+                        // `Event::Unsubscribed` in `on_events`.
+                        self.unsubscribe_waiters
+                            .entry(sub_id)
+                            .or_default()
+                            .push((port_id, id));
                         let ticket = self.barrier();
-                        self.park(
-                            ticket,
-                            Parked::Reply {
-                                port: port_id,
-                                id,
-                                result: Ok(Reply::StreamUnsubscribed { dropped: true }),
-                            },
-                        );
                         self.park_send(ticket, output.send);
                         self.on_events(output.events);
                     }
@@ -1402,8 +1409,14 @@ impl Host {
             // with a Hello of its own.
             self.socket_gen += 1;
         }
-        if let Db::Open { client, .. } = &mut self.db {
-            client.on_disconnected();
+        let events = match &mut self.db {
+            Db::Open { client, .. } => client.on_disconnected().events,
+            _ => Vec::new(),
+        };
+        if !events.is_empty() {
+            // Unsubscribes that awaited this connection's answer completed.
+            self.barrier();
+            self.on_events(events);
         }
         self.rooms_offline();
     }
@@ -1543,6 +1556,21 @@ impl Host {
                     let ticket = self.last_change_ticket;
                     let notice = Notice::SubscriptionRefused { id, code, reason };
                     self.park(ticket, Parked::Broadcast(notice));
+                }
+                Event::Unsubscribed { id } => {
+                    // Behind the barrier that covers the eviction's commit.
+                    let ticket = self.last_change_ticket;
+                    for (port, request) in self.unsubscribe_waiters.remove(&id).unwrap_or_default()
+                    {
+                        self.park(
+                            ticket,
+                            Parked::Reply {
+                                port,
+                                id: request,
+                                result: Ok(Reply::StreamUnsubscribed { dropped: true }),
+                            },
+                        );
+                    }
                 }
                 Event::CaughtUp { .. } => {}
             }

@@ -173,6 +173,11 @@ pub enum Event {
     /// A chunk of a subscription's initial load is in the database (and
     /// durable with it): `rows` so far; `done` when the load is complete.
     Loaded { id: u64, rows: u64, done: bool },
+    /// An unsubscribe is complete: the rows no other subscription holds
+    /// are evicted (at once offline; while connected, once the server's
+    /// `Unsubscribed` says no entry routed by it is still on its way, or
+    /// when the connection ends).
+    Unsubscribed { id: u64 },
     /// The server refused a subscription (`BAD_SUBSCRIPTION`,
     /// `TOO_MANY_SUBSCRIPTIONS`); the device dropped it.
     SubscriptionRefused {

@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS _hearth_subscriptions (
   load   BLOB NOT NULL,
   rows   INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS _hearth_leaving (
+  id     INTEGER PRIMARY KEY,
+  stream TEXT NOT NULL,
+  params BLOB NOT NULL,
+  load   BLOB NOT NULL,
+  rows   INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS _hearth_stale (
   tbl TEXT NOT NULL,
   pk  NOT NULL,
@@ -140,9 +147,22 @@ impl Client {
     }
 
     pub(super) fn load_subscriptions(&self) -> Result<Vec<(Subscription, u64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, stream, params, load, rows FROM _hearth_subscriptions ORDER BY id",
-        )?;
+        self.load_subscriptions_of("_hearth_subscriptions")
+    }
+
+    /// The subscriptions whose rows stay on the device: the device's, and
+    /// those it unsubscribed from while connected whose `Unsubscribed` has
+    /// not come yet (entries routed by them may still arrive).
+    pub(super) fn load_holding(&self) -> Result<Vec<(Subscription, u64)>> {
+        let mut subs = self.load_subscriptions()?;
+        subs.extend(self.load_subscriptions_of("_hearth_leaving")?);
+        Ok(subs)
+    }
+
+    fn load_subscriptions_of(&self, table: &str) -> Result<Vec<(Subscription, u64)>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT id, stream, params, load, rows FROM {table} ORDER BY id"
+        ))?;
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
@@ -249,22 +269,68 @@ impl Client {
         let Some(stream) = stream else {
             return Ok(out);
         };
+        if self.session != Session::Offline {
+            // Entries routed by it may be on their way: its rows stay until
+            // the server's answer (`Unsubscribed`) or the end of the
+            // connection.
+            self.atomically(|c| {
+                c.conn.execute(
+                    "INSERT OR REPLACE INTO _hearth_leaving (id, stream, params, load, rows)
+                     SELECT id, stream, params, load, rows FROM _hearth_subscriptions WHERE id = ?1",
+                    [to_i64(id)],
+                )?;
+                c.conn.execute(
+                    "DELETE FROM _hearth_subscriptions WHERE id = ?1",
+                    [to_i64(id)],
+                )?;
+                Ok(())
+            })?;
+            out.send.push(ClientMsg::Unsubscribe { id });
+            return Ok(out);
+        }
         self.conn.execute(
             "DELETE FROM _hearth_subscriptions WHERE id = ?1",
             [to_i64(id)],
         )?;
-        if self.session != Session::Offline {
-            out.send.push(ClientMsg::Unsubscribe { id });
+        self.evict_stream(&stream, &mut out)?;
+        out.events.push(Event::Unsubscribed { id });
+        Ok(out)
+    }
+
+    /// Completes the unsubscribes awaiting the server's answer: `Some(id)`
+    /// on its `Unsubscribed`, every one (`None`) when the connection they
+    /// were sent on is over. Their rows no other subscription holds are
+    /// evicted.
+    pub(super) fn finish_leaving(&mut self, id: Option<u64>, out: &mut Output) -> Result<()> {
+        let leaving: Vec<(u64, String)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, stream FROM _hearth_leaving WHERE ?1 IS NULL OR id = ?1",
+            )?;
+            let rows = stmt.query_map([id.map(to_i64)], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for (id, stream) in leaving {
+            self.conn
+                .execute("DELETE FROM _hearth_leaving WHERE id = ?1", [to_i64(id)])?;
+            self.evict_stream(&stream, out)?;
+            out.events.push(Event::Unsubscribed { id });
         }
+        Ok(())
+    }
+
+    /// Evicts the rows of `stream`'s table that nothing holds any more.
+    fn evict_stream(&mut self, stream: &str, out: &mut Output) -> Result<()> {
         let table = self
             .schema
             .as_ref()
-            .and_then(|s| s.streams.get(&stream))
+            .and_then(|s| s.streams.get(stream))
             .map(|s| s.table.clone());
         if let Some(table) = table {
-            self.evict_table(&table, &mut out)?;
+            self.evict_table(&table, out)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Drops a subscription the server refused.
@@ -578,7 +644,7 @@ impl Client {
         if candidates.is_empty() {
             return Ok(());
         }
-        let subs = self.load_subscriptions()?;
+        let subs = self.load_holding()?;
         let mut gone = Vec::new();
         for (table, pk) in candidates {
             let t = self.table(&table)?;
@@ -599,7 +665,7 @@ impl Client {
         let Some(t) = self.schema.as_ref().and_then(|s| s.table(table)).cloned() else {
             return Ok(());
         };
-        let subs = self.load_subscriptions()?;
+        let subs = self.load_holding()?;
         let mut gone = Vec::new();
         {
             let cols: Vec<String> = t.columns.iter().map(|c| ident(&c.name)).collect();

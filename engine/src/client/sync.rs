@@ -78,8 +78,16 @@ impl Client {
     }
 
     /// The connection is gone. Everything unanswered will be sent again.
-    pub fn on_disconnected(&mut self) {
+    ///
+    /// Unsubscribes still awaiting the server's answer complete here (no
+    /// entry of the old connection comes any more): the returned output
+    /// carries their evictions' events. Should they fail, the next Welcome
+    /// completes them.
+    pub fn on_disconnected(&mut self) -> Output {
         self.session = Session::Offline;
+        let mut out = Output::default();
+        let _ = self.finish_leaving(None, &mut out);
+        out
     }
 
     /// Pending mutations not yet sent on this connection, in order, within
@@ -278,6 +286,9 @@ impl Client {
                 if floor > self.cursor {
                     self.reload_after_compaction(floor, &mut out)?;
                 }
+                // Unsubscribes whose answer an earlier connection never
+                // brought: this one's Hello left them out.
+                self.finish_leaving(None, &mut out)?;
                 self.sweep_stale(&mut out)?;
                 // The server took the token: the database is this user's.
                 if let Some(sub) = self.token.as_deref().and_then(token_subject) {
@@ -381,6 +392,9 @@ impl Client {
                 // the two re-loads again, never loses one.
                 self.reload_tables(&tables, &mut out)?;
                 self.set_reloaded(crate::protocol::Reloaded { cursor, access })?;
+            }
+            ServerMsg::Unsubscribed { id } => {
+                self.finish_leaving(Some(id), &mut out)?;
             }
             ServerMsg::SubscriptionRefused { id, code, reason } => {
                 self.subscription_refused(id, code, reason, &mut out)?;
