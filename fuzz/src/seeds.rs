@@ -262,6 +262,7 @@ fn server() -> Seeds {
                 access: 0xfeed,
             },
         ),
+        ("unsubscribed", ServerMsg::Unsubscribed { id: 7 }),
         (
             "subscription-refused",
             ServerMsg::SubscriptionRefused {
