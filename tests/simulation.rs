@@ -30,7 +30,7 @@ const STEPS_DEFAULT: u64 = 500;
 /// Seeds in the default run, and the wall-clock budget that stops it early
 /// on a slow or busy machine (it still reports how many ran).
 const SEEDS_DEFAULT: u64 = 200;
-const BUDGET_DEFAULT: Duration = Duration::from_secs(85);
+const BUDGET_DEFAULT: Duration = Duration::from_secs(70);
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {

@@ -351,6 +351,10 @@ pub struct Client {
     /// Tables re-loading after the user's read access changed, whose rows
     /// not sent again are evicted when their loads finish (`_hearth_stale`).
     stale_tables: RefCell<BTreeSet<String>>,
+    /// Unsubscribes still awaiting an answer when this connection began
+    /// (`_hearth_leaving`; its Hello left them out, so no answer comes):
+    /// completed at its Welcome. Those made after the Hello are answered.
+    leaving_orphans: Vec<u64>,
     /// The token the next Hello carries (see [`Client::set_token`]).
     token: Option<String>,
 }
@@ -574,6 +578,7 @@ impl Client {
             positional: RefCell::new(None),
             staged: None,
             stale_tables: RefCell::new(stale_tables),
+            leaving_orphans: Vec::new(),
             token: None,
             text_session: splitmix64(client_id ^ new_client_id.rotate_left(29)).max(1),
         };

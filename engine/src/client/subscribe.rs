@@ -320,6 +320,15 @@ impl Client {
         Ok(())
     }
 
+    /// The unsubscribes awaiting the server's answer.
+    pub(super) fn leaving_ids(&self) -> Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare_cached("SELECT id FROM _hearth_leaving")?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, i64>(0).map(|id| id as u64))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(ids)
+    }
+
     /// Evicts the rows of `stream`'s table that nothing holds any more.
     fn evict_stream(&mut self, stream: &str, out: &mut Output) -> Result<()> {
         let table = self

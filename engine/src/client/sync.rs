@@ -8,6 +8,7 @@ impl Client {
     pub fn on_connected(&mut self) -> Vec<ClientMsg> {
         self.session = Session::AwaitingWelcome;
         self.rewind = Rewind::default();
+        self.leaving_orphans = self.leaving_ids().unwrap_or_default();
         // Subscriptions unreadable here (a newer format) are left out rather
         // than failing the connection; the server sends nothing for them.
         let subscriptions = self
@@ -287,8 +288,11 @@ impl Client {
                     self.reload_after_compaction(floor, &mut out)?;
                 }
                 // Unsubscribes whose answer an earlier connection never
-                // brought: this one's Hello left them out.
-                self.finish_leaving(None, &mut out)?;
+                // brought: this one's Hello left them out. (One made since
+                // the Hello is answered on this connection.)
+                for id in std::mem::take(&mut self.leaving_orphans) {
+                    self.finish_leaving(Some(id), &mut out)?;
+                }
                 self.sweep_stale(&mut out)?;
                 // The server took the token: the database is this user's.
                 if let Some(sub) = self.token.as_deref().and_then(token_subject) {
