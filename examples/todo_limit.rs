@@ -68,6 +68,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .init();
+    // Arguments: LISTEN_ADDR DATA_DIR (`skip(1)` passes over the program's
+    // own name; nothing here is a skipped test).
     let mut args = std::env::args().skip(1);
     let listen = args
         .next()
