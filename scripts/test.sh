@@ -28,9 +28,9 @@ cargo test --release --workspace
 
 # Fuzzing builds its own (instrumented) copy of the crates, so it runs in the background
 # beside the browser tests, which mostly wait on the browser, and is checked at the end.
-step "fuzzing every decoder of network and page bytes, 20 s per target (in the background)"
+step "fuzzing every decoder of network and page bytes, 12 s per target (in the background)"
 fuzz_log="$(mktemp)"
-bash scripts/fuzz.sh 20 >"$fuzz_log" 2>&1 &
+bash scripts/fuzz.sh 12 >"$fuzz_log" 2>&1 &
 fuzz_pid=$!
 
 step "wasm tests in headless Chromium (SharedWorker, IndexedDB)"

@@ -59,6 +59,11 @@ struct ServeArgs {
     /// stay served beside them.
     #[arg(long, value_name = "DIR")]
     app: Option<PathBuf>,
+    /// Print what starting would do to the store for this schema (the
+    /// schema change's steps, or why it is refused) and exit, changing
+    /// nothing: 0 when `serve` would start, 1 when it would refuse.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -209,6 +214,7 @@ fn main() -> ExitCode {
         log_retention: None,
         log_format: LogFormat::Text,
         app: None,
+        check: false,
     }));
     let result = match command {
         Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
@@ -234,6 +240,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => (DEMO_SCHEMA.to_string(), "built-in demo schema".to_string()),
     };
     let schema = Schema::parse(&source).with_context(|| format!("bad schema ({origin})"))?;
+    if args.check {
+        return check_store(&args, &schema, &origin);
+    }
     let tables: Vec<&str> = schema.tables.keys().map(String::as_str).collect();
     let mut server = hearth_server::Server::builder()
         .schema(schema.clone())
@@ -293,6 +302,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     say("hearth: shutting down".to_string());
     tracing::info!("shutting down");
     running.shutdown().await;
+    Ok(())
+}
+
+/// `serve --check`: what starting would do to the store, on stdout.
+fn check_store(args: &ServeArgs, schema: &Schema, origin: &str) -> anyhow::Result<()> {
+    let (version, plan) = hearth_server::check(&args.data, schema).with_context(|| {
+        format!(
+            "serve would refuse schema version {} ({origin})",
+            schema.version
+        )
+    })?;
+    let store = match version {
+        None => format!("there is no store in {} yet", args.data.display()),
+        Some(v) => format!(
+            "the store in {} is at schema version {v}",
+            args.data.display()
+        ),
+    };
+    println!(
+        "hearth: {store}; {origin} is schema version {}",
+        schema.version
+    );
+    if plan.steps.is_empty() {
+        println!("hearth: serve would change no table");
+    } else {
+        println!("hearth: serve would, in one transaction:");
+        for step in &plan.steps {
+            println!("  {step}");
+        }
+        if plan.reshapes() && version.is_some() {
+            println!(
+                "hearth: and compact the change log: devices that had not seen its last entry re-load their rows once"
+            );
+        }
+    }
+    println!("hearth: nothing was changed (--check)");
     Ok(())
 }
 

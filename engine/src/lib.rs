@@ -33,6 +33,7 @@ mod fk;
 pub mod hlc;
 pub mod link;
 pub mod merge;
+pub mod migrate;
 pub mod protocol;
 pub mod rooms;
 mod rows;

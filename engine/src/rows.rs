@@ -179,39 +179,6 @@ pub fn delete_row(conn: &Connection, table: &Table, pk: &Value) -> rusqlite::Res
     Ok(())
 }
 
-/// Column names of an existing table in the database, in SQLite's order.
-pub fn existing_columns(conn: &Connection, table: &str) -> rusqlite::Result<Option<Vec<String>>> {
-    let mut stmt = conn.prepare(&format!("PRAGMA main.table_info({})", ident(table)))?;
-    let names: Vec<String> = stmt
-        .query_map([], |r| r.get(1))?
-        .collect::<Result<_, _>>()?;
-    Ok(if names.is_empty() { None } else { Some(names) })
-}
-
-/// Creates the schema's tables that are missing, and checks that the ones
-/// already there have the schema's columns (migrations are not supported
-/// yet, so a difference is an error that names the table).
-pub fn ensure_tables(conn: &Connection, schema: &crate::schema::Schema) -> Result<(), String> {
-    for table in schema.tables.values() {
-        match existing_columns(conn, &table.name).map_err(|e| e.to_string())? {
-            None => conn
-                .execute_batch(&table.create_sql)
-                .map_err(|e| format!("table '{}': create failed: {e}", table.name))?,
-            Some(existing) => {
-                let wanted: Vec<String> = table.columns.iter().map(|c| c.name.clone()).collect();
-                if existing != wanted {
-                    return Err(format!(
-                        "table '{}' already exists with columns {existing:?} but the schema says {wanted:?}; \
-                         schema migrations are not supported yet",
-                        table.name
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// One row write of a change set, resolved against its table.
 pub struct Write<'a> {
     pub table: &'a Table,

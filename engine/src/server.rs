@@ -364,6 +364,15 @@ pub struct ServerCore {
     validators: Vec<crate::validate::Validator>,
     /// Validator failures since the driver last took them.
     validator_failures: Vec<crate::validate::ValidatorFailure>,
+    /// What `open` did to bring the store to the schema.
+    migration: crate::migrate::Plan,
+    /// Tables an earlier schema had and this one lacks, each with the first
+    /// version without it: a pending write to one, made under an older
+    /// schema, is refused `TABLE_DROPPED`.
+    gone_tables: HashMap<String, u64>,
+    /// Columns an earlier schema had and this one lacks, as (table,
+    /// column): a pending write's values for them are discarded.
+    gone_columns: HashSet<(String, String)>,
 }
 
 /// A row of a streamed table before a mutation merges: (table, key, the
@@ -423,77 +432,42 @@ impl ServerCore {
     pub fn open(conn: Connection, schema: Schema) -> Result<ServerCore> {
         conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch("PRAGMA foreign_keys = OFF")?;
-        conn.execute_batch(INTERNAL_TABLES)?;
-        // Stores made before devices' stamps were kept in order lack the column.
-        let has_last_hlc: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_clients') WHERE name = 'last_hlc')",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_last_hlc {
-            conn.execute_batch(
-                "ALTER TABLE _hearth_clients ADD COLUMN last_hlc INTEGER NOT NULL DEFAULT 0",
-            )?;
-        }
-        // ... and mutation digests (0 for older entries: never compared),
-        // and the format their blobs were written in (1 before it was kept).
-        for (table, column, default) in [
-            ("_hearth_log", "digest", 0),
-            ("_hearth_rejections", "digest", 0),
-            ("_hearth_log", "format", 1),
-            ("_hearth_rows", "format", 1),
-        ] {
-            let has: bool = conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
-                [table, column],
-                |r| r.get(0),
-            )?;
-            if !has {
-                conn.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT {default}"
-                ))?;
-            }
-        }
-        let has_images: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_log') WHERE name = 'images')",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_images {
-            conn.execute_batch("ALTER TABLE _hearth_log ADD COLUMN images BLOB")?;
-        }
-        conn.execute_batch(crate::textcells::TEXT_TABLE)?;
-        conn.execute_batch(
-            "CREATE INDEX IF NOT EXISTS _hearth_log_by_client ON _hearth_log (client_id, client_seq)",
-        )?;
         conn.execute_batch("BEGIN")?;
-        let prepared = (|| -> Result<()> {
-            check_policy_changes(&conn, &schema)?;
-            rows::ensure_tables(&conn, &schema).map_err(ServerError::Schema)?;
-            let triggers: Vec<String> = conn
-                .prepare("SELECT name FROM main.sqlite_schema WHERE type = 'trigger'")?
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for name in triggers {
-                conn.execute_batch(&format!(
-                    "DROP TRIGGER main.{}",
-                    crate::schema::ident(&name)
-                ))?;
+        match prepare_store(&conn, &schema) {
+            Ok(plan) => {
+                conn.execute_batch("COMMIT")?;
+                let mut core = ServerCore::opened(conn, schema)?;
+                core.migration = plan;
+                Ok(core)
             }
-            conn.execute(
-                "INSERT INTO _hearth_meta (key, value) VALUES ('schema', ?1), ('schema_version', ?2)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![schema.source, to_i64(schema.version)],
-            )?;
-            Ok(())
-        })();
-        match prepared {
-            Ok(()) => conn.execute_batch("COMMIT")?,
             Err(e) => {
                 conn.execute_batch("ROLLBACK")?;
-                return Err(e);
+                Err(e)
             }
         }
+    }
+
+    /// What [`ServerCore::open`] would do to the store to bring it to
+    /// `schema` (`serve --check`): the migration's steps, or the error that
+    /// would stop `serve`. Everything is tried in a transaction that is
+    /// then rolled back, so rows that break a new constraint are found, and
+    /// nothing changes.
+    pub fn check(conn: &Connection, schema: &Schema) -> Result<crate::migrate::Plan> {
+        conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+        conn.execute_batch("BEGIN")?;
+        let result = prepare_store(conn, schema);
+        conn.execute_batch("ROLLBACK")?;
+        result
+    }
+
+    /// The migration `open` made of the store (empty when it already
+    /// matched the schema): what `serve` logs.
+    pub fn migration(&self) -> &crate::migrate::Plan {
+        &self.migration
+    }
+
+    fn opened(conn: Connection, schema: Schema) -> Result<ServerCore> {
+        let (gone_tables, gone_columns) = gone_since(&conn, &schema)?;
         let floor = log_floor(&conn)?;
         let head: i64 =
             conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
@@ -543,6 +517,9 @@ impl ServerCore {
             write_rules,
             validators: Vec::new(),
             validator_failures: Vec::new(),
+            migration: crate::migrate::Plan::default(),
+            gone_tables,
+            gone_columns,
             schema,
         })
     }
@@ -779,32 +756,7 @@ impl ServerCore {
             return Ok(Compacted { entries: 0, floor });
         }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = (|| -> Result<u64> {
-            let gone_hlc: i64 = self.conn.query_row(
-                "SELECT coalesce(max(hlc), 0) FROM _hearth_log WHERE seq <= ?1",
-                [to_i64(upto)],
-                |r| r.get(0),
-            )?;
-            self.conn.execute(
-                "INSERT OR IGNORE INTO _hearth_compacted (client_id, client_seq, digest, seq)
-                 SELECT client_id, client_seq, digest, seq FROM _hearth_log WHERE seq <= ?1",
-                [to_i64(upto)],
-            )?;
-            let n = self
-                .conn
-                .execute("DELETE FROM _hearth_log WHERE seq <= ?1", [to_i64(upto)])?;
-            self.conn.execute(
-                "DELETE FROM _hearth_log_times WHERE seq < ?1",
-                [to_i64(upto)],
-            )?;
-            let floor_hlc = meta_i64(&self.conn, "log_floor_hlc")?.max(gone_hlc);
-            self.conn.execute(
-                "INSERT INTO _hearth_meta (key, value) VALUES ('log_floor', ?1), ('log_floor_hlc', ?2)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![to_i64(upto), floor_hlc],
-            )?;
-            Ok(n as u64)
-        })();
+        let result = compact_upto(&self.conn, upto);
         match result {
             Ok(entries) => {
                 self.conn.execute_batch("COMMIT")?;
@@ -1185,25 +1137,9 @@ impl ServerCore {
             .prepare_cached("SELECT meta, format FROM _hearth_rows WHERE tbl = ?1 AND pk = ?2")?
             .query_row(params![table.name, pk], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let corrupt =
-            |e: String| MergeError::Store(ServerError::Corrupt(format!("row metadata: {e}")));
+        let corrupt = |e: String| MergeError::Store(ServerError::Corrupt(e));
         match blob {
-            Some((b, 1)) => postcard::from_bytes::<RowMetaV1>(&b)
-                .map(|m| {
-                    Some(RowMeta {
-                        alive: m.alive,
-                        stamp: m.stamp,
-                        columns: m.columns,
-                        ..Default::default()
-                    })
-                })
-                .map_err(|e| corrupt(e.to_string())),
-            Some((b, FORMAT)) => postcard::from_bytes(&b)
-                .map(Some)
-                .map_err(|e| corrupt(e.to_string())),
-            Some((_, format)) => Err(corrupt(format!(
-                "written in format {format}, newer than this version of Hearth reads ({FORMAT})"
-            ))),
+            Some((b, format)) => decode_meta(&b, format).map(Some).map_err(corrupt),
             // A row written to the table outside Hearth (say with sqlite3)
             // has no bookkeeping yet: it lives, and any stamp beats it.
             None if rows::row_exists(&self.conn, table, pk)? => Ok(Some(RowMeta {
@@ -1244,7 +1180,16 @@ impl ServerCore {
         let mut rows_seen: HashSet<(&str, Result<i64, &str>)> = HashSet::new();
         for change in &mutation.changes {
             let table = self.schema.table(&change.table).ok_or_else(|| {
-                refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table))
+                match self.gone_tables.get(&change.table) {
+                    Some(version) => refuse(
+                        "TABLE_DROPPED",
+                        format!(
+                            "table '{}' was dropped in schema version {version}; this write was made under an older schema and is undone",
+                            change.table
+                        ),
+                    ),
+                    None => refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table)),
+                }
             })?;
             if table.is_conflicts() {
                 // A device deletes a conflict's row when it resolves it, to
@@ -1279,7 +1224,7 @@ impl ServerCore {
             let alive = meta.as_ref().is_some_and(|m| m.alive);
             match &change.op {
                 RowOp::Upsert { insert, columns } => {
-                    let cols = check_columns(table, *insert, columns)?;
+                    let cols = check_columns(table, *insert, columns, &self.gone_columns)?;
                     if !alive {
                         let dead = meta.unwrap_or_default();
                         let resurrect = !*insert
@@ -1877,6 +1822,292 @@ fn write_whole_row<'t>(
 /// Refuses a schema that changes the merge policy of a column whose table
 /// already holds rows: the stored state of one policy means nothing to
 /// another (migrations come with schema changes).
+/// What earlier schemas of the store (`_hearth_schemas`) had and `schema`
+/// lacks: tables (each with the first version without it) and columns.
+fn gone_since(
+    conn: &Connection,
+    schema: &Schema,
+) -> Result<(HashMap<String, u64>, HashSet<(String, String)>)> {
+    let history: Vec<(i64, String)> = conn
+        .prepare("SELECT version, source FROM _hearth_schemas ORDER BY version")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut tables = HashMap::new();
+    let mut columns = HashSet::new();
+    let mut present: HashSet<String> = HashSet::new();
+    for (version, source) in history {
+        // A schema this version of Hearth no longer reads names nothing.
+        let Ok(old) = Schema::parse(&source) else {
+            continue;
+        };
+        for name in &present {
+            if !old.tables.contains_key(name) && !schema.tables.contains_key(name) {
+                tables.entry(name.clone()).or_insert(version as u64);
+            }
+        }
+        for table in old.tables.values() {
+            present.insert(table.name.clone());
+            match schema.table(&table.name) {
+                None => {}
+                Some(now) => {
+                    for c in &table.columns {
+                        if now.column_index(&c.name).is_none() {
+                            columns.insert((table.name.clone(), c.name.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for name in present {
+        if !schema.tables.contains_key(&name) {
+            tables.entry(name).or_insert(schema.version);
+        }
+    }
+    Ok((tables, columns))
+}
+
+/// Brings the store to `schema`, inside the caller's transaction: Hearth's
+/// own tables (and their upgrades from older stores), then the app's tables
+/// (a [`crate::migrate::Plan`]), with the bookkeeping a migration needs.
+/// Returns the plan it carried out.
+fn prepare_store(conn: &Connection, schema: &Schema) -> Result<crate::migrate::Plan> {
+    conn.execute_batch(INTERNAL_TABLES)?;
+    // Stores made before devices' stamps were kept in order lack the column.
+    let has_last_hlc: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_clients') WHERE name = 'last_hlc')",
+            [],
+            |r| r.get(0),
+        )?;
+    if !has_last_hlc {
+        conn.execute_batch(
+            "ALTER TABLE _hearth_clients ADD COLUMN last_hlc INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    // ... and mutation digests (0 for older entries: never compared),
+    // and the format their blobs were written in (1 before it was kept).
+    for (table, column, default) in [
+        ("_hearth_log", "digest", 0),
+        ("_hearth_rejections", "digest", 0),
+        ("_hearth_log", "format", 1),
+        ("_hearth_rows", "format", 1),
+    ] {
+        let has: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+            [table, column],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT {default}"
+            ))?;
+        }
+    }
+    let has_images: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_hearth_log') WHERE name = 'images')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_images {
+        conn.execute_batch("ALTER TABLE _hearth_log ADD COLUMN images BLOB")?;
+    }
+    conn.execute_batch(crate::textcells::TEXT_TABLE)?;
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS _hearth_log_by_client ON _hearth_log (client_id, client_seq)",
+    )?;
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT value FROM _hearth_meta WHERE key = 'schema'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let stored_version: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM _hearth_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let stored_version = stored_version.map(|v| v as u64);
+    let old = stored.as_deref().and_then(|s| Schema::parse(s).ok());
+    if let Some(v) = stored_version.filter(|v| schema.version < *v) {
+        return Err(ServerError::Schema(format!(
+            "the store is at schema version {v} and this schema is version {}, older: a server does not go back to an \
+             older schema (devices that synced version {v} would stop syncing, with SCHEMA_AHEAD). Serve a schema of \
+             version {v} or later; to undo a change, make it again as a new version",
+            schema.version
+        )));
+    }
+    check_policy_changes(conn, schema)?;
+    let plan = crate::migrate::plan(conn, old.as_ref(), schema)
+        .map_err(|e| ServerError::Schema(e.to_string()))?;
+    if let (Some(v), Some(first)) = (stored_version, plan.steps.first()) {
+        if v == schema.version && old.is_some() {
+            return Err(ServerError::Schema(format!(
+                "the schema changes the tables ({first}{more}) but its version is still {v}: bump `version` so that \
+                 devices migrate too",
+                more = if plan.steps.len() > 1 { ", ..." } else { "" }
+            )));
+        }
+    }
+    // Text documents of dropped cells go with them.
+    for table in &plan.dropped_tables {
+        conn.execute("DELETE FROM _hearth_text WHERE tbl = ?1", [table])?;
+        conn.execute("DELETE FROM _hearth_rows WHERE tbl = ?1", [table])?;
+    }
+    for (table, column) in &plan.dropped_columns {
+        conn.execute(
+            "DELETE FROM _hearth_text WHERE tbl = ?1 AND col = ?2",
+            [table, column],
+        )?;
+    }
+    crate::migrate::apply(conn, schema, &plan).map_err(|e| ServerError::Schema(e.to_string()))?;
+    for table in plan.rebuilt.keys() {
+        remap_row_meta(conn, schema, &plan, table)?;
+    }
+    if plan.reshapes() {
+        // The log's entries and their row images were written for the old
+        // tables: compact all of it, so every device that had not seen the
+        // head re-loads its rows from the migrated tables (as below the
+        // floor), and none is sent a change to a column or a table that is
+        // gone.
+        let head: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
+                r.get(0)
+            })?;
+        compact_upto(conn, head as u64)?;
+    }
+    let triggers: Vec<String> = conn
+        .prepare("SELECT name FROM main.sqlite_schema WHERE type = 'trigger'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for name in triggers {
+        conn.execute_batch(&format!(
+            "DROP TRIGGER main.{}",
+            crate::schema::ident(&name)
+        ))?;
+    }
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS _hearth_schemas (version INTEGER PRIMARY KEY, source TEXT NOT NULL)",
+    )?;
+    if let (Some(v), Some(source)) = (stored_version, stored.as_deref()) {
+        conn.execute(
+            "INSERT OR IGNORE INTO _hearth_schemas (version, source) VALUES (?1, ?2)",
+            params![to_i64(v), source],
+        )?;
+    }
+    conn.execute(
+        "INSERT INTO _hearth_schemas (version, source) VALUES (?1, ?2)
+         ON CONFLICT(version) DO UPDATE SET source = excluded.source",
+        params![to_i64(schema.version), schema.source],
+    )?;
+    conn.execute(
+        "INSERT INTO _hearth_meta (key, value) VALUES ('schema', ?1), ('schema_version', ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![schema.source, to_i64(schema.version)],
+    )?;
+    Ok(plan)
+}
+
+/// A rebuilt table's row bookkeeping, re-indexed by column name: per-column
+/// stamps, an `update-wins` row's last values and `set`/`manual` cell
+/// states move with their columns; those of dropped columns go.
+fn remap_row_meta(
+    conn: &Connection,
+    schema: &Schema,
+    plan: &crate::migrate::Plan,
+    name: &str,
+) -> Result<()> {
+    let table = schema
+        .table(name)
+        .expect("a rebuilt table is in the schema");
+    let Some(map) = plan.index_map(table, name) else {
+        return Ok(());
+    };
+    let rows: Vec<(Value, Vec<u8>, i64)> = conn
+        .prepare("SELECT pk, meta, format FROM _hearth_rows WHERE tbl = ?1")?
+        .query_map([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut update =
+        conn.prepare("UPDATE _hearth_rows SET meta = ?3, format = ?4 WHERE tbl = ?1 AND pk = ?2")?;
+    for (pk, blob, format) in rows {
+        let meta = decode_meta(&blob, format).map_err(ServerError::Corrupt)?;
+        let mut columns = vec![Stamp::default(); table.columns.len()];
+        for (old, stamp) in meta.columns.iter().enumerate() {
+            if let Some(Some(new)) = map.get(old) {
+                columns[*new] = *stamp;
+            }
+        }
+        let cells = meta
+            .cells
+            .into_iter()
+            .filter_map(|(old, state)| match map.get(old as usize) {
+                Some(Some(new)) => Some((*new as u32, state)),
+                _ => None,
+            })
+            .collect();
+        let remapped = RowMeta {
+            columns,
+            last_values: meta
+                .last_values
+                .and_then(|row| plan.remap_row(Some(table), name, row)),
+            cells,
+            ..meta
+        };
+        let blob = postcard::to_allocvec(&remapped).expect("encode row meta");
+        update.execute(params![name, pk, blob, FORMAT])?;
+    }
+    Ok(())
+}
+
+/// Decodes a row's bookkeeping written in `format`.
+fn decode_meta(blob: &[u8], format: i64) -> std::result::Result<RowMeta, String> {
+    match format {
+        1 => postcard::from_bytes::<RowMetaV1>(blob)
+            .map(|m| RowMeta {
+                alive: m.alive,
+                stamp: m.stamp,
+                columns: m.columns,
+                ..Default::default()
+            })
+            .map_err(|e| format!("row metadata: {e}")),
+        FORMAT => postcard::from_bytes(blob).map_err(|e| format!("row metadata: {e}")),
+        other => Err(format!(
+            "row metadata written in format {other}, newer than this version of Hearth reads ({FORMAT})"
+        )),
+    }
+}
+
+/// Removes the log's entries up to `upto` (their acks stay, see
+/// `_hearth_compacted`) and moves the floor there. Inside the caller's
+/// transaction. Returns how many entries went.
+fn compact_upto(conn: &Connection, upto: u64) -> Result<u64> {
+    let gone_hlc: i64 = conn.query_row(
+        "SELECT coalesce(max(hlc), 0) FROM _hearth_log WHERE seq <= ?1",
+        [to_i64(upto)],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+        "INSERT OR IGNORE INTO _hearth_compacted (client_id, client_seq, digest, seq)
+         SELECT client_id, client_seq, digest, seq FROM _hearth_log WHERE seq <= ?1",
+        [to_i64(upto)],
+    )?;
+    let n = conn.execute("DELETE FROM _hearth_log WHERE seq <= ?1", [to_i64(upto)])?;
+    conn.execute(
+        "DELETE FROM _hearth_log_times WHERE seq < ?1",
+        [to_i64(upto)],
+    )?;
+    let floor_hlc = meta_i64(conn, "log_floor_hlc")?.max(gone_hlc);
+    let floor = log_floor(conn)?.max(upto);
+    conn.execute(
+        "INSERT INTO _hearth_meta (key, value) VALUES ('log_floor', ?1), ('log_floor_hlc', ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![to_i64(floor), floor_hlc],
+    )?;
+    Ok(n as u64)
+}
+
 fn check_policy_changes(conn: &Connection, schema: &Schema) -> Result<()> {
     let stored: Option<String> = conn
         .query_row(
@@ -1961,15 +2192,21 @@ fn check_columns<'c>(
     table: &Table,
     insert: bool,
     columns: &'c [(String, ColumnOp)],
+    gone: &HashSet<(String, String)>,
 ) -> Result<Vec<(usize, &'c ColumnOp)>, Refusal> {
     let mut cols = Vec::with_capacity(columns.len());
     for (name, op) in columns {
-        let idx = table.column_index(name).ok_or_else(|| {
-            refuse(
+        let Some(idx) = table.column_index(name) else {
+            // A value for a column an earlier schema had: the write was made
+            // under it, and the value goes with the column.
+            if gone.contains(&(table.name.clone(), name.clone())) {
+                continue;
+            }
+            return Err(refuse(
                 "UNKNOWN_COLUMN",
                 format!("unknown column '{name}' in table '{}'", table.name),
-            )
-        })?;
+            ));
+        };
         if idx == table.pk {
             return Err(refuse(
                 "INVALID",
@@ -2093,6 +2330,20 @@ impl ServerCore {
     }
 }
 
+/// The code of the fatal error for a device whose schema is newer than the
+/// server's: it sends nothing (its writes may name columns this server does
+/// not know) and keeps working offline until the server catches up.
+pub const SCHEMA_AHEAD: &str = "SCHEMA_AHEAD";
+
+/// What a device whose schema is at version `device` is told by a server at
+/// `server`, older.
+pub fn schema_ahead_message(device: u64, server: u64) -> String {
+    format!(
+        "this device's schema is version {device}, newer than the server's version {server}: the device keeps \
+         working offline and holds its writes until the server runs schema version {device} or later"
+    )
+}
+
 /// The parts of a device's `Hello` the server answers.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Hello {
@@ -2154,6 +2405,12 @@ pub fn greet(
         return Ok(ServerMsg::Error {
             code: "HANDSHAKE".into(),
             message: "client id 0 is reserved".into(),
+        });
+    }
+    if let Some(own) = hello.schema_version.filter(|v| *v > schema.version) {
+        return Ok(ServerMsg::Error {
+            code: SCHEMA_AHEAD.into(),
+            message: schema_ahead_message(own, schema.version),
         });
     }
     Ok(ServerMsg::Welcome {

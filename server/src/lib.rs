@@ -77,6 +77,7 @@ pub use hearth_engine::validate::{
     REASON_BYTES_MAX, VALIDATOR_FAILED,
 };
 pub use metrics::{CloseReason, Metrics};
+pub use store::check;
 
 /// A static file the server serves: URL path, bytes, MIME type.
 pub type Asset = (&'static str, &'static [u8], &'static str);

@@ -437,6 +437,33 @@ fn open_connection(path: &std::path::Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// What the store in `data_dir` would go through to reach `schema` (what
+/// `hearth serve --check` prints): the schema version it is at now (None
+/// without a store) and the steps, or the error that would stop `serve`.
+/// Changes nothing: the steps are tried in a transaction that is rolled
+/// back, and a missing store is not created.
+pub fn check(
+    data_dir: &std::path::Path,
+    schema: &hearth_engine::Schema,
+) -> Result<(Option<u64>, hearth_engine::migrate::Plan), StartError> {
+    let path = data_dir.join("hearth.db");
+    if !path.exists() {
+        let fresh = Connection::open_in_memory()?;
+        return Ok((None, ServerCore::check(&fresh, schema)?));
+    }
+    let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    conn.execute_batch("PRAGMA busy_timeout = 5000")?;
+    let version: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM _hearth_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    let plan = ServerCore::check(&conn, schema)?;
+    Ok((version.map(|v| v as u64), plan))
+}
+
 struct Limits {
     batch_mutations_max: usize,
     batch_bytes_max: usize,
@@ -452,6 +479,12 @@ pub(crate) fn open(
 ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StartError> {
     let path = config.data_dir.join("hearth.db");
     let mut core = ServerCore::open(open_connection(&path)?, config.schema.clone())?;
+    for step in &core.migration().steps {
+        tracing::info!(
+            schema_version = config.schema.version,
+            "schema change: {step}"
+        );
+    }
     core.set_entry_bytes_max(config.log_entry_bytes_max);
     for validator in &config.validators.0 {
         core.add_validator(validator.clone());

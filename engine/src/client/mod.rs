@@ -60,6 +60,12 @@ pub enum ClientError {
     Schema(#[from] SchemaError),
     #[error("schema mismatch: {0}")]
     SchemaMismatch(String),
+    /// The device's schema is newer than the server's (an app whose server
+    /// went back to an older schema, or a device that synced with a newer
+    /// server): it keeps working offline and sends nothing until the server
+    /// has its version.
+    #[error("{0}")]
+    SchemaAhead(String),
     #[error("{0}")]
     Refused(String),
     #[error("the outbox is full ({max} pending mutations): sync before writing more")]
@@ -106,6 +112,7 @@ impl ClientError {
             ClientError::Sql(_) | ClientError::Refused(_) => "SQL_ERROR",
             ClientError::NoSchema => "NO_SCHEMA",
             ClientError::Schema(_) | ClientError::SchemaMismatch(_) => "SCHEMA",
+            ClientError::SchemaAhead(_) => "SCHEMA_AHEAD",
             ClientError::OutboxFull { .. } => "OUTBOX_FULL",
             ClientError::MutationTooLarge { .. } => "TOO_LARGE",
             ClientError::Protocol(_) => "PROTOCOL",
@@ -969,16 +976,104 @@ impl Client {
         Ok(tables)
     }
 
+    /// Brings the database to `schema` (see [`crate::migrate`]): creates,
+    /// rebuilds and drops tables as the step from the schema it had says,
+    /// in one transaction with the pending mutations' pre-images re-shaped
+    /// to match. The mutations themselves stay as they were made (their
+    /// digests must not change): what they say of a dropped column is
+    /// discarded by the server and by their redo here, and a write to a
+    /// dropped table is refused by the server (`TABLE_DROPPED`) and undone.
     fn install_schema(&mut self, schema: Schema) -> Result<()> {
-        self.atomically(|c| {
-            rows::ensure_tables(&c.conn, &schema).map_err(ClientError::SchemaMismatch)?;
+        let plan = crate::migrate::plan(&self.conn, self.schema.as_ref(), &schema)
+            .map_err(|e| ClientError::SchemaMismatch(e.to_string()))?;
+        // Capture's triggers name the tables' columns: made anew below.
+        let ours: Vec<String> = self
+            .conn
+            .prepare("SELECT name FROM temp.sqlite_schema WHERE type = 'trigger' AND name LIKE '\\_hearth\\_%' ESCAPE '\\'")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for name in ours {
+            self.conn
+                .execute_batch(&format!("DROP TRIGGER temp.{}", ident(&name)))?;
+        }
+        let toggle = self.foreign_keys;
+        if toggle {
+            self.conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+        }
+        let migrated = self.atomically(|c| {
+            crate::migrate::apply(&c.conn, &schema, &plan)
+                .map_err(|e| ClientError::SchemaMismatch(e.to_string()))?;
+            c.reshape_outbox(&plan, &schema)?;
+            for table in &plan.dropped_tables {
+                for sql in [
+                    "DELETE FROM _hearth_text WHERE tbl = ?1",
+                    "DELETE FROM _hearth_stale WHERE tbl = ?1",
+                    "DELETE FROM _hearth_deferred WHERE tbl = ?1",
+                ] {
+                    c.conn.execute(sql, [table])?;
+                }
+            }
+            for (table, column) in &plan.dropped_columns {
+                c.conn.execute(
+                    "DELETE FROM _hearth_text WHERE tbl = ?1 AND col = ?2",
+                    [table, column],
+                )?;
+            }
             meta_set(&c.conn, "schema", schema.source.as_str())?;
             meta_set(&c.conn, "schema_version", to_i64(schema.version))?;
             Ok(())
-        })?;
+        });
+        if toggle {
+            self.conn.execute_batch("PRAGMA foreign_keys = ON")?;
+        }
+        if let Err(e) = migrated {
+            // Back to the schema it had, with its capture.
+            if let Some(old) = self.schema.clone() {
+                self.install_capture(&old)?;
+            }
+            return Err(e);
+        }
+        self.forget_text();
         self.install_capture(&schema)?;
         self.schema = Some(schema);
         Ok(())
+    }
+
+    /// The pending mutations' pre-images after a schema change: rows of a
+    /// rebuilt table re-shaped to its new columns, those of a dropped table
+    /// gone.
+    fn reshape_outbox(&mut self, plan: &crate::migrate::Plan, schema: &Schema) -> Result<()> {
+        if !plan.reshapes() {
+            return Ok(());
+        }
+        let pending = self.load_pending()?;
+        let mut update = self
+            .conn
+            .prepare("UPDATE _hearth_outbox SET undo = ?2 WHERE seq = ?1")?;
+        for (seq, _, undo) in pending {
+            let undo: Vec<Preimage> = undo
+                .into_iter()
+                .filter_map(|pre| {
+                    let table = schema.table(&pre.table)?;
+                    let row = match pre.row {
+                        Some(row) => Some(plan.remap_row(Some(table), &pre.table, row)?),
+                        None => None,
+                    };
+                    Some(Preimage { row, ..pre })
+                })
+                .collect();
+            let blob = postcard::to_allocvec(&undo).expect("encode pre-images");
+            update.execute(params![to_i64(seq), blob])?;
+        }
+        Ok(())
+    }
+
+    /// Whether the schema lacks a table that a pending mutation names: a
+    /// schema change dropped it after the mutation was made.
+    fn dropped_table(&self, name: &str) -> bool {
+        self.schema
+            .as_ref()
+            .is_some_and(|s| s.table(name).is_none())
     }
 
     fn schema_ref(&self) -> Result<&Schema> {

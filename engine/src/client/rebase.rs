@@ -20,6 +20,12 @@ impl Client {
         }
         let mut planned = Vec::with_capacity(changes.len());
         for change in changes {
+            // A pending mutation made under an older schema may name a table
+            // or columns that a schema change dropped since: the server
+            // refuses the one and discards the others, and so does its redo.
+            if author.is_none() && self.dropped_table(&change.table) {
+                continue;
+            }
             let table = self.table(&change.table)?;
             if author.is_some() {
                 self.unmark_stale(&table.name, &change.pk)?;
@@ -77,6 +83,9 @@ impl Client {
                     };
                     let mut cols = Vec::with_capacity(columns.len());
                     for (name, op) in columns {
+                        if author.is_none() && table.column_index(name).is_none() {
+                            continue;
+                        }
                         let idx = table.column_index(name).ok_or_else(|| {
                             ClientError::SchemaMismatch(format!(
                                 "unknown column '{name}' in table '{}'",
@@ -176,6 +185,8 @@ impl Client {
         }
         for pre in undo {
             if let Some(values) = &pre.row {
+                // (A schema change re-shaped the pre-images of the tables it
+                // rebuilt and dropped those of the tables it dropped.)
                 rows::restore_row(&self.conn, self.table(&pre.table)?, values)?;
             }
         }
@@ -218,6 +229,9 @@ impl Client {
         for (seq, mutation, _) in pending.iter().filter(|(s, _, _)| still.contains(s)) {
             let mut undo = Vec::with_capacity(mutation.changes.len());
             for change in &mutation.changes {
+                if self.dropped_table(&change.table) {
+                    continue;
+                }
                 let table = self.table(&change.table)?;
                 undo.push(Preimage {
                     table: change.table.clone(),

@@ -656,6 +656,9 @@ impl Client {
         let subs = self.load_holding()?;
         let mut gone = Vec::new();
         for (table, pk) in candidates {
+            if self.dropped_table(&table) {
+                continue;
+            }
             let t = self.table(&table)?;
             let deferred = self.deferred.borrow().contains(&row_key(&table, &pk));
             if let Some(row) = rows::read_row(&self.conn, t, &pk)? {

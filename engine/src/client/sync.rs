@@ -262,6 +262,11 @@ impl Client {
                         self.cursor
                     )));
                 }
+                if let Some(own) = self.schema.as_ref().map(|s| s.version) {
+                    if schema_version < own {
+                        return Err(schema_ahead(own, schema_version));
+                    }
+                }
                 match schema {
                     Some(source) => {
                         let schema = Schema::parse(&source)?;
@@ -406,6 +411,9 @@ impl Client {
             ServerMsg::Error { code, message } if code == crate::server::DEVICE_REWOUND => {
                 out.events.push(self.rewind(now_ms, message)?);
                 return Ok(out);
+            }
+            ServerMsg::Error { code, message } if code == crate::server::SCHEMA_AHEAD => {
+                return Err(ClientError::SchemaAhead(message))
             }
             ServerMsg::Error { code, message } => {
                 return Err(ClientError::Server { code, message })
@@ -581,6 +589,9 @@ impl Client {
                 let RowOp::Upsert { columns, .. } = &change.op else {
                     continue;
                 };
+                if self.dropped_table(&change.table) {
+                    continue;
+                }
                 let table = self.table(&change.table)?;
                 for (name, op) in columns {
                     let is_text = table
@@ -961,4 +972,10 @@ pub fn token_subject(token: &str) -> Option<String> {
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     Some(claims.get("sub")?.as_str()?.to_string())
+}
+
+/// The error of a device whose schema (version `own`) is newer than the
+/// server's (`server`).
+fn schema_ahead(own: u64, server: u64) -> ClientError {
+    ClientError::SchemaAhead(crate::server::schema_ahead_message(own, server))
 }

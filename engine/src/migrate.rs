@@ -1,0 +1,616 @@
+//! Schema changes: bringing a database's synced tables from one version of
+//! the schema to a newer one, on the server (at `serve`'s start) and on each
+//! device (when a `Welcome` brings the newer schema).
+//!
+//! A [`Plan`] is read off the database itself (the tables as SQLite holds
+//! them) and the new schema (each table's `create` run in a scratch
+//! database), so the server and every device take the same steps from the
+//! same tables, whatever the version they come from:
+//!
+//! - a table the schema gains is created; a table the old schema had and the
+//!   new one lacks is dropped, with its rows;
+//! - a table whose columns or constraints differ is rebuilt: its `create` is
+//!   run anew and the columns it keeps are copied across (SQLite's own
+//!   procedure for changes `ALTER TABLE` cannot make,
+//!   <https://www.sqlite.org/lang_altertable.html#otheralter>), so a new
+//!   column takes its `DEFAULT` in every existing row and a dropped one is
+//!   gone;
+//! - indexes are dropped and created to match.
+//!
+//! What it refuses, naming the table and column: a type change, a new
+//! primary key, a column gone while another arrives in the same table (or a
+//! table gone while one with its columns arrives) — a rename, which Hearth
+//! cannot tell from a drop and an add and would lose the values of — a new
+//! column that is `NOT NULL` without a `DEFAULT` (existing rows have no
+//! value for it), and a new column whose default is not a constant (the
+//! server and each device would compute it apart and disagree).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use rusqlite::Connection;
+
+use crate::schema::{ident, Schema, Table};
+use crate::value::Value;
+
+/// One step of a migration, as `serve` logs it and `serve --check` prints it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    CreateTable {
+        table: String,
+    },
+    DropTable {
+        table: String,
+    },
+    AddColumn {
+        table: String,
+        column: String,
+        default: Value,
+    },
+    DropColumn {
+        table: String,
+        column: String,
+    },
+    /// The table's constraints changed (its `CREATE TABLE` differs) while
+    /// its columns did not: rebuilt to take them.
+    Rebuild {
+        table: String,
+    },
+    CreateIndex {
+        table: String,
+        index: String,
+    },
+    DropIndex {
+        table: String,
+        index: String,
+    },
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::CreateTable { table } => write!(f, "add table '{table}'"),
+            Step::DropTable { table } => write!(f, "drop table '{table}' and its rows"),
+            Step::AddColumn {
+                table,
+                column,
+                default,
+            } => write!(
+                f,
+                "add column '{column}' to table '{table}' (existing rows take {})",
+                describe(default)
+            ),
+            Step::DropColumn { table, column } => {
+                write!(
+                    f,
+                    "drop column '{column}' of table '{table}' and its values"
+                )
+            }
+            Step::Rebuild { table } => write!(
+                f,
+                "rebuild table '{table}' for its new constraints (existing rows must meet them)"
+            ),
+            Step::CreateIndex { table, index } => {
+                write!(f, "add index '{index}' on table '{table}'")
+            }
+            Step::DropIndex { table, index } => {
+                write!(f, "drop index '{index}' of table '{table}'")
+            }
+        }
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::Integer(i) => i.to_string(),
+        Value::Real(r) => r.to_string(),
+        Value::Text(t) => format!("'{t}'"),
+        Value::Blob(b) => format!("a blob of {} bytes", b.len()),
+    }
+}
+
+/// Why a schema change cannot be made.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MigrateError {
+    #[error(
+        "table '{table}', column '{column}': its type changes from {from} to {to}, and Hearth does not change a column's type. \
+         Add a new column of the new type, copy the values into it from your app, and drop the old column in a later version"
+    )]
+    TypeChange {
+        table: String,
+        column: String,
+        from: String,
+        to: String,
+    },
+    #[error(
+        "table '{table}': its primary key changes from '{from}' to '{to}', and Hearth does not change a primary key. \
+         Create a new table with the new key, copy the rows into it from your app, and drop the old table in a later version"
+    )]
+    KeyChange {
+        table: String,
+        from: String,
+        to: String,
+    },
+    #[error(
+        "table '{table}': column '{gone}' is gone and column '{new}' is new in the same version. Hearth cannot tell a rename \
+         from a drop and an add, and does not rename (the values would be lost). To rename, add '{new}' (one version), copy \
+         the values into it from your app, then drop '{gone}' (a later version); to drop one column and add another, make \
+         them two versions"
+    )]
+    Rename {
+        table: String,
+        gone: String,
+        new: String,
+    },
+    #[error(
+        "table '{gone}' is gone and table '{new}' is new with the same columns in the same version. Hearth does not rename \
+         tables (the rows would be lost). To rename, add '{new}' (one version), copy the rows into it from your app, then \
+         drop '{gone}' (a later version); to drop one table and add another, make them two versions"
+    )]
+    TableRename { gone: String, new: String },
+    #[error("table '{table}', new column '{column}': {problem}")]
+    NewColumn {
+        table: String,
+        column: String,
+        problem: String,
+    },
+    #[error("table '{table}': {message}")]
+    Apply { table: String, message: String },
+    #[error("schema change: {0}")]
+    Sql(String),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sql(e.to_string())
+    }
+}
+
+/// A column as SQLite holds it (`PRAGMA table_info`).
+#[derive(Clone, Debug)]
+struct ColumnInfo {
+    name: String,
+    declared_type: String,
+    not_null: bool,
+    default: Option<String>,
+    pk: bool,
+}
+
+/// A table as SQLite holds it.
+struct TableInfo {
+    columns: Vec<ColumnInfo>,
+    sql: String,
+    /// Its explicit indexes (not those SQLite makes for constraints), by
+    /// name, with their `CREATE INDEX` text.
+    indexes: BTreeMap<String, String>,
+}
+
+fn table_info(conn: &Connection, table: &str) -> rusqlite::Result<Option<TableInfo>> {
+    let sql: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM main.sqlite_schema WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )
+        .ok();
+    let Some(sql) = sql else {
+        return Ok(None);
+    };
+    let columns = conn
+        .prepare(&format!("PRAGMA main.table_info({})", ident(table)))?
+        .query_map([], |r| {
+            Ok(ColumnInfo {
+                name: r.get(1)?,
+                declared_type: r.get(2)?,
+                not_null: r.get(3)?,
+                default: r.get(4)?,
+                pk: r.get::<_, i64>(5)? > 0,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let indexes = conn
+        .prepare(
+            "SELECT name, sql FROM main.sqlite_schema WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL",
+        )?
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<BTreeMap<String, String>, _>>()?;
+    Ok(Some(TableInfo {
+        columns,
+        sql,
+        indexes,
+    }))
+}
+
+/// SQL text compared without its layout: runs of whitespace count as one
+/// space.
+fn normal(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Whether a column's `DEFAULT` (as `PRAGMA table_info` gives it) is a
+/// constant: a number, a string or blob literal, NULL, TRUE or FALSE.
+fn constant_default(sql: &str) -> bool {
+    let s = sql.trim();
+    let upper = s.to_ascii_uppercase();
+    if matches!(upper.as_str(), "NULL" | "TRUE" | "FALSE") {
+        return true;
+    }
+    if s.len() >= 2 && s.starts_with('\'') && s.ends_with('\'') {
+        return true;
+    }
+    if (upper.starts_with("X'") && upper.ends_with('\'')) && s.len() >= 3 {
+        return true;
+    }
+    let digits = s.trim_start_matches(['+', '-']);
+    !digits.is_empty() && digits.parse::<f64>().is_ok() && !digits.contains(['i', 'I', 'n', 'N'])
+}
+
+/// What a migration does, read off a database and a schema by [`plan`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// What it does, in the order it does it.
+    pub steps: Vec<Step>,
+    /// Tables it rebuilds, each with its column names before, in order.
+    pub rebuilt: BTreeMap<String, Vec<String>>,
+    /// Tables it drops.
+    pub dropped_tables: BTreeSet<String>,
+    /// Columns it drops, as (table, column).
+    pub dropped_columns: BTreeSet<(String, String)>,
+    /// The value each added column takes in existing rows, by (table,
+    /// column).
+    pub defaults: BTreeMap<(String, String), Value>,
+}
+
+impl Plan {
+    /// Whether the database already matches the schema.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Whether rows, their columns or tables change (not just indexes):
+    /// what the server's log said before no longer fits the tables.
+    pub fn reshapes(&self) -> bool {
+        !self.rebuilt.is_empty() || !self.dropped_tables.is_empty()
+    }
+
+    /// A row of table `table` in its column order before the migration,
+    /// in the order of `new` (the table as the schema now has it): dropped
+    /// columns left out, added ones at their default. None for a table the
+    /// migration drops.
+    pub fn remap_row(
+        &self,
+        new: Option<&Table>,
+        table: &str,
+        row: Vec<Value>,
+    ) -> Option<Vec<Value>> {
+        let new = new?;
+        let Some(before) = self.rebuilt.get(table) else {
+            return Some(row);
+        };
+        let mut old: BTreeMap<&str, Value> = before.iter().map(String::as_str).zip(row).collect();
+        Some(
+            new.columns
+                .iter()
+                .map(|c| {
+                    old.remove(c.name.as_str()).unwrap_or_else(|| {
+                        self.defaults
+                            .get(&(table.to_string(), c.name.clone()))
+                            .cloned()
+                            .unwrap_or(Value::Null)
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// For a rebuilt table: each old column index's new index (None for a
+    /// dropped column).
+    pub fn index_map(&self, new: &Table, table: &str) -> Option<Vec<Option<usize>>> {
+        let before = self.rebuilt.get(table)?;
+        Some(before.iter().map(|name| new.column_index(name)).collect())
+    }
+}
+
+/// The migration that brings the synced tables of `conn` to `new`, from the
+/// schema the database was last brought to (`old`; None when it has none,
+/// in which case nothing is dropped). Reads; changes nothing.
+pub fn plan(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Plan, MigrateError> {
+    let mut plan = Plan::default();
+    let mut created: Vec<(String, Vec<String>)> = Vec::new();
+    for table in new.tables.values() {
+        let scratch = Connection::open_in_memory()?;
+        scratch
+            .execute_batch(&table.create_sql)
+            .map_err(|e| MigrateError::Apply {
+                table: table.name.clone(),
+                message: format!("create failed: {e}"),
+            })?;
+        let wanted = table_info(&scratch, &table.name)?.ok_or_else(|| MigrateError::Apply {
+            table: table.name.clone(),
+            message: "its create makes no such table".into(),
+        })?;
+        let Some(have) = table_info(conn, &table.name)? else {
+            plan.steps.push(Step::CreateTable {
+                table: table.name.clone(),
+            });
+            created.push((
+                table.name.clone(),
+                wanted.columns.iter().map(|c| c.name.clone()).collect(),
+            ));
+            continue;
+        };
+        let pk_of = |t: &TableInfo| {
+            t.columns
+                .iter()
+                .filter(|c| c.pk)
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if pk_of(&have) != pk_of(&wanted) {
+            return Err(MigrateError::KeyChange {
+                table: table.name.clone(),
+                from: pk_of(&have),
+                to: pk_of(&wanted),
+            });
+        }
+        let mut gone = Vec::new();
+        for c in &have.columns {
+            match wanted.columns.iter().find(|w| w.name == c.name) {
+                Some(w) if !w.declared_type.eq_ignore_ascii_case(&c.declared_type) => {
+                    return Err(MigrateError::TypeChange {
+                        table: table.name.clone(),
+                        column: c.name.clone(),
+                        from: shown_type(&c.declared_type),
+                        to: shown_type(&w.declared_type),
+                    });
+                }
+                Some(_) => {}
+                None => gone.push(c.name.clone()),
+            }
+        }
+        let added: Vec<&ColumnInfo> = wanted
+            .columns
+            .iter()
+            .filter(|w| !have.columns.iter().any(|c| c.name == w.name))
+            .collect();
+        if let (Some(gone), Some(new)) = (gone.first(), added.first()) {
+            return Err(MigrateError::Rename {
+                table: table.name.clone(),
+                gone: gone.clone(),
+                new: new.name.clone(),
+            });
+        }
+        let new_column = |column: &str, problem: &str| MigrateError::NewColumn {
+            table: table.name.clone(),
+            column: column.to_string(),
+            problem: problem.to_string(),
+        };
+        for column in &added {
+            let default = match &column.default {
+                None if column.not_null => {
+                    return Err(new_column(
+                        &column.name,
+                        "it is NOT NULL without a DEFAULT, and rows already stored (on the server and on devices) have no \
+                         value for it: give it a constant DEFAULT",
+                    ))
+                }
+                None => Value::Null,
+                Some(sql) if !constant_default(sql) => {
+                    return Err(new_column(
+                        &column.name,
+                        &format!(
+                            "its DEFAULT {sql} is not a constant: the server and each device would compute it apart for \
+                             the rows they hold, and disagree. Give it a constant DEFAULT (a number, a string, NULL)"
+                        ),
+                    ))
+                }
+                Some(sql) => scratch.query_row(&format!("SELECT {sql}"), [], |r| r.get::<_, Value>(0))?,
+            };
+            if column.not_null && default == Value::Null {
+                return Err(new_column(
+                    &column.name,
+                    "it is NOT NULL with a NULL DEFAULT: give it a constant DEFAULT",
+                ));
+            }
+            plan.defaults
+                .insert((table.name.clone(), column.name.clone()), default);
+        }
+        let same_columns = have.columns.len() == wanted.columns.len()
+            && have
+                .columns
+                .iter()
+                .zip(&wanted.columns)
+                .all(|(a, b)| a.name == b.name);
+        let rebuild = !same_columns || normal(&have.sql) != normal(&wanted.sql);
+        if rebuild {
+            plan.rebuilt.insert(
+                table.name.clone(),
+                have.columns.iter().map(|c| c.name.clone()).collect(),
+            );
+            for column in &gone {
+                plan.steps.push(Step::DropColumn {
+                    table: table.name.clone(),
+                    column: column.clone(),
+                });
+                plan.dropped_columns
+                    .insert((table.name.clone(), column.clone()));
+            }
+            for column in &added {
+                plan.steps.push(Step::AddColumn {
+                    table: table.name.clone(),
+                    column: column.name.clone(),
+                    default: plan.defaults[&(table.name.clone(), column.name.clone())].clone(),
+                });
+            }
+            if gone.is_empty() && added.is_empty() {
+                plan.steps.push(Step::Rebuild {
+                    table: table.name.clone(),
+                });
+            }
+        }
+        for (name, sql) in &have.indexes {
+            if wanted.indexes.get(name).map(|s| normal(s)) != Some(normal(sql)) {
+                plan.steps.push(Step::DropIndex {
+                    table: table.name.clone(),
+                    index: name.clone(),
+                });
+            }
+        }
+        for (name, sql) in &wanted.indexes {
+            if have.indexes.get(name).map(|s| normal(s)) != Some(normal(sql)) {
+                plan.steps.push(Step::CreateIndex {
+                    table: table.name.clone(),
+                    index: name.clone(),
+                });
+            }
+        }
+    }
+    if let Some(old) = old {
+        for name in old.tables.keys() {
+            if new.tables.contains_key(name) {
+                continue;
+            }
+            let Some(have) = table_info(conn, name)? else {
+                continue;
+            };
+            let columns: Vec<String> = have.columns.iter().map(|c| c.name.clone()).collect();
+            if let Some((new_name, _)) = created.iter().find(|(_, c)| *c == columns) {
+                return Err(MigrateError::TableRename {
+                    gone: name.clone(),
+                    new: new_name.clone(),
+                });
+            }
+            plan.steps.push(Step::DropTable {
+                table: name.clone(),
+            });
+            plan.dropped_tables.insert(name.clone());
+        }
+    }
+    Ok(plan)
+}
+
+fn shown_type(t: &str) -> String {
+    if t.is_empty() {
+        "no type".into()
+    } else {
+        t.to_string()
+    }
+}
+
+/// Carries out `plan` (from [`plan`] on the same database and schema):
+/// drops, rebuilds and creates tables and indexes. Run it inside a
+/// transaction, with foreign key enforcement off (a rebuilt table is
+/// briefly absent) and with no trigger of Hearth's own on the tables; the
+/// app's triggers on a rebuilt table are made again afterwards, and one
+/// that no longer compiles (it named a dropped column) fails the migration
+/// naming it.
+pub fn apply(conn: &Connection, schema: &Schema, plan: &Plan) -> Result<(), MigrateError> {
+    // Renaming a table must not rewrite the foreign keys of other tables
+    // that point at it: the rebuilt table takes the name back.
+    conn.execute_batch("PRAGMA legacy_alter_table = ON")?;
+    let result = apply_steps(conn, schema, plan);
+    conn.execute_batch("PRAGMA legacy_alter_table = OFF")?;
+    result
+}
+
+fn apply_steps(conn: &Connection, schema: &Schema, plan: &Plan) -> Result<(), MigrateError> {
+    let apply_error = |table: &str| {
+        let table = table.to_string();
+        move |e: rusqlite::Error| MigrateError::Apply {
+            table: table.clone(),
+            message: e.to_string(),
+        }
+    };
+    for table in &plan.dropped_tables {
+        conn.execute_batch(&format!("DROP TABLE main.{}", ident(table)))
+            .map_err(apply_error(table))?;
+    }
+    for (name, before) in &plan.rebuilt {
+        let table = schema
+            .table(name)
+            .expect("a rebuilt table is in the schema");
+        let triggers: Vec<(String, String)> = conn
+            .prepare(
+                "SELECT name, sql FROM main.sqlite_schema WHERE type = 'trigger' AND tbl_name = ?1",
+            )?
+            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let indexes: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM main.sqlite_schema WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL",
+            )?
+            .query_map([name], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for (trigger, _) in &triggers {
+            conn.execute_batch(&format!("DROP TRIGGER main.{}", ident(trigger)))?;
+        }
+        for index in &indexes {
+            conn.execute_batch(&format!("DROP INDEX main.{}", ident(index)))?;
+        }
+        conn.execute_batch(&format!(
+            "DROP TABLE IF EXISTS main._hearth_migrating; ALTER TABLE main.{} RENAME TO _hearth_migrating",
+            ident(name)
+        ))?;
+        conn.execute_batch(&table.create_sql)
+            .map_err(apply_error(name))?;
+        let kept: Vec<String> = before
+            .iter()
+            .filter(|c| table.column_index(c).is_some())
+            .map(|c| ident(c))
+            .collect();
+        let kept = kept.join(", ");
+        conn.execute_batch(&format!(
+            "INSERT INTO main.{} ({kept}) SELECT {kept} FROM main._hearth_migrating; DROP TABLE main._hearth_migrating",
+            ident(name)
+        ))
+        .map_err(|e| MigrateError::Apply {
+            table: name.clone(),
+            message: format!("the rows already stored do not fit the new table: {e}"),
+        })?;
+        for (trigger, sql) in &triggers {
+            let exists: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM main.sqlite_schema WHERE type = 'trigger' AND name = ?1)",
+                [trigger],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                conn.execute_batch(sql).map_err(|e| MigrateError::Apply {
+                    table: name.clone(),
+                    message: format!("trigger '{trigger}' no longer compiles: {e}"),
+                })?;
+            }
+        }
+    }
+    for step in &plan.steps {
+        match step {
+            Step::CreateTable { table } => {
+                let t = schema
+                    .table(table)
+                    .expect("a created table is in the schema");
+                conn.execute_batch(&t.create_sql)
+                    .map_err(apply_error(table))?;
+            }
+            Step::DropIndex { table, index } if !plan.rebuilt.contains_key(table) => {
+                conn.execute_batch(&format!("DROP INDEX main.{}", ident(index)))
+                    .map_err(apply_error(table))?;
+            }
+            Step::CreateIndex { table, index } if !plan.rebuilt.contains_key(table) => {
+                let t = schema
+                    .table(table)
+                    .expect("an indexed table is in the schema");
+                let scratch = Connection::open_in_memory()?;
+                scratch.execute_batch(&t.create_sql)?;
+                let sql: String = scratch.query_row(
+                    "SELECT sql FROM sqlite_schema WHERE type = 'index' AND name = ?1",
+                    [index],
+                    |r| r.get(0),
+                )?;
+                conn.execute_batch(&sql).map_err(apply_error(table))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
