@@ -626,12 +626,16 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                     eprintln!("hearth: {e}");
                     Ok(ExitCode::from(EXIT_UNREACHABLE))
                 }
-                // An expired token: like an unreachable server, the device
-                // keeps its pending writes until it has a new one.
-                // An expired token, or a server limiting this device's rate:
-                // like an unreachable server, the device keeps its pending
-                // writes and tries again later.
-                Err(e) if matches!(e.server_code(), Some("AUTH_EXPIRED" | "RATE_LIMITED")) => {
+                // An expired token, a server limiting this device's rate, or
+                // a server whose schema is older than the device's: like an
+                // unreachable server, the device keeps its pending writes
+                // and tries again later.
+                Err(e)
+                    if matches!(
+                        e.server_code(),
+                        Some("AUTH_EXPIRED" | "RATE_LIMITED" | "SCHEMA_AHEAD")
+                    ) =>
+                {
                     let code = e.server_code().unwrap_or_default();
                     eprintln!("hearth: {code}: {}", server_message(&e));
                     Ok(ExitCode::from(EXIT_UNREACHABLE))

@@ -30,6 +30,7 @@ impl SyncError {
     pub fn server_code(&self) -> Option<&str> {
         match self {
             SyncError::Client(ClientError::Server { code, .. }) => Some(code),
+            SyncError::Client(e @ ClientError::SchemaAhead(_)) => Some(e.code()),
             _ => None,
         }
     }

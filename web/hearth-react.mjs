@@ -64,7 +64,7 @@ export function useLiveQuery(db, sql, params) {
   return db ? state : LOADING;
 }
 
-// The device's sync state, `{ online, pending, serverSeq, caughtUp, schemaVersion }`,
+// The device's sync state, `{ online, pending, serverSeq, caughtUp, schemaVersion, schemaAhead }`,
 // re-rendered whenever the worker reports a change; null while `db` is not there.
 export function useHearthStatus(db) {
   const [status, setStatus] = useState(() => (db ? db.status() : null));

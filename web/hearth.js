@@ -29,7 +29,7 @@
 //   await db.resolve(conflictId, value) -> like exec; closes a hearth_conflicts row
 //   await db.query(sql, params)       -> [{ column: value, ... }, ...]
 //   const stop = db.live(sql, params, rows => ..., error => ...)
-//   db.status()                       -> { online, pending, serverSeq, caughtUp, schemaVersion }
+//   db.status()                       -> { online, pending, serverSeq, caughtUp, schemaVersion, schemaAhead }
 //   const off = db.on("status" | "change" | "rejected", callback)
 //   await db.sync({ timeoutMs })      -> status; rejects with code OFFLINE after the timeout
 //   const sub = await db.subscribe(stream, { param: value }, { onProgress })

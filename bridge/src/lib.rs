@@ -337,6 +337,10 @@ pub struct SyncStatus {
     pub server_seq: u64,
     /// The schema version this device has, if any.
     pub schema_version: Option<u64>,
+    /// The server's schema is older than this device's (`SCHEMA_AHEAD`):
+    /// the worker sends nothing (the writes wait) and tries again with
+    /// backoff until the server has the device's version.
+    pub schema_ahead: bool,
 }
 
 /// A successful answer to a [`Request`] of the same kind.
@@ -698,6 +702,7 @@ mod tests {
             pending: 3,
             server_seq: 42,
             schema_version: Some(1),
+            schema_ahead: false,
         }));
         let live = WorkerMessage::Notice(Notice::LiveRows {
             live_id: 9,

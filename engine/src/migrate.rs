@@ -614,3 +614,193 @@ fn apply_steps(conn: &Connection, schema: &Schema, plan: &Plan) -> Result<(), Mi
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(version: u64, tables: &[(&str, &str)]) -> Schema {
+        let mut toml = format!("version = {version}\n");
+        for (name, create) in tables {
+            toml.push_str(&format!("[tables.{name}]\ncreate = \"\"\"{create}\"\"\"\n"));
+        }
+        Schema::parse(&toml).unwrap()
+    }
+
+    /// A database brought to `from`, then the plan to `to`.
+    fn plan_between(from: &Schema, to: &Schema) -> (Connection, Result<Plan, MigrateError>) {
+        let conn = Connection::open_in_memory().unwrap();
+        let first = plan(&conn, None, from).unwrap();
+        apply(&conn, from, &first).unwrap();
+        let next = plan(&conn, Some(from), to);
+        (conn, next)
+    }
+
+    #[test]
+    fn constants_are_told_from_expressions() {
+        for yes in [
+            "0", "-1", "+2.5", "1e3", "'x'", "'it''s'", "NULL", "true", "X'00ff'",
+        ] {
+            assert!(constant_default(yes), "{yes}");
+        }
+        for no in [
+            "(1 + 1)",
+            "CURRENT_TIMESTAMP",
+            "current_date",
+            "random()",
+            "inf",
+            "NaN",
+            "",
+        ] {
+            assert!(!constant_default(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn added_columns_take_their_default_in_existing_rows_and_dropped_ones_go() {
+        let v1 = schema(
+            1,
+            &[(
+                "t",
+                "CREATE TABLE t (id TEXT PRIMARY KEY, a TEXT, b INTEGER)",
+            )],
+        );
+        let v2 = schema(
+            2,
+            &[(
+                "t",
+                "CREATE TABLE t (id TEXT PRIMARY KEY, a TEXT, b INTEGER, c INTEGER NOT NULL DEFAULT 5)",
+            )],
+        );
+        let (conn, p) = plan_between(&v1, &v2);
+        conn.execute("INSERT INTO t (id, a, b) VALUES ('k', 'x', 1)", [])
+            .unwrap();
+        let p = p.unwrap();
+        assert_eq!(
+            p.steps,
+            vec![Step::AddColumn {
+                table: "t".into(),
+                column: "c".into(),
+                default: Value::Integer(5)
+            }]
+        );
+        apply(&conn, &v2, &p).unwrap();
+        let c: i64 = conn
+            .query_row("SELECT c FROM t WHERE id = 'k'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(c, 5);
+        let t = v2.table("t").unwrap();
+        assert_eq!(
+            p.remap_row(
+                Some(t),
+                "t",
+                vec![Value::Text("k".into()), Value::Null, Value::Integer(1)]
+            ),
+            Some(vec![
+                Value::Text("k".into()),
+                Value::Null,
+                Value::Integer(1),
+                Value::Integer(5)
+            ])
+        );
+        let v3 = schema(
+            3,
+            &[(
+                "t",
+                "CREATE TABLE t (id TEXT PRIMARY KEY, b INTEGER, c INTEGER NOT NULL DEFAULT 5)",
+            )],
+        );
+        let p3 = plan(&conn, Some(&v2), &v3).unwrap();
+        assert_eq!(
+            p3.steps,
+            vec![Step::DropColumn {
+                table: "t".into(),
+                column: "a".into()
+            }]
+        );
+        assert_eq!(
+            p3.index_map(v3.table("t").unwrap(), "t"),
+            Some(vec![Some(0), None, Some(1), Some(2)])
+        );
+        apply(&conn, &v3, &p3).unwrap();
+        let row: (String, i64, i64) = conn
+            .query_row("SELECT * FROM t", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(row, ("k".into(), 1, 5));
+        // Brought to the schema, the database needs nothing more.
+        assert!(plan(&conn, Some(&v3), &v3).unwrap().is_empty());
+    }
+
+    #[test]
+    fn renames_and_changes_of_type_or_key_are_refused() {
+        let v1 = schema(1, &[("t", "CREATE TABLE t (id TEXT PRIMARY KEY, a TEXT)")]);
+        let cases = [
+            (
+                "CREATE TABLE t (id TEXT PRIMARY KEY, b TEXT)",
+                "is gone and column 'b' is new",
+            ),
+            (
+                "CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER)",
+                "its type changes from TEXT to INTEGER",
+            ),
+            (
+                "CREATE TABLE t (id TEXT, a TEXT PRIMARY KEY)",
+                "its primary key changes from 'id' to 'a'",
+            ),
+            (
+                "CREATE TABLE t (id TEXT PRIMARY KEY, a TEXT, n TEXT NOT NULL)",
+                "NOT NULL without a DEFAULT",
+            ),
+            (
+                "CREATE TABLE t (id TEXT PRIMARY KEY, a TEXT, n TEXT NOT NULL DEFAULT NULL)",
+                "NULL DEFAULT",
+            ),
+        ];
+        for (create, said) in cases {
+            let (_, p) = plan_between(&v1, &schema(2, &[("t", create)]));
+            let e = p.unwrap_err().to_string();
+            assert!(e.contains(said), "{create}: {e}");
+        }
+        let (_, p) = plan_between(
+            &v1,
+            &schema(2, &[("u", "CREATE TABLE u (id TEXT PRIMARY KEY, a TEXT)")]),
+        );
+        assert_eq!(
+            p.unwrap_err(),
+            MigrateError::TableRename {
+                gone: "t".into(),
+                new: "u".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_new_check_is_a_rebuild_that_existing_rows_must_pass() {
+        let v1 = schema(
+            1,
+            &[("t", "CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)")],
+        );
+        let v2 = schema(
+            2,
+            &[(
+                "t",
+                "CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER CHECK (n > 0))",
+            )],
+        );
+        let (conn, p) = plan_between(&v1, &v2);
+        let p = p.unwrap();
+        assert_eq!(p.steps, vec![Step::Rebuild { table: "t".into() }]);
+        conn.execute("INSERT INTO t VALUES ('k', -1)", []).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        let e = apply(&conn, &v2, &p).unwrap_err().to_string();
+        conn.execute_batch("ROLLBACK").unwrap();
+        assert!(
+            e.contains("table 't': the rows already stored do not fit"),
+            "{e}"
+        );
+        let n: i64 = conn.query_row("SELECT n FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, -1, "the rollback kept the row");
+    }
+}

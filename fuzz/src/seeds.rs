@@ -439,6 +439,7 @@ fn worker() -> Seeds {
         pending: 3,
         server_seq: 100,
         schema_version: Some(2),
+        schema_ahead: true,
     };
     let rows = Rows {
         columns: vec!["a".into(), "b".into(), "c".into(), "d".into(), "e".into()],

@@ -231,7 +231,7 @@ impl Database {
         Ok(stop.unchecked_into())
     }
 
-    /// `status()`: `{online, pending, serverSeq, caughtUp, schemaVersion}` as the worker
+    /// `status()`: `{online, pending, serverSeq, caughtUp, schemaVersion, schemaAhead}` as the worker
     /// last pushed it (a plain value, not a promise).
     pub fn status(&self) -> JsValue {
         status_to_js(&self.client.status())
@@ -997,6 +997,7 @@ fn status_to_js(status: &SyncStatus) -> JsValue {
         ("pending", JsValue::from(status.pending as f64)),
         ("serverSeq", JsValue::from(status.server_seq as f64)),
         ("schemaVersion", schema_version),
+        ("schemaAhead", JsValue::from(status.schema_ahead)),
     ] {
         let _ = Reflect::set(&object, &key.into(), &value);
     }

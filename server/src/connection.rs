@@ -656,8 +656,15 @@ impl Conn {
         .map_err(|e| fatal("INTERNAL", e.to_string(), CloseReason::StoreError))?
         .map_err(|e| fatal("STORE", e.to_string(), CloseReason::StoreError))?;
         let (answer, acks, grants, identity) = answer;
-        if let ServerMsg::Error { message, .. } = answer {
-            return Err(fatal("HANDSHAKE", message, CloseReason::Handshake));
+        if let ServerMsg::Error { code, message } = answer {
+            // A device whose schema is newer than this server's is told so
+            // by its own code: it waits for the server instead of failing.
+            let code = if code == hearth_engine::server::SCHEMA_AHEAD {
+                hearth_engine::server::SCHEMA_AHEAD
+            } else {
+                "HANDSHAKE"
+            };
+            return Err(fatal(code, message, CloseReason::Handshake));
         }
         if let (Some((_, digest)), Some((access, at_cursor))) = (identity, grants) {
             self.link

@@ -302,6 +302,9 @@ struct Host {
     /// The server refused or expired the token: no connection until a tab sends a new
     /// one (`Request::SetToken`).
     auth_blocked: bool,
+    /// The server answered the last Hello with `SCHEMA_AHEAD` (its schema is
+    /// older than this device's); cleared by the next Welcome.
+    schema_ahead: bool,
     /// The token the server refused, and why: the same token is not tried again, and
     /// the tabs are asked again after a backoff.
     refused: Option<(String, String, String)>,
@@ -329,6 +332,7 @@ impl Host {
             reconnect_scheduled: false,
             network_online: true,
             auth_blocked: false,
+            schema_ahead: false,
             refused: None,
             next_ticket: 1,
             durable_ticket: 0,
@@ -1345,6 +1349,7 @@ impl Host {
             Ok(output) => {
                 if client.status().connected {
                     self.failed_attempts = 0;
+                    self.schema_ahead = false;
                 }
                 let rewound = output
                     .events
@@ -1372,6 +1377,13 @@ impl Host {
                 self.refused = Some((token, code.clone(), message.clone()));
                 self.broadcast(&Notice::TokenNeeded { code, message });
                 self.update_status();
+            }
+            Err(ClientError::SchemaAhead(message)) => {
+                // Nothing is sent: the writes wait, the tabs see `schemaAhead`, and
+                // the worker asks again with backoff until the server catches up.
+                web_sys::console::warn_1(&format!("hearth-worker: SCHEMA_AHEAD: {message}").into());
+                self.schema_ahead = true;
+                self.reconnect_after_failure();
             }
             Err(err) => {
                 web_sys::console::error_1(
@@ -1626,6 +1638,7 @@ impl Host {
                     pending: status.pending,
                     server_seq: status.server_seq,
                     schema_version: status.schema_version,
+                    schema_ahead: self.schema_ahead,
                 }
             }
             _ => SyncStatus::default(),
