@@ -164,6 +164,7 @@ impl Raw {
                     )],
                 },
             }],
+            schema_version: 0,
         }
     }
 

@@ -351,6 +351,7 @@ impl Writer {
             seq,
             hlc: Hlc::new(native_client::now_ms(), 0),
             changes,
+            schema_version: 0,
         };
         self.sent.push(Instant::now());
         let frame = binary(&ClientMsg::Push {

@@ -179,6 +179,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
             seq: 1,
             hlc: Hlc(1),
             changes: vec![change("nope", t("x"), vec![])],
+            schema_version: 0,
         },
         Mutation {
             base: 0,
@@ -186,6 +187,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
             seq: 2,
             hlc: Hlc(2),
             changes: vec![change("todos", t("x"), vec![("colour", t("red"))])],
+            schema_version: 0,
         },
         Mutation {
             base: 0,
@@ -197,6 +199,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
                 t("x"),
                 vec![("list_id", t("l")), ("title", t(""))],
             )],
+            schema_version: 0,
         },
         Mutation {
             base: 0,
@@ -208,6 +211,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
                 Value::Integer(5),
                 vec![("list_id", t("l")), ("title", t("a"))],
             )],
+            schema_version: 0,
         },
         Mutation {
             base: 0,
@@ -219,6 +223,7 @@ async fn hostile_mutations_are_refused_with_reasons_and_nothing_else_is_lost() {
                 t("ok"),
                 vec![("list_id", t("l")), ("title", t("fine"))],
             )],
+            schema_version: 0,
         },
     ];
     ws.send(Message::Binary(

@@ -441,6 +441,7 @@ async fn one_connection_flooding_does_not_starve_another_device() {
                                     )],
                                 },
                             }],
+                            schema_version: 0,
                         }
                     })
                     .collect();

@@ -172,6 +172,7 @@ async fn a_mutation_too_large_to_travel_is_refused_and_every_device_still_syncs(
                 columns: vec![("data".into(), ColumnOp::Set(blob(data, 2)))],
             },
         }],
+        schema_version: 0,
     };
     let size_of = |data: usize| {
         encode_client(&ClientMsg::Push {

@@ -316,3 +316,188 @@ fn a_device_with_a_newer_schema_than_its_server_holds_its_writes_with_schema_ahe
         json!([{"id": "t1", "title": "ONE", "prio": "high"}])
     );
 }
+
+/// Found by a new user's trial: a device whose pending write breaks a
+/// constraint that a schema change adds, one offline across a column and a
+/// table dropped and added again with other types, and one whose own
+/// (unsynced) table points at a synced table that gets rebuilt, all migrate
+/// and converge; a new foreign key that stored rows break is refused.
+#[test]
+fn devices_migrate_past_new_constraints_and_columns_dropped_and_added_again() {
+    const U1: &str = r#"
+version = 1
+[tables.u]
+create = "CREATE TABLE u (id TEXT PRIMARY KEY, email TEXT, b TEXT)"
+[tables.q]
+create = "CREATE TABLE q (id TEXT PRIMARY KEY, x TEXT)"
+"#;
+    const U2: &str = r#"
+version = 2
+[tables.u]
+create = """CREATE TABLE u (id TEXT PRIMARY KEY, email TEXT);
+CREATE UNIQUE INDEX u_email ON u (email)"""
+"#;
+    const U3: &str = r#"
+version = 3
+[tables.u]
+create = """CREATE TABLE u (id TEXT PRIMARY KEY, email TEXT, b INTEGER NOT NULL DEFAULT 7);
+CREATE UNIQUE INDEX u_email ON u (email)"""
+[tables.q]
+create = "CREATE TABLE q (id INTEGER PRIMARY KEY, x TEXT)"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b);
+    {
+        let v1 = Served::start(dir.path(), U1);
+        a = Device::new(dir.path(), "a", &v1.url);
+        b = Device::new(dir.path(), "b", &v1.url);
+        a.exec("INSERT INTO u VALUES ('1', 'x@example.com', NULL)");
+        a.exec("INSERT INTO q VALUES ('q1', 'one')");
+        b.sync();
+    }
+    // B, offline: a write that the next version's UNIQUE index refuses, and
+    // a table of its own pointing at a synced one.
+    b.exec_offline("INSERT INTO u VALUES ('2', 'x@example.com', 'dup')");
+    for sql in [
+        "CREATE TABLE mine (id TEXT PRIMARY KEY, uid TEXT REFERENCES u(id))",
+        "INSERT INTO mine VALUES ('m1', '1')",
+    ] {
+        // Not synced: nothing to queue.
+        let out = b.run_at(common::cli::OFFLINE, &["exec", sql]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Versions 2 and 3 go by while B is away: `b` and `q` are dropped, then
+    // added again with other types and a NOT NULL default.
+    {
+        let v2 = Served::start(dir.path(), U2);
+        assert!(a.run_at(&v2.url, &["sync"]).status.success());
+    }
+    let v3 = Served::start(dir.path(), U3);
+    assert!(a.run_at(&v3.url, &["sync"]).status.success());
+    let out = b.run_at(&v3.url, &["sync"]);
+    assert!(out.status.success(), "B is stuck: {out:?}");
+    let line = json_line(&out);
+    assert_eq!(line["pending"], 0, "{line}");
+    let rejected = line["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 1, "{line}");
+    assert_eq!(rejected[0]["code"], "CONSTRAINT", "{line}");
+    assert_eq!(
+        rejected[0]["undone"],
+        json!([{"table": "u", "key": "2"}]),
+        "{line}"
+    );
+    for sql in ["SELECT * FROM u ORDER BY id", "SELECT * FROM q ORDER BY id"] {
+        let want = Json::from(v3.query(sql));
+        assert_eq!(rows(&a, sql), want, "device A: {sql}");
+        assert_eq!(rows(&b, sql), want, "device B: {sql}");
+    }
+    assert_eq!(
+        Json::from(v3.query("SELECT * FROM u")),
+        json!([{"id": "1", "email": "x@example.com", "b": 7}])
+    );
+    assert_eq!(Json::from(v3.query("SELECT * FROM q")), json!([]));
+    // B's own table still works, pointing at the rebuilt `u`.
+    let out = b.run_at(&v3.url, &["exec", "INSERT INTO mine VALUES ('m2', '1')"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        rows(&b, "SELECT count(*) AS n FROM mine"),
+        json!([{"n": 2}])
+    );
+    drop(v3);
+    // A foreign key that a stored row breaks is refused, naming the table.
+    let v4 = U3.replace("version = 3", "version = 4").replace(
+        "CREATE TABLE q (id INTEGER PRIMARY KEY, x TEXT)",
+        "CREATE TABLE q (id INTEGER PRIMARY KEY, x TEXT REFERENCES u(id))",
+    );
+    {
+        let v3 = Served::start(dir.path(), U3);
+        let out = a.run_at(&v3.url, &["exec", "INSERT INTO q VALUES (1, 'nobody')"]);
+        assert_eq!(json_line(&out)["status"], "applied", "{out:?}");
+    }
+    let said = serve_refused(dir.path(), &v4);
+    assert!(
+        said.contains("table 'q': 1 stored row(s) break its foreign keys"),
+        "{said}"
+    );
+}
+
+/// Found by a new user's trial: a column and a table dropped in one
+/// version and added again (as new ones) in a later one do not take the
+/// writes a device made to the old ones while it was offline.
+#[test]
+fn a_write_to_a_column_or_table_dropped_then_added_again_does_not_reach_the_new_one() {
+    const P1: &str = r#"
+version = 1
+[tables.p]
+create = "CREATE TABLE p (id TEXT PRIMARY KEY, a TEXT, secret TEXT)"
+[tables.q]
+create = "CREATE TABLE q (id TEXT PRIMARY KEY, x INTEGER)"
+"#;
+    const P2: &str = r#"
+version = 2
+[tables.p]
+create = "CREATE TABLE p (id TEXT PRIMARY KEY, a TEXT)"
+"#;
+    const P3: &str = r#"
+version = 3
+[tables.p]
+create = "CREATE TABLE p (id TEXT PRIMARY KEY, a TEXT, secret INTEGER NOT NULL DEFAULT 0)"
+[tables.q]
+create = "CREATE TABLE q (id TEXT PRIMARY KEY, x TEXT)"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c);
+    {
+        let v1 = Served::start(dir.path(), P1);
+        a = Device::new(dir.path(), "a", &v1.url);
+        c = Device::new(dir.path(), "c", &v1.url);
+        a.exec("INSERT INTO p VALUES ('p1', 'x', 's')");
+        c.sync();
+    }
+    c.exec_offline("UPDATE p SET secret = 'hunter2', a = 'y' WHERE id = 'p1'");
+    c.exec_offline("INSERT INTO q VALUES ('q1', 42)");
+    {
+        let v2 = Served::start(dir.path(), P2);
+        assert!(a.run_at(&v2.url, &["sync"]).status.success());
+    }
+    let v3 = Served::start(dir.path(), P3);
+    // A takes version 3 and writes the new table: that row is the one kept.
+    assert!(a.run_at(&v3.url, &["sync"]).status.success());
+    let out = a.run_at(&v3.url, &["exec", "INSERT INTO q VALUES ('q2', 'new')"]);
+    assert_eq!(json_line(&out)["status"], "applied", "{out:?}");
+    let out = c.run_at(&v3.url, &["sync"]);
+    assert!(out.status.success(), "{out:?}");
+    let line = json_line(&out);
+    let rejected = line["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 1, "{line}");
+    assert_eq!(rejected[0]["code"], "TABLE_DROPPED", "{line}");
+    assert!(
+        rejected[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("made anew by schema version 3"),
+        "{line}"
+    );
+    assert!(a.run_at(&v3.url, &["sync"]).status.success());
+    for sql in ["SELECT * FROM p", "SELECT * FROM q ORDER BY id"] {
+        let want = Json::from(v3.query(sql));
+        assert_eq!(rows(&a, sql), want, "device A: {sql}");
+        assert_eq!(rows(&c, sql), want, "device C: {sql}");
+    }
+    assert_eq!(
+        Json::from(v3.query("SELECT * FROM p")),
+        json!([{"id": "p1", "a": "y", "secret": 0}]),
+        "the old write's other column applies; the new column keeps its default"
+    );
+    assert_eq!(
+        Json::from(v3.query("SELECT * FROM q")),
+        json!([{"id": "q2", "x": "new"}])
+    );
+    // A write made under version 3 does set the new column.
+    let out = c.run_at(&v3.url, &["exec", "UPDATE p SET secret = 5"]);
+    assert_eq!(json_line(&out)["status"], "applied", "{out:?}");
+    assert_eq!(
+        Json::from(v3.query("SELECT secret FROM p")),
+        json!([{"secret": 5}])
+    );
+}

@@ -129,6 +129,11 @@ declare namespace Hearth {
     caughtUp: boolean;
     /** The schema's version, or null before the first sync of a new device. */
     schemaVersion: number | null;
+    /**
+     * The server's schema is older than this device's (`SCHEMA_AHEAD`): nothing is sent,
+     * writes wait, and the worker retries (with backoff) until the server has its version.
+     */
+    schemaAhead: boolean;
   }
 
   /** One edit of `editText`: at `index` delete `delete` characters, then insert `insert`. */

@@ -74,6 +74,12 @@ pub struct Mutation {
     /// old id up to that number, which their new id alone would not say.
     pub also_seen: Vec<(u64, u64)>,
     pub changes: Vec<RowChange>,
+    /// The schema version the device had when it made the mutation (0:
+    /// unknown, an outbox entry written before it was kept). The server
+    /// reads the mutation against it: values for columns dropped since are
+    /// discarded, even when a later version added a column of that name
+    /// again, and a write to a table dropped since is refused.
+    pub schema_version: u64,
 }
 
 /// A mutation as encoded before mutations carried `base` (format 1 of the
@@ -85,11 +91,26 @@ struct MutationV1 {
     changes: Vec<RowChange>,
 }
 
+/// A mutation as encoded before mutations carried their schema version
+/// (format 2 of the outbox).
+#[derive(Deserialize)]
+struct MutationV2 {
+    seq: u64,
+    hlc: Hlc,
+    base: u64,
+    also_seen: Vec<(u64, u64)>,
+    changes: Vec<RowChange>,
+}
+
 /// The version of the encodings Hearth writes to its files (outbox
 /// mutations and pre-images, the log's changes, the server's row records).
 /// Each row holding such a blob records the format it was written in, and
 /// every format ever written stays readable.
 pub const FORMAT: i64 = 2;
+
+/// The version of the encoding of outbox mutations (`_hearth_outbox.format`):
+/// 1 before `base`, 2 before `schema_version`. Every one stays readable.
+pub const MUTATION_FORMAT: i64 = 3;
 
 impl Mutation {
     /// Encodes the mutation as the outbox and the wire hold it.
@@ -97,7 +118,8 @@ impl Mutation {
         postcard::to_allocvec(self).expect("encode mutation")
     }
 
-    /// Reads a mutation written in `format` (1: before `base`).
+    /// Reads a mutation written in `format` ([`MUTATION_FORMAT`]; 1: before
+    /// `base`, 2: before `schema_version`).
     pub fn decode(bytes: &[u8], format: i64) -> Result<Mutation, String> {
         match format {
             1 => postcard::from_bytes::<MutationV1>(bytes)
@@ -107,11 +129,22 @@ impl Mutation {
                     base: 0,
                     also_seen: Vec::new(),
                     changes: m.changes,
+                    schema_version: 0,
                 })
                 .map_err(|e| e.to_string()),
-            FORMAT => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+            2 => postcard::from_bytes::<MutationV2>(bytes)
+                .map(|m| Mutation {
+                    seq: m.seq,
+                    hlc: m.hlc,
+                    base: m.base,
+                    also_seen: m.also_seen,
+                    changes: m.changes,
+                    schema_version: 0,
+                })
+                .map_err(|e| e.to_string()),
+            MUTATION_FORMAT => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
             other => Err(format!(
-                "written in format {other}, newer than this version of Hearth reads ({FORMAT})"
+                "written in format {other}, newer than this version of Hearth reads ({MUTATION_FORMAT})"
             )),
         }
     }
@@ -122,8 +155,8 @@ impl Mutation {
     /// told apart from a true re-send. Not a defence against a hostile device,
     /// which can only confuse the server about its own writes.
     ///
-    /// It covers the number, the stamp and the changes, not `base`, so a
-    /// mutation has the same digest in every format: a device upgraded with a
+    /// It covers the number, the stamp and the changes, not `base` or
+    /// `schema_version`, so a mutation has the same digest in every format: a device upgraded with a
     /// mutation the server processed before the upgrade re-sends it and is
     /// answered as a re-send.
     pub fn digest(&self) -> u64 {

@@ -464,6 +464,27 @@ impl Link {
         self.client_id = Some(hello.client_id);
         self.cursor = hello.cursor;
         self.told = hello.cursor;
+        if !self.schema.authed() {
+            // Without [auth] what a device holds changes only with the
+            // schema's version: a device that synced under another version
+            // re-loads every table once (under [auth], `set_access` does
+            // this with the version in its digest), since the rows it
+            // migrated itself may differ from the server's where it came
+            // from several versions back. A device that took the new schema
+            // but lost the `Reload` with its connection says so with its
+            // record (`RELOAD_OWED`); one that never re-loaded (0) owes
+            // nothing.
+            let digest = crate::server::access_digest(&self.schema, None);
+            self.access_digest = digest;
+            let owed = hello.reloaded.access != 0 && hello.reloaded.access != digest;
+            let other_version = hello
+                .schema_version
+                .is_some_and(|v| v != self.schema.version);
+            if self.cursor > 0 && (owed || other_version) {
+                self.tell_access = true;
+                self.reload_at_welcome = self.schema.tables.keys().cloned().collect();
+            }
+        }
         for sub in subscriptions {
             if let Some(refusal) = self.subscribe(sub) {
                 self.refused.push(refusal);

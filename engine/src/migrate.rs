@@ -236,11 +236,15 @@ fn constant_default(sql: &str) -> bool {
     if matches!(upper.as_str(), "NULL" | "TRUE" | "FALSE") {
         return true;
     }
+    // One string literal: quotes inside it only doubled (`'it''s'`, not
+    // `'a' || random() || 'b'`).
     if s.len() >= 2 && s.starts_with('\'') && s.ends_with('\'') {
-        return true;
+        return !s[1..s.len() - 1].replace("''", "").contains('\'');
     }
-    if (upper.starts_with("X'") && upper.ends_with('\'')) && s.len() >= 3 {
-        return true;
+    if upper.len() >= 3 && upper.starts_with("X'") && upper.ends_with('\'') {
+        return upper[2..upper.len() - 1]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit());
     }
     let digits = s.trim_start_matches(['+', '-']);
     !digits.is_empty() && digits.parse::<f64>().is_ok() && !digits.contains(['i', 'I', 'n', 'N'])
@@ -260,6 +264,18 @@ pub struct Plan {
     /// The value each added column takes in existing rows, by (table,
     /// column).
     pub defaults: BTreeMap<(String, String), Value>,
+    /// A device's plan ([`follow`]): columns of rebuilt tables whose type
+    /// changed, which a device sees only when the column was dropped and
+    /// added again in versions it skipped: they start at their default.
+    pub uncopied: BTreeSet<(String, String)>,
+    /// A device's plan: tables whose primary key changed (dropped and made
+    /// again in versions it skipped): made anew, empty.
+    pub recreated: BTreeSet<String>,
+    /// A device's plan: rows that break the rebuilt table's constraints are
+    /// left out rather than failing the migration (the device re-loads its
+    /// rows from the server after a schema change, and a pending write that
+    /// breaks them is refused by the server and rolled back).
+    pub lenient: bool,
 }
 
 impl Plan {
@@ -271,7 +287,14 @@ impl Plan {
     /// Whether rows, their columns or tables change (not just indexes):
     /// what the server's log said before no longer fits the tables.
     pub fn reshapes(&self) -> bool {
-        !self.rebuilt.is_empty() || !self.dropped_tables.is_empty()
+        !self.rebuilt.is_empty() || !self.dropped_tables.is_empty() || !self.recreated.is_empty()
+    }
+
+    /// Whether a rebuilt table's column keeps its values.
+    fn copies(&self, table: &str, column: &str) -> bool {
+        !self
+            .uncopied
+            .contains(&(table.to_string(), column.to_string()))
     }
 
     /// A row of table `table` in its column order before the migration,
@@ -288,7 +311,12 @@ impl Plan {
         let Some(before) = self.rebuilt.get(table) else {
             return Some(row);
         };
-        let mut old: BTreeMap<&str, Value> = before.iter().map(String::as_str).zip(row).collect();
+        let mut old: BTreeMap<&str, Value> = before
+            .iter()
+            .map(String::as_str)
+            .zip(row)
+            .filter(|(c, _)| self.copies(table, c))
+            .collect();
         Some(
             new.columns
                 .iter()
@@ -308,15 +336,45 @@ impl Plan {
     /// dropped column).
     pub fn index_map(&self, new: &Table, table: &str) -> Option<Vec<Option<usize>>> {
         let before = self.rebuilt.get(table)?;
-        Some(before.iter().map(|name| new.column_index(name)).collect())
+        Some(
+            before
+                .iter()
+                .map(|name| new.column_index(name).filter(|_| self.copies(table, name)))
+                .collect(),
+        )
     }
 }
 
 /// The migration that brings the synced tables of `conn` to `new`, from the
 /// schema the database was last brought to (`old`; None when it has none,
-/// in which case nothing is dropped). Reads; changes nothing.
+/// in which case nothing is dropped), refusing what Hearth does not do (see
+/// the module's notes). The server's: it decides what a schema change is.
+/// Reads; changes nothing.
 pub fn plan(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Plan, MigrateError> {
-    let mut plan = Plan::default();
+    plan_with(conn, old, new, true)
+}
+
+/// The migration a device makes to follow the server to `new`: the server
+/// accepted the change already, one version at a time, while the device may
+/// come from several versions back, where a column dropped in one version
+/// and added again in a later one looks like a type change or a rename. So
+/// nothing is refused for being a rename or a type change: the table is
+/// rebuilt, and the device re-loads its rows from the server after a
+/// schema change anyway (see `Link`'s reload at the Welcome).
+pub fn follow(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Plan, MigrateError> {
+    plan_with(conn, old, new, false)
+}
+
+fn plan_with(
+    conn: &Connection,
+    old: Option<&Schema>,
+    new: &Schema,
+    strict: bool,
+) -> Result<Plan, MigrateError> {
+    let mut plan = Plan {
+        lenient: !strict,
+        ..Plan::default()
+    };
     let mut created: Vec<(String, Vec<String>)> = Vec::new();
     for table in new.tables.values() {
         let scratch = Connection::open_in_memory()?;
@@ -348,6 +406,23 @@ pub fn plan(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Pla
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let pk_type = |t: &TableInfo| {
+            t.columns
+                .iter()
+                .filter(|c| c.pk)
+                .map(|c| c.declared_type.to_ascii_uppercase())
+                .collect::<Vec<_>>()
+        };
+        if !strict && (pk_of(&have) != pk_of(&wanted) || pk_type(&have) != pk_type(&wanted)) {
+            plan.recreated.insert(table.name.clone());
+            plan.steps.push(Step::DropTable {
+                table: table.name.clone(),
+            });
+            plan.steps.push(Step::CreateTable {
+                table: table.name.clone(),
+            });
+            continue;
+        }
         if pk_of(&have) != pk_of(&wanted) {
             return Err(MigrateError::KeyChange {
                 table: table.name.clone(),
@@ -358,6 +433,9 @@ pub fn plan(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Pla
         let mut gone = Vec::new();
         for c in &have.columns {
             match wanted.columns.iter().find(|w| w.name == c.name) {
+                Some(w) if !strict && !w.declared_type.eq_ignore_ascii_case(&c.declared_type) => {
+                    plan.uncopied.insert((table.name.clone(), c.name.clone()));
+                }
                 Some(w) if !w.declared_type.eq_ignore_ascii_case(&c.declared_type) => {
                     return Err(MigrateError::TypeChange {
                         table: table.name.clone(),
@@ -375,7 +453,7 @@ pub fn plan(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Pla
             .iter()
             .filter(|w| !have.columns.iter().any(|c| c.name == w.name))
             .collect();
-        if let (Some(gone), Some(new)) = (gone.first(), added.first()) {
+        if let (true, Some(gone), Some(new)) = (strict, gone.first(), added.first()) {
             return Err(MigrateError::Rename {
                 table: table.name.clone(),
                 gone: gone.clone(),
@@ -397,7 +475,7 @@ pub fn plan(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Pla
                     ))
                 }
                 None => Value::Null,
-                Some(sql) if !constant_default(sql) => {
+                Some(sql) if strict && !constant_default(sql) => {
                     return Err(new_column(
                         &column.name,
                         &format!(
@@ -416,6 +494,20 @@ pub fn plan(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Pla
             }
             plan.defaults
                 .insert((table.name.clone(), column.name.clone()), default);
+        }
+        // A device's column whose type changed (dropped and added again in
+        // versions it skipped) starts at its default, like an added one.
+        for w in &wanted.columns {
+            let key = (table.name.clone(), w.name.clone());
+            if plan.uncopied.contains(&key) {
+                let default = match &w.default {
+                    Some(sql) => {
+                        scratch.query_row(&format!("SELECT {sql}"), [], |r| r.get::<_, Value>(0))?
+                    }
+                    None => Value::Null,
+                };
+                plan.defaults.insert(key, default);
+            }
         }
         let same_columns = have.columns.len() == wanted.columns.len()
             && have
@@ -476,7 +568,7 @@ pub fn plan(conn: &Connection, old: Option<&Schema>, new: &Schema) -> Result<Pla
                 continue;
             };
             let columns: Vec<String> = have.columns.iter().map(|c| c.name.clone()).collect();
-            if let Some((new_name, _)) = created.iter().find(|(_, c)| *c == columns) {
+            if let Some((new_name, _)) = created.iter().find(|(_, c)| strict && *c == columns) {
                 return Err(MigrateError::TableRename {
                     gone: name.clone(),
                     new: new_name.clone(),
@@ -523,9 +615,16 @@ fn apply_steps(conn: &Connection, schema: &Schema, plan: &Plan) -> Result<(), Mi
             message: e.to_string(),
         }
     };
-    for table in &plan.dropped_tables {
+    for table in plan.dropped_tables.iter().chain(&plan.recreated) {
         conn.execute_batch(&format!("DROP TABLE main.{}", ident(table)))
             .map_err(apply_error(table))?;
+    }
+    for name in &plan.recreated {
+        let table = schema
+            .table(name)
+            .expect("a recreated table is in the schema");
+        conn.execute_batch(&table.create_sql)
+            .map_err(apply_error(name))?;
     }
     for (name, before) in &plan.rebuilt {
         let table = schema
@@ -557,18 +656,36 @@ fn apply_steps(conn: &Connection, schema: &Schema, plan: &Plan) -> Result<(), Mi
             .map_err(apply_error(name))?;
         let kept: Vec<String> = before
             .iter()
-            .filter(|c| table.column_index(c).is_some())
+            .filter(|c| table.column_index(c).is_some() && plan.copies(name, c))
             .map(|c| ident(c))
             .collect();
         let kept = kept.join(", ");
+        let or_ignore = if plan.lenient { " OR IGNORE" } else { "" };
         conn.execute_batch(&format!(
-            "INSERT INTO main.{} ({kept}) SELECT {kept} FROM main._hearth_migrating; DROP TABLE main._hearth_migrating",
+            "INSERT{or_ignore} INTO main.{} ({kept}) SELECT {kept} FROM main._hearth_migrating; DROP TABLE main._hearth_migrating",
             ident(name)
         ))
         .map_err(|e| MigrateError::Apply {
             table: name.clone(),
             message: format!("the rows already stored do not fit the new table: {e}"),
         })?;
+        if !plan.lenient {
+            // A new foreign key must hold for the rows already stored, as a
+            // new CHECK or UNIQUE must (those fail the copy above).
+            let broken: i64 = conn.query_row(
+                "SELECT count(*) FROM pragma_foreign_key_check(?1)",
+                [name],
+                |r| r.get(0),
+            )?;
+            if broken > 0 {
+                return Err(MigrateError::Apply {
+                    table: name.clone(),
+                    message: format!(
+                        "{broken} stored row(s) break its foreign keys: fix or delete them first, or drop the new REFERENCES"
+                    ),
+                });
+            }
+        }
         for (trigger, sql) in &triggers {
             let exists: bool = conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM main.sqlite_schema WHERE type = 'trigger' AND name = ?1)",
@@ -585,7 +702,7 @@ fn apply_steps(conn: &Connection, schema: &Schema, plan: &Plan) -> Result<(), Mi
     }
     for step in &plan.steps {
         match step {
-            Step::CreateTable { table } => {
+            Step::CreateTable { table } if !plan.recreated.contains(table) => {
                 let t = schema
                     .table(table)
                     .expect("a created table is in the schema");
@@ -644,6 +761,9 @@ mod tests {
             assert!(constant_default(yes), "{yes}");
         }
         for no in [
+            "'x' || random() || 'x'",
+            "'' || datetime('now') || ''",
+            "X'00' || randomblob(2) || X'00'",
             "(1 + 1)",
             "CURRENT_TIMESTAMP",
             "current_date",

@@ -47,7 +47,7 @@ use crate::value::Value;
 /// acks of compacted entries lost with a connection are sent again;
 /// `Unsubscribed`, so that a device evicts an unsubscribed stream's rows
 /// only after the entries routed by it.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// What a device last re-loaded for (see [`ServerMsg::Reload`]), as it
 /// tells the server in its `Hello`. Zeros for a device that never got a
@@ -56,10 +56,17 @@ pub const PROTOCOL_VERSION: u16 = 6;
 pub struct Reloaded {
     /// The cursor of the last `Reload` the device took.
     pub cursor: u64,
-    /// That `Reload`'s `access`: the digest of the read rules and of the
-    /// claims they read ([`crate::server::access_digest`]).
+    /// That `Reload`'s `access`: the digest of the schema's version, and
+    /// under `[auth]` of the read rules and the claims they read
+    /// ([`crate::server::access_digest`]).
     pub access: u64,
 }
+
+/// The `access` a device records when it took a newer schema at a Welcome
+/// and the server's `Reload` after it has not come yet: it differs from
+/// every digest, so the device re-loads at its next connection if this one
+/// ends first.
+pub const RELOAD_OWED: u64 = 1;
 
 /// A device's subscription to a stream of the schema, as it tells the
 /// server (in `Hello`, and in `Subscribe`).
@@ -233,15 +240,16 @@ pub enum ServerMsg {
     },
     /// What this device's user may read of `tables` changed at `cursor` (a
     /// lookup a read rule makes, such as a membership, gained or lost rows;
-    /// or, right after the Welcome, the user's claims or the read rules):
+    /// or, right after the Welcome, the user's claims, the read rules or
+    /// the schema's version, with or without `[auth]`):
     /// right after the entries up to `cursor`, the device re-loads those
     /// tables. Every subscription to them loads again from its first row
     /// and each of them that syncs whole loads as a `*TABLE`
     /// pseudo-subscription; the rows the device holds stay until their
     /// tables' loads finish, then those no load brought back are evicted.
     /// The server's link does the same at the same point. The device keeps
-    /// `cursor` and `access` (the digest of the rules and claims it now
-    /// reads under) and says them in its next `Hello` ([`Reloaded`]), so a
+    /// `cursor` and `access` (the digest of the schema version, rules and
+    /// claims it now reads under) and says them in its next `Hello` ([`Reloaded`]), so a
     /// `Reload` lost with its connection happens on the next one: the
     /// server sees that the entry at the device's cursor changed its access
     /// ([`crate::server::read_access`]) and that the device has not
@@ -467,6 +475,7 @@ mod tests {
                         columns: vec![("done".into(), ColumnOp::Set(Value::Integer(1)))],
                     },
                 }],
+                schema_version: 0,
             }],
         }
     }
@@ -496,6 +505,7 @@ mod tests {
                         seq: i as u64 + 1,
                         hlc: Hlc(7),
                         changes: Vec::new(),
+                        schema_version: 0,
                     })
                     .collect(),
             })
@@ -616,7 +626,7 @@ mod tests {
 
         #[test]
         fn client_messages_round_trip(seq in any::<u64>(), h in any::<u64>(), changes in proptest::collection::vec(row_change(), 0..6)) {
-            let msg = ClientMsg::Push { mutations: vec![Mutation { seq, hlc: Hlc(h), base: 0, also_seen: Vec::new(), changes }] };
+            let msg = ClientMsg::Push { mutations: vec![Mutation { seq, hlc: Hlc(h), base: 0, also_seen: Vec::new(), changes, schema_version: 0  }] };
             prop_assert_eq!(decode_client(&encode_client(&msg), FRAME_BYTES_MAX).unwrap(), msg);
         }
 

@@ -366,13 +366,10 @@ pub struct ServerCore {
     validator_failures: Vec<crate::validate::ValidatorFailure>,
     /// What `open` did to bring the store to the schema.
     migration: crate::migrate::Plan,
-    /// Tables an earlier schema had and this one lacks, each with the first
-    /// version without it: a pending write to one, made under an older
-    /// schema, is refused `TABLE_DROPPED`.
-    gone_tables: HashMap<String, u64>,
-    /// Columns an earlier schema had and this one lacks, as (table,
-    /// column): a pending write's values for them are discarded.
-    gone_columns: HashSet<(String, String)>,
+    /// What the store's earlier schemas say of writes made under them: a
+    /// write to a dropped table is refused `TABLE_DROPPED`, its values for
+    /// dropped columns are discarded.
+    eras: Eras,
 }
 
 /// A row of a streamed table before a mutation merges: (table, key, the
@@ -467,7 +464,7 @@ impl ServerCore {
     }
 
     fn opened(conn: Connection, schema: Schema) -> Result<ServerCore> {
-        let (gone_tables, gone_columns) = gone_since(&conn, &schema)?;
+        let eras = Eras::read(&conn, &schema)?;
         let floor = log_floor(&conn)?;
         let head: i64 =
             conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
@@ -518,8 +515,7 @@ impl ServerCore {
             validators: Vec::new(),
             validator_failures: Vec::new(),
             migration: crate::migrate::Plan::default(),
-            gone_tables,
-            gone_columns,
+            eras,
             schema,
         })
     }
@@ -1180,7 +1176,7 @@ impl ServerCore {
         let mut rows_seen: HashSet<(&str, Result<i64, &str>)> = HashSet::new();
         for change in &mutation.changes {
             let table = self.schema.table(&change.table).ok_or_else(|| {
-                match self.gone_tables.get(&change.table) {
+                match self.eras.gone_tables.get(&change.table) {
                     Some(version) => refuse(
                         "TABLE_DROPPED",
                         format!(
@@ -1191,6 +1187,23 @@ impl ServerCore {
                     None => refuse("UNKNOWN_TABLE", format!("unknown table '{}'", change.table)),
                 }
             })?;
+            // The version the write was made under: as its device says, or
+            // for a mutation from before devices said it, the newest one
+            // its device can have had (from its base).
+            let era = match mutation.schema_version {
+                0 => self.eras.version_at(w.base),
+                v => Some(v),
+            };
+            if let Some(version) = self.eras.table_made_again(&change.table, era) {
+                return Err(refuse(
+                    "TABLE_DROPPED",
+                    format!(
+                        "table '{}' was dropped and made anew by schema version {version}, after this write was made under an older schema: it is undone",
+                        change.table
+                    ),
+                )
+                .into());
+            }
             if table.is_conflicts() {
                 // A device deletes a conflict's row when it resolves it, to
                 // show the resolution at once; whether the conflict closes
@@ -1224,7 +1237,9 @@ impl ServerCore {
             let alive = meta.as_ref().is_some_and(|m| m.alive);
             match &change.op {
                 RowOp::Upsert { insert, columns } => {
-                    let cols = check_columns(table, *insert, columns, &self.gone_columns)?;
+                    let cols = check_columns(table, *insert, columns, |column, exists| {
+                        self.eras.discards(&table.name, column, exists, era)
+                    })?;
                     if !alive {
                         let dead = meta.unwrap_or_default();
                         let resurrect = !*insert
@@ -1819,52 +1834,125 @@ fn write_whole_row<'t>(
     });
 }
 
-/// Refuses a schema that changes the merge policy of a column whose table
-/// already holds rows: the stored state of one policy means nothing to
-/// another (migrations come with schema changes).
-/// What earlier schemas of the store (`_hearth_schemas`) had and `schema`
-/// lacks: tables (each with the first version without it) and columns.
-fn gone_since(
-    conn: &Connection,
-    schema: &Schema,
-) -> Result<(HashMap<String, u64>, HashSet<(String, String)>)> {
-    let history: Vec<(i64, String)> = conn
-        .prepare("SELECT version, source FROM _hearth_schemas ORDER BY version")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let mut tables = HashMap::new();
-    let mut columns = HashSet::new();
-    let mut present: HashSet<String> = HashSet::new();
-    for (version, source) in history {
+/// What the schemas a store served (`_hearth_schemas`) say of the writes
+/// made under them: a write is read against the version its device had
+/// when it made it, known from its `base` (a device takes a new version
+/// only at a Welcome whose floor is past every position it had seen, see
+/// `prepare_store`).
+#[derive(Default)]
+struct Eras {
+    /// (version, the log position it starts at), oldest first.
+    starts: Vec<(u64, u64)>,
+    /// Tables an earlier schema had and this one lacks, each with the first
+    /// version without it.
+    gone_tables: HashMap<String, u64>,
+    /// Columns an earlier schema had and this one lacks, as (table, column).
+    gone_columns: HashSet<(String, String)>,
+    /// Per table of this schema, the first version of the run of versions
+    /// up to this one that all have it: a write made under an older version
+    /// wrote a table of that name that was dropped since.
+    table_since: HashMap<String, u64>,
+    /// The same per column of this schema's tables.
+    column_since: HashMap<(String, String), u64>,
+}
+
+impl Eras {
+    fn read(conn: &Connection, schema: &Schema) -> Result<Eras> {
+        let history: Vec<(i64, String, i64)> = conn
+            .prepare("SELECT version, source, since FROM _hearth_schemas ORDER BY version")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut eras = Eras::default();
         // A schema this version of Hearth no longer reads names nothing.
-        let Ok(old) = Schema::parse(&source) else {
-            continue;
-        };
-        for name in &present {
-            if !old.tables.contains_key(name) && !schema.tables.contains_key(name) {
-                tables.entry(name.clone()).or_insert(version as u64);
+        let parsed: Vec<(u64, Schema)> = history
+            .iter()
+            .filter_map(|(v, source, since)| {
+                eras.starts.push((*v as u64, *since as u64));
+                Schema::parse(source).ok().map(|s| (*v as u64, s))
+            })
+            .collect();
+        let mut seen: HashSet<String> = HashSet::new();
+        for (version, old) in &parsed {
+            for name in &seen {
+                if !old.tables.contains_key(name) && !schema.tables.contains_key(name) {
+                    eras.gone_tables.entry(name.clone()).or_insert(*version);
+                }
             }
-        }
-        for table in old.tables.values() {
-            present.insert(table.name.clone());
-            match schema.table(&table.name) {
-                None => {}
-                Some(now) => {
+            for table in old.tables.values() {
+                seen.insert(table.name.clone());
+                if let Some(now) = schema.table(&table.name) {
                     for c in &table.columns {
                         if now.column_index(&c.name).is_none() {
-                            columns.insert((table.name.clone(), c.name.clone()));
+                            eras.gone_columns
+                                .insert((table.name.clone(), c.name.clone()));
                         }
                     }
                 }
             }
         }
+        for name in seen {
+            if !schema.tables.contains_key(&name) {
+                eras.gone_tables.entry(name).or_insert(schema.version);
+            }
+        }
+        // Walking back from this version, where each table and column's
+        // unbroken run of versions begins.
+        for table in schema.tables.values() {
+            let mut since = schema.version;
+            let mut columns: HashMap<&str, u64> = table
+                .columns
+                .iter()
+                .map(|c| (c.name.as_str(), schema.version))
+                .collect();
+            let mut alive: HashSet<&str> = columns.keys().copied().collect();
+            for (version, old) in parsed.iter().rev() {
+                let Some(then) = old.table(&table.name) else {
+                    break;
+                };
+                since = *version;
+                alive.retain(|c| then.column_index(c).is_some());
+                for c in &alive {
+                    columns.insert(c, *version);
+                }
+            }
+            eras.table_since.insert(table.name.clone(), since);
+            for (c, v) in columns {
+                eras.column_since
+                    .insert((table.name.clone(), c.to_string()), v);
+            }
+        }
+        Ok(eras)
     }
-    for name in present {
-        if !schema.tables.contains_key(&name) {
-            tables.entry(name).or_insert(schema.version);
+
+    /// The newest version a device can have had when it wrote with `base`.
+    fn version_at(&self, base: u64) -> Option<u64> {
+        self.starts
+            .iter()
+            .rev()
+            .find(|(_, start)| *start <= base)
+            .map(|(v, _)| *v)
+    }
+
+    /// Why a write to `table` (of this schema) made under `version` is
+    /// refused: the table of that name was dropped and made again since.
+    fn table_made_again(&self, table: &str, version: Option<u64>) -> Option<u64> {
+        let since = *self.table_since.get(table)?;
+        version.filter(|v| *v < since).map(|_| since)
+    }
+
+    /// Whether a write made under `version` gives `column` a value to
+    /// discard: a column an earlier schema had, dropped since (and maybe
+    /// added again, as another column).
+    fn discards(&self, table: &str, column: &str, exists: bool, version: Option<u64>) -> bool {
+        let key = (table.to_string(), column.to_string());
+        if !exists {
+            return self.gone_columns.contains(&key);
+        }
+        match (self.column_since.get(&key), version) {
+            (Some(since), Some(v)) => v < *since,
+            _ => false,
         }
     }
-    Ok((tables, columns))
 }
 
 /// Brings the store to `schema`, inside the caller's transaction: Hearth's
@@ -1966,17 +2054,25 @@ fn prepare_store(conn: &Connection, schema: &Schema) -> Result<crate::migrate::P
     for table in plan.rebuilt.keys() {
         remap_row_meta(conn, schema, &plan, table)?;
     }
-    if plan.reshapes() {
+    let bumped = stored_version.is_some_and(|v| v != schema.version);
+    if bumped {
         // The log's entries and their row images were written for the old
-        // tables: compact all of it, so every device that had not seen the
-        // head re-loads its rows from the migrated tables (as below the
-        // floor), and none is sent a change to a column or a table that is
-        // gone.
+        // tables: compact all of it, so that no device is sent a change to
+        // a column or table that is gone, and move the floor one past the
+        // head. Every device re-loads its rows from the migrated tables (as
+        // below the floor), and takes the new version with a cursor past
+        // every position a device could have had under the old one: the
+        // `base` of a mutation tells the versions apart (`Eras`).
         let head: i64 =
             conn.query_row("SELECT coalesce(max(seq), 0) FROM _hearth_log", [], |r| {
                 r.get(0)
             })?;
-        compact_upto(conn, head as u64)?;
+        let head = (head as u64).max(log_floor(conn)?);
+        compact_upto(conn, head)?;
+        conn.execute(
+            "UPDATE _hearth_meta SET value = ?1 WHERE key = 'log_floor'",
+            [to_i64(head + 1)],
+        )?;
     }
     let triggers: Vec<String> = conn
         .prepare("SELECT name FROM main.sqlite_schema WHERE type = 'trigger'")?
@@ -1989,18 +2085,23 @@ fn prepare_store(conn: &Connection, schema: &Schema) -> Result<crate::migrate::P
         ))?;
     }
     conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS _hearth_schemas (version INTEGER PRIMARY KEY, source TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS _hearth_schemas (
+           version INTEGER PRIMARY KEY,
+           source  TEXT NOT NULL,
+           since   INTEGER NOT NULL DEFAULT 0
+         )",
     )?;
     if let (Some(v), Some(source)) = (stored_version, stored.as_deref()) {
         conn.execute(
-            "INSERT OR IGNORE INTO _hearth_schemas (version, source) VALUES (?1, ?2)",
+            "INSERT OR IGNORE INTO _hearth_schemas (version, source, since) VALUES (?1, ?2, 0)",
             params![to_i64(v), source],
         )?;
     }
+    let since = if bumped { log_floor(conn)? } else { 0 };
     conn.execute(
-        "INSERT INTO _hearth_schemas (version, source) VALUES (?1, ?2)
+        "INSERT INTO _hearth_schemas (version, source, since) VALUES (?1, ?2, ?3)
          ON CONFLICT(version) DO UPDATE SET source = excluded.source",
-        params![to_i64(schema.version), schema.source],
+        params![to_i64(schema.version), schema.source, to_i64(since)],
     )?;
     conn.execute(
         "INSERT INTO _hearth_meta (key, value) VALUES ('schema', ?1), ('schema_version', ?2)
@@ -2108,6 +2209,9 @@ fn compact_upto(conn: &Connection, upto: u64) -> Result<u64> {
     Ok(n as u64)
 }
 
+/// Refuses a schema that changes the merge policy of a column whose table
+/// already holds rows: the stored state of one policy means nothing to
+/// another.
 fn check_policy_changes(conn: &Connection, schema: &Schema) -> Result<()> {
     let stored: Option<String> = conn
         .query_row(
@@ -2167,9 +2271,10 @@ fn check_policy_changes(conn: &Connection, schema: &Schema) -> Result<()> {
                 .unwrap_or(false);
             if has_rows {
                 return Err(ServerError::Schema(format!(
-                    "table '{}', column '{}': the schema changes its merge policy from {} to {}, but the store already holds rows of this table; \
-                     changing a policy needs a migration, which this version of Hearth does not do (keep {}, or start from an empty store)",
-                    table.name, column.name, was.policy.name(), column.policy.name(), was.policy.name()
+                    "table '{}', column '{}': the schema changes its merge policy from {} to {}, but the store already holds rows of this table, \
+                     and writes made under {} (pending on devices) could not be merged under {}. Keep {}; to change it, add a column with the \
+                     new policy, copy the values into it from your app, and drop the old column in a later version",
+                    table.name, column.name, was.policy.name(), column.policy.name(), was.policy.name(), column.policy.name(), was.policy.name()
                 )));
             }
         }
@@ -2188,20 +2293,21 @@ fn op_name(op: &ColumnOp) -> &'static str {
 
 /// The columns a change writes, by index: each known, not the primary key,
 /// written once, and for a new row given as values (Set).
+/// `discard(column, exists)`: whether a value for it was written under a
+/// schema that had a column of that name since dropped (the value goes with
+/// it, even when a later version added a column of that name again).
 fn check_columns<'c>(
     table: &Table,
     insert: bool,
     columns: &'c [(String, ColumnOp)],
-    gone: &HashSet<(String, String)>,
+    discard: impl Fn(&str, bool) -> bool,
 ) -> Result<Vec<(usize, &'c ColumnOp)>, Refusal> {
     let mut cols = Vec::with_capacity(columns.len());
     for (name, op) in columns {
+        if discard(name, table.column_index(name).is_some()) {
+            continue;
+        }
         let Some(idx) = table.column_index(name) else {
-            // A value for a column an earlier schema had: the write was made
-            // under it, and the value goes with the column.
-            if gone.contains(&(table.name.clone(), name.clone())) {
-                continue;
-            }
             return Err(refuse(
                 "UNKNOWN_COLUMN",
                 format!("unknown column '{name}' in table '{}'", table.name),
@@ -2743,10 +2849,12 @@ pub fn read_access(
     }
 }
 
-/// A digest of what decides which rows a user may read, besides the data:
-/// the read rules and the claims they read. A device whose digest changed
-/// since its last connection re-loads its filtered tables.
-pub fn access_digest(schema: &Schema, who: &crate::rules::Principal) -> u64 {
+/// A digest of what decides which rows a device holds, besides the data:
+/// the schema's version, and under `[auth]` the read rules and the claims
+/// of `who` they read. A device whose digest changed since its last
+/// connection re-loads its tables ([`crate::link::Link::set_access`]; the
+/// link itself without `[auth]`).
+pub fn access_digest(schema: &Schema, who: Option<&crate::rules::Principal>) -> u64 {
     // FNV-1a over the rules' text and the claims' encodings: stable across
     // builds, which is all it needs to be.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -2757,6 +2865,10 @@ pub fn access_digest(schema: &Schema, who: &crate::rules::Principal) -> u64 {
         }
         h ^= 0xff;
         h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    eat(&schema.version.to_le_bytes());
+    let Some(who) = who else {
+        return h;
     };
     for (table, rules) in &schema.rules {
         if let Some(rule) = &rules.read {

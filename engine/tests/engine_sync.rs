@@ -357,6 +357,7 @@ fn a_clock_far_ahead_cannot_win_for_hours_and_cannot_crash_anyone() {
                         )],
                     },
                 }],
+                schema_version: 0,
             },
         )])
         .unwrap();

@@ -813,6 +813,7 @@ fn the_server_tells_a_reused_number_from_a_re_send() {
                 columns: vec![("body".into(), ColumnOp::Set(text(body)))],
             },
         }],
+        schema_version: 0,
     };
     let out = net
         .server
@@ -1115,6 +1116,7 @@ fn a_number_the_server_has_no_record_of_is_answered() {
                 columns: vec![],
             },
         }],
+        schema_version: 0,
     };
     let out = net
         .server

@@ -108,7 +108,7 @@ fn sync_until(
             if !welcomed {
                 welcomed = true;
                 let hello = link.on_hello(msg).unwrap();
-                let digest = hearth_engine::server::access_digest(&schema, who);
+                let digest = hearth_engine::server::access_digest(&schema, Some(who));
                 srv.bind_device(hello.client_id, &who.sub).unwrap().unwrap();
                 let answer = srv.greet(&hello, FRAME_BYTES_MAX).unwrap();
                 let floor = hearth_engine::server::log_floor(srv.connection()).unwrap();

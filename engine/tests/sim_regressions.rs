@@ -171,6 +171,7 @@ fn a_mutation_writing_one_row_twice_is_refused_whole() {
         seq: 1,
         hlc: Hlc(10),
         changes: vec![insert("e1"), insert("e2")],
+        schema_version: 0,
     };
     let outcomes = srv.apply_batch(&[(7, m)]).unwrap();
     assert!(

@@ -111,6 +111,7 @@ fn push() -> ClientMsg {
                 base: 5,
                 also_seen: vec![(9, 2)],
                 changes: vec![todo_change()],
+                schema_version: 0,
             },
             Mutation {
                 seq: 8,
@@ -122,6 +123,7 @@ fn push() -> ClientMsg {
                     pk: Value::Text("l1".into()),
                     op: RowOp::Delete,
                 }],
+                schema_version: 0,
             },
         ],
     }

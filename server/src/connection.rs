@@ -546,7 +546,7 @@ impl Conn {
                 .verify(token.as_deref())
                 .map_err(|f| fatal(f.code, f.message, CloseReason::Auth))?;
             let schema = self.state.store.schema.clone();
-            let digest = hearth_engine::server::access_digest(&schema, &verified.principal);
+            let digest = hearth_engine::server::access_digest(&schema, Some(&verified.principal));
             let bound = self
                 .state
                 .store

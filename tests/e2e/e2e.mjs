@@ -505,6 +505,87 @@ async function main() {
       check(mismatches.length === 0, mismatches.join("; "));
     });
 
+    // --- Schema changes: the server is restarted on a newer schema while tabs stay open. ---
+    await test("schema changes: open tabs see a new column, keep a write made under the old schema, a live query on a dropped column gets its error; a server behind the device shows schemaAhead", async () => {
+      const dir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-schema-"));
+      const schema = path.join(dir, "notes.toml");
+      const table = (columns) => `[tables.notes]\ncreate = "CREATE TABLE notes (id TEXT PRIMARY KEY, title TEXT NOT NULL${columns})"\n`;
+      await writeFile(schema, `version = 1\n${table(", body TEXT")}`);
+      let srv = await startServer({ schema });
+      const older = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-older-"));
+      const data = srv.data;
+      cleanups.push(
+        () => srv.cleanup(),
+        () => rm(data, { recursive: true, force: true }),
+        () => rm(dir, { recursive: true, force: true }),
+        () => rm(older, { recursive: true, force: true }),
+      );
+      const a = await newDevice(browser, srv.origin);
+      const b = await newDevice(browser, srv.origin);
+      cleanups.push(() => a.close(), () => b.close());
+      const one = await openTab(a, srv.origin, "notes");
+      const two = await openTab(a, srv.origin, "notes");
+      let r = await call(one, "exec", "INSERT INTO notes VALUES ('n1', 'first', 'one')");
+      check(r.ok, JSON.stringify(r));
+      await withTimeout(one.evaluate(() => db.sync({ timeoutMs: 20000 })), "synced under version 1", 25000);
+      await startLive(one, "all", "SELECT * FROM notes ORDER BY id");
+      await one.evaluate(() => {
+        window.bodyErrors = [];
+        db.live("SELECT id, body FROM notes", [], () => {}, (e) => window.bodyErrors.push({ code: e.code, message: e.message }));
+      });
+      // The server goes down; another tab writes under version 1.
+      await srv.stop();
+      r = await call(two, "exec", "INSERT INTO notes (id, title, body) VALUES ('n2', 'second', 'two')");
+      check(r.ok, JSON.stringify(r));
+      // Version 2 adds a column with a default: both tabs see it, the write made under
+      // version 1 goes through.
+      await writeFile(schema, `version = 2\n${table(", body TEXT, done INTEGER NOT NULL DEFAULT 0")}`);
+      srv = await startServer({ schema, data, listen: srv.addr });
+      await waitLive(
+        one,
+        "all",
+        (rows) => JSON.stringify(rows) === JSON.stringify([{ id: "n1", title: "first", body: "one", done: 0 }, { id: "n2", title: "second", body: "two", done: 0 }]),
+        "the open tab's live query shows the new column",
+        30000,
+      );
+      const synced = await withTimeout(two.evaluate(() => db.sync({ timeoutMs: 20000 })), "synced under version 2", 25000);
+      check(synced.pending === 0 && synced.schemaVersion === 2 && synced.schemaAhead === false, JSON.stringify(synced));
+      r = await call(two, "exec", "UPDATE notes SET done = 1 WHERE id = 'n2'");
+      check(r.ok && r.value.rowsAffected === 1, JSON.stringify(r));
+      await withTimeout(two.evaluate(() => db.sync({ timeoutMs: 20000 })), "the new column synced", 25000);
+      const other = await openTab(b, srv.origin, "notes");
+      await withTimeout(other.evaluate(() => db.sync({ timeoutMs: 20000 })), "a fresh device synced", 25000);
+      const seen = await call(other, "query", "SELECT id, done FROM notes ORDER BY id");
+      check(JSON.stringify(seen.value) === JSON.stringify([{ id: "n1", done: 0 }, { id: "n2", done: 1 }]), `another device: ${JSON.stringify(seen)}`);
+      // Version 3 drops `body`: the live query reading it gets its error callback, the
+      // other one its new rows, and the tabs keep writing.
+      await srv.stop();
+      await writeFile(schema, `version = 3\n${table(", done INTEGER NOT NULL DEFAULT 0")}`);
+      srv = await startServer({ schema, data, listen: srv.addr });
+      await waitFor(one, () => window.bodyErrors.length > 0, null, "the live query on the dropped column gets its error", 30000);
+      const error = (await one.evaluate(() => window.bodyErrors))[0];
+      check(error.code === "SQL_ERROR" && /body/.test(error.message), `the live query's error: ${JSON.stringify(error)}`);
+      await waitLive(one, "all", (rows) => rows.length === 2 && rows.every((row) => !("body" in row)), "the live query shows the column gone", 30000);
+      r = await call(two, "exec", "INSERT INTO notes (id, title) VALUES ('n3', 'third')");
+      check(r.ok, JSON.stringify(r));
+      const three = await withTimeout(two.evaluate(() => db.sync({ timeoutMs: 20000 })), "synced under version 3", 25000);
+      check(three.pending === 0 && three.schemaVersion === 3, JSON.stringify(three));
+      // A server still at version 1 (a deploy that went back) gets nothing from this
+      // device: every tab sees schemaAhead, writes wait; the right server takes them.
+      await srv.stop();
+      await writeFile(path.join(older, "v1.toml"), `version = 1\n${table(", body TEXT")}`);
+      const behind = await startServer({ schema: path.join(older, "v1.toml"), data: older, listen: srv.addr });
+      cleanups.push(() => behind.stop());
+      await waitFor(two, () => db.status().schemaAhead === true, null, "status.schemaAhead", 30000);
+      r = await call(one, "exec", "UPDATE notes SET title = 'waits' WHERE id = 'n3'");
+      check(r.ok, JSON.stringify(r));
+      check((await one.evaluate(() => db.status().pending)) === 1, "the write waits");
+      await behind.stop();
+      srv = await startServer({ schema, data, listen: srv.addr });
+      const back = await withTimeout(one.evaluate(() => db.sync({ timeoutMs: 30000 })), "synced with the right server", 35000);
+      check(back.pending === 0 && back.schemaAhead === false, JSON.stringify(back));
+    });
+
     // --- Stream subscriptions (selective sync): each device holds only what it subscribed to. ---
     // One server with a streams schema for the tests below; W writes, A and B subscribe.
     const streamsDir = await mkdtemp(path.join(os.tmpdir(), "hearth-e2e-streams-"));

@@ -314,7 +314,7 @@ impl World {
         let Some(who) = self.link_user(id) else {
             return Ok(None);
         };
-        let digest = hearth_engine::server::access_digest(&self.schema, &who);
+        let digest = hearth_engine::server::access_digest(&self.schema, Some(&who));
         match self
             .server
             .bind_device(hello.client_id, &who.sub)

@@ -3092,6 +3092,7 @@ impl World {
                 seq: self.rogue_next_seq,
                 hlc,
                 changes,
+                schema_version: 0,
             };
             self.rogue_next_seq += 1;
             self.rogue_sent.push(m.clone());

@@ -103,6 +103,7 @@ pub(super) fn setup_mutation() -> Mutation {
         seq: 1,
         hlc: Hlc::new(START_MS, 0),
         changes,
+        schema_version: 0,
     }
 }
 

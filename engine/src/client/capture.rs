@@ -187,15 +187,7 @@ impl Client {
                 self.app_triggers.extend(found);
             }
         }
-        self.foreign_keys = false;
-        for table in schema.tables.values() {
-            let has: bool = self.conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM pragma_foreign_key_list(?1))",
-                [&table.name],
-                |r| r.get(0),
-            )?;
-            self.foreign_keys |= has;
-        }
+        self.foreign_keys_cookie = None;
         self.cross_row_tables.clear();
         for table in schema.tables.values() {
             let unique_index: bool = self.conn.query_row(
@@ -386,6 +378,7 @@ impl Client {
             base,
             also_seen: Vec::new(),
             changes,
+            schema_version: self.schema.as_ref().map_or(0, |s| s.version),
         };
         let blob = mutation.encode();
         if blob.len() > self.config.mutation_bytes_max {
@@ -399,7 +392,7 @@ impl Client {
             .prepare_cached(
                 "INSERT INTO _hearth_outbox (seq, hlc, mutation, undo, format) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![to_i64(seq), to_i64(hlc.0), blob, undo_blob, FORMAT])?;
+            .execute(params![to_i64(seq), to_i64(hlc.0), blob, undo_blob, MUTATION_FORMAT])?;
         meta_set(&self.conn, "next_seq", to_i64(seq + 1))?;
         meta_set(&self.conn, "hlc", to_i64(hlc.0))?;
         // In-memory state moves only once the transaction commits (the

@@ -40,7 +40,7 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp, FORMAT};
+use crate::change::{ColumnOp, LogEntry, Mutation, RowChange, RowOp, MUTATION_FORMAT};
 use crate::hlc::{Clock, Hlc};
 use crate::merge::text::{TextDoc, TextEdit};
 use crate::merge::{counter, set};
@@ -315,8 +315,12 @@ pub struct Client {
     /// pending write touched them (`_hearth_deferred`): evicted once no
     /// pending write does.
     deferred: RefCell<HashSet<RowKey>>,
-    /// Whether any synced table has a foreign key (see `replicated`).
+    /// Whether any table has a foreign key (see `any_foreign_key`).
     foreign_keys: bool,
+    /// The database's schema cookie (`PRAGMA schema_version`) when
+    /// `foreign_keys` was last worked out: the app may create tables of its
+    /// own (with foreign keys to synced ones) at any time.
+    foreign_keys_cookie: Option<i64>,
     /// The sequence numbers in the outbox (kept in memory: counting the
     /// ones in flight must not read every pending mutation's row).
     outbox_seqs: BTreeSet<u64>,
@@ -572,6 +576,7 @@ impl Client {
             deferred: RefCell::new(deferred),
             outbox_seqs: BTreeSet::new(),
             foreign_keys: false,
+            foreign_keys_cookie: None,
             cross_row_tables: HashSet::new(),
             capturing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             inserted: Arc::new(Mutex::new(InsertLog::default())),
@@ -864,6 +869,26 @@ impl Client {
         }
     }
 
+    /// Whether any table of the database has a foreign key: a synced one,
+    /// or one of the app's own pointing at a synced one (whose rows a
+    /// replicated write may replace or evict). Worked out again only when
+    /// the database's schema changed.
+    fn any_foreign_key(&mut self) -> Result<bool> {
+        let cookie: i64 = self
+            .conn
+            .query_row("PRAGMA main.schema_version", [], |r| r.get(0))?;
+        if self.foreign_keys_cookie != Some(cookie) {
+            self.foreign_keys = self.conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM main.sqlite_schema AS s, pragma_foreign_key_list(s.name) AS f
+                 WHERE s.type = 'table')",
+                [],
+                |r| r.get(0),
+            )?;
+            self.foreign_keys_cookie = Some(cookie);
+        }
+        Ok(self.foreign_keys)
+    }
+
     /// Drops every decoded text document (after a rollback, the cached ones
     /// may hold edits the database no longer has).
     fn forget_text(&self) {
@@ -883,7 +908,7 @@ impl Client {
         // Setting it expires every prepared statement (SQLite recompiles
         // them for the new setting), so it is left alone when no synced
         // table has a foreign key.
-        let toggle = self.foreign_keys;
+        let toggle = self.any_foreign_key()?;
         if toggle {
             self.conn.execute_batch("PRAGMA foreign_keys = OFF")?;
         }
@@ -984,7 +1009,7 @@ impl Client {
     /// discarded by the server and by their redo here, and a write to a
     /// dropped table is refused by the server (`TABLE_DROPPED`) and undone.
     fn install_schema(&mut self, schema: Schema) -> Result<()> {
-        let plan = crate::migrate::plan(&self.conn, self.schema.as_ref(), &schema)
+        let plan = crate::migrate::follow(&self.conn, self.schema.as_ref(), &schema)
             .map_err(|e| ClientError::SchemaMismatch(e.to_string()))?;
         // Capture's triggers name the tables' columns: made anew below.
         let ours: Vec<String> = self
@@ -996,15 +1021,16 @@ impl Client {
             self.conn
                 .execute_batch(&format!("DROP TRIGGER temp.{}", ident(&name)))?;
         }
-        let toggle = self.foreign_keys;
-        if toggle {
-            self.conn.execute_batch("PRAGMA foreign_keys = OFF")?;
-        }
+        // Off while tables are rebuilt: with enforcement on, SQLite would
+        // rewrite the REFERENCES of the app's own tables to a rebuilt one
+        // (to its name while it is set aside) and check rows the device
+        // holds only part of.
+        self.conn.execute_batch("PRAGMA foreign_keys = OFF")?;
         let migrated = self.atomically(|c| {
             crate::migrate::apply(&c.conn, &schema, &plan)
                 .map_err(|e| ClientError::SchemaMismatch(e.to_string()))?;
             c.reshape_outbox(&plan, &schema)?;
-            for table in &plan.dropped_tables {
+            for table in plan.dropped_tables.iter().chain(&plan.recreated) {
                 for sql in [
                     "DELETE FROM _hearth_text WHERE tbl = ?1",
                     "DELETE FROM _hearth_stale WHERE tbl = ?1",
@@ -1021,11 +1047,17 @@ impl Client {
             }
             meta_set(&c.conn, "schema", schema.source.as_str())?;
             meta_set(&c.conn, "schema_version", to_i64(schema.version))?;
+            if c.cursor > 0 && c.schema.is_some() {
+                // The server re-loads a device that synced under another
+                // version right after this Welcome; should the connection
+                // end first, the next Hello says it is owed.
+                let mut mark = c.reloaded()?;
+                mark.access = crate::protocol::RELOAD_OWED;
+                c.set_reloaded(mark)?;
+            }
             Ok(())
         });
-        if toggle {
-            self.conn.execute_batch("PRAGMA foreign_keys = ON")?;
-        }
+        self.conn.execute_batch("PRAGMA foreign_keys = ON")?;
         if let Err(e) = migrated {
             // Back to the schema it had, with its capture.
             if let Some(old) = self.schema.clone() {
@@ -1054,6 +1086,9 @@ impl Client {
             let undo: Vec<Preimage> = undo
                 .into_iter()
                 .filter_map(|pre| {
+                    if plan.recreated.contains(&pre.table) {
+                        return None;
+                    }
                     let table = schema.table(&pre.table)?;
                     let row = match pre.row {
                         Some(row) => Some(plan.remap_row(Some(table), &pre.table, row)?),

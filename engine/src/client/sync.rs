@@ -173,7 +173,7 @@ impl Client {
                 ClientError::Protocol(format!("outbox entry {seq} is unreadable: {e}"))
             })?;
             // What goes on the wire is today's encoding.
-            let blob = if format == FORMAT {
+            let blob = if format == MUTATION_FORMAT {
                 stored
             } else {
                 mutation.encode()
@@ -505,7 +505,7 @@ impl Client {
                     to_i64(mutation.hlc.0),
                     mutation.encode(),
                     postcard::to_allocvec(&undo).expect("encode undo"),
-                    FORMAT,
+                    MUTATION_FORMAT,
                 ])?;
             }
             drop(insert);
