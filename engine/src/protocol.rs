@@ -47,6 +47,7 @@ use crate::value::Value;
 /// acks of compacted entries lost with a connection are sent again;
 /// `Unsubscribed`, so that a device evicts an unsubscribed stream's rows
 /// only after the entries routed by it.
+/// 7: `Mutation.schema_version` (schema changes), `SCHEMA_AHEAD`.
 pub const PROTOCOL_VERSION: u16 = 7;
 
 /// What a device last re-loaded for (see [`ServerMsg::Reload`]), as it
@@ -529,17 +530,17 @@ mod tests {
     #[test]
     fn version_mismatch_names_both_versions() {
         let mut frame = encode_client(&one_column_update());
-        frame[0] = 7;
+        frame[0] = 9;
         let err = decode_client(&frame, FRAME_BYTES_MAX).unwrap_err();
         assert_eq!(
             err,
             CodecError::Version {
                 ours: PROTOCOL_VERSION,
-                theirs: 7
+                theirs: 9
             }
         );
         assert!(
-            err.to_string().contains("version 7")
+            err.to_string().contains("version 9")
                 && err
                     .to_string()
                     .contains(&format!("version {PROTOCOL_VERSION}"))
